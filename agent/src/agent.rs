@@ -1,0 +1,288 @@
+//! Starting and stopping one agent: the order of things is the guarantee.
+//!
+//! Start: bind HTTP (health answers at once, readiness says why it is not ready), connect to
+//! NATS in the background (reconnecting forever), create or update streams and buckets, then
+//! serve commands, GitHub events, schedules and the runner. READY is signalled once NATS and
+//! the HTTP listener are up.
+//!
+//! Stop (SIGTERM): stop pulling jobs and firing schedules, stop taking commands, let running
+//! jobs finish within `agent.shutdown_timeout`, leave the rest unacknowledged for redelivery,
+//! then drop presence, flush NATS and close HTTP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use infraflux_handlers::Registry;
+use infraflux_handlers::secret::Secrets;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, Presence};
+use crate::config::Config;
+use crate::http::{self, HttpState, Readiness};
+use crate::metrics::Metrics;
+use crate::store::{self, HEARTBEAT_EVERY};
+use crate::{chatops, github, runner, scheduler};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot listen on {listen}: {source}")]
+    Listen {
+        listen: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// A started agent, for `run` and for tests that start agents in process.
+pub struct AgentHandle {
+    pub http_addr: SocketAddr,
+    pub agent_id: String,
+    ready: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
+}
+
+impl AgentHandle {
+    /// Waits until NATS is connected, streams exist and work is being served.
+    pub async fn ready(&mut self) -> bool {
+        self.ready.wait_for(|r| *r).await.is_ok()
+    }
+
+    /// Starts a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits for the agent to stop.
+    pub async fn join(self) -> Result<(), AgentError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "Agent task failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops the agent abruptly, as a crash would: nothing is acknowledged or released.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+/// Binds the HTTP listener and starts the agent in the background.
+pub async fn start(
+    config: Config,
+    secrets: Secrets,
+    registry: Registry,
+) -> Result<AgentHandle, AgentError> {
+    let (listener, http_addr) =
+        http::bind(&config.http.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                listen: config.http.listen.clone(),
+                source,
+            })?;
+    let shutdown = CancellationToken::new();
+    let (ready_tx, ready) = watch::channel(false);
+    let agent_id = config.agent_id();
+    let task = tokio::spawn(run(
+        config,
+        secrets,
+        registry,
+        listener,
+        shutdown.clone(),
+        ready_tx,
+    ));
+    Ok(AgentHandle {
+        http_addr,
+        agent_id,
+        ready,
+        shutdown,
+        task,
+    })
+}
+
+async fn run(
+    config: Config,
+    secrets: Secrets,
+    registry: Registry,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    ready: watch::Sender<bool>,
+) -> Result<(), AgentError> {
+    let agent_id = config.agent_id();
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    let app_cell = Arc::new(std::sync::OnceLock::new());
+    let webhook_secrets: Vec<_> = secrets
+        .with_prefix("github.webhook_secret.")
+        .map(|(_, s)| s.clone())
+        .collect();
+    let http_state = HttpState {
+        app: app_cell.clone(),
+        readiness: readiness.clone(),
+        metrics: metrics.clone(),
+        github: config.github.clone(),
+        webhook_secrets: Arc::new(webhook_secrets),
+    };
+    // HTTP outlives everything else so health checks answer during shutdown.
+    let http_stop = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
+
+    let client = store::connect(
+        &config.nats,
+        &secrets,
+        &format!("infraflux-agent {agent_id}"),
+    )
+    .await?;
+    let _ = readiness.client.set(client.clone());
+
+    let mut backoff = Duration::from_millis(250);
+    let store = loop {
+        match store::bootstrap(client.clone(), &config).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream not ready; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => {
+                        http_stop.cancel();
+                        let _ = http_task.await;
+                        return Ok(());
+                    }
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    readiness.jetstream_ok.store(true, Ordering::Relaxed);
+
+    let app = Arc::new(App::new(config, secrets, registry, store, metrics));
+    let _ = app_cell.set(app.clone());
+
+    // Everything but the runner stops as soon as shutdown starts.
+    let mut background = JoinSet::new();
+    let stop = shutdown.clone();
+    background.spawn(log_failure(
+        "chatops",
+        chatops::serve(app.clone(), stop.clone()),
+    ));
+    background.spawn(log_failure(
+        "github events",
+        github::serve_nats(app.clone(), stop.clone()),
+    ));
+    background.spawn(log_failure(
+        "cancel notices",
+        chatops::serve_cancels(app.clone(), stop.clone()),
+    ));
+    background.spawn(scheduler::run(app.clone(), stop.clone()));
+    // Heartbeat and readiness keep going until the runner has drained.
+    let housekeeping_stop = CancellationToken::new();
+    background.spawn(heartbeat(app.clone(), housekeeping_stop.clone()));
+    background.spawn(probe_jetstream(
+        app.clone(),
+        readiness.clone(),
+        housekeeping_stop.clone(),
+    ));
+
+    tracing::info!(agent = %app.agent_id, version = VERSION, "Agent ready");
+    let _ = ready.send(true);
+    // No-op without systemd (no NOTIFY_SOCKET).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    runner::run(app.clone(), shutdown.clone()).await;
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    housekeeping_stop.cancel();
+    while background.join_next().await.is_some() {}
+    if let Err(e) = app.store.agents.delete(&app.agent_id).await {
+        tracing::debug!(error = %e, "Presence not removed; it expires");
+    }
+    let _ = app.store.client.flush().await;
+    http_stop.cancel();
+    let _ = http_task.await;
+    tracing::info!(agent = %app.agent_id, "Agent stopped");
+    Ok(())
+}
+
+async fn log_failure<F>(what: &'static str, fut: F)
+where
+    F: std::future::Future<Output = Result<(), async_nats::Error>>,
+{
+    if let Err(e) = fut.await {
+        tracing::error!(error = %e, "{what} stopped");
+    }
+}
+
+/// Presence for `status`; expires on its own when the agent dies.
+async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
+    loop {
+        let presence = Presence {
+            agent: app.agent_id.clone(),
+            version: VERSION.to_string(),
+            started_at: app.started_at,
+            seen_at: Utc::now(),
+            concurrency: app.config.agent.concurrency,
+            running: app.running_ids(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&presence) {
+            if let Err(e) = app
+                .store
+                .agents
+                .put(&app.agent_id, Bytes::from(bytes))
+                .await
+            {
+                tracing::debug!(error = %e, "Heartbeat not stored");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+        }
+    }
+}
+
+/// Asks JetStream for the jobs stream every two seconds so `/readyz` can answer from memory.
+async fn probe_jetstream(app: Arc<App>, readiness: Arc<Readiness>, stop: CancellationToken) {
+    loop {
+        let connected =
+            app.store.client.connection_state() == async_nats::connection::State::Connected;
+        let result = if connected {
+            match tokio::time::timeout(Duration::from_secs(2), app.store.jobs.get_info()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer within 2s".to_string()),
+            }
+        } else {
+            Err("disconnected".to_string())
+        };
+        app.metrics.nats_connected.set(i64::from(connected));
+        match result {
+            Ok(()) => readiness.jetstream_ok.store(true, Ordering::Relaxed),
+            Err(e) => {
+                readiness.jetstream_ok.store(false, Ordering::Relaxed);
+                if let Ok(mut slot) = readiness.jetstream_error.lock() {
+                    *slot = e;
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}

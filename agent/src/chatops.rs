@@ -1,0 +1,522 @@
+//! ChatOps: request/reply on `<prefix>.cmd.<verb>`, served by a queue group of all agents.
+//!
+//! One subject per verb lets the NATS server's permissions decide who may run what; the verb
+//! in the subject must therefore be the verb of the command, or the command is refused.
+
+use std::sync::Arc;
+
+use async_nats::Message;
+use chrono::Utc;
+use futures::StreamExt;
+use infraflux_handlers::command::{self, Request};
+use infraflux_handlers::{JobEnvelope, JobKind, Source, new_job_id};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::app::{App, LastResult, Presence};
+use crate::ingest::Submitted;
+use crate::records::{Change, JobRecord, JobState};
+use crate::telemetry;
+
+/// A reply: `{"ok": true, "job_id", "message", "trace_id", ...}` or `{"ok": false, "error"}`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Ok {
+        message: String,
+        job_id: Option<String>,
+        trace_id: Option<String>,
+        extra: Map<String, Value>,
+    },
+    Err(String),
+}
+
+impl Reply {
+    fn ok(message: impl Into<String>) -> Self {
+        Reply::Ok {
+            message: message.into(),
+            job_id: None,
+            trace_id: None,
+            extra: Map::new(),
+        }
+    }
+
+    fn with(mut self, key: &str, value: Value) -> Self {
+        if let Reply::Ok { extra, .. } = &mut self {
+            extra.insert(key.to_string(), value);
+        }
+        self
+    }
+
+    pub fn to_json(&self) -> Value {
+        match self {
+            Reply::Ok {
+                message,
+                job_id,
+                trace_id,
+                extra,
+            } => {
+                let mut body = Map::new();
+                body.insert("ok".into(), json!(true));
+                if let Some(id) = job_id {
+                    body.insert("job_id".into(), json!(id));
+                }
+                body.insert("message".into(), json!(message));
+                if let Some(t) = trace_id {
+                    body.insert("trace_id".into(), json!(t));
+                }
+                body.extend(extra.clone());
+                Value::Object(body)
+            }
+            Reply::Err(error) => json!({"ok": false, "error": error}),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct JsonCommand {
+    command: String,
+    #[serde(default)]
+    requested_by: Option<String>,
+}
+
+/// Serves commands until `shutdown` fires.
+pub async fn serve(app: Arc<App>, shutdown: CancellationToken) -> Result<(), async_nats::Error> {
+    let names = &app.store.names;
+    let mut commands = app
+        .store
+        .client
+        .queue_subscribe(names.cmd_subject("*"), names.queue_group.clone())
+        .await?;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            message = commands.next() => {
+                let Some(message) = message else { break };
+                let app = app.clone();
+                tokio::spawn(async move { answer(app, message).await });
+            }
+        }
+    }
+    // Commands already delivered to this agent are still answered.
+    let _ = commands.drain().await;
+    Ok(())
+}
+
+async fn answer(app: Arc<App>, message: Message) {
+    let Some(reply_to) = message.reply.clone() else {
+        return;
+    };
+    let subject_verb = message
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let span = tracing::info_span!("command", verb = %subject_verb);
+    let reply = handle(&app, &subject_verb, &message).instrument(span).await;
+    let result = match &reply {
+        Reply::Ok { .. } => "ok",
+        Reply::Err(_) => "rejected",
+    };
+    app.metrics.command(&subject_verb, result);
+    let body = serde_json::to_vec(&reply.to_json()).unwrap_or_default();
+    if let Err(e) = app.store.client.publish(reply_to, body.into()).await {
+        tracing::warn!(error = %e, "Reply not sent");
+    }
+}
+
+/// Who sent a command: from the JSON body, else the `Requested-By` header, else "nats".
+fn requester(explicit: Option<String>, message: &Message) -> String {
+    let raw = explicit
+        .or_else(|| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Requested-By"))
+                .map(|v| v.as_str().to_string())
+        })
+        .unwrap_or_else(|| "nats".to_string());
+    // It ends up in records, events and logs: keep it short and printable.
+    let clean: String = raw.chars().filter(|c| !c.is_control()).take(64).collect();
+    if clean.trim().is_empty() {
+        "nats".to_string()
+    } else {
+        clean
+    }
+}
+
+async fn handle(app: &Arc<App>, subject_verb: &str, message: &Message) -> Reply {
+    let Ok(body) = std::str::from_utf8(&message.payload) else {
+        return Reply::Err("the command is not UTF-8 text".into());
+    };
+    let (text, requested_by) = if body.trim_start().starts_with('{') {
+        match serde_json::from_str::<JsonCommand>(body) {
+            Ok(c) => (c.command, requester(c.requested_by, message)),
+            Err(e) => {
+                return Reply::Err(format!(
+                    "malformed JSON command: {e} (expected {{\"command\": \"...\", \"requested_by\": \"...\"}})"
+                ));
+            }
+        }
+    } else {
+        (body.to_string(), requester(None, message))
+    };
+    let request = match command::parse(&text) {
+        Ok(r) => r,
+        Err(e) => return Reply::Err(e.to_string()),
+    };
+    let verb = command::tokenize(&text).map(|l| l.verb).unwrap_or_default();
+    if verb != subject_verb {
+        return Reply::Err(format!(
+            "this is `{verb}`, sent to the subject of `{subject_verb}`; send it to {}",
+            app.store.names.cmd_subject(&verb)
+        ));
+    }
+    let idempotency = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Msg-Id"))
+        .map(|v| v.as_str().to_string());
+    match request {
+        Request::Help { topic } => Reply::ok(command::help(topic.as_deref())),
+        Request::Status => status(app).await,
+        Request::Jobs { kind, state, limit } => jobs(app, kind, state.as_deref(), limit).await,
+        Request::Job { id } => match app.records.get(&id).await {
+            Ok(Some((record, _))) => Reply::ok(describe(&record))
+                .with("job", serde_json::to_value(&record).unwrap_or(Value::Null))
+                .with_job(&record),
+            Ok(None) => Reply::Err(format!("job {id} not found")),
+            Err(e) => Reply::Err(e.to_string()),
+        },
+        Request::Cancel { id } => cancel(app, &id, &requested_by).await,
+        Request::Submit { kind, params } => {
+            submit(app, kind, params, requested_by, idempotency).await
+        }
+    }
+}
+
+impl Reply {
+    fn with_job(mut self, record: &JobRecord) -> Self {
+        if let Reply::Ok {
+            job_id, trace_id, ..
+        } = &mut self
+        {
+            *job_id = Some(record.job_id.clone());
+            *trace_id = Some(record.trace_id.clone());
+        }
+        self
+    }
+}
+
+async fn submit(
+    app: &Arc<App>,
+    kind: JobKind,
+    params: Map<String, Value>,
+    requested_by: String,
+    idempotency: Option<String>,
+) -> Reply {
+    if !app.registry.is_enabled(kind) {
+        return Reply::Err(format!(
+            "{kind} is not configured on this agent: add a [{}] section to enable it",
+            kind.config_section()
+        ));
+    }
+    let job_id = new_job_id();
+    let traceparent = telemetry::current_traceparent();
+    let envelope = JobEnvelope {
+        job_id: job_id.clone(),
+        kind,
+        params,
+        source: Source::Chatops,
+        requested_by,
+        // A client that retries with the same Nats-Msg-Id gets the same job, not a second one.
+        idempotency_key: format!("cmd.{}", idempotency.unwrap_or(job_id)),
+        traceparent: Some(traceparent.clone()),
+        commit: None,
+        created_at: Utc::now(),
+    };
+    let trace_id = telemetry::trace_id_of(&traceparent);
+    match app.ingest.submit(envelope).await {
+        Ok(Submitted::Created { job_id }) => Reply::Ok {
+            message: format!("queued {kind} job {job_id}"),
+            job_id: Some(job_id),
+            trace_id,
+            extra: Map::new(),
+        },
+        Ok(Submitted::Duplicate { job_id }) => Reply::Ok {
+            message: format!("already queued as {kind} job {job_id}"),
+            job_id: Some(job_id),
+            trace_id,
+            extra: Map::new(),
+        },
+        Err(e) => Reply::Err(e.to_string()),
+    }
+}
+
+async fn cancel(app: &Arc<App>, id: &str, by: &str) -> Reply {
+    let before = match app.records.get(id).await {
+        Ok(Some((r, _))) => r,
+        Ok(None) => return Reply::Err(format!("job {id} not found")),
+        Err(e) => return Reply::Err(e.to_string()),
+    };
+    if before.state.is_terminal() {
+        return Reply::Err(format!("job {id} already {}", before.state.as_str()));
+    }
+    let by = by.to_string();
+    let written = app
+        .records
+        .transition(id, |r| {
+            if r.state.is_terminal() {
+                return Change::Keep;
+            }
+            r.cancel_requested_by = Some(by.clone());
+            // Nobody holds a queued or approval-pending job: end it here. Waiting and running
+            // jobs are ended by the agent that holds them, once their handler has stopped.
+            if matches!(r.state, JobState::Queued | JobState::AwaitingApproval) {
+                r.state = JobState::Cancelled;
+                r.message = format!("cancelled by {by}");
+                r.finished_at = Some(Utc::now());
+            } else {
+                r.message = format!("cancel requested by {by}");
+            }
+            Change::Write
+        })
+        .await;
+    let record = match written {
+        Ok(r) => r,
+        Err(e) => return Reply::Err(e.to_string()),
+    };
+    if !record.state.is_terminal() {
+        let notice = json!({"job_id": id, "by": by});
+        if let Err(e) = app
+            .store
+            .client
+            .publish(
+                app.store.names.cancel_subject(),
+                serde_json::to_vec(&notice).unwrap_or_default().into(),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "Cancel broadcast not sent; the running agent sees the record");
+        }
+    }
+    let message = if record.state == JobState::Cancelled {
+        format!("job {id} cancelled")
+    } else {
+        format!(
+            "cancel requested for job {id} ({} on {})",
+            record.state.as_str(),
+            record.agent.as_deref().unwrap_or("an agent")
+        )
+    };
+    Reply::ok(message).with_job(&record)
+}
+
+async fn jobs(app: &Arc<App>, kind: Option<JobKind>, state: Option<&str>, limit: usize) -> Reply {
+    match app.records.list(kind, state, limit).await {
+        Ok(records) => {
+            let lines: Vec<String> = records.iter().map(summary_line).collect();
+            let message = if lines.is_empty() {
+                "no jobs".to_string()
+            } else {
+                lines.join("\n")
+            };
+            Reply::ok(message).with(
+                "jobs",
+                serde_json::to_value(&records).unwrap_or(Value::Array(vec![])),
+            )
+        }
+        Err(e) => Reply::Err(e.to_string()),
+    }
+}
+
+pub fn summary_line(r: &JobRecord) -> String {
+    format!(
+        "{}  {:<13}  {:<17}  {}  {}",
+        r.job_id,
+        r.kind.as_str(),
+        r.state.as_str(),
+        r.created_at.format("%Y-%m-%d %H:%M:%S"),
+        r.message
+    )
+}
+
+pub fn describe(r: &JobRecord) -> String {
+    let mut lines = vec![
+        format!("job {} ({})", r.job_id, r.kind),
+        format!("state: {}", r.state.as_str()),
+        format!("message: {}", r.message),
+        format!("source: {} by {}", r.source.as_str(), r.requested_by),
+        format!(
+            "created: {}  updated: {}",
+            r.created_at.to_rfc3339(),
+            r.updated_at.to_rfc3339()
+        ),
+        format!("attempts: {}", r.attempts),
+        format!("trace: {}", r.trace_id),
+    ];
+    if let Some(c) = &r.commit {
+        lines.push(format!("commit: {c}"));
+    }
+    if let Some(a) = &r.agent {
+        lines.push(format!("agent: {a}"));
+    }
+    for i in &r.interruptions {
+        lines.push(format!(
+            "interrupted: attempt {} on {} at {} (while {})",
+            i.attempt,
+            i.agent.as_deref().unwrap_or("?"),
+            i.at.to_rfc3339(),
+            i.state
+        ));
+    }
+    lines.join("\n")
+}
+
+async fn status(app: &Arc<App>) -> Reply {
+    let mut agents: Vec<Presence> = Vec::new();
+    if let Ok(mut keys) = app.store.agents.keys().await {
+        while let Some(Ok(key)) = keys.next().await {
+            if let Ok(Some(bytes)) = app.store.agents.get(&key).await {
+                if let Ok(p) = serde_json::from_slice::<Presence>(&bytes) {
+                    agents.push(p);
+                }
+            }
+        }
+    }
+    agents.sort_by(|a, b| a.agent.cmp(&b.agent));
+    let (pending, in_flight) = match app.store.consumer.get_info().await {
+        Ok(info) => (info.num_pending, info.num_ack_pending),
+        Err(e) => return Reply::Err(format!("queue unavailable: {e}")),
+    };
+    app.metrics
+        .queue_pending
+        .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    let locks = app.locks.held().await.unwrap_or_default();
+    let last: Vec<(JobKind, LastResult)> = app.last_results().await;
+
+    let mut text = vec![format!(
+        "agents alive: {} ({})",
+        agents.len(),
+        agents
+            .iter()
+            .map(|a| format!("{}: {} running", a.agent, a.running.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )];
+    text.push(format!(
+        "queue: {pending} waiting to start, {in_flight} picked up"
+    ));
+    let user_locks: Vec<_> = locks
+        .iter()
+        .filter(|l| !l.resource.starts_with("job:"))
+        .collect();
+    if user_locks.is_empty() {
+        text.push("locks: none held".into());
+    } else {
+        text.push("locks:".into());
+        for l in &user_locks {
+            text.push(format!(
+                "  {} ({:?}) held by job {} on {} until {}",
+                l.resource,
+                l.holder.mode,
+                l.holder.job_id,
+                l.holder.agent,
+                l.holder.expires_at.format("%H:%M:%S")
+            ));
+        }
+    }
+    if last.is_empty() {
+        text.push("last results: none yet".into());
+    } else {
+        text.push("last results:".into());
+        let now = Utc::now();
+        for (kind, l) in &last {
+            let success = l
+                .last_success_at
+                .map(|t| format!("; last success {} ago", age(now - t)))
+                .unwrap_or_else(|| "; never succeeded".into());
+            text.push(format!(
+                "  {kind}: {} {} ago (job {}){success}",
+                l.state.as_str(),
+                age(now - l.at),
+                l.job_id
+            ));
+        }
+    }
+    let enabled: Vec<&str> = app
+        .registry
+        .enabled_kinds()
+        .iter()
+        .map(|k| k.as_str())
+        .collect();
+    text.push(format!(
+        "handlers enabled here: {}",
+        if enabled.is_empty() {
+            "none".into()
+        } else {
+            enabled.join(", ")
+        }
+    ));
+    let last_json: Map<String, Value> = last
+        .iter()
+        .map(|(k, l)| {
+            (
+                k.as_str().to_string(),
+                serde_json::to_value(l).unwrap_or(Value::Null),
+            )
+        })
+        .collect();
+    Reply::ok(text.join("\n")).with(
+        "status",
+        json!({
+            "agents": agents,
+            "queue": {"pending": pending, "in_flight": in_flight},
+            "locks": user_locks,
+            "last": last_json,
+            "enabled": enabled,
+        }),
+    )
+}
+
+fn age(d: chrono::Duration) -> String {
+    let secs = d.num_seconds().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// Listens for cancel broadcasts and cancels the job if this agent runs it.
+pub async fn serve_cancels(
+    app: Arc<App>,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let mut notices = app
+        .store
+        .client
+        .subscribe(app.store.names.cancel_subject())
+        .await?;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            notice = notices.next() => {
+                let Some(notice) = notice else { break };
+                let job_id = serde_json::from_slice::<Value>(&notice.payload)
+                    .ok()
+                    .and_then(|v| v.get("job_id").and_then(Value::as_str).map(str::to_string));
+                if let Some(job_id) = job_id {
+                    if app.cancel_local(&job_id, crate::app::CancelReason::User) {
+                        tracing::info!(%job_id, "Cancelling job on request");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,880 @@
+//! The agent's configuration: one TOML file, every key overridable from the environment as
+//! `INFRAFLUX_<SECTION>__<KEY>`.
+//!
+//! Loading never stops at the first problem: unknown keys, type errors (one per section),
+//! semantic errors (cron, time zones, commands, addresses) are all collected, each with the key
+//! it concerns, so `check-config` can report them at once.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use infraflux_handlers::command::{self, Request};
+use infraflux_handlers::secret::{SecretRef, SecretRefs};
+use infraflux_handlers::settings::HumanDuration;
+use infraflux_handlers::{
+    HandlerConfigs, acceptance, backup, clients, etcd_snapshot, reconcile, restore_drill, upgrade,
+};
+use infraflux_schedules::CronSchedule;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+pub const DEFAULT_PATH: &str = "/etc/infraflux/agent.toml";
+pub const ENV_PREFIX: &str = "INFRAFLUX";
+/// GitHub lets a delivery be redelivered by hand for three days; our dedup must outlive that.
+pub const MIN_DEDUP_WINDOW: Duration = Duration::from_secs(72 * 3600);
+
+/// One problem, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found, for `check-config` and for a refused start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl Problems {
+    pub fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentSection {
+    /// Unique per agent; defaults to the host name.
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// How long running jobs may take to finish after SIGTERM; keep it under systemd's
+    /// `TimeoutStopSec` (90 s by default).
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: HumanDuration,
+    /// A job whose agent stops acknowledging it is redelivered after this long.
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait: HumanDuration,
+    /// A lock or job lease expires this long after its holder's last renewal.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: HumanDuration,
+    /// A job interrupted this many times (its agent died each time) fails instead of looping.
+    #[serde(default = "default_max_deliveries")]
+    pub max_deliveries: u32,
+    /// SIGINT, then this long, then SIGKILL, for a cancelled child process.
+    #[serde(default = "default_kill_grace")]
+    pub kill_grace: HumanDuration,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            id: None,
+            state_dir: default_state_dir(),
+            concurrency: default_concurrency(),
+            shutdown_timeout: default_shutdown_timeout(),
+            ack_wait: default_ack_wait(),
+            lease_ttl: default_lease_ttl(),
+            max_deliveries: default_max_deliveries(),
+            kill_grace: default_kill_grace(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NatsSection {
+    /// One URL, or several separated by commas (a cluster).
+    #[serde(default = "default_nats_url")]
+    pub url: String,
+    /// A `.creds` file's contents (JWT and nkey seed), by reference.
+    #[serde(default)]
+    pub creds: Option<SecretRef>,
+    /// An nkey seed, by reference.
+    #[serde(default)]
+    pub nkey: Option<SecretRef>,
+    #[serde(default)]
+    pub token: Option<SecretRef>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretRef>,
+    /// A CA bundle to trust for the server's certificate (a path).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate and key for mutual TLS (paths).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_required: bool,
+    #[serde(default = "default_prefix")]
+    pub subject_prefix: String,
+    /// Stream and bucket replicas: 1 for one server, 3 for a three-node cluster.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// How long job events (the audit trail) are kept.
+    #[serde(default = "default_events_max_age")]
+    pub events_max_age: HumanDuration,
+    /// How long job records are kept.
+    #[serde(default = "default_records_max_age")]
+    pub records_max_age: HumanDuration,
+    /// How long a delivery id, commit or schedule fire is remembered (at least 72h).
+    #[serde(default = "default_dedup_window")]
+    pub dedup_window: HumanDuration,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        Self {
+            url: default_nats_url(),
+            creds: None,
+            nkey: None,
+            token: None,
+            user: None,
+            password: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+            subject_prefix: default_prefix(),
+            replicas: default_replicas(),
+            events_max_age: default_events_max_age(),
+            records_max_age: default_records_max_age(),
+            dedup_window: default_dedup_window(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpSection {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GithubSection {
+    /// `owner/name`
+    pub repo: String,
+    #[serde(default = "default_branch")]
+    pub default_branch: String,
+    #[serde(default = "default_api_url")]
+    pub api_url: String,
+    #[serde(default)]
+    pub token: Option<SecretRef>,
+    /// One secret or a list (during rotation every listed secret is accepted).
+    pub webhook_secret: SecretRefs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OtlpProtocol {
+    #[default]
+    Grpc,
+    HttpProtobuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct TelemetrySection {
+    /// Absent: no trace export (trace ids are still made and shown).
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    #[serde(default)]
+    pub otlp_protocol: OtlpProtocol,
+    #[serde(default)]
+    pub log_format: Option<LogFormat>,
+    /// A `tracing` filter such as `info,infraflux_agent=debug`; `RUST_LOG` wins.
+    #[serde(default)]
+    pub log_filter: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScheduleSection {
+    pub name: String,
+    /// Six fields, seconds first: `"0 0 3 * * *"`.
+    pub cron: String,
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// Each fire is delayed by up to this much (the same delay on every agent).
+    #[serde(default)]
+    pub jitter: Option<HumanDuration>,
+    /// A fire missed while no agent ran still runs at start if it is at most this late.
+    /// Default: one period of the schedule.
+    #[serde(default)]
+    pub catch_up: Option<HumanDuration>,
+    /// The same words a ChatOps user would send.
+    pub command: String,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub agent: AgentSection,
+    pub nats: NatsSection,
+    pub http: HttpSection,
+    pub github: Option<GithubSection>,
+    pub telemetry: TelemetrySection,
+    pub schedules: Vec<ScheduleSection>,
+    pub handlers: HandlerConfigs,
+}
+
+/// A config that loaded, and what `check-config` should warn about.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Problems,
+}
+
+const SECTIONS: &[&str] = &[
+    "agent",
+    "nats",
+    "http",
+    "github",
+    "telemetry",
+    "schedules",
+    "kubernetes",
+    "talos",
+    "s3",
+    "reconcile",
+    "backup",
+    "etcd_snapshot",
+    "restore_drill",
+    "upgrade",
+    "acceptance",
+];
+
+impl Config {
+    /// Loads `path` with environment overrides and validates everything. The environment is
+    /// passed in so that tests and `check-config` see exactly what the daemon would.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, Problems> {
+        let mut problems = Problems::default();
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+            .collect();
+        let built = config::Config::builder()
+            .add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            )
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("_")
+                    .separator("__")
+                    .source(Some(env)),
+            )
+            .build();
+        let root = match built.and_then(|c| c.try_deserialize::<config::Value>()) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(path.display().to_string(), e.to_string());
+                return Err(problems);
+            }
+        };
+        let table = match root.into_table() {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(path.display().to_string(), e.to_string());
+                return Err(problems);
+            }
+        };
+        let mut config = Config::default();
+        let mut present: BTreeSet<String> = BTreeSet::new();
+        for (name, value) in table {
+            if !SECTIONS.contains(&name.as_str()) {
+                problems.push(
+                    name.clone(),
+                    format!("unknown section; expected one of {}", SECTIONS.join(", ")),
+                );
+                continue;
+            }
+            present.insert(name.clone());
+            match name.as_str() {
+                "agent" => set(&mut config.agent, section(&name, value, &mut problems)),
+                "nats" => set(&mut config.nats, section(&name, value, &mut problems)),
+                "http" => set(&mut config.http, section(&name, value, &mut problems)),
+                "github" => config.github = section(&name, value, &mut problems),
+                "telemetry" => set(&mut config.telemetry, section(&name, value, &mut problems)),
+                "schedules" => {
+                    config.schedules = section::<Vec<ScheduleSection>>(&name, value, &mut problems)
+                        .unwrap_or_default()
+                }
+                "kubernetes" => {
+                    config.handlers.kubernetes =
+                        section::<clients::KubernetesConfig>(&name, value, &mut problems)
+                }
+                "talos" => {
+                    config.handlers.talos =
+                        section::<clients::TalosConfig>(&name, value, &mut problems)
+                }
+                "s3" => {
+                    config.handlers.s3 = section::<clients::S3Config>(&name, value, &mut problems)
+                }
+                "reconcile" => {
+                    config.handlers.reconcile =
+                        section::<reconcile::Config>(&name, value, &mut problems)
+                }
+                "backup" => {
+                    config.handlers.backup = section::<backup::Config>(&name, value, &mut problems)
+                }
+                "etcd_snapshot" => {
+                    config.handlers.etcd_snapshot =
+                        section::<etcd_snapshot::Config>(&name, value, &mut problems)
+                }
+                "restore_drill" => {
+                    config.handlers.restore_drill =
+                        section::<restore_drill::Config>(&name, value, &mut problems)
+                }
+                "upgrade" => {
+                    config.handlers.upgrade =
+                        section::<upgrade::Config>(&name, value, &mut problems)
+                }
+                "acceptance" => {
+                    config.handlers.acceptance =
+                        section::<acceptance::Config>(&name, value, &mut problems)
+                }
+                _ => {}
+            }
+        }
+        let warnings = config.validate(&present, &mut problems);
+        if problems.is_empty() {
+            Ok(Loaded { config, warnings })
+        } else {
+            problems.0.sort();
+            problems.0.dedup();
+            Err(problems)
+        }
+    }
+
+    /// Semantic checks; returns warnings, pushes errors.
+    fn validate(&self, present: &BTreeSet<String>, problems: &mut Problems) -> Problems {
+        let mut warnings = Problems::default();
+        if let Err(e) = validate_agent_id(&self.agent_id()) {
+            problems.push("agent.id", e);
+        }
+        if self.agent.concurrency == 0 {
+            problems.push("agent.concurrency", "must be at least 1");
+        }
+        if self.agent.ack_wait.get() < Duration::from_secs(1) {
+            problems.push("agent.ack_wait", "must be at least 1s");
+        }
+        if self.agent.lease_ttl.get() < Duration::from_secs(1) {
+            problems.push("agent.lease_ttl", "must be at least 1s");
+        }
+        if self.agent.max_deliveries == 0 {
+            problems.push("agent.max_deliveries", "must be at least 1");
+        }
+        if let Err(e) = validate_prefix(&self.nats.subject_prefix) {
+            problems.push("nats.subject_prefix", e);
+        }
+        if !(1..=5).contains(&self.nats.replicas) {
+            problems.push("nats.replicas", "must be from 1 to 5");
+        }
+        if self.nats.dedup_window.get() < MIN_DEDUP_WINDOW {
+            problems.push(
+                "nats.dedup_window",
+                format!(
+                    "is {}; it must be at least 72h, GitHub's redelivery window",
+                    self.nats.dedup_window
+                ),
+            );
+        }
+        for url in self.nats.url.split(',') {
+            let url = url.trim();
+            let ok = ["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|s| url.starts_with(s))
+                || (!url.contains("://") && !url.is_empty());
+            if !ok {
+                problems.push(
+                    "nats.url",
+                    format!("{url:?} is not a NATS URL (nats://host:4222)"),
+                );
+            }
+        }
+        if self.nats.tls_cert.is_some() != self.nats.tls_key.is_some() {
+            problems.push("nats.tls_cert", "tls_cert and tls_key go together");
+        }
+        if self.nats.password.is_some() && self.nats.user.is_none() {
+            problems.push("nats.user", "a password needs a user");
+        }
+        if let Err(e) = self.http.listen.parse::<SocketAddr>() {
+            problems.push(
+                "http.listen",
+                format!("{:?} is not host:port ({e})", self.http.listen),
+            );
+        }
+        if let Some(gh) = &self.github {
+            let parts: Vec<_> = gh.repo.split('/').collect();
+            if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+                problems.push("github.repo", format!("{:?} is not owner/name", gh.repo));
+            }
+            if gh.webhook_secret.0.is_empty() {
+                problems.push("github.webhook_secret", "at least one secret is needed");
+            }
+            if !gh.api_url.starts_with("http://") && !gh.api_url.starts_with("https://") {
+                problems.push(
+                    "github.api_url",
+                    format!("{:?} is not an http(s) URL", gh.api_url),
+                );
+            }
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+                problems.push(
+                    "telemetry.otlp_endpoint",
+                    format!("{endpoint:?} is not an http(s) URL"),
+                );
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, s) in self.schedules.iter().enumerate() {
+            let key = format!("schedules[{i}]");
+            if let Err(e) = command::validate_label("schedule name", &s.name) {
+                problems.push(format!("{key}.name"), e.to_string());
+            }
+            if !names.insert(s.name.clone()) {
+                problems.push(format!("{key}.name"), format!("{:?} is used twice", s.name));
+            }
+            if let Err(e) = self.parse_schedule(s) {
+                let field = match e {
+                    infraflux_schedules::ScheduleError::TimeZone(_) => "timezone",
+                    _ => "cron",
+                };
+                problems.push(format!("{key}.{field}"), e.to_string());
+            }
+            match command::parse(&s.command) {
+                Ok(Request::Submit { kind, .. }) => {
+                    if !self.handlers.enables(kind) {
+                        problems.push(
+                            format!("{key}.command"),
+                            format!(
+                                "{:?} starts a {kind} job, but {kind} is not configured (no [{}] section)",
+                                s.command,
+                                kind.config_section()
+                            ),
+                        );
+                    }
+                }
+                Ok(_) => problems.push(
+                    format!("{key}.command"),
+                    format!("{:?} does not start a job; a schedule must", s.command),
+                ),
+                Err(e) => problems.push(format!("{key}.command"), e.to_string()),
+            }
+        }
+        for (key, r) in self.secret_refs() {
+            if r.is_literal() {
+                warnings.push(
+                    key,
+                    "holds a literal secret; use env:, file:, cred: or op:// instead",
+                );
+            }
+        }
+        if !present.contains("github") {
+            warnings.push(
+                "github",
+                "absent: POST /webhooks/github answers 404 and GitHub events over NATS are refused",
+            );
+        }
+        warnings
+    }
+
+    pub fn parse_schedule(
+        &self,
+        s: &ScheduleSection,
+    ) -> Result<CronSchedule, infraflux_schedules::ScheduleError> {
+        CronSchedule::new(
+            &s.name,
+            &s.cron,
+            &s.timezone,
+            s.jitter.map(HumanDuration::get).unwrap_or_default(),
+            s.catch_up.map(HumanDuration::get),
+        )
+    }
+
+    pub fn agent_id(&self) -> String {
+        self.agent.id.clone().unwrap_or_else(hostname)
+    }
+
+    /// Every secret reference, with its key.
+    pub fn secret_refs(&self) -> Vec<(String, &SecretRef)> {
+        let mut refs: Vec<(String, &SecretRef)> = Vec::new();
+        let nats = &self.nats;
+        for (k, v) in [
+            ("nats.creds", &nats.creds),
+            ("nats.nkey", &nats.nkey),
+            ("nats.token", &nats.token),
+            ("nats.password", &nats.password),
+        ] {
+            if let Some(r) = v {
+                refs.push((k.to_string(), r));
+            }
+        }
+        if let Some(gh) = &self.github {
+            if let Some(t) = &gh.token {
+                refs.push(("github.token".into(), t));
+            }
+            for (i, r) in gh.webhook_secret.0.iter().enumerate() {
+                refs.push((format!("github.webhook_secret.{i}"), r));
+            }
+        }
+        if let Some(s3) = &self.handlers.s3 {
+            refs.push(("s3.access_key_id".into(), &s3.access_key_id));
+            refs.push(("s3.secret_access_key".into(), &s3.secret_access_key));
+        }
+        if let Some(rc) = &self.handlers.reconcile {
+            for (name, r) in &rc.env_vars {
+                refs.push((format!("reconcile.env_vars.{name}"), r));
+            }
+        }
+        refs
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+/// Deserializes one section, reporting every unknown key in it and its first type error.
+fn section<T: DeserializeOwned>(
+    name: &str,
+    value: config::Value,
+    problems: &mut Problems,
+) -> Option<T> {
+    let mut unknown: Vec<String> = Vec::new();
+    let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let de = serde_ignored::Deserializer::new(value, &mut on_unknown);
+    let result: Result<T, _> = serde_path_to_error::deserialize(de);
+    for path in unknown {
+        problems.push(join_key(name, &path), "unknown key");
+    }
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.inner().to_string();
+            problems.push(join_key(name, &e.path().to_string()), clean_error(&inner));
+            None
+        }
+    }
+}
+
+fn join_key(section: &str, path: &str) -> String {
+    let path = path.trim_start_matches('?');
+    if path.is_empty() || path == "." {
+        section.to_string()
+    } else if path.starts_with('[') {
+        format!("{section}{path}")
+    } else {
+        format!("{section}.{path}")
+    }
+}
+
+/// The config crate appends the file's path to some messages; the key is reported already.
+fn clean_error(msg: &str) -> String {
+    msg.split(" for key ")
+        .next()
+        .unwrap_or(msg)
+        .trim()
+        .to_string()
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/infraflux")
+}
+fn default_concurrency() -> usize {
+    4
+}
+fn default_shutdown_timeout() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_ack_wait() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_lease_ttl() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_max_deliveries() -> u32 {
+    10
+}
+fn default_kill_grace() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_nats_url() -> String {
+    "nats://127.0.0.1:4222".to_string()
+}
+fn default_prefix() -> String {
+    "infraflux".to_string()
+}
+fn default_replicas() -> usize {
+    1
+}
+fn default_events_max_age() -> HumanDuration {
+    HumanDuration::from_secs(30 * 86_400)
+}
+fn default_records_max_age() -> HumanDuration {
+    HumanDuration::from_secs(90 * 86_400)
+}
+fn default_dedup_window() -> HumanDuration {
+    HumanDuration::from_secs(7 * 86_400)
+}
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_string()
+}
+fn default_branch() -> String {
+    "main".to_string()
+}
+fn default_api_url() -> String {
+    "https://api.github.com".to_string()
+}
+fn default_timezone() -> String {
+    "UTC".to_string()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "agent".to_string())
+}
+
+/// Agent ids appear in KV keys and subjects.
+pub fn validate_agent_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} must be 1 to 64 letters, digits, '-' or '_' (it is used in NATS keys)"
+        ))
+    }
+}
+
+/// The subject prefix: dot-separated tokens of letters, digits, `-` and `_`.
+pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+    let ok = !prefix.is_empty()
+        && prefix.split('.').all(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{prefix:?} must be dot-separated tokens of letters, digits, '-' and '_'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Loaded, Problems> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, toml).expect("write");
+        Config::load(
+            &path,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    const MINIMAL: &str = r#"
+[agent]
+id = "runner-1"
+[nats]
+url = "nats://127.0.0.1:4222"
+[github]
+repo = "owner/infra"
+webhook_secret = ["env:A", "env:B"]
+"#;
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let loaded = load(MINIMAL, &[]).expect("valid");
+        let c = loaded.config;
+        assert_eq!(c.agent_id(), "runner-1");
+        assert_eq!(c.agent.concurrency, 4);
+        assert_eq!(c.nats.subject_prefix, "infraflux");
+        assert_eq!(c.http.listen, "127.0.0.1:8080");
+        let gh = c.github.expect("github");
+        assert_eq!(gh.default_branch, "main");
+        assert_eq!(gh.webhook_secret.0.len(), 2);
+        assert!(!c.handlers.enables(infraflux_handlers::JobKind::Backup));
+    }
+
+    #[test]
+    fn environment_overrides_any_key_including_in_sections_with_underscores() {
+        let toml = format!("{MINIMAL}\n[etcd_snapshot]\nbucket = \"a\"\n");
+        let loaded = load(
+            &toml,
+            &[
+                ("INFRAFLUX_NATS__URL", "nats://10.0.0.9:4222"),
+                ("INFRAFLUX_AGENT__CONCURRENCY", "7"),
+                ("INFRAFLUX_ETCD_SNAPSHOT__BUCKET", "b"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(loaded.config.nats.url, "nats://10.0.0.9:4222");
+        assert_eq!(loaded.config.agent.concurrency, 7);
+        assert_eq!(
+            loaded
+                .config
+                .handlers
+                .etcd_snapshot
+                .expect("section")
+                .bucket,
+            "b"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_key() {
+        let toml = r#"
+[agent]
+id = "runner 1"
+concurrency = 0
+colour = "blue"
+[nats]
+url = "http://x"
+dedup_window = "2m"
+[http]
+listen = "nowhere"
+[github]
+repo = "infra"
+webhook_secret = "env:A"
+typo_key = 1
+[backup]
+ttl = "forever"
+[[schedules]]
+name = "nightly"
+cron = "0 3 * * *"
+timezone = "Mars/Base"
+command = "backup ns=Bad"
+[[schedules]]
+name = "snap"
+cron = "0 0 4 * * *"
+command = "snapshot"
+[widgets]
+a = 1
+"#;
+        let problems = load(toml, &[("INFRAFLUX_NATS__BOGUS", "1")]).expect_err("invalid");
+        let keys: Vec<&str> = problems.0.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "agent.id",
+            "agent.concurrency",
+            "agent.colour",
+            "nats.url",
+            "nats.dedup_window",
+            "nats.bogus",
+            "http.listen",
+            "github.repo",
+            "github.typo_key",
+            "backup.ttl",
+            "schedules[0].cron",
+            "schedules[0].command",
+            "schedules[1].command",
+            "widgets",
+        ] {
+            assert!(
+                keys.contains(&expected),
+                "{expected} missing from {problems}"
+            );
+        }
+        let text = problems.to_string();
+        assert!(text.contains("\"forever\""), "{text}");
+        assert!(text.contains("etcd_snapshot"), "{text}");
+    }
+
+    #[test]
+    fn literal_secrets_warn_and_references_do_not() {
+        let toml = MINIMAL.replace("[\"env:A\", \"env:B\"]", "\"s3cr3t-literal\"");
+        let loaded = load(&toml, &[]).expect("valid");
+        let w = loaded.warnings.to_string();
+        assert!(w.contains("github.webhook_secret.0"), "{w}");
+        assert!(!w.contains("s3cr3t-literal"), "{w}");
+        let loaded = load(MINIMAL, &[]).expect("valid");
+        assert!(!loaded.warnings.to_string().contains("literal"));
+    }
+
+    #[test]
+    fn map_keys_keep_their_case() {
+        let toml = format!(
+            "{MINIMAL}\n[reconcile]\nrepo_url = \"file:///r\"\nworkdir = \"tf\"\nenv = \"prod\"\n[reconcile.env_vars]\nAWS_ACCESS_KEY_ID = \"env:KEY\"\n"
+        );
+        let loaded = load(&toml, &[]).expect("valid");
+        let rc = loaded.config.handlers.reconcile.expect("reconcile");
+        assert!(
+            rc.env_vars.contains_key("AWS_ACCESS_KEY_ID"),
+            "{:?}",
+            rc.env_vars
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_file() {
+        let problems = load("[agent\nid=1", &[]).expect_err("syntax");
+        assert!(problems.0[0].key.ends_with("agent.toml"), "{problems}");
+    }
+}

@@ -1,0 +1,437 @@
+//! GitHub events, from the webhook or from NATS, mapped to jobs.
+//!
+//! Both paths end in [`accept`], so they dedup against each other: a push's idempotency key is
+//! its commit, whichever path sees it first.
+
+use chrono::Utc;
+use infraflux_handlers::{JobEnvelope, JobKind, Source, new_job_id};
+use serde_json::{Map, Value, json};
+
+use crate::config::GithubSection;
+use crate::ingest::{IngestError, Ingestor, Submitted};
+use crate::telemetry;
+
+/// What an event means for us.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mapping {
+    Ping,
+    Ignored(String),
+    Job {
+        kind: JobKind,
+        params: Map<String, Value>,
+        commit: String,
+        idempotency_key: String,
+        requested_by: String,
+    },
+}
+
+/// Why a payload could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct BadPayload(pub String);
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(*k))?.as_str()
+}
+
+fn need<'a>(v: &'a Value, path: &[&str], event: &str) -> Result<&'a str, BadPayload> {
+    str_at(v, path).ok_or_else(|| BadPayload(format!("{event} payload has no {}", path.join("."))))
+}
+
+/// Maps one event to a job, "ignored" with a reason, or a ping.
+pub fn map_event(
+    event: &str,
+    payload: &Value,
+    github: &GithubSection,
+) -> Result<Mapping, BadPayload> {
+    if !payload.is_object() {
+        return Err(BadPayload("payload is not a JSON object".into()));
+    }
+    match event {
+        "ping" => Ok(Mapping::Ping),
+        "push" => map_push(payload, github),
+        "pull_request" => map_pull_request(payload, github),
+        other => Ok(Mapping::Ignored(format!("{other} events start nothing"))),
+    }
+}
+
+fn repo_matches(
+    payload: &Value,
+    github: &GithubSection,
+    event: &str,
+) -> Result<Option<String>, BadPayload> {
+    let full_name = need(payload, &["repository", "full_name"], event)?;
+    if full_name.eq_ignore_ascii_case(&github.repo) {
+        Ok(None)
+    } else {
+        Ok(Some(format!(
+            "repository {full_name} is not the configured {}",
+            github.repo
+        )))
+    }
+}
+
+fn map_push(payload: &Value, github: &GithubSection) -> Result<Mapping, BadPayload> {
+    let git_ref = need(payload, &["ref"], "push")?;
+    let default_branch = need(payload, &["repository", "default_branch"], "push")?;
+    if let Some(reason) = repo_matches(payload, github, "push")? {
+        return Ok(Mapping::Ignored(reason));
+    }
+    if payload.get("deleted").and_then(Value::as_bool) == Some(true) {
+        return Ok(Mapping::Ignored(format!("{git_ref} was deleted")));
+    }
+    let Some(branch) = git_ref.strip_prefix("refs/heads/") else {
+        return Ok(Mapping::Ignored(format!("{git_ref} is not a branch")));
+    };
+    // The payload's own default branch, never a hard-coded name: repositories use main,
+    // master, or anything else.
+    if branch != default_branch {
+        return Ok(Mapping::Ignored(format!(
+            "push to {branch}, not to the default branch {default_branch}"
+        )));
+    }
+    let commit = need(payload, &["after"], "push")?;
+    if !is_sha(commit) {
+        return Err(BadPayload(format!(
+            "push payload's after {commit:?} is not a commit sha"
+        )));
+    }
+    let requested_by = str_at(payload, &["pusher", "name"])
+        .or_else(|| str_at(payload, &["sender", "login"]))
+        .unwrap_or("github")
+        .to_string();
+    let mut params = Map::new();
+    params.insert("trigger".into(), json!("push"));
+    params.insert("ref".into(), json!(branch));
+    if payload.get("forced").and_then(Value::as_bool) == Some(true) {
+        params.insert("forced".into(), json!(true));
+    }
+    Ok(Mapping::Job {
+        kind: JobKind::Reconcile,
+        params,
+        commit: commit.to_string(),
+        idempotency_key: commit_key(&github.repo, commit),
+        requested_by,
+    })
+}
+
+fn map_pull_request(payload: &Value, github: &GithubSection) -> Result<Mapping, BadPayload> {
+    let action = need(payload, &["action"], "pull_request")?;
+    if let Some(reason) = repo_matches(payload, github, "pull_request")? {
+        return Ok(Mapping::Ignored(reason));
+    }
+    if !matches!(action, "opened" | "synchronize" | "reopened") {
+        return Ok(Mapping::Ignored(format!(
+            "pull_request {action} starts nothing"
+        )));
+    }
+    let number = payload
+        .get("number")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| BadPayload("pull_request payload has no number".into()))?;
+    let head = need(payload, &["pull_request", "head", "sha"], "pull_request")?;
+    if !is_sha(head) {
+        return Err(BadPayload(format!(
+            "pull_request head sha {head:?} is not a commit sha"
+        )));
+    }
+    let head_ref = str_at(payload, &["pull_request", "head", "ref"]).unwrap_or_default();
+    let requested_by = str_at(payload, &["sender", "login"])
+        .unwrap_or("github")
+        .to_string();
+    let mut params = Map::new();
+    params.insert("trigger".into(), json!("pull_request"));
+    params.insert("plan_only".into(), json!(true));
+    params.insert("pull_request".into(), json!(number));
+    params.insert("ref".into(), json!(head_ref));
+    Ok(Mapping::Job {
+        kind: JobKind::Reconcile,
+        params,
+        commit: head.to_string(),
+        idempotency_key: format!("pr.{}.{number}.{head}", github.repo.to_ascii_lowercase()),
+        requested_by,
+    })
+}
+
+/// One commit gets one reconcile job, whichever path (webhook, NATS, poller) saw it first.
+pub fn commit_key(repo: &str, commit: &str) -> String {
+    format!(
+        "reconcile.{}.{}",
+        repo.to_ascii_lowercase(),
+        commit.to_ascii_lowercase()
+    )
+}
+
+fn is_sha(s: &str) -> bool {
+    s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit()) && s.chars().any(|c| c != '0')
+}
+
+/// The answer to one GitHub event, whichever way it came.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Accepted {
+    Ping,
+    Ignored(String),
+    Created { job_id: String },
+    Duplicate { job_id: String },
+}
+
+/// Maps, dedups and stores one event. `delivery` is GitHub's `X-GitHub-Delivery` (or the
+/// NATS message id).
+pub async fn accept(
+    ingest: &Ingestor,
+    github: &GithubSection,
+    source: Source,
+    event: &str,
+    delivery: &str,
+    payload: &Value,
+) -> Result<Result<Accepted, BadPayload>, IngestError> {
+    let mapping = match map_event(event, payload, github) {
+        Ok(m) => m,
+        Err(bad) => return Ok(Err(bad)),
+    };
+    let (kind, params, commit, idempotency_key, requested_by) = match mapping {
+        Mapping::Ping => return Ok(Ok(Accepted::Ping)),
+        Mapping::Ignored(reason) => return Ok(Ok(Accepted::Ignored(reason))),
+        Mapping::Job {
+            kind,
+            params,
+            commit,
+            idempotency_key,
+            requested_by,
+        } => (kind, params, commit, idempotency_key, requested_by),
+    };
+    if let Some(job_id) = ingest.delivery_job(delivery).await? {
+        return Ok(Ok(Accepted::Duplicate { job_id }));
+    }
+    let envelope = JobEnvelope {
+        job_id: new_job_id(),
+        kind,
+        params,
+        source,
+        requested_by,
+        idempotency_key,
+        traceparent: Some(telemetry::current_traceparent()),
+        commit: Some(commit),
+        created_at: Utc::now(),
+    };
+    let submitted = ingest.submit(envelope).await?;
+    ingest.remember_delivery(delivery, submitted.job_id()).await;
+    Ok(Ok(match submitted {
+        Submitted::Created { job_id } => Accepted::Created { job_id },
+        Submitted::Duplicate { job_id } => Accepted::Duplicate { job_id },
+    }))
+}
+
+/// Serves `<prefix>.github.<event>`: a workflow step on the self-hosted runner forwards the
+/// event payload (`infraflux-agent ctl github-event`), for LANs that no webhook reaches.
+/// Authentication is the NATS server's: who may publish there is set in its permissions.
+pub async fn serve_nats(
+    app: std::sync::Arc<crate::app::App>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), async_nats::Error> {
+    use futures::StreamExt;
+    let names = &app.store.names;
+    let mut events = app
+        .store
+        .client
+        .queue_subscribe(names.github_subject("*"), names.queue_group.clone())
+        .await?;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            message = events.next() => {
+                let Some(message) = message else { break };
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let reply = nats_event(&app, &message).await;
+                    if let Some(to) = message.reply.clone() {
+                        let body = serde_json::to_vec(&reply).unwrap_or_default();
+                        if let Err(e) = app.store.client.publish(to, body.into()).await {
+                            tracing::warn!(error = %e, "GitHub event reply not sent");
+                        }
+                    }
+                });
+            }
+        }
+    }
+    let _ = events.drain().await;
+    Ok(())
+}
+
+async fn nats_event(app: &crate::app::App, message: &async_nats::Message) -> Value {
+    use tracing::Instrument;
+    let Some(github) = &app.config.github else {
+        return json!({"ok": false, "error": "GitHub events are off: the agent config has no [github] section"});
+    };
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    let subject_event = message
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let event = header("X-GitHub-Event").unwrap_or(subject_event);
+    if !crate::http::valid_event_name(&event) {
+        return json!({"ok": false, "error": format!("{event:?} is not a GitHub event name")});
+    }
+    let Some(delivery) = header("X-GitHub-Delivery").or_else(|| header("Nats-Msg-Id")) else {
+        return json!({"ok": false, "error": "missing X-GitHub-Delivery or Nats-Msg-Id header"});
+    };
+    let payload: Value = match serde_json::from_slice(&message.payload) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("malformed JSON: {e}")}),
+    };
+    let span = tracing::info_span!("github_event", event = %event, delivery = %delivery);
+    let accepted = accept(
+        &app.ingest,
+        github,
+        Source::NatsGithub,
+        &event,
+        &delivery,
+        &payload,
+    )
+    .instrument(span)
+    .await;
+    match accepted {
+        Ok(Ok(Accepted::Ping)) => json!({"ok": true, "pong": true}),
+        Ok(Ok(Accepted::Ignored(reason))) => json!({"ok": true, "ignored": reason}),
+        Ok(Ok(Accepted::Created { job_id })) => {
+            json!({"ok": true, "delivery": delivery, "jobs": [job_id], "job_id": job_id})
+        }
+        Ok(Ok(Accepted::Duplicate { job_id })) => {
+            json!({"ok": true, "duplicate": true, "job": job_id, "job_id": job_id})
+        }
+        Ok(Err(bad)) => json!({"ok": false, "error": bad.to_string()}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(path: &str) -> Value {
+        let root = std::env::var("INFRAFLUX_FIXTURES")
+            .unwrap_or_else(|_| format!("{}/../../shared/fixtures", env!("CARGO_MANIFEST_DIR")));
+        let file = format!("{root}/github/{path}");
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("fixture {file} is missing ({e}); set INFRAFLUX_FIXTURES"));
+        serde_json::from_str(&text).expect("fixture is JSON")
+    }
+
+    fn gh(repo: &str) -> GithubSection {
+        GithubSection {
+            repo: repo.to_string(),
+            default_branch: "main".into(),
+            api_url: "https://api.github.com".into(),
+            token: None,
+            webhook_secret: infraflux_handlers::secret::SecretRefs(vec![]),
+        }
+    }
+
+    fn repo_of(payload: &Value) -> String {
+        str_at(payload, &["repository", "full_name"])
+            .expect("repo")
+            .to_string()
+    }
+
+    #[test]
+    fn push_to_the_payloads_default_branch_is_a_reconcile_of_its_commit() {
+        for file in [
+            "push/push.json",
+            "push/with-new-branch.payload.json",
+            "push/github-commit-event.json",
+        ] {
+            let p = fixture(file);
+            let mapping = map_event("push", &p, &gh(&repo_of(&p))).expect(file);
+            let Mapping::Job {
+                kind,
+                commit,
+                idempotency_key,
+                ..
+            } = mapping
+            else {
+                panic!("{file}: {mapping:?}");
+            };
+            assert_eq!(kind, JobKind::Reconcile, "{file}");
+            assert_eq!(commit, p["after"].as_str().expect("after"), "{file}");
+            assert_eq!(idempotency_key, commit_key(&repo_of(&p), &commit));
+        }
+    }
+
+    #[test]
+    fn other_pushes_are_ignored_with_a_reason() {
+        let cases = [
+            (
+                "push/github-commit-event-feature-branch.json",
+                "not to the default branch",
+            ),
+            ("push/push_branch_create.json", "not to the default branch"),
+            ("push/push_branch_delete.json", "deleted"),
+            ("push/push_tag.json", "not a branch"),
+            ("push/payload.json", "deleted"),
+        ];
+        for (file, why) in cases {
+            let p = fixture(file);
+            match map_event("push", &p, &gh(&repo_of(&p))).expect(file) {
+                Mapping::Ignored(reason) => assert!(reason.contains(why), "{file}: {reason}"),
+                other => panic!("{file}: {other:?}"),
+            }
+        }
+        let p = fixture("push/push.json");
+        match map_event("push", &p, &gh("someone/else")).expect("push") {
+            Mapping::Ignored(reason) => assert!(reason.contains("someone/else"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pull_requests_plan_only_and_closed_ones_start_nothing() {
+        for file in [
+            "pull_request/opened.payload.json",
+            "pull_request/synchronize.payload.json",
+        ] {
+            let p = fixture(file);
+            match map_event("pull_request", &p, &gh(&repo_of(&p))).expect(file) {
+                Mapping::Job { params, commit, .. } => {
+                    assert_eq!(params["plan_only"], true);
+                    assert_eq!(
+                        commit,
+                        p["pull_request"]["head"]["sha"].as_str().expect("sha")
+                    );
+                }
+                other => panic!("{file}: {other:?}"),
+            }
+        }
+        let p = fixture("pull_request/closed.payload.json");
+        assert!(matches!(
+            map_event("pull_request", &p, &gh(&repo_of(&p))).expect("closed"),
+            Mapping::Ignored(_)
+        ));
+    }
+
+    #[test]
+    fn ping_and_unmapped_events() {
+        let p = fixture("ping/payload.json");
+        assert_eq!(map_event("ping", &p, &gh("a/b")), Ok(Mapping::Ping));
+        let p = fixture("release/published.payload.json");
+        assert!(matches!(
+            map_event("release", &p, &gh("a/b")),
+            Ok(Mapping::Ignored(_))
+        ));
+    }
+
+    #[test]
+    fn incomplete_payloads_are_bad_requests() {
+        let e = map_event("push", &json!({"ref": "refs/heads/main"}), &gh("a/b")).unwrap_err();
+        assert!(e.0.contains("repository.default_branch"), "{e}");
+        assert!(map_event("push", &json!([1, 2]), &gh("a/b")).is_err());
+    }
+}

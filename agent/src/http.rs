@@ -1,0 +1,317 @@
+//! The HTTP listener: GitHub webhooks, health, readiness and metrics.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hmac::{Hmac, KeyInit, Mac};
+use infraflux_handlers::Source;
+use infraflux_handlers::secret::Secret;
+use serde_json::json;
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::app::App;
+use crate::config::GithubSection;
+use crate::github::{self, Accepted};
+use crate::metrics::Metrics;
+
+/// GitHub caps webhook payloads at 25 MiB; anything larger is not from GitHub.
+pub const MAX_WEBHOOK_BYTES: usize = 25 * 1024 * 1024;
+
+/// What `/readyz` answers from, without a round trip: the connection state and the last
+/// background JetStream probe (a JetStream request to a dead server takes seconds to fail).
+#[derive(Default)]
+pub struct Readiness {
+    pub client: OnceLock<async_nats::Client>,
+    pub jetstream_ok: AtomicBool,
+    pub jetstream_error: Mutex<String>,
+}
+
+impl Readiness {
+    /// `Ok` when NATS is connected and JetStream answered the last probe.
+    pub fn check(&self, app_ready: bool) -> Result<(), String> {
+        let Some(client) = self.client.get() else {
+            return Err("connecting to NATS".into());
+        };
+        if client.connection_state() != async_nats::connection::State::Connected {
+            return Err("disconnected from NATS; reconnecting".into());
+        }
+        if !app_ready {
+            return Err("setting up JetStream streams and buckets".into());
+        }
+        if !self.jetstream_ok.load(Ordering::Relaxed) {
+            let reason = self
+                .jetstream_error
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_default();
+            return Err(format!("JetStream is not answering: {reason}"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub app: Arc<OnceLock<Arc<App>>>,
+    pub readiness: Arc<Readiness>,
+    pub metrics: Arc<Metrics>,
+    pub github: Option<GithubSection>,
+    pub webhook_secrets: Arc<Vec<Secret>>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/webhooks/github", post(webhook))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` fires; in-flight requests finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: HttpState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+pub async fn bind(listen: &str) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    match s.readiness.check(s.app.get().is_some()) {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    let connected = s
+        .readiness
+        .client
+        .get()
+        .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
+    s.metrics.nats_connected.set(i64::from(connected));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// `true` when `header` is `sha256=<hex>` of an HMAC-SHA256 of `body` under any of `secrets`.
+/// Every secret is tried (no early exit), and each comparison is constant-time.
+pub fn verify_signature(secrets: &[Secret], header: &str, body: &[u8]) -> bool {
+    let Some(signature) = header
+        .strip_prefix("sha256=")
+        .and_then(|h| hex::decode(h).ok())
+    else {
+        return false;
+    };
+    let mut valid = false;
+    for secret in secrets {
+        if let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()) {
+            mac.update(body);
+            valid |= mac.verify_slice(&signature).is_ok();
+        }
+    }
+    valid
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+async fn webhook(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let (status, result, body) = webhook_inner(&s, &headers, body).await;
+    s.metrics.webhook(result);
+    reply(status, body)
+}
+
+async fn webhook_inner(
+    s: &HttpState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> (StatusCode, &'static str, serde_json::Value) {
+    let Some(github) = &s.github else {
+        return (
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            json!({"error": "webhooks are off: the agent config has no [github] section"}),
+        );
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            let status = rejection.status();
+            let result = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "too_large"
+            } else {
+                "bad_request"
+            };
+            return (
+                status,
+                result,
+                json!({"error": format!("request body refused: {}", rejection.body_text())}),
+            );
+        }
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let Some(signature) = header("x-hub-signature-256") else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            json!({"error": "missing X-Hub-Signature-256"}),
+        );
+    };
+    if !verify_signature(&s.webhook_secrets, signature, &body) {
+        tracing::warn!("Webhook with a bad signature refused");
+        return (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            json!({"error": "X-Hub-Signature-256 does not match the body"}),
+        );
+    }
+    let (Some(event), Some(delivery)) = (header("x-github-event"), header("x-github-delivery"))
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            json!({"error": "missing X-GitHub-Event or X-GitHub-Delivery header"}),
+        );
+    };
+    if !valid_event_name(event) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            json!({"error": format!("X-GitHub-Event {event:?} is not an event name")}),
+        );
+    }
+    let payload: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                json!({"error": format!("malformed JSON: {e}")}),
+            );
+        }
+    };
+    let Some(app) = s.app.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            json!({"error": "the agent is still connecting to its job store"}),
+        );
+    };
+    let span = tracing::info_span!("webhook", event, delivery);
+    let accepted = github::accept(
+        &app.ingest,
+        github,
+        Source::Webhook,
+        event,
+        delivery,
+        &payload,
+    )
+    .instrument(span)
+    .await;
+    match accepted {
+        Ok(Ok(Accepted::Ping)) => (StatusCode::OK, "ping", json!({"ok": true, "pong": true})),
+        Ok(Ok(Accepted::Ignored(reason))) => {
+            (StatusCode::OK, "ignored", json!({"ignored": reason}))
+        }
+        Ok(Ok(Accepted::Created { job_id })) => (
+            StatusCode::ACCEPTED,
+            "accepted",
+            json!({"delivery": delivery, "jobs": [job_id]}),
+        ),
+        Ok(Ok(Accepted::Duplicate { job_id })) => (
+            StatusCode::OK,
+            "duplicate",
+            json!({"duplicate": true, "job": job_id, "delivery": delivery}),
+        ),
+        Ok(Err(bad)) => (
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            json!({"error": bad.to_string()}),
+        ),
+        Err(e) => {
+            tracing::warn!(%delivery, error = %e, "Webhook not stored; GitHub will show it failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                json!({"error": e.to_string()}),
+            )
+        }
+    }
+}
+
+/// GitHub event names are lower-case words with underscores.
+pub fn valid_event_name(event: &str) -> bool {
+    !event.is_empty()
+        && event.len() <= 64
+        && event.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn githubs_documented_test_vector() {
+        let secret = Secret::new("It's a Secret to Everybody");
+        let header = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert!(verify_signature(
+            std::slice::from_ref(&secret),
+            header,
+            b"Hello, World!"
+        ));
+        assert!(!verify_signature(
+            std::slice::from_ref(&secret),
+            header,
+            b"Hello, World?"
+        ));
+        assert!(!verify_signature(
+            &[Secret::new("other")],
+            header,
+            b"Hello, World!"
+        ));
+        // Rotation: any configured secret is enough.
+        assert!(verify_signature(
+            &[Secret::new("old"), secret.clone()],
+            header,
+            b"Hello, World!"
+        ));
+        assert!(!verify_signature(
+            &[secret.clone()],
+            "sha1=757107",
+            b"Hello, World!"
+        ));
+        assert!(!verify_signature(&[secret], "sha256=zz", b"Hello, World!"));
+    }
+}

@@ -1,0 +1,306 @@
+//! One lock manager across job kinds.
+//!
+//! A lock is a lease: one KV entry per resource lists its holders with an expiry; the holder
+//! renews it while its job runs, and a holder that dies simply stops renewing. Read holders
+//! share a resource, a write holder excludes everyone. All changes are compare-and-set on the
+//! entry's revision, so two agents racing for a resource cannot both win.
+//!
+//! A job takes all its locks or none (no hold-and-wait, so no deadlock), and the runner also
+//! leases the job itself (`job:<id>`), so a job redelivered while its first agent still runs it
+//! (a partition, a stalled process) waits instead of running twice at once.
+//!
+//! Expiry compares wall clocks of the agents; keep them in NTP sync (see docs/architecture.md).
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use infraflux_handlers::{LockMode, LockRequest};
+use serde::{Deserialize, Serialize};
+
+/// Who holds a lock: one attempt of one job. A redelivered job is a new attempt with a new
+/// token, so it never mistakes the lease of its dead predecessor for its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub token: String,
+    pub job_id: String,
+}
+
+impl Owner {
+    pub fn new(job_id: &str, agent_id: &str) -> Self {
+        Self {
+            token: format!(
+                "{agent_id}/{}",
+                ulid::Ulid::new().to_string().to_ascii_lowercase()
+            ),
+            job_id: job_id.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub owner: String,
+    pub job_id: String,
+    pub agent: String,
+    pub mode: LockMode,
+    pub acquired_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LockEntry {
+    holders: Vec<Holder>,
+}
+
+/// A held lock as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldLock {
+    pub resource: String,
+    #[serde(flatten)]
+    pub holder: Holder,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquire {
+    Acquired,
+    Busy { resource: String, holder: Holder },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("lock store unavailable: {0}")]
+    Unavailable(String),
+    #[error("lock {0} was lost: its lease expired and was taken over")]
+    Lost(String),
+    #[error("invalid resource name {0:?}")]
+    InvalidResource(String),
+}
+
+#[derive(Clone)]
+pub struct LockManager {
+    kv: kv::Store,
+    agent_id: String,
+    ttl: Duration,
+}
+
+impl LockManager {
+    pub fn new(kv: kv::Store, agent_id: String, ttl: Duration) -> Self {
+        Self { kv, agent_id, ttl }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Takes every lock in `requests` for `job_id`, or none of them.
+    pub async fn try_acquire_all(
+        &self,
+        requests: &[LockRequest],
+        owner: &Owner,
+    ) -> Result<Acquire, LockError> {
+        let mut sorted = requests.to_vec();
+        sorted.sort_by(|a, b| a.resource.cmp(&b.resource));
+        sorted.dedup_by(|a, b| a.resource == b.resource);
+        let mut taken: Vec<LockRequest> = Vec::new();
+        for request in &sorted {
+            match self.try_acquire(request, owner).await {
+                Ok(Acquire::Acquired) => taken.push(request.clone()),
+                other => {
+                    self.release_all(&taken, owner).await;
+                    return other;
+                }
+            }
+        }
+        Ok(Acquire::Acquired)
+    }
+
+    pub async fn try_acquire(
+        &self,
+        request: &LockRequest,
+        owner: &Owner,
+    ) -> Result<Acquire, LockError> {
+        let key = resource_key(&request.resource)?;
+        loop {
+            let (mut entry, revision) = self.read(&key).await?;
+            let now = Utc::now();
+            entry
+                .holders
+                .retain(|h| h.expires_at > now || h.owner == owner.token);
+            let conflict = entry.holders.iter().find(|h| {
+                h.owner != owner.token
+                    && (request.mode == LockMode::Write || h.mode == LockMode::Write)
+            });
+            if let Some(holder) = conflict {
+                return Ok(Acquire::Busy {
+                    resource: request.resource.clone(),
+                    holder: holder.clone(),
+                });
+            }
+            entry.holders.retain(|h| h.owner != owner.token);
+            entry.holders.push(Holder {
+                owner: owner.token.clone(),
+                job_id: owner.job_id.clone(),
+                agent: self.agent_id.clone(),
+                mode: request.mode,
+                acquired_at: now,
+                expires_at: now + chrono::Duration::from_std(self.ttl).unwrap_or_default(),
+            });
+            if self.write(&key, &entry, revision).await? {
+                return Ok(Acquire::Acquired);
+            }
+        }
+    }
+
+    /// Extends every lock of `job_id` by one ttl. `Lost` if another job holds one now.
+    pub async fn renew_all(
+        &self,
+        requests: &[LockRequest],
+        owner: &Owner,
+    ) -> Result<(), LockError> {
+        for request in requests {
+            let key = resource_key(&request.resource)?;
+            loop {
+                let (mut entry, revision) = self.read(&key).await?;
+                let now = Utc::now();
+                let others_hold = entry.holders.iter().any(|h| {
+                    h.owner != owner.token
+                        && h.expires_at > now
+                        && (request.mode == LockMode::Write || h.mode == LockMode::Write)
+                });
+                let Some(mine) = entry.holders.iter_mut().find(|h| h.owner == owner.token) else {
+                    return Err(LockError::Lost(request.resource.clone()));
+                };
+                if others_hold {
+                    return Err(LockError::Lost(request.resource.clone()));
+                }
+                mine.expires_at = now + chrono::Duration::from_std(self.ttl).unwrap_or_default();
+                if self.write(&key, &entry, revision).await? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases every lock of `job_id`; errors are logged (the lease expires anyway).
+    pub async fn release_all(&self, requests: &[LockRequest], owner: &Owner) {
+        for request in requests {
+            if let Err(e) = self.release(&request.resource, &owner.token).await {
+                tracing::warn!(resource = %request.resource, job_id = %owner.job_id, error = %e, "Lock not released; it expires with its lease");
+            }
+        }
+    }
+
+    async fn release(&self, resource: &str, owner_token: &str) -> Result<(), LockError> {
+        let key = resource_key(resource)?;
+        loop {
+            let (mut entry, revision) = self.read(&key).await?;
+            let before = entry.holders.len();
+            let now = Utc::now();
+            entry
+                .holders
+                .retain(|h| h.owner != owner_token && h.expires_at > now);
+            if entry.holders.len() == before && revision == 0 {
+                return Ok(());
+            }
+            if self.write(&key, &entry, revision).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Every unexpired holder of every resource, for `status`.
+    pub async fn held(&self) -> Result<Vec<HeldLock>, LockError> {
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| LockError::Unavailable(e.to_string()))?;
+        let mut out = Vec::new();
+        let now = Utc::now();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| LockError::Unavailable(e.to_string()))?;
+            let (entry, _) = self.read(&key).await?;
+            for holder in entry.holders.into_iter().filter(|h| h.expires_at > now) {
+                out.push(HeldLock {
+                    resource: key_resource(&key),
+                    holder,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read(&self, key: &str) -> Result<(LockEntry, u64), LockError> {
+        match self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| LockError::Unavailable(e.to_string()))?
+        {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let entry = serde_json::from_slice(&e.value).unwrap_or_default();
+                Ok((entry, e.revision))
+            }
+            Some(e) => Ok((LockEntry::default(), e.revision)),
+            None => Ok((LockEntry::default(), 0)),
+        }
+    }
+
+    /// Compare-and-set; `false` when someone else wrote first.
+    async fn write(&self, key: &str, entry: &LockEntry, revision: u64) -> Result<bool, LockError> {
+        let value = Bytes::from(serde_json::to_vec(entry).unwrap_or_default());
+        match self.kv.update(key, value, revision).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(LockError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+/// `terraform:prod` is stored under the key `terraform.prod`.
+fn resource_key(resource: &str) -> Result<String, LockError> {
+    let valid = !resource.is_empty()
+        && resource.len() <= 200
+        && resource.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | ':' | '.')
+        })
+        && !resource.contains("..")
+        && !resource.starts_with(['.', ':'])
+        && !resource.ends_with(['.', ':']);
+    if valid {
+        Ok(resource.replace(':', "."))
+    } else {
+        Err(LockError::InvalidResource(resource.to_string()))
+    }
+}
+
+fn key_resource(key: &str) -> String {
+    key.replacen('.', ":", 1)
+}
+
+/// The resource that leases one job to one agent at a time.
+pub fn job_lease(job_id: &str) -> LockRequest {
+    LockRequest::write(format!("job:{job_id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_names_map_to_keys_and_back() {
+        assert_eq!(
+            resource_key("terraform:prod").expect("valid"),
+            "terraform.prod"
+        );
+        assert_eq!(key_resource("terraform.prod"), "terraform:prod");
+        assert_eq!(key_resource("job.01abc"), "job:01abc");
+        assert!(resource_key("Terraform:prod").is_err());
+        assert!(resource_key("a b").is_err());
+        assert!(resource_key("").is_err());
+    }
+}

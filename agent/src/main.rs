@@ -1,0 +1,5 @@
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    infraflux_agent::cli::main_with(|_registry| {})
+}

@@ -1,0 +1,165 @@
+//! Prometheus metrics on `/metrics`. Names are `infraflux_<name>_<unit>`; every label is
+//! bounded (job kinds, outcomes, results), never an id.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindOutcome {
+    pub kind: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbResult {
+    pub verb: String,
+    pub result: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub jobs: Family<KindOutcome, Counter>,
+    pub job_duration: Family<KindLabel, Histogram>,
+    pub lock_wait: Family<KindLabel, Histogram>,
+    pub last_success: Family<KindLabel, Gauge<f64, AtomicU64>>,
+    pub webhook_requests: Family<ResultLabel, Counter>,
+    pub commands: Family<VerbResult, Counter>,
+    pub nats_connected: Gauge,
+    pub queue_pending: Gauge,
+    pub jobs_running: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("infraflux");
+        let jobs = Family::<KindOutcome, Counter>::default();
+        registry.register("jobs", "Jobs ended, by kind and outcome", jobs.clone());
+        let job_duration = Family::<KindLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.5, 2.0, 16))
+        });
+        registry.register(
+            "job_duration_seconds",
+            "Job run time from start to end, by kind",
+            job_duration.clone(),
+        );
+        let lock_wait = Family::<KindLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.01, 3.0, 14))
+        });
+        registry.register(
+            "lock_wait_seconds",
+            "Time jobs waited for their locks, by kind",
+            lock_wait.clone(),
+        );
+        let last_success = Family::<KindLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "last_success_timestamp_seconds",
+            "Unix time of the last successful job, by kind",
+            last_success.clone(),
+        );
+        let webhook_requests = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "webhook_requests",
+            "GitHub webhook requests, by result",
+            webhook_requests.clone(),
+        );
+        let commands = Family::<VerbResult, Counter>::default();
+        registry.register(
+            "commands",
+            "ChatOps commands, by verb and result",
+            commands.clone(),
+        );
+        let nats_connected = Gauge::default();
+        registry.register(
+            "nats_connected",
+            "1 while connected to NATS",
+            nats_connected.clone(),
+        );
+        let queue_pending = Gauge::default();
+        registry.register(
+            "queue_pending_jobs",
+            "Jobs queued and not yet picked up by any agent",
+            queue_pending.clone(),
+        );
+        let jobs_running = Gauge::default();
+        registry.register(
+            "jobs_running",
+            "Jobs this agent runs or holds waiting for locks",
+            jobs_running.clone(),
+        );
+        Self {
+            registry,
+            jobs,
+            job_duration,
+            lock_wait,
+            last_success,
+            webhook_requests,
+            commands,
+            nats_connected,
+            queue_pending,
+            jobs_running,
+        }
+    }
+
+    pub fn job_ended(&self, kind: &str, outcome: &str) {
+        self.jobs
+            .get_or_create(&KindOutcome {
+                kind: kind.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn webhook(&self, result: &str) {
+        self.webhook_requests
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn command(&self, verb: &str, result: &str) {
+        // Unknown verbs are user input: fold them into one label value.
+        let verb = if infraflux_handlers::command::verb(verb).is_some() {
+            verb
+        } else {
+            "unknown"
+        };
+        self.commands
+            .get_or_create(&VerbResult {
+                verb: verb.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "Cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

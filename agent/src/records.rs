@@ -1,0 +1,307 @@
+//! Job records (one KV entry per job) and job events (one stream message per state change).
+//!
+//! Every state change goes through [`Records::transition`]: a compare-and-set on the record,
+//! then the event on `<prefix>.events.job.<id>`. Several agents and the `cancel` command may
+//! write one record; the revision check makes their writes serial.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use infraflux_handlers::{Interruption, JobEnvelope, JobKind, Source};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::store::Names;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Waiting,
+    Running,
+    AwaitingApproval,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Waiting => "waiting",
+            JobState::Running => "running",
+            JobState::AwaitingApproval => "awaiting_approval",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Nothing will run for this job again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    /// The runner is done with the job's queue message (an approval-pending job waits for a
+    /// new `apply` job, not for its own message).
+    pub fn is_settled(self) -> bool {
+        self.is_terminal() || self == JobState::AwaitingApproval
+    }
+}
+
+/// What `job <id>` shows. CONTRACT.md lists the fields a record holds at least.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub kind: JobKind,
+    pub state: JobState,
+    pub source: Source,
+    pub requested_by: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Handler starts, the interrupted ones included.
+    pub attempts: u32,
+    pub message: String,
+    pub trace_id: String,
+    pub params: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    pub idempotency_key: String,
+    /// The agent that runs or ran the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Attempts that ended because their agent died or stopped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interruptions: Vec<Interruption>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_by: Option<String>,
+    /// The handler's structured result (a plan summary, a backup's size).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub result: Value,
+}
+
+impl JobRecord {
+    pub fn new(envelope: &JobEnvelope, trace_id: &str) -> Self {
+        Self {
+            job_id: envelope.job_id.clone(),
+            kind: envelope.kind,
+            state: JobState::Queued,
+            source: envelope.source,
+            requested_by: envelope.requested_by.clone(),
+            created_at: envelope.created_at,
+            updated_at: envelope.created_at,
+            attempts: 0,
+            message: format!("queued {} job", envelope.kind),
+            trace_id: trace_id.to_string(),
+            params: envelope.params.clone(),
+            commit: envelope.commit.clone(),
+            idempotency_key: envelope.idempotency_key.clone(),
+            agent: None,
+            started_at: None,
+            finished_at: None,
+            interruptions: Vec::new(),
+            cancel_requested_by: None,
+            result: Value::Null,
+        }
+    }
+}
+
+/// One state change, as published on `<prefix>.events.job.<id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub job_id: String,
+    pub kind: JobKind,
+    pub state: JobState,
+    pub at: DateTime<Utc>,
+    pub message: String,
+    pub source: Source,
+    pub requested_by: String,
+    pub trace_id: String,
+}
+
+impl From<&JobRecord> for JobEvent {
+    fn from(r: &JobRecord) -> Self {
+        Self {
+            job_id: r.job_id.clone(),
+            kind: r.kind,
+            state: r.state,
+            at: r.updated_at,
+            message: r.message.clone(),
+            source: r.source,
+            requested_by: r.requested_by.clone(),
+            trace_id: r.trace_id.clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("job store unavailable: {0}")]
+    Unavailable(String),
+    #[error("job {0} not found")]
+    NotFound(String),
+    #[error("record of job {0} is unreadable: {1}")]
+    Corrupt(String, String),
+}
+
+/// A change decided by the closure given to [`Records::transition`].
+pub enum Change {
+    /// Write the record (and publish an event if the state or message changed).
+    Write,
+    /// Leave it as it is.
+    Keep,
+}
+
+#[derive(Clone)]
+pub struct Records {
+    kv: kv::Store,
+    js: jetstream::Context,
+    names: Names,
+}
+
+/// Records scanned at most per `jobs` listing (newest first), so a filter that matches little
+/// cannot make one command read the whole history.
+const MAX_SCAN: usize = 2_000;
+
+impl Records {
+    pub fn new(kv: kv::Store, js: jetstream::Context, names: Names) -> Self {
+        Self { kv, js, names }
+    }
+
+    pub async fn get(&self, job_id: &str) -> Result<Option<(JobRecord, u64)>, RecordError> {
+        let entry = self
+            .kv
+            .entry(job_id)
+            .await
+            .map_err(|e| RecordError::Unavailable(e.to_string()))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let record = serde_json::from_slice(&e.value)
+                    .map_err(|err| RecordError::Corrupt(job_id.to_string(), err.to_string()))?;
+                Ok(Some((record, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes a new record; `false` when one exists already (the runner or an earlier ingest
+    /// made it).
+    pub async fn create(&self, record: &JobRecord) -> Result<bool, RecordError> {
+        match self.kv.create(&record.job_id, encode(record)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(RecordError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Reads, changes and writes a record with a revision check, retrying on conflict; then
+    /// publishes the event if the state or the message changed. Returns the record as written.
+    pub async fn transition<F>(&self, job_id: &str, mut change: F) -> Result<JobRecord, RecordError>
+    where
+        F: FnMut(&mut JobRecord) -> Change,
+    {
+        loop {
+            let (mut record, revision) = self
+                .get(job_id)
+                .await?
+                .ok_or_else(|| RecordError::NotFound(job_id.to_string()))?;
+            let before = (record.state, record.message.clone());
+            if let Change::Keep = change(&mut record) {
+                return Ok(record);
+            }
+            record.updated_at = Utc::now();
+            match self.kv.update(job_id, encode(&record), revision).await {
+                Ok(_) => {
+                    if before != (record.state, record.message.clone()) {
+                        self.publish_event(&record).await;
+                    }
+                    return Ok(record);
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(RecordError::Unavailable(e.to_string())),
+            }
+        }
+    }
+
+    /// Publishes the record's current state as an event. A failure is logged, not returned:
+    /// the record is the truth, the event stream its audit trail.
+    pub async fn publish_event(&self, record: &JobRecord) {
+        let event = JobEvent::from(record);
+        let payload = match serde_json::to_vec(&event) {
+            Ok(p) => Bytes::from(p),
+            Err(e) => {
+                tracing::error!(job_id = %record.job_id, error = %e, "Cannot encode job event");
+                return;
+            }
+        };
+        let subject = self.names.event_subject(&record.job_id);
+        for attempt in 1..=3u32 {
+            match self.js.publish(subject.clone(), payload.clone()).await {
+                Ok(ack) => match ack.await {
+                    Ok(_) => return,
+                    Err(e) if attempt == 3 => {
+                        tracing::warn!(job_id = %record.job_id, state = record.state.as_str(), error = %e, "Job event not stored");
+                    }
+                    Err(_) => {}
+                },
+                Err(e) if attempt == 3 => {
+                    tracing::warn!(job_id = %record.job_id, state = record.state.as_str(), error = %e, "Job event not published");
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+        }
+    }
+
+    /// Jobs newest first (job ids sort by creation time), optionally filtered.
+    pub async fn list(
+        &self,
+        kind: Option<JobKind>,
+        state: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, RecordError> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut stream = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| RecordError::Unavailable(e.to_string()))?;
+        while let Some(key) = stream.next().await {
+            keys.push(key.map_err(|e| RecordError::Unavailable(e.to_string()))?);
+        }
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        let mut out = Vec::new();
+        for key in keys.iter().take(MAX_SCAN) {
+            if out.len() >= limit {
+                break;
+            }
+            let Some((record, _)) = self.get(key).await? else {
+                continue;
+            };
+            if kind.is_some_and(|k| k != record.kind) {
+                continue;
+            }
+            if state.is_some_and(|s| s != record.state.as_str()) {
+                continue;
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+fn encode(record: &JobRecord) -> Bytes {
+    // A record is plain data; serializing it cannot fail.
+    Bytes::from(serde_json::to_vec(record).unwrap_or_default())
+}

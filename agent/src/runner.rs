@@ -1,0 +1,714 @@
+//! The runner: pulls jobs from the shared durable consumer and runs them.
+//!
+//! Guarantees, and how they are kept:
+//! - at most `agent.concurrency` jobs per agent: a permit is taken before a message is pulled;
+//! - a long job is not redelivered: in-progress acks every third of `ack_wait`;
+//! - a job whose agent died is redelivered (its acks stop) and its record shows the
+//!   interruption; the handler is told through `JobContext::interrupted`;
+//! - a job never runs twice at once: each attempt leases `job:<id>`; a redelivery that finds
+//!   the lease held waits; an attempt that cannot renew its lease stops;
+//! - a job id runs at most once to an end: a delivery of a settled job is only acknowledged;
+//! - a terminal failure is recorded and published once, then acknowledged, never retried.
+
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::StreamExt;
+use infraflux_handlers::{
+    Handler, HandlerError, Interruption, JobContext, JobEnvelope, LockRequest, Outcome, Progress,
+};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::app::{App, CancelReason, RunningJob};
+use crate::locks::{self, Acquire, Owner};
+use crate::records::{Change, JobRecord, JobState, RecordError};
+use crate::telemetry;
+
+/// How long one pull request waits for a job before asking again.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How often a job waiting for locks tries again.
+const LOCK_RETRY: Duration = Duration::from_millis(500);
+/// A handler gets this long after its token fires before it is dropped.
+const HANDLER_GRACE_EXTRA: Duration = Duration::from_secs(5);
+
+/// Pulls and runs jobs until `stop` fires, then lets running jobs finish within
+/// `agent.shutdown_timeout`; jobs still running then are cancelled and left for redelivery.
+pub async fn run(app: Arc<App>, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(app.config.agent.concurrency));
+    let tracker = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let pulled = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            pulled = pull_one(&app.store.consumer) => pulled,
+        };
+        match pulled {
+            Ok(Some(message)) => {
+                let app = app.clone();
+                tracker.spawn(async move {
+                    run_delivery(app, message).await;
+                    drop(permit);
+                });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "Pull failed; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    tracker.close();
+    let deadline = app.config.agent.shutdown_timeout.get();
+    if tokio::time::timeout(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        let n = app.cancel_all(CancelReason::Shutdown);
+        tracing::warn!(
+            jobs = n,
+            "Shutdown deadline reached; cancelling running jobs for redelivery"
+        );
+        let grace = app.config.agent.kill_grace.get() + HANDLER_GRACE_EXTRA;
+        let _ = tokio::time::timeout(grace, tracker.wait()).await;
+    }
+}
+
+async fn pull_one(
+    consumer: &jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+) -> Result<Option<jetstream::Message>, async_nats::Error> {
+    let mut batch = consumer
+        .batch()
+        .max_messages(1)
+        .expires(PULL_EXPIRES)
+        .messages()
+        .await?;
+    match batch.next().await {
+        Some(Ok(message)) => Ok(Some(message)),
+        Some(Err(e)) => Err(e),
+        None => Ok(None),
+    }
+}
+
+async fn run_delivery(app: Arc<App>, message: jetstream::Message) {
+    let envelope = match serde_json::from_slice::<JobEnvelope>(&message.payload) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(subject = %message.subject, error = %e, "Unreadable job message terminated");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+    let span = tracing::info_span!(
+        "job",
+        job_id = %envelope.job_id,
+        kind = %envelope.kind,
+        delivery = delivered,
+    );
+    if let Some(tp) = &envelope.traceparent {
+        telemetry::set_parent(&span, tp);
+    }
+    let delivery = Delivery {
+        owner: Owner::new(&envelope.job_id, &app.agent_id),
+        app,
+        message: Arc::new(message),
+        envelope,
+        delivered: u32::try_from(delivered).unwrap_or(u32::MAX),
+        job: RunningJob::new(),
+        held: Arc::new(Mutex::new(Vec::new())),
+    };
+    delivery.run().instrument(span).await;
+}
+
+/// One delivery of one job message to this agent.
+struct Delivery {
+    app: Arc<App>,
+    message: Arc<jetstream::Message>,
+    envelope: JobEnvelope,
+    delivered: u32,
+    owner: Owner,
+    job: RunningJob,
+    /// Locks held by this attempt, the job lease first; renewed by the keepalive.
+    held: Arc<Mutex<Vec<LockRequest>>>,
+}
+
+/// How the delivery ends for the queue.
+enum Settle {
+    /// Done with the message: acknowledge it.
+    Ack,
+    /// Give it back, to be delivered again after `delay`.
+    Nak(Option<Duration>),
+    /// Leave it alone (another agent may own the job now).
+    Nothing,
+}
+
+impl Delivery {
+    fn job_id(&self) -> &str {
+        &self.envelope.job_id
+    }
+
+    async fn run(self) {
+        let lease = locks::job_lease(self.job_id());
+        match self.app.locks.try_acquire(&lease, &self.owner).await {
+            Ok(Acquire::Acquired) => {}
+            Ok(Acquire::Busy { holder, .. }) => {
+                tracing::info!(agent = %holder.agent, "Job is still leased by another attempt; delivery deferred");
+                let delay = self.app.locks.ttl() / 2;
+                let _ = self.message.ack_with(AckKind::Nak(Some(delay))).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Job lease unavailable; delivery deferred");
+                let _ = self
+                    .message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+        }
+        self.lock_held().push(lease);
+        if let Ok(mut running) = self.app.running.lock() {
+            running.insert(self.job_id().to_string(), self.job.clone());
+        }
+        self.app.metrics.jobs_running.inc();
+        let keepalive = tokio::spawn(keepalive(
+            self.app.clone(),
+            self.message.clone(),
+            self.owner.clone(),
+            self.held.clone(),
+            self.job.clone(),
+        ));
+
+        let settle = self.execute().await;
+
+        keepalive.abort();
+        match settle {
+            Settle::Ack => {
+                // A confirmed ack: a lost one would only cause a harmless redelivery, but the
+                // confirmation keeps `status` queue depth honest.
+                if self.message.double_ack().await.is_err() {
+                    let _ = self.message.ack().await;
+                }
+            }
+            Settle::Nak(delay) => {
+                let _ = self.message.ack_with(AckKind::Nak(delay)).await;
+            }
+            Settle::Nothing => {}
+        }
+        let held = std::mem::take(&mut *self.lock_held());
+        self.app.locks.release_all(&held, &self.owner).await;
+        if let Ok(mut running) = self.app.running.lock() {
+            running.remove(self.job_id());
+        }
+        self.app.metrics.jobs_running.dec();
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, Vec<LockRequest>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Everything between taking the lease and settling the message.
+    async fn execute(&self) -> Settle {
+        let record = match self.load_record().await {
+            Ok(r) => r,
+            Err(RecordError::Corrupt(id, reason)) => {
+                tracing::error!(job_id = %id, %reason, "Unreadable job record; job terminated");
+                return Settle::Ack;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Job record unavailable; delivery deferred");
+                return Settle::Nak(Some(Duration::from_secs(1)));
+            }
+        };
+        if record.state.is_settled() {
+            tracing::info!(
+                state = record.state.as_str(),
+                "Job already settled; duplicate delivery acknowledged"
+            );
+            return Settle::Ack;
+        }
+        if let Some(by) = record.cancel_requested_by.clone() {
+            return self
+                .finish(
+                    JobState::Cancelled,
+                    format!("cancelled by {by} before it started"),
+                    None,
+                    None,
+                )
+                .await;
+        }
+        let interrupted = if matches!(record.state, JobState::Running | JobState::Waiting) {
+            Some(Interruption {
+                attempt: record.attempts,
+                agent: record.agent.clone(),
+                at: record.updated_at,
+                state: record.state.as_str().to_string(),
+            })
+        } else {
+            None
+        };
+        if let Some(interruption) = &interrupted {
+            let max = self.app.config.agent.max_deliveries;
+            let previous_agent = interruption
+                .agent
+                .clone()
+                .unwrap_or_else(|| "an agent".into());
+            if self.delivered > max {
+                return self
+                    .finish(
+                        JobState::Failed,
+                        format!(
+                            "interrupted {} times (last on {previous_agent}); giving up",
+                            record.interruptions.len() + 1
+                        ),
+                        None,
+                        None,
+                    )
+                    .await;
+            }
+            let me = self.app.agent_id.clone();
+            let interruption = interruption.clone();
+            let written = self
+                .transition(|r| {
+                    r.interruptions.push(interruption.clone());
+                    r.state = JobState::Queued;
+                    r.message = format!(
+                        "attempt {} was interrupted on {previous_agent} (its agent stopped or died); resuming on {me}",
+                        interruption.attempt
+                    );
+                })
+                .await;
+            match written {
+                Ok(r) if r.state.is_terminal() => return Settle::Ack,
+                Ok(_) => {}
+                Err(_) => return Settle::Nak(Some(Duration::from_secs(1))),
+            }
+            tracing::warn!(previous_agent = %previous_agent, "Job was interrupted; running it again");
+        }
+
+        let handler = match self.app.registry.get(self.envelope.kind) {
+            Ok(h) => h,
+            Err(e) => {
+                let message = e.user_message(&record.trace_id);
+                self.app
+                    .metrics
+                    .job_ended(self.envelope.kind.as_str(), "failed");
+                return self.finish(JobState::Failed, message, None, None).await;
+            }
+        };
+
+        if let Some(settle) = self.acquire_locks(handler.as_ref()).await {
+            return settle;
+        }
+
+        let me = self.app.agent_id.clone();
+        let started = self
+            .transition(|r| {
+                r.attempts += 1;
+                r.state = JobState::Running;
+                r.agent = Some(me.clone());
+                r.started_at = Some(Utc::now());
+                r.message = format!("running on {me} (attempt {})", r.attempts);
+            })
+            .await;
+        let record = match started {
+            Ok(r) if r.state.is_terminal() => return Settle::Ack,
+            Ok(r) => r,
+            Err(_) => return Settle::Nak(Some(Duration::from_secs(1))),
+        };
+        self.run_handler(handler, record, interrupted).await
+    }
+
+    /// Returns a settle decision if the job must not go on (cancelled, stopping).
+    async fn acquire_locks(&self, handler: &dyn Handler) -> Option<Settle> {
+        let requests = handler.locks(&self.envelope);
+        if requests.is_empty() {
+            return None;
+        }
+        let waiting_since = Instant::now();
+        let mut announced = false;
+        loop {
+            match self.app.locks.try_acquire_all(&requests, &self.owner).await {
+                Ok(Acquire::Acquired) => {
+                    self.lock_held().extend(requests.iter().cloned());
+                    self.app
+                        .metrics
+                        .lock_wait
+                        .get_or_create(&crate::metrics::KindLabel {
+                            kind: self.envelope.kind.as_str().to_string(),
+                        })
+                        .observe(waiting_since.elapsed().as_secs_f64());
+                    return None;
+                }
+                Ok(Acquire::Busy { resource, holder }) => {
+                    if !announced {
+                        announced = true;
+                        let mode = match requests.iter().find(|r| r.resource == resource) {
+                            Some(r) if r.mode == infraflux_handlers::LockMode::Read => "read",
+                            _ => "write",
+                        };
+                        let message = format!(
+                            "waiting for {mode} lock {resource}, held by job {} on {}",
+                            holder.job_id, holder.agent
+                        );
+                        match self
+                            .transition(|r| {
+                                r.state = JobState::Waiting;
+                                r.message = message.clone();
+                            })
+                            .await
+                        {
+                            Ok(r) if r.state.is_terminal() => return Some(Settle::Ack),
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "Lock store unavailable; still waiting"),
+            }
+            tokio::select! {
+                () = self.job.token.cancelled() => {
+                    return Some(match self.job.reason() {
+                        Some(CancelReason::User) => {
+                            self.finish(JobState::Cancelled, "cancelled while waiting for locks".into(), None, None).await
+                        }
+                        Some(CancelReason::LeaseLost) => Settle::Nothing,
+                        _ => {
+                            // Stopping: put it back as if it had never been picked up.
+                            let _ = self.transition(|r| {
+                                r.state = JobState::Queued;
+                                r.message = "requeued: its agent is stopping".into();
+                            }).await;
+                            Settle::Nak(None)
+                        }
+                    });
+                }
+                () = tokio::time::sleep(LOCK_RETRY) => {}
+            }
+        }
+    }
+
+    async fn run_handler(
+        &self,
+        handler: Arc<dyn Handler>,
+        record: JobRecord,
+        interrupted: Option<Interruption>,
+    ) -> Settle {
+        let kind = self.envelope.kind;
+        let work_dir = self.app.config.agent.state_dir.join(kind.as_str());
+        let ctx = JobContext {
+            job_id: record.job_id.clone(),
+            kind,
+            attempt: record.attempts,
+            interrupted,
+            cancel: self.job.token.clone(),
+            progress: Arc::new(RecordProgress {
+                app: self.app.clone(),
+                job_id: record.job_id.clone(),
+            }),
+            trace_id: record.trace_id.clone(),
+            traceparent: telemetry::traceparent_of(&tracing::Span::current())
+                .or_else(|| self.envelope.traceparent.clone()),
+            agent_id: self.app.agent_id.clone(),
+            work_dir,
+            redactor: self.app.secrets.redactor().clone(),
+            jetstream: Some(self.app.store.js.clone()),
+        };
+        let timeout = handler.timeout();
+        let started = Instant::now();
+        let result = {
+            let mut run = pin!(
+                handler
+                    .run(&ctx, &self.envelope)
+                    .instrument(tracing::info_span!("handler"))
+            );
+            let early = tokio::select! {
+                result = &mut run => Some(result),
+                () = tokio::time::sleep(timeout) => {
+                    self.job.cancel(CancelReason::Timeout);
+                    None
+                }
+                () = self.job.token.cancelled() => None,
+            };
+            match early {
+                Some(result) => result,
+                None => {
+                    let grace = self.app.config.agent.kill_grace.get() + HANDLER_GRACE_EXTRA;
+                    tokio::time::timeout(grace, &mut run)
+                        .await
+                        .unwrap_or(Err(HandlerError::Cancelled))
+                }
+            }
+        };
+        let elapsed = started.elapsed();
+        let reason = self.job.reason();
+        let kind_label = kind.as_str();
+
+        if reason == Some(CancelReason::LeaseLost) {
+            tracing::error!("Job lease lost while running; leaving the job to its new owner");
+            return Settle::Nothing;
+        }
+        if reason == Some(CancelReason::Shutdown) && result.is_err() {
+            let me = self.app.agent_id.clone();
+            let _ = self
+                .transition(|r| {
+                    r.message =
+                        format!("interrupted: {me} is shutting down; the job will be redelivered");
+                })
+                .await;
+            return Settle::Nak(None);
+        }
+        let (state, message, value) = match result {
+            Ok(Outcome::Succeeded { message, result }) => (JobState::Succeeded, message, result),
+            Ok(Outcome::AwaitingApproval { message, result }) => {
+                (JobState::AwaitingApproval, message, result)
+            }
+            Err(_) if reason == Some(CancelReason::User) => {
+                let by = match self.app.records.get(self.job_id()).await {
+                    Ok(Some((r, _))) => r.cancel_requested_by.unwrap_or_else(|| "a user".into()),
+                    _ => "a user".into(),
+                };
+                (
+                    JobState::Cancelled,
+                    format!("cancelled by {by}"),
+                    serde_json::Value::Null,
+                )
+            }
+            Err(_) if reason == Some(CancelReason::Timeout) => (
+                JobState::Failed,
+                format!("timed out after {}", humantime::format_duration(timeout)),
+                serde_json::Value::Null,
+            ),
+            Err(e) if e.is_retryable() && record.attempts < handler.retry_policy().max_attempts => {
+                let delay = handler.retry_policy().backoff(record.attempts + 1);
+                let message = format!(
+                    "attempt {} failed: {}; retrying in {}",
+                    record.attempts,
+                    self.app.secrets.redactor().redact(&e.to_string()),
+                    humantime::format_duration(delay)
+                );
+                self.app.metrics.job_ended(kind_label, "retried");
+                let _ = self
+                    .transition(|r| {
+                        r.state = JobState::Queued;
+                        r.message = message.clone();
+                    })
+                    .await;
+                return Settle::Nak(Some(delay));
+            }
+            Err(HandlerError::Cancelled) => (
+                JobState::Cancelled,
+                "cancelled".into(),
+                serde_json::Value::Null,
+            ),
+            Err(e) => {
+                if let HandlerError::Internal(detail) = &e {
+                    tracing::error!(error = %self.app.secrets.redactor().redact(detail), "Job failed with an internal error");
+                }
+                let message = self
+                    .app
+                    .secrets
+                    .redactor()
+                    .redact(&e.user_message(&record.trace_id));
+                (JobState::Failed, message, serde_json::Value::Null)
+            }
+        };
+        self.app
+            .metrics
+            .job_duration
+            .get_or_create(&crate::metrics::KindLabel {
+                kind: kind_label.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+        self.finish(state, message, Some(value), Some(elapsed.as_secs_f64()))
+            .await
+    }
+
+    /// Writes the job's end (retrying while the store is unreachable) and says how to settle.
+    async fn finish(
+        &self,
+        state: JobState,
+        message: String,
+        result: Option<serde_json::Value>,
+        duration: Option<f64>,
+    ) -> Settle {
+        let message = self.app.secrets.redactor().redact(&message);
+        let mut backoff = Duration::from_millis(200);
+        for _ in 0..8 {
+            let written = self
+                .transition(|r| {
+                    r.state = state;
+                    r.message = message.clone();
+                    r.finished_at = Some(Utc::now());
+                    if let Some(v) = &result {
+                        r.result = v.clone();
+                    }
+                })
+                .await;
+            match written {
+                Ok(record) => {
+                    tracing::info!(state = record.state.as_str(), message = %record.message, "Job ended");
+                    self.app
+                        .metrics
+                        .job_ended(record.kind.as_str(), record.state.as_str());
+                    if record.state == JobState::Succeeded {
+                        self.app
+                            .metrics
+                            .last_success
+                            .get_or_create(&crate::metrics::KindLabel {
+                                kind: record.kind.as_str().to_string(),
+                            })
+                            .set(record.updated_at.timestamp() as f64);
+                    }
+                    self.app.record_last_result(&record, duration).await;
+                    return Settle::Ack;
+                }
+                Err(RecordError::NotFound(_) | RecordError::Corrupt(..)) => return Settle::Ack,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Job end not recorded yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Not acknowledged: the job will be redelivered and seen as interrupted.
+        tracing::error!(
+            state = state.as_str(),
+            "Job end could not be recorded; leaving it for redelivery"
+        );
+        Settle::Nothing
+    }
+
+    /// Applies `change` unless the record already ended (a concurrent `cancel`).
+    async fn transition<F>(&self, mut change: F) -> Result<JobRecord, RecordError>
+    where
+        F: FnMut(&mut JobRecord),
+    {
+        self.app
+            .records
+            .transition(self.job_id(), |r| {
+                if r.state.is_terminal() {
+                    Change::Keep
+                } else {
+                    change(r);
+                    Change::Write
+                }
+            })
+            .await
+    }
+
+    /// The job's record, written from the envelope if ingest could not write it.
+    async fn load_record(&self) -> Result<JobRecord, RecordError> {
+        if let Some((record, _)) = self.app.records.get(self.job_id()).await? {
+            return Ok(record);
+        }
+        let trace_id = self
+            .envelope
+            .traceparent
+            .as_deref()
+            .and_then(telemetry::trace_id_of)
+            .unwrap_or_default();
+        let record = JobRecord::new(&self.envelope, &trace_id);
+        if self.app.records.create(&record).await? {
+            self.app.records.publish_event(&record).await;
+        }
+        self.app
+            .records
+            .get(self.job_id())
+            .await?
+            .map(|(r, _)| r)
+            .ok_or_else(|| RecordError::NotFound(self.job_id().to_string()))
+    }
+}
+
+/// Keeps one delivery alive: in-progress acks so JetStream does not redeliver, lease renewals
+/// so no other agent starts the job, and a look at the record for a `cancel` that the
+/// broadcast may have missed.
+async fn keepalive(
+    app: Arc<App>,
+    message: Arc<jetstream::Message>,
+    owner: Owner,
+    held: Arc<Mutex<Vec<LockRequest>>>,
+    job: RunningJob,
+) {
+    let ack_wait = app.config.agent.ack_wait.get();
+    let ttl = app.locks.ttl();
+    let tick = (ack_wait.min(ttl) / 3).max(Duration::from_millis(200));
+    let mut last_renewed = Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        if let Err(e) = message.ack_with(AckKind::Progress).await {
+            tracing::debug!(error = %e, "In-progress ack failed");
+        }
+        let requests = held.lock().map(|h| h.clone()).unwrap_or_default();
+        match app.locks.renew_all(&requests, &owner).await {
+            Ok(()) => last_renewed = Instant::now(),
+            Err(crate::locks::LockError::Lost(resource)) => {
+                tracing::error!(%resource, "Lease lost; stopping the job");
+                job.cancel(CancelReason::LeaseLost);
+                return;
+            }
+            Err(e) => {
+                // Unreachable store: the lease runs out on the store's side too. Stop before
+                // another agent could take the job over.
+                if last_renewed.elapsed() >= ttl {
+                    tracing::error!(error = %e, "Lease not renewed within its ttl; stopping the job");
+                    job.cancel(CancelReason::LeaseLost);
+                    return;
+                }
+            }
+        }
+        if let Ok(Some((record, _))) = app.records.get(&owner.job_id).await {
+            if record.cancel_requested_by.is_some() && !job.token.is_cancelled() {
+                job.cancel(CancelReason::User);
+            }
+        }
+    }
+}
+
+/// Progress reports become the record's message and a job event.
+struct RecordProgress {
+    app: Arc<App>,
+    job_id: String,
+}
+
+#[async_trait]
+impl Progress for RecordProgress {
+    async fn report(&self, message: &str) {
+        let message = self.app.secrets.redactor().redact(message);
+        let result = self
+            .app
+            .records
+            .transition(&self.job_id, |r| {
+                if r.state.is_terminal() {
+                    Change::Keep
+                } else {
+                    r.message = message.clone();
+                    Change::Write
+                }
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "Progress not recorded");
+        }
+    }
+}

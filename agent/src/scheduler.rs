@@ -1,0 +1,250 @@
+//! `[[schedules]]`: every agent watches every schedule; each fire is submitted with the key
+//! `schedule.<name>.<fire time>`, so N agents give one job.
+//!
+//! Each schedule has a cursor in the state bucket: when an agent first watched it, and the
+//! newest fire any agent submitted. A fire later than the cursor that no agent submitted (all
+//! were down) runs once at start if it is within the catch-up window; older missed fires are
+//! skipped, never run once per missed period. The same rule covers an agent whose sleep
+//! overshot (a suspended host).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use infraflux_handlers::command::{self, Request};
+use infraflux_handlers::{JobEnvelope, Source, new_job_id};
+use infraflux_schedules::CronSchedule;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::app::App;
+use crate::config::ScheduleSection;
+use crate::telemetry;
+
+/// Longest single sleep: wall-clock jumps and DST changes are noticed within this.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cursor {
+    pub watched_since: DateTime<Utc>,
+    #[serde(default)]
+    pub last_fired: Option<DateTime<Utc>>,
+}
+
+/// Runs every schedule until `shutdown` fires.
+pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for section in app.config.schedules.clone() {
+        let schedule = match app.config.parse_schedule(&section) {
+            Ok(s) => s,
+            Err(e) => {
+                // check-config refuses this; reaching here means the config changed under us.
+                tracing::error!(schedule = %section.name, error = %e, "Schedule skipped");
+                continue;
+            }
+        };
+        tasks.spawn(watch(app.clone(), schedule, section, shutdown.clone()));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn cursor_key(name: &str) -> String {
+    format!("schedule.{name}")
+}
+
+async fn watch(
+    app: Arc<App>,
+    schedule: CronSchedule,
+    section: ScheduleSection,
+    shutdown: CancellationToken,
+) {
+    let Some(cursor) = load_cursor(&app, schedule.name(), &shutdown).await else {
+        return;
+    };
+    let mut handled = cursor
+        .last_fired
+        .map_or(cursor.watched_since, |l| l.max(cursor.watched_since));
+    loop {
+        let now = Utc::now();
+        if let Some(latest) = schedule.latest_at_or_before(now).filter(|f| *f > handled) {
+            // Jitter delays the submission, not the fire's identity (the dedup key).
+            let jitter =
+                chrono::Duration::from_std(schedule.jitter_for(latest)).unwrap_or_default();
+            if now < latest + jitter {
+                if !sleep_until(latest + jitter, &shutdown).await {
+                    return;
+                }
+                continue;
+            }
+            if schedule.catch_up(now, handled, None).is_some() {
+                let late = now - latest > jitter + chrono::Duration::seconds(5);
+                fire(&app, &schedule, &section, latest, late, &shutdown).await;
+            } else {
+                tracing::warn!(
+                    schedule = %schedule.name(),
+                    fire = %latest.to_rfc3339(),
+                    "Missed fire is older than the catch-up window; skipped"
+                );
+            }
+            handled = latest;
+            continue;
+        }
+        let Some(next) = schedule.next_after(now) else {
+            tracing::info!(schedule = %schedule.name(), "Schedule has no more fires");
+            return;
+        };
+        if !sleep_until(next, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Sleeps until `at` (at most [`MAX_SLEEP`] at once); `false` if shut down meanwhile.
+async fn sleep_until(at: DateTime<Utc>, shutdown: &CancellationToken) -> bool {
+    let wait = (at - Utc::now())
+        .to_std()
+        .unwrap_or_default()
+        .min(MAX_SLEEP);
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(wait) => true,
+    }
+}
+
+async fn load_cursor(app: &App, name: &str, shutdown: &CancellationToken) -> Option<Cursor> {
+    let key = cursor_key(name);
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let fresh = Cursor {
+            watched_since: Utc::now(),
+            last_fired: None,
+        };
+        match app
+            .store
+            .state
+            .create(
+                &key,
+                Bytes::from(serde_json::to_vec(&fresh).unwrap_or_default()),
+            )
+            .await
+        {
+            Ok(_) => return Some(fresh),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                match app.store.state.get(&key).await {
+                    Ok(Some(bytes)) => {
+                        if let Ok(cursor) = serde_json::from_slice::<Cursor>(&bytes) {
+                            return Some(cursor);
+                        }
+                        tracing::warn!(schedule = %name, "Unreadable schedule cursor replaced");
+                        let _ = app.store.state.delete(&key).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(schedule = %name, error = %e, "Schedule cursor unavailable")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(schedule = %name, error = %e, "Schedule cursor unavailable"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Submits one fire, retrying while the store is unreachable (but not past the next fire).
+async fn fire(
+    app: &App,
+    schedule: &CronSchedule,
+    section: &ScheduleSection,
+    at: DateTime<Utc>,
+    late: bool,
+    shutdown: &CancellationToken,
+) {
+    let (kind, mut params) = match command::parse(&section.command) {
+        Ok(Request::Submit { kind, params }) => (kind, params),
+        other => {
+            tracing::error!(schedule = %schedule.name(), result = ?other, "Schedule command does not start a job");
+            return;
+        }
+    };
+    params.insert("schedule".into(), json!(schedule.name()));
+    params.insert("fire_time".into(), json!(at.to_rfc3339()));
+    if late {
+        params.insert("catch_up".into(), json!(true));
+    }
+    let span =
+        tracing::info_span!("schedule", schedule = %schedule.name(), fire = %at.to_rfc3339());
+    let envelope = JobEnvelope {
+        job_id: new_job_id(),
+        kind,
+        params,
+        source: Source::Schedule,
+        requested_by: format!("schedule:{}", schedule.name()),
+        idempotency_key: schedule.fire_key(at),
+        traceparent: Some(span.in_scope(telemetry::current_traceparent)),
+        commit: None,
+        created_at: Utc::now(),
+    };
+    let give_up = schedule
+        .next_after(at)
+        .unwrap_or(at + chrono::Duration::hours(1));
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match app
+            .ingest
+            .submit(envelope.clone())
+            .instrument(span.clone())
+            .await
+        {
+            Ok(submitted) => {
+                tracing::info!(schedule = %schedule.name(), job_id = %submitted.job_id(), late, "Schedule fired");
+                advance_cursor(app, schedule.name(), at).await;
+                return;
+            }
+            Err(e) if Utc::now() < give_up => {
+                tracing::warn!(schedule = %schedule.name(), error = %e, "Schedule fire not stored yet; retrying");
+            }
+            Err(e) => {
+                tracing::error!(schedule = %schedule.name(), error = %e, "Schedule fire lost: the store was unreachable until the next fire");
+                return;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn advance_cursor(app: &App, name: &str, fired: DateTime<Utc>) {
+    let key = cursor_key(name);
+    for _ in 0..10 {
+        let Ok(Some(entry)) = app.store.state.entry(&key).await else {
+            return;
+        };
+        let Ok(mut cursor) = serde_json::from_slice::<Cursor>(&entry.value) else {
+            return;
+        };
+        if cursor.last_fired.is_some_and(|l| l >= fired) {
+            return;
+        }
+        cursor.last_fired = Some(fired);
+        let value = Bytes::from(serde_json::to_vec(&cursor).unwrap_or_default());
+        match app.store.state.update(&key, value, entry.revision).await {
+            Ok(_) => return,
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => {
+                tracing::warn!(schedule = %name, error = %e, "Schedule cursor not advanced");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! NATS JetStream as the durable queue and the state store.
+//!
+//! At start the agent creates or updates, idempotently: a work-queue stream for jobs, a limits
+//! stream for job events (the audit trail), and KV buckets for job records, locks, dedup keys,
+//! agent presence and small state (schedule cursors, last result per kind).
+//!
+//! Everything here works with nats-server 2.9: KV buckets are created as plain streams with the
+//! KV conventions, because async-nats' `create_key_value` asks for account info first, which
+//! fails against 2.9.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::{Client, ConnectOptions};
+use infraflux_handlers::JobKind;
+use infraflux_handlers::secret::Secrets;
+
+use crate::config::{Config, NatsSection};
+
+/// How long one JetStream request may take before the store counts as unreachable.
+pub const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Agent presence entries expire this long after their last heartbeat.
+pub const PRESENCE_TTL: Duration = Duration::from_secs(20);
+/// Every agent heartbeats this often.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("cannot set up {what}: {reason}")]
+    Setup { what: String, reason: String },
+}
+
+/// Subject, stream and bucket names, all derived from the subject prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub prefix: String,
+    pub jobs_stream: String,
+    pub events_stream: String,
+    pub consumer: String,
+    pub bucket_records: String,
+    pub bucket_locks: String,
+    pub bucket_dedup: String,
+    pub bucket_agents: String,
+    pub bucket_state: String,
+    pub queue_group: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        let upper: String = prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let lower = upper.to_ascii_lowercase();
+        Self {
+            prefix: prefix.to_string(),
+            jobs_stream: format!("{upper}_JOBS"),
+            events_stream: format!("{upper}_EVENTS"),
+            consumer: "runner".to_string(),
+            bucket_records: format!("{lower}-jobs"),
+            bucket_locks: format!("{lower}-locks"),
+            bucket_dedup: format!("{lower}-dedup"),
+            bucket_agents: format!("{lower}-agents"),
+            bucket_state: format!("{lower}-state"),
+            queue_group: format!("{lower}-agents"),
+        }
+    }
+
+    pub fn job_subject(&self, kind: JobKind) -> String {
+        format!("{}.jobs.{}", self.prefix, kind.as_str())
+    }
+
+    pub fn jobs_wildcard(&self) -> String {
+        format!("{}.jobs.>", self.prefix)
+    }
+
+    pub fn event_subject(&self, job_id: &str) -> String {
+        format!("{}.events.job.{job_id}", self.prefix)
+    }
+
+    pub fn events_wildcard(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+
+    pub fn cmd_subject(&self, verb: &str) -> String {
+        format!("{}.cmd.{verb}", self.prefix)
+    }
+
+    pub fn github_subject(&self, event: &str) -> String {
+        format!("{}.github.{event}", self.prefix)
+    }
+
+    /// Broadcast (no queue group): every agent hears every cancel and acts if it runs the job.
+    pub fn cancel_subject(&self) -> String {
+        format!("{}.internal.cancel", self.prefix)
+    }
+}
+
+/// Handles on everything the agent keeps in NATS.
+#[derive(Clone)]
+pub struct Store {
+    pub client: Client,
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub jobs: stream::Stream,
+    pub consumer: consumer::Consumer<consumer::pull::Config>,
+    pub records: kv::Store,
+    pub locks: kv::Store,
+    pub dedup: kv::Store,
+    pub agents: kv::Store,
+    pub state: kv::Store,
+}
+
+/// Connects with the configured credentials and TLS, reconnecting forever with backoff.
+/// The connection is made in the background: the agent starts (and answers `/readyz` with 503)
+/// while NATS is still unreachable.
+pub async fn connect(
+    nats: &NatsSection,
+    secrets: &Secrets,
+    name: &str,
+) -> Result<Client, StoreError> {
+    let mut options = ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(JETSTREAM_TIMEOUT))
+        .reconnect_delay_callback(reconnect_delay);
+    let err = |reason: String| StoreError::Connect {
+        url: nats.url.clone(),
+        reason,
+    };
+    if let Some(creds) = secrets.get("nats.creds") {
+        options = options.credentials(creds.expose()).map_err(|e| {
+            err(format!(
+                "nats.creds is not a valid .creds file ({})",
+                e.kind()
+            ))
+        })?;
+    }
+    if let Some(seed) = secrets.get("nats.nkey") {
+        options = options.nkey(seed.expose().trim().to_string());
+    }
+    if let Some(token) = secrets.get("nats.token") {
+        options = options.token(token.expose().to_string());
+    }
+    if let (Some(user), Some(password)) = (&nats.user, secrets.get("nats.password")) {
+        options = options.user_and_password(user.clone(), password.expose().to_string());
+    }
+    if let Some(ca) = &nats.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&nats.tls_cert, &nats.tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if nats.tls_required {
+        options = options.require_tls(true);
+    }
+    let servers: Vec<async_nats::ServerAddr> = nats
+        .url
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    options
+        .connect(servers)
+        .await
+        .map_err(|e| err(e.to_string()))
+}
+
+/// Exponential backoff from 100 ms to 5 s between reconnect attempts.
+fn reconnect_delay(attempts: usize) -> Duration {
+    let exp = u32::try_from(attempts.min(6)).unwrap_or(6);
+    Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(5))
+}
+
+/// Creates or updates every stream, bucket and the runner's consumer. Idempotent: every agent
+/// runs it at every start, and a changed setting (a longer event retention) is applied.
+pub async fn bootstrap(client: Client, config: &Config) -> Result<Store, StoreError> {
+    let mut js = jetstream::new(client.clone());
+    js.set_timeout(JETSTREAM_TIMEOUT);
+    let names = Names::new(&config.nats.subject_prefix);
+    let replicas = config.nats.replicas;
+
+    let jobs = ensure_stream(
+        &js,
+        stream::Config {
+            name: names.jobs_stream.clone(),
+            description: Some("infraflux jobs: work queue, one message per queued job".into()),
+            subjects: vec![names.jobs_wildcard()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            // A second line of defence only: the dedup bucket remembers for days.
+            duplicate_window: Duration::from_secs(600),
+            ..Default::default()
+        },
+    )
+    .await?;
+    ensure_stream(
+        &js,
+        stream::Config {
+            name: names.events_stream.clone(),
+            description: Some("infraflux job events: the audit trail".into()),
+            subjects: vec![names.events_wildcard()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_age: config.nats.events_max_age.get(),
+            ..Default::default()
+        },
+    )
+    .await?;
+
+    let records = ensure_bucket(
+        &js,
+        &names.bucket_records,
+        "infraflux job records",
+        1,
+        config.nats.records_max_age.get(),
+        replicas,
+    )
+    .await?;
+    let locks = ensure_bucket(
+        &js,
+        &names.bucket_locks,
+        "infraflux locks and job leases",
+        1,
+        Duration::ZERO,
+        replicas,
+    )
+    .await?;
+    let dedup = ensure_bucket(
+        &js,
+        &names.bucket_dedup,
+        "infraflux idempotency keys: deliveries, commits, schedule fires",
+        1,
+        config.nats.dedup_window.get(),
+        replicas,
+    )
+    .await?;
+    let agents = ensure_bucket(
+        &js,
+        &names.bucket_agents,
+        "infraflux agents alive",
+        1,
+        PRESENCE_TTL,
+        replicas,
+    )
+    .await?;
+    let state = ensure_bucket(
+        &js,
+        &names.bucket_state,
+        "infraflux state: schedule cursors, last result per kind",
+        1,
+        Duration::ZERO,
+        replicas,
+    )
+    .await?;
+
+    let ack_wait = config.agent.ack_wait.get();
+    let consumer_config = consumer::pull::Config {
+        durable_name: Some(names.consumer.clone()),
+        description: Some("infraflux runner, shared by every agent".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        // Redelivery is bounded by the runner (agent.max_deliveries), which records why it
+        // gave up; a server-side limit would drop the message silently.
+        max_deliver: -1,
+        max_ack_pending: 10_000,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    // nats-server 2.9 treats a create of an existing durable as an update of the fields it
+    // allows to change (ack_wait among them), so this is idempotent.
+    let consumer = jobs
+        .create_consumer(consumer_config)
+        .await
+        .map_err(|e| setup(&format!("consumer {}", names.consumer), e.to_string()))?;
+
+    Ok(Store {
+        client,
+        js,
+        names,
+        jobs,
+        consumer,
+        records,
+        locks,
+        dedup,
+        agents,
+        state,
+    })
+}
+
+fn setup(what: &str, reason: impl Into<String>) -> StoreError {
+    StoreError::Setup {
+        what: what.to_string(),
+        reason: reason.into(),
+    }
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, StoreError> {
+    let name = config.name.clone();
+    match js.get_stream(&name).await {
+        Ok(_) => {
+            js.update_stream(config)
+                .await
+                .map_err(|e| setup(&format!("stream {name}"), e.to_string()))?;
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            js.create_stream(config)
+                .await
+                .map_err(|e| setup(&format!("stream {name}"), e.to_string()))?;
+        }
+        Err(e) => return Err(setup(&format!("stream {name}"), e.to_string())),
+    }
+    js.get_stream(&name)
+        .await
+        .map_err(|e| setup(&format!("stream {name}"), e.to_string()))
+}
+
+/// A KV bucket, created as its backing stream with the KV conventions.
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    history: i64,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, StoreError> {
+    ensure_stream(
+        js,
+        stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some(description.to_string()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: history,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: if max_age > Duration::ZERO && max_age < Duration::from_secs(120) {
+                max_age
+            } else {
+                Duration::from_secs(120)
+            },
+            ..Default::default()
+        },
+    )
+    .await?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| setup(&format!("bucket {bucket}"), e.to_string()))
+}
+
+/// Makes any string a valid KV key: kept as is when it already is one, else hashed.
+pub fn kv_key(raw: &str) -> String {
+    let valid = !raw.is_empty()
+        && raw.len() <= 200
+        && !raw.starts_with('.')
+        && !raw.ends_with('.')
+        && !raw.contains("..")
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '/' | '_' | '=' | '.'));
+    if valid {
+        raw.to_string()
+    } else {
+        use sha2::Digest;
+        format!(
+            "sha256.{}",
+            hex::encode(sha2::Sha256::digest(raw.as_bytes()))
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let n = Names::new("infraflux");
+        assert_eq!(n.jobs_stream, "INFRAFLUX_JOBS");
+        assert_eq!(n.bucket_records, "infraflux-jobs");
+        assert_eq!(n.cmd_subject("backup"), "infraflux.cmd.backup");
+        assert_eq!(n.event_subject("abc"), "infraflux.events.job.abc");
+        let n = Names::new("lab.a-b");
+        assert_eq!(n.jobs_stream, "LAB_A_B_JOBS");
+        assert_eq!(n.bucket_locks, "lab_a_b-locks");
+    }
+
+    #[test]
+    fn kv_keys_are_always_valid() {
+        assert_eq!(
+            kv_key("reconcile.owner/infra.abc123"),
+            "reconcile.owner/infra.abc123"
+        );
+        let hashed = kv_key("cmd.some id with spaces");
+        assert!(hashed.starts_with("sha256."));
+        assert_eq!(hashed, kv_key("cmd.some id with spaces"));
+        assert!(kv_key("a..b").starts_with("sha256."));
+    }
+}

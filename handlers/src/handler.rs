@@ -1,0 +1,250 @@
+//! The handler contract: what the runner needs to know about a job kind, and what a handler
+//! gets to do its work.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::JobEnvelope;
+use crate::kind::JobKind;
+use crate::secret::Redactor;
+
+/// Read locks share a resource; a write lock excludes everyone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    Read,
+    Write,
+}
+
+/// A resource a job needs, such as `terraform:prod` or `cluster:prod`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LockRequest {
+    pub resource: String,
+    pub mode: LockMode,
+}
+
+impl LockRequest {
+    pub fn read(resource: impl Into<String>) -> Self {
+        Self {
+            resource: resource.into(),
+            mode: LockMode::Read,
+        }
+    }
+
+    pub fn write(resource: impl Into<String>) -> Self {
+        Self {
+            resource: resource.into(),
+            mode: LockMode::Write,
+        }
+    }
+}
+
+/// How often a retryable failure is tried again, and how long to wait in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Total attempts, the first included. 1 means "never retry".
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    pub const fn never() -> Self {
+        Self {
+            max_attempts: 1,
+            initial_backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+        }
+    }
+
+    pub const fn exponential(max_attempts: u32, initial: Duration, max: Duration) -> Self {
+        Self {
+            max_attempts,
+            initial_backoff: initial,
+            max_backoff: max,
+        }
+    }
+
+    /// The wait before attempt `next_attempt` (2 for the first retry): doubling, capped.
+    pub fn backoff(&self, next_attempt: u32) -> Duration {
+        let exp = next_attempt.saturating_sub(2).min(20);
+        self.initial_backoff
+            .saturating_mul(1u32 << exp)
+            .min(self.max_backoff)
+    }
+}
+
+/// The previous attempt of this job ended without a result: its agent died or stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interruption {
+    pub attempt: u32,
+    pub agent: Option<String>,
+    pub at: DateTime<Utc>,
+    /// The state the job was in: `running` or `waiting`.
+    pub state: String,
+}
+
+/// Where a handler reports progress; each report becomes a job event and updates the record's
+/// message.
+#[async_trait]
+pub trait Progress: Send + Sync {
+    async fn report(&self, message: &str);
+}
+
+/// What a handler gets besides its job.
+#[derive(Clone)]
+pub struct JobContext {
+    pub job_id: String,
+    pub kind: JobKind,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Set when an earlier attempt was interrupted: resume or clean up before starting over.
+    pub interrupted: Option<Interruption>,
+    /// Triggered by `cancel`, a timeout, or agent shutdown. Long steps must watch it.
+    pub cancel: CancellationToken,
+    pub progress: Arc<dyn Progress>,
+    pub trace_id: String,
+    pub traceparent: Option<String>,
+    pub agent_id: String,
+    /// A directory for this kind's working files, under the agent's state_dir.
+    pub work_dir: PathBuf,
+    /// Scrubs secret values from anything the handler sends out.
+    pub redactor: Redactor,
+    /// JetStream, for handlers that store artifacts (plans) or read state.
+    pub jetstream: Option<async_nats::jetstream::Context>,
+}
+
+/// How a job ended well.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded {
+        message: String,
+        result: Value,
+    },
+    /// A plan with changes: the job stops here until `apply <job-id>`.
+    AwaitingApproval {
+        message: String,
+        result: Value,
+    },
+}
+
+impl Outcome {
+    pub fn succeeded(message: impl Into<String>) -> Self {
+        Outcome::Succeeded {
+            message: message.into(),
+            result: Value::Null,
+        }
+    }
+}
+
+/// How a job ended badly. User-visible failures carry a message meant for the requester;
+/// internal ones are logged in full and shown only as "internal error" with the trace id.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error("{kind} is not configured: the [{section}] section of the agent config is absent")]
+    NotConfigured {
+        kind: JobKind,
+        section: &'static str,
+    },
+    #[error("{0} is not available yet in this version of infraflux-agent")]
+    NotAvailable(JobKind),
+    #[error("{0}")]
+    Failed(String),
+    /// Worth trying again (a network error, a busy API); the runner backs off and retries
+    /// within the kind's [`RetryPolicy`].
+    #[error("{0}")]
+    Retryable(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl HandlerError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, HandlerError::Retryable(_))
+    }
+
+    /// What the requester sees. Internal detail stays in the logs and the trace.
+    pub fn user_message(&self, trace_id: &str) -> String {
+        match self {
+            HandlerError::Internal(_) => {
+                format!("internal error; see the agent's logs for trace {trace_id}")
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// A bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            HandlerError::NotConfigured { .. } => "not_configured",
+            HandlerError::NotAvailable(_) => "not_available",
+            HandlerError::Failed(_) => "failed",
+            HandlerError::Retryable(_) => "retryable",
+            HandlerError::Cancelled => "cancelled",
+            HandlerError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// A job kind's implementation.
+///
+/// Adding a kind: add it to [`JobKind`], give it a verb in [`crate::command::VERBS`], write a
+/// module with its config section and a type implementing this trait, and register it in
+/// [`crate::registry::Registry::from_sections`]. The registry tests then check that the kind
+/// resolves from the command language and the config.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    fn kind(&self) -> JobKind;
+
+    /// The resources this job needs; the runner holds them all for the whole run, and a job
+    /// whose locks are held waits (state `waiting`) instead of failing.
+    fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {
+        Vec::new()
+    }
+
+    /// After this long the job is cancelled and fails with a timeout.
+    fn timeout(&self) -> Duration;
+
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::never()
+    }
+
+    async fn run(&self, ctx: &JobContext, job: &JobEnvelope) -> Result<Outcome, HandlerError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = RetryPolicy::exponential(5, Duration::from_secs(2), Duration::from_secs(10));
+        assert_eq!(p.backoff(2), Duration::from_secs(2));
+        assert_eq!(p.backoff(3), Duration::from_secs(4));
+        assert_eq!(p.backoff(4), Duration::from_secs(8));
+        assert_eq!(p.backoff(5), Duration::from_secs(10));
+        assert_eq!(p.backoff(60), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn internal_detail_is_not_user_visible() {
+        let e = HandlerError::Internal("db password mismatch at 10.0.0.5".into());
+        let shown = e.user_message("abc123");
+        assert!(!shown.contains("10.0.0.5"));
+        assert!(shown.contains("abc123"));
+        let e = HandlerError::NotConfigured {
+            kind: JobKind::Backup,
+            section: "backup",
+        };
+        assert!(e.user_message("t").contains("[backup]"));
+    }
+}

@@ -1,0 +1,168 @@
+//! The registry: one handler per job kind, or the reason there is none.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::handler::{Handler, HandlerError};
+use crate::kind::JobKind;
+use crate::unavailable::Unavailable;
+use crate::{acceptance, backup, clients, etcd_snapshot, reconcile, restore_drill, upgrade};
+
+/// Every handler section of the config. A section that is absent disables its kind.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerConfigs {
+    pub kubernetes: Option<clients::KubernetesConfig>,
+    pub talos: Option<clients::TalosConfig>,
+    pub s3: Option<clients::S3Config>,
+    pub reconcile: Option<reconcile::Config>,
+    pub backup: Option<backup::Config>,
+    pub etcd_snapshot: Option<etcd_snapshot::Config>,
+    pub restore_drill: Option<restore_drill::Config>,
+    pub upgrade: Option<upgrade::Config>,
+    pub acceptance: Option<acceptance::Config>,
+}
+
+impl HandlerConfigs {
+    /// Whether the section that enables `kind` is present.
+    pub fn enables(&self, kind: JobKind) -> bool {
+        match kind {
+            JobKind::Reconcile | JobKind::Apply => self.reconcile.is_some(),
+            JobKind::Backup => self.backup.is_some(),
+            JobKind::EtcdSnapshot => self.etcd_snapshot.is_some(),
+            JobKind::RestoreDrill => self.restore_drill.is_some(),
+            JobKind::Upgrade => self.upgrade.is_some(),
+            JobKind::Acceptance => self.acceptance.is_some(),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Slot {
+    Enabled(Arc<dyn Handler>),
+    Disabled,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    slots: BTreeMap<JobKind, Slot>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let enabled: Vec<_> = self.enabled_kinds().iter().map(|k| k.as_str()).collect();
+        write!(f, "Registry(enabled: {enabled:?})")
+    }
+}
+
+impl Registry {
+    /// Every kind disabled.
+    pub fn empty() -> Self {
+        Self {
+            slots: JobKind::ALL.iter().map(|k| (*k, Slot::Disabled)).collect(),
+        }
+    }
+
+    /// The product's handlers for the sections that are present.
+    pub fn from_sections(configs: &HandlerConfigs) -> Self {
+        let mut registry = Self::empty();
+        for kind in JobKind::ALL {
+            if configs.enables(kind) {
+                // Kinds whose implementation lands in a later release fail honestly.
+                registry.register(Arc::new(Unavailable { kind }));
+            }
+        }
+        registry
+    }
+
+    /// Adds or replaces the handler of its kind (tests and embedders use this).
+    pub fn register(&mut self, handler: Arc<dyn Handler>) {
+        self.slots.insert(handler.kind(), Slot::Enabled(handler));
+    }
+
+    pub fn get(&self, kind: JobKind) -> Result<Arc<dyn Handler>, HandlerError> {
+        match self.slots.get(&kind) {
+            Some(Slot::Enabled(h)) => Ok(h.clone()),
+            _ => Err(HandlerError::NotConfigured {
+                kind,
+                section: kind.config_section(),
+            }),
+        }
+    }
+
+    pub fn is_enabled(&self, kind: JobKind) -> bool {
+        matches!(self.slots.get(&kind), Some(Slot::Enabled(_)))
+    }
+
+    pub fn enabled_kinds(&self) -> Vec<JobKind> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Enabled(_)))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{self, Request, VERBS};
+    use crate::settings::HumanDuration;
+
+    fn all_sections() -> HandlerConfigs {
+        HandlerConfigs {
+            restore_drill: Some(restore_drill::Config {
+                timeout: HumanDuration::from_secs(1),
+            }),
+            upgrade: Some(upgrade::Config {
+                timeout: HumanDuration::from_secs(1),
+            }),
+            acceptance: Some(acceptance::Config {
+                timeout: HumanDuration::from_secs(1),
+            }),
+            backup: Some(serde_json::from_str("{}").expect("backup defaults")),
+            etcd_snapshot: Some(
+                serde_json::from_str(r#"{"bucket":"b"}"#).expect("etcd_snapshot defaults"),
+            ),
+            reconcile: Some(
+                serde_json::from_str(r#"{"repo_url":"file:///r","workdir":"tf","env":"prod"}"#)
+                    .expect("reconcile"),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_kind_resolves_from_its_verb_and_its_section() {
+        let registry = Registry::from_sections(&all_sections());
+        for kind in JobKind::ALL {
+            let handler = registry.get(kind).expect("enabled");
+            assert_eq!(handler.kind(), kind);
+        }
+        // Every job verb parses to a kind that the registry knows.
+        for verb in VERBS.iter().filter(|v| v.kind.is_some()) {
+            let example = match verb.name {
+                "apply" => "apply 01jd0000000000000000000000".to_string(),
+                "upgrade" => "upgrade talos v1.13.0".to_string(),
+                other => other.to_string(),
+            };
+            match command::parse(&example).expect(&example) {
+                Request::Submit { kind, .. } => {
+                    assert_eq!(Some(kind), verb.kind);
+                    assert!(registry.is_enabled(kind));
+                }
+                other => panic!("{example} -> {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_absent_section_disables_its_kind_with_a_message() {
+        let registry = Registry::from_sections(&HandlerConfigs::default());
+        for kind in JobKind::ALL {
+            let err = registry.get(kind).err().expect("disabled");
+            let msg = err.to_string();
+            assert!(msg.contains(kind.config_section()), "{msg}");
+            assert!(msg.contains("not configured"), "{msg}");
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Secret references and resolved secrets.
+//!
+//! A config value that holds a secret is a reference (`env:NAME`, `file:/path`, `cred:NAME`,
+//! `op://vault/item/field`), resolved once at start. The resolved [`Secret`] never prints: its
+//! `Debug` is redacted, it has no `Display` and no `Serialize`, so it cannot reach a log line, a
+//! reply or a record by accident. [`Redactor`] scrubs every resolved value from text that must
+//! leave the process (child output, error messages).
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Deserializer};
+
+/// Where a secret comes from, as written in the config. Printing a reference is safe: it names
+/// the source, never the value, except for a literal, whose `Debug` is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Env(String),
+    File(String),
+    Credential(String),
+    OnePassword(String),
+    /// A literal value in the config file. Accepted, with a warning from `check-config`.
+    Literal(String),
+}
+
+impl SecretRef {
+    pub fn parse(raw: &str) -> SecretRef {
+        if let Some(name) = raw.strip_prefix("env:") {
+            SecretRef::Env(name.to_string())
+        } else if let Some(path) = raw.strip_prefix("file:") {
+            SecretRef::File(path.to_string())
+        } else if let Some(name) = raw.strip_prefix("cred:") {
+            SecretRef::Credential(name.to_string())
+        } else if raw.starts_with("op://") {
+            SecretRef::OnePassword(raw.to_string())
+        } else {
+            SecretRef::Literal(raw.to_string())
+        }
+    }
+
+    pub fn is_literal(&self) -> bool {
+        matches!(self, SecretRef::Literal(_))
+    }
+
+    /// A description that is safe to print: the reference itself, or "a literal value".
+    pub fn describe(&self) -> String {
+        match self {
+            SecretRef::Env(n) => format!("env:{n}"),
+            SecretRef::File(p) => format!("file:{p}"),
+            SecretRef::Credential(n) => format!("cred:{n}"),
+            SecretRef::OnePassword(r) => r.clone(),
+            SecretRef::Literal(_) => "a literal value".to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretRef({})", self.describe())
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        Ok(SecretRef::parse(&raw))
+    }
+}
+
+/// One secret reference or several (webhook secrets during rotation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretRefs(pub Vec<SecretRef>);
+
+impl<'de> Deserialize<'de> for SecretRefs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(s) => SecretRefs(vec![SecretRef::parse(&s)]),
+            OneOrMany::Many(v) => SecretRefs(v.iter().map(|s| SecretRef::parse(s)).collect()),
+        })
+    }
+}
+
+/// A resolved secret value.
+#[derive(Clone)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(Arc::from(value.into()))
+    }
+
+    /// The value, for handing to the one place that needs it (an HMAC key, a child's env).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Replaces every known secret value in text with `[REDACTED]`.
+#[derive(Clone, Default)]
+pub struct Redactor {
+    values: Arc<RwLock<Vec<Secret>>>,
+}
+
+impl fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.values.read().map(|v| v.len()).unwrap_or(0);
+        write!(f, "Redactor({n} values)")
+    }
+}
+
+/// Values shorter than this are not scrubbed: replacing "a" or "1" everywhere would destroy
+/// output without protecting anything real.
+const MIN_REDACTED_LEN: usize = 4;
+
+impl Redactor {
+    pub fn register(&self, secret: &Secret) {
+        if secret.expose().len() < MIN_REDACTED_LEN {
+            return;
+        }
+        if let Ok(mut values) = self.values.write() {
+            if !values.iter().any(|v| v.expose() == secret.expose()) {
+                values.push(secret.clone());
+                // Longest first, so a secret that contains another is replaced whole.
+                values.sort_by_key(|v| std::cmp::Reverse(v.expose().len()));
+            }
+        }
+    }
+
+    pub fn redact(&self, text: &str) -> String {
+        let Ok(values) = self.values.read() else {
+            return "[REDACTED: redactor unavailable]".to_string();
+        };
+        let mut out = text.to_string();
+        for v in values.iter() {
+            if out.contains(v.expose()) {
+                out = out.replace(v.expose(), "[REDACTED]");
+            }
+        }
+        out
+    }
+}
+
+/// Every resolved secret, by the config key that referenced it (`github.token`,
+/// `reconcile.env_vars.AWS_ACCESS_KEY_ID`). Every value is also registered with the redactor.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    by_key: std::collections::BTreeMap<String, Secret>,
+    redactor: Redactor,
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.by_key.keys()).finish()
+    }
+}
+
+impl Secrets {
+    pub fn insert(&mut self, key: impl Into<String>, secret: Secret) {
+        self.redactor.register(&secret);
+        self.by_key.insert(key.into(), secret);
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Secret> {
+        self.by_key.get(key)
+    }
+
+    /// Every secret whose key starts with `prefix` (a list such as `github.webhook_secret.0`,
+    /// `github.webhook_secret.1`), in key order.
+    pub fn with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Secret)> {
+        self.by_key
+            .range(prefix.to_string()..)
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_by_prefix() {
+        assert_eq!(
+            SecretRef::parse("env:TOKEN"),
+            SecretRef::Env("TOKEN".into())
+        );
+        assert_eq!(
+            SecretRef::parse("file:/a/b"),
+            SecretRef::File("/a/b".into())
+        );
+        assert_eq!(
+            SecretRef::parse("cred:gh"),
+            SecretRef::Credential("gh".into())
+        );
+        assert_eq!(
+            SecretRef::parse("op://v/i/f"),
+            SecretRef::OnePassword("op://v/i/f".into())
+        );
+        assert!(SecretRef::parse("hunter22").is_literal());
+    }
+
+    #[test]
+    fn nothing_prints_a_value() {
+        let lit = SecretRef::parse("hunter22");
+        assert!(!format!("{lit:?}").contains("hunter22"));
+        assert!(!lit.describe().contains("hunter22"));
+        let s = Secret::new("hunter22");
+        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn redactor_scrubs_longest_first_and_skips_tiny_values() {
+        let r = Redactor::default();
+        r.register(&Secret::new("abcd"));
+        r.register(&Secret::new("abcdefgh"));
+        r.register(&Secret::new("x"));
+        assert_eq!(
+            r.redact("k=abcdefgh j=abcd x"),
+            "k=[REDACTED] j=[REDACTED] x"
+        );
+    }
+
+    #[test]
+    fn one_or_many_refs() {
+        let one: SecretRefs = serde_json::from_str("\"env:A\"").expect("one");
+        assert_eq!(one.0, vec![SecretRef::Env("A".into())]);
+        let many: SecretRefs = serde_json::from_str("[\"env:A\",\"file:/b\"]").expect("many");
+        assert_eq!(many.0.len(), 2);
+    }
+}
