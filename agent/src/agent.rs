@@ -239,15 +239,14 @@ async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
             concurrency: app.config.agent.concurrency,
             running: app.running_ids(),
         };
-        if let Ok(bytes) = serde_json::to_vec(&presence) {
-            if let Err(e) = app
+        if let Ok(bytes) = serde_json::to_vec(&presence)
+            && let Err(e) = app
                 .store
                 .agents
                 .put(&app.agent_id, Bytes::from(bytes))
                 .await
-            {
-                tracing::debug!(error = %e, "Heartbeat not stored");
-            }
+        {
+            tracing::debug!(error = %e, "Heartbeat not stored");
         }
         tokio::select! {
             () = stop.cancelled() => return,

@@ -47,10 +47,10 @@ impl RunningJob {
 
     /// Cancels with `reason`; the first reason wins.
     pub fn cancel(&self, reason: CancelReason) {
-        if let Ok(mut r) = self.reason.lock() {
-            if r.is_none() {
-                *r = Some(reason);
-            }
+        if let Ok(mut r) = self.reason.lock()
+            && r.is_none()
+        {
+            *r = Some(reason);
         }
         self.token.cancel();
     }
@@ -194,10 +194,10 @@ impl App {
             duration_seconds,
             last_success_at,
         };
-        if let Ok(bytes) = serde_json::to_vec(&last) {
-            if let Err(e) = self.store.state.put(&key, Bytes::from(bytes)).await {
-                tracing::warn!(error = %e, "Last result not stored");
-            }
+        if let Ok(bytes) = serde_json::to_vec(&last)
+            && let Err(e) = self.store.state.put(&key, Bytes::from(bytes)).await
+        {
+            tracing::warn!(error = %e, "Last result not stored");
         }
     }
 
@@ -206,10 +206,10 @@ impl App {
         let mut out = Vec::new();
         for kind in JobKind::ALL {
             let key = format!("last.{}", kind.as_str());
-            if let Ok(Some(bytes)) = self.store.state.get(&key).await {
-                if let Ok(last) = serde_json::from_slice::<LastResult>(&bytes) {
-                    out.push((kind, last));
-                }
+            if let Ok(Some(bytes)) = self.store.state.get(&key).await
+                && let Ok(last) = serde_json::from_slice::<LastResult>(&bytes)
+            {
+                out.push((kind, last));
             }
         }
         out

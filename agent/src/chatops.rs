@@ -380,10 +380,10 @@ async fn status(app: &Arc<App>) -> Reply {
     let mut agents: Vec<Presence> = Vec::new();
     if let Ok(mut keys) = app.store.agents.keys().await {
         while let Some(Ok(key)) = keys.next().await {
-            if let Ok(Some(bytes)) = app.store.agents.get(&key).await {
-                if let Ok(p) = serde_json::from_slice::<Presence>(&bytes) {
-                    agents.push(p);
-                }
+            if let Ok(Some(bytes)) = app.store.agents.get(&key).await
+                && let Ok(p) = serde_json::from_slice::<Presence>(&bytes)
+            {
+                agents.push(p);
             }
         }
     }
@@ -510,11 +510,10 @@ pub async fn serve_cancels(
                 let job_id = serde_json::from_slice::<Value>(&notice.payload)
                     .ok()
                     .and_then(|v| v.get("job_id").and_then(Value::as_str).map(str::to_string));
-                if let Some(job_id) = job_id {
-                    if app.cancel_local(&job_id, crate::app::CancelReason::User) {
+                if let Some(job_id) = job_id
+                    && app.cancel_local(&job_id, crate::app::CancelReason::User) {
                         tracing::info!(%job_id, "Cancelling job on request");
                     }
-                }
             }
         }
     }

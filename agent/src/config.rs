@@ -470,13 +470,14 @@ impl Config {
                 );
             }
         }
-        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
-            if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
-                problems.push(
-                    "telemetry.otlp_endpoint",
-                    format!("{endpoint:?} is not an http(s) URL"),
-                );
-            }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint
+            && !endpoint.starts_with("http://")
+            && !endpoint.starts_with("https://")
+        {
+            problems.push(
+                "telemetry.otlp_endpoint",
+                format!("{endpoint:?} is not an http(s) URL"),
+            );
         }
         let mut names = BTreeSet::new();
         for (i, s) in self.schedules.iter().enumerate() {

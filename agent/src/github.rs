@@ -200,6 +200,7 @@ pub async fn accept(
             requested_by,
         } => (kind, params, commit, idempotency_key, requested_by),
     };
+    ingest.ensure_connected()?;
     if let Some(job_id) = ingest.delivery_job(delivery).await? {
         return Ok(Ok(Accepted::Duplicate { job_id }));
     }
@@ -318,11 +319,11 @@ mod tests {
     use super::*;
 
     fn fixture(path: &str) -> Value {
-        let root = std::env::var("INFRAFLUX_FIXTURES")
+        let root = std::env::var("IFX_FIXTURES")
             .unwrap_or_else(|_| format!("{}/../../shared/fixtures", env!("CARGO_MANIFEST_DIR")));
         let file = format!("{root}/github/{path}");
         let text = std::fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("fixture {file} is missing ({e}); set INFRAFLUX_FIXTURES"));
+            .unwrap_or_else(|e| panic!("fixture {file} is missing ({e}); set IFX_FIXTURES"));
         serde_json::from_str(&text).expect("fixture is JSON")
     }
 
@@ -430,7 +431,8 @@ mod tests {
 
     #[test]
     fn incomplete_payloads_are_bad_requests() {
-        let e = map_event("push", &json!({"ref": "refs/heads/main"}), &gh("a/b")).unwrap_err();
+        let e = map_event("push", &json!({"ref": "refs/heads/main"}), &gh("a/b"))
+            .expect_err("an error");
         assert!(e.0.contains("repository.default_branch"), "{e}");
         assert!(map_event("push", &json!([1, 2]), &gh("a/b")).is_err());
     }

@@ -308,7 +308,7 @@ mod tests {
             b"Hello, World!"
         ));
         assert!(!verify_signature(
-            &[secret.clone()],
+            std::slice::from_ref(&secret),
             "sha1=757107",
             b"Hello, World!"
         ));

@@ -3,12 +3,13 @@
 //! The order of writes is what makes "202 means stored" and "nothing twice" hold together:
 //!
 //! 1. claim the idempotency key in the dedup bucket (`create`: exactly one claimant wins);
-//! 2. publish the job to the work-queue stream and wait for JetStream's ack: from here on the
+//! 2. write the record and publish the `queued` event;
+//! 3. publish the job to the work-queue stream and wait for JetStream's ack: from here on the
 //!    job is durable, and only now is the caller told so;
-//! 3. mark the claim `enqueued`, write the record, publish the `queued` event.
+//! 4. mark the claim `enqueued`.
 //!
-//! If step 2 fails the claim is withdrawn and the caller gets "unavailable" (a webhook answers
-//! 503, so GitHub can redeliver). If the agent dies between 1 and 3, the claim stays `pending`;
+//! If step 2 or 3 fails the claim and record are withdrawn and the caller gets "unavailable" (a
+//! webhook answers 503, so GitHub can redeliver). If the agent dies before 4, the claim stays `pending`;
 //! a later submission of the same key takes it over after [`STALE_CLAIM`] and republishes with
 //! the same job id, and the runner runs a job id at most once (its record is checked first).
 
@@ -77,9 +78,7 @@ impl Ingestor {
 
     /// Stores `envelope` as a job unless its idempotency key was seen; see the module docs.
     pub async fn submit(&self, mut envelope: JobEnvelope) -> Result<Submitted, IngestError> {
-        if self.store.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(IngestError::Unavailable("not connected to NATS".into()));
-        }
+        self.ensure_connected()?;
         let key = kv_key(&envelope.idempotency_key);
         let dedup = &self.store.dedup;
         let deadline = tokio::time::Instant::now() + CONCURRENT_WAIT;
@@ -135,6 +134,16 @@ impl Ingestor {
         }
     }
 
+    /// Fails fast while disconnected: a request to a dead server would take its whole timeout,
+    /// and the sender is better served by an immediate "unavailable" it can retry.
+    pub fn ensure_connected(&self) -> Result<(), IngestError> {
+        if self.store.client.connection_state() == async_nats::connection::State::Connected {
+            Ok(())
+        } else {
+            Err(IngestError::Unavailable("not connected to NATS".into()))
+        }
+    }
+
     async fn enqueue(
         &self,
         envelope: JobEnvelope,
@@ -142,14 +151,29 @@ impl Ingestor {
         revision: u64,
     ) -> Result<Submitted, IngestError> {
         let job_id = envelope.job_id.clone();
+        let trace_id = envelope
+            .traceparent
+            .as_deref()
+            .and_then(telemetry::trace_id_of)
+            .unwrap_or_default();
+        // The record and its `queued` event come first, so that no agent can report the job
+        // running before it is known as queued.
+        let record = JobRecord::new(&envelope, &trace_id);
+        let created = match self.records.create(&record).await {
+            Ok(created) => created,
+            Err(e) => {
+                self.withdraw(key, revision).await;
+                return Err(IngestError::Unavailable(e.to_string()));
+            }
+        };
+        if created {
+            self.records.publish_event(&record).await;
+        }
         if let Err(e) = self.publish_job(&envelope).await {
-            // Withdraw the claim so a retry can succeed; if even that fails the claim goes
-            // stale and is taken over.
-            let _ = self
-                .store
-                .dedup
-                .delete_expect_revision(key, Some(revision))
-                .await;
+            self.withdraw(key, revision).await;
+            if created {
+                let _ = self.store.records.delete(&job_id).await;
+            }
             return Err(e);
         }
         let claim = Claim {
@@ -160,21 +184,17 @@ impl Ingestor {
         if let Err(e) = self.store.dedup.update(key, encode(&claim), revision).await {
             tracing::warn!(%job_id, error = %e, "Job queued but its claim stayed pending");
         }
-        let trace_id = envelope
-            .traceparent
-            .as_deref()
-            .and_then(telemetry::trace_id_of)
-            .unwrap_or_default();
-        let record = JobRecord::new(&envelope, &trace_id);
-        match self.records.create(&record).await {
-            Ok(true) => self.records.publish_event(&record).await,
-            // The runner was faster and made the record (and its queued event) itself.
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(%job_id, error = %e, "Job queued; its record will be written by the runner");
-            }
-        }
         Ok(Submitted::Created { job_id })
+    }
+
+    /// Withdraws a claim so a retry can succeed; if even that fails, the claim goes stale and
+    /// the next submission of the key takes it over.
+    async fn withdraw(&self, key: &str, revision: u64) {
+        let _ = self
+            .store
+            .dedup
+            .delete_expect_revision(key, Some(revision))
+            .await;
     }
 
     async fn publish_job(&self, envelope: &JobEnvelope) -> Result<(), IngestError> {

@@ -677,10 +677,11 @@ async fn keepalive(
                 }
             }
         }
-        if let Ok(Some((record, _))) = app.records.get(&owner.job_id).await {
-            if record.cancel_requested_by.is_some() && !job.token.is_cancelled() {
-                job.cancel(CancelReason::User);
-            }
+        if let Ok(Some((record, _))) = app.records.get(&owner.job_id).await
+            && record.cancel_requested_by.is_some()
+            && !job.token.is_cancelled()
+        {
+            job.cancel(CancelReason::User);
         }
     }
 }

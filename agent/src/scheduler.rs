@@ -65,6 +65,8 @@ async fn watch(
     let Some(cursor) = load_cursor(&app, schedule.name(), &shutdown).await else {
         return;
     };
+    // A fire due before this agent started watching was missed while no agent ran.
+    let watching_since = Utc::now();
     let mut handled = cursor
         .last_fired
         .map_or(cursor.watched_since, |l| l.max(cursor.watched_since));
@@ -81,8 +83,8 @@ async fn watch(
                 continue;
             }
             if schedule.catch_up(now, handled, None).is_some() {
-                let late = now - latest > jitter + chrono::Duration::seconds(5);
-                fire(&app, &schedule, &section, latest, late, &shutdown).await;
+                let missed = latest < watching_since;
+                fire(&app, &schedule, &section, latest, missed, &shutdown).await;
             } else {
                 tracing::warn!(
                     schedule = %schedule.name(),
@@ -164,7 +166,7 @@ async fn fire(
     schedule: &CronSchedule,
     section: &ScheduleSection,
     at: DateTime<Utc>,
-    late: bool,
+    missed: bool,
     shutdown: &CancellationToken,
 ) {
     let (kind, mut params) = match command::parse(&section.command) {
@@ -176,7 +178,7 @@ async fn fire(
     };
     params.insert("schedule".into(), json!(schedule.name()));
     params.insert("fire_time".into(), json!(at.to_rfc3339()));
-    if late {
+    if missed {
         params.insert("catch_up".into(), json!(true));
     }
     let span =
@@ -204,7 +206,7 @@ async fn fire(
             .await
         {
             Ok(submitted) => {
-                tracing::info!(schedule = %schedule.name(), job_id = %submitted.job_id(), late, "Schedule fired");
+                tracing::info!(schedule = %schedule.name(), job_id = %submitted.job_id(), catch_up = missed, "Schedule fired");
                 advance_cursor(app, schedule.name(), at).await;
                 return;
             }

@@ -74,7 +74,7 @@ fn read_file(path: &Path) -> Result<Secret, String> {
 }
 
 async fn op_read(uri: &str, env: &Environment) -> Result<Secret, String> {
-    let bin = env.get("INFRAFLUX_OP_BIN").map_or("op", String::as_str);
+    let bin = env.get("ONEPASSWORD_CLI").map_or("op", String::as_str);
     let mut cmd = Command::new(bin);
     // `--no-newline` keeps the value exact; the reference is one argument, never a shell word.
     cmd.args(["read", "--no-newline", uri])
@@ -152,8 +152,7 @@ mod tests {
             .args(["+x", &fake.display().to_string()])
             .status()
             .expect("chmod");
-        let env: Environment =
-            [("INFRAFLUX_OP_BIN".to_string(), fake.display().to_string())].into();
+        let env: Environment = [("ONEPASSWORD_CLI".to_string(), fake.display().to_string())].into();
         let ok = resolve(&SecretRef::parse("op://v/minio/key"), &env).await;
         assert_eq!(ok.expect("op").expose(), "k3y");
         let err = resolve(&SecretRef::parse("op://v/minio/other"), &env)

@@ -261,13 +261,13 @@ pub fn parse(text: &str) -> Result<Request, CommandError> {
     let request = match verb.name {
         "help" => {
             let topic = args.optional_positional()?;
-            if let Some(t) = &topic {
-                if self::verb(t).is_none() {
-                    return Err(CommandError::UnknownVerb {
-                        verb: clip(t),
-                        hint: String::new(),
-                    });
-                }
+            if let Some(t) = &topic
+                && self::verb(t).is_none()
+            {
+                return Err(CommandError::UnknownVerb {
+                    verb: clip(t),
+                    hint: String::new(),
+                });
             }
             Request::Help { topic }
         }
@@ -309,10 +309,10 @@ pub fn parse(text: &str) -> Result<Request, CommandError> {
         "plan" | "reconcile" => {
             let mut params = Map::new();
             params.insert("trigger".into(), Value::from(verb.name));
-            if verb.name == "plan" {
-                if let Some(r) = args.optional_positional()? {
-                    params.insert("ref".into(), Value::from(validate_git_ref(&r)?));
-                }
+            if verb.name == "plan"
+                && let Some(r) = args.optional_positional()?
+            {
+                params.insert("ref".into(), Value::from(validate_git_ref(&r)?));
             }
             submit(JobKind::Reconcile, params)
         }

@@ -95,7 +95,7 @@ mod tests {
         assert!(
             "nope"
                 .parse::<JobKind>()
-                .unwrap_err()
+                .expect_err("an error")
                 .contains("etcd-snapshot")
         );
     }

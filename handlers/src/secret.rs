@@ -129,12 +129,12 @@ impl Redactor {
         if secret.expose().len() < MIN_REDACTED_LEN {
             return;
         }
-        if let Ok(mut values) = self.values.write() {
-            if !values.iter().any(|v| v.expose() == secret.expose()) {
-                values.push(secret.clone());
-                // Longest first, so a secret that contains another is replaced whole.
-                values.sort_by_key(|v| std::cmp::Reverse(v.expose().len()));
-            }
+        if let Ok(mut values) = self.values.write()
+            && !values.iter().any(|v| v.expose() == secret.expose())
+        {
+            values.push(secret.clone());
+            // Longest first, so a secret that contains another is replaced whole.
+            values.sort_by_key(|v| std::cmp::Reverse(v.expose().len()));
         }
     }
 

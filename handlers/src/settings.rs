@@ -54,7 +54,7 @@ mod tests {
         assert_eq!(d.get(), Duration::from_secs(72 * 3600));
         let d: HumanDuration = serde_json::from_str("\"30d\"").expect("30d");
         assert_eq!(d.get(), Duration::from_secs(30 * 86_400));
-        let e = serde_json::from_str::<HumanDuration>("\"soon\"").unwrap_err();
+        let e = serde_json::from_str::<HumanDuration>("\"soon\"").expect_err("an error");
         assert!(e.to_string().contains("\"soon\""), "{e}");
     }
 }

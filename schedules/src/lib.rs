@@ -147,11 +147,7 @@ impl CronSchedule {
         }
         // FNV-1a: stable across processes and versions, unlike std's RandomState.
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in self
-            .name
-            .bytes()
-            .chain(fire.timestamp().to_be_bytes().into_iter())
-        {
+        for byte in self.name.bytes().chain(fire.timestamp().to_be_bytes()) {
             hash ^= u64::from(byte);
             hash = hash.wrapping_mul(0x0100_0000_01b3);
         }
@@ -216,13 +212,15 @@ mod tests {
 
     #[test]
     fn refuses_five_fields_bad_zone_and_bad_expressions() {
-        let e = CronSchedule::new("x", "0 3 * * *", "UTC", Duration::ZERO, None).unwrap_err();
+        let e =
+            CronSchedule::new("x", "0 3 * * *", "UTC", Duration::ZERO, None).expect_err("an error");
         assert!(matches!(e, ScheduleError::Cron { .. }), "{e}");
         assert!(e.to_string().contains("expected 6 fields, found 5"));
         let e = CronSchedule::new("x", "0 0 3 * * *", "Mars/Olympus", Duration::ZERO, None)
-            .unwrap_err();
+            .expect_err("an error");
         assert_eq!(e, ScheduleError::TimeZone("Mars/Olympus".into()));
-        let e = CronSchedule::new("x", "0 0 25 * * *", "UTC", Duration::ZERO, None).unwrap_err();
+        let e = CronSchedule::new("x", "0 0 25 * * *", "UTC", Duration::ZERO, None)
+            .expect_err("an error");
         assert!(e.to_string().contains("0 0 25 * * *"), "{e}");
     }
 
@@ -276,7 +274,8 @@ mod tests {
         let s = nightly();
         let watched = utc("2026-01-01T00:00:00Z");
         let fire = utc("2026-01-11T02:00:00Z");
-        let cases: &[(&str, Option<&str>, Option<DateTime<Utc>>)] = &[
+        type Case<'a> = (&'a str, Option<&'a str>, Option<DateTime<Utc>>);
+        let cases: &[Case] = &[
             // Down over the 03:00 fire, back an hour later: runs that fire once.
             (
                 "2026-01-11T03:00:00Z",

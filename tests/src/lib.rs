@@ -1,1 +1,393 @@
+//! The end-to-end test harness: a real `nats-server` per test on a free loopback port, agents
+//! started in process through the library (or as child processes for crash tests), and
+//! helpers to speak to them the way users do (signed webhooks, NATS commands).
+//!
+//! A missing `nats-server` fails the test loudly; nothing here skips.
 
+pub mod handlers;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use hmac::{Hmac, KeyInit, Mac};
+use infraflux_agent::config::Config;
+use infraflux_agent::records::JobEvent;
+use infraflux_agent::{AgentHandle, secrets};
+use infraflux_handlers::Registry;
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+/// The webhook secret test agents are configured with.
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret-0123";
+
+/// Installs the rustls provider and test logging once per test binary.
+pub fn init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    infraflux_agent::telemetry::init_for_tests();
+}
+
+/// `../shared/fixtures`, or `$IFX_FIXTURES`.
+pub fn fixtures_dir() -> PathBuf {
+    std::env::var_os("IFX_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
+}
+
+pub fn fixture(path: &str) -> Vec<u8> {
+    let file = fixtures_dir().join(path);
+    std::fs::read(&file).unwrap_or_else(|e| {
+        panic!(
+            "fixture {} is missing ({e}); the tests read ../shared/fixtures or $IFX_FIXTURES",
+            file.display()
+        )
+    })
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A real nats-server with JetStream, on a free port, with its own store directory.
+pub struct Nats {
+    pub port: u16,
+    pub url: String,
+    dir: tempfile::TempDir,
+    child: Mutex<Option<Child>>,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let nats = Nats {
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            dir,
+            child: Mutex::new(None),
+        };
+        nats.spawn();
+        nats
+    }
+
+    fn spawn(&self) {
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start nats-server ({e}); install it (Debian: apt-get install nats-server)")
+            });
+        *self.child.lock().expect("lock") = Some(child);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("nats-server did not listen on {} within 5s", self.port);
+    }
+
+    /// Stops the server (its JetStream store stays on disk).
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().expect("lock").take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(&self.url)
+            .await
+            .expect("connect to test nats")
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `[agent]`, `[nats]`, `[http]` and `[github]` sections of a test agent; short timers so
+/// redelivery and lease expiry happen within seconds.
+pub fn base_toml(nats_url: &str, agent_id: &str, state_dir: &Path) -> String {
+    format!(
+        r#"
+[agent]
+id = "{agent_id}"
+state_dir = "{state}"
+concurrency = 4
+ack_wait = "2s"
+lease_ttl = "2s"
+shutdown_timeout = "2s"
+kill_grace = "1s"
+
+[nats]
+url = "{nats_url}"
+
+[http]
+listen = "127.0.0.1:0"
+
+[github]
+repo = "Codertocat/Hello-World"
+webhook_secret = "env:TEST_WEBHOOK_SECRET"
+"#,
+        state = state_dir.display()
+    )
+}
+
+/// An agent running in this process.
+pub struct TestAgent {
+    pub handle: AgentHandle,
+    pub http: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestAgent {
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(self) {
+        self.handle.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.handle.join()).await;
+    }
+}
+
+/// Starts an agent with `extra` TOML appended to the base config and `customize` applied to
+/// its registry (tests register their handlers there).
+pub async fn start_agent(
+    nats: &Nats,
+    agent_id: &str,
+    extra: &str,
+    customize: impl FnOnce(&mut Registry),
+) -> TestAgent {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!("{}\n{extra}", base_toml(&nats.url, agent_id, dir.path()));
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let env = test_env();
+    let loaded =
+        Config::load(&path, env.clone()).unwrap_or_else(|p| panic!("test config invalid:\n{p}"));
+    let secrets = secrets::resolve_all(&loaded.config, &env)
+        .await
+        .unwrap_or_else(|p| panic!("test secrets: {p}"));
+    let mut registry = Registry::from_sections(&loaded.config.handlers);
+    customize(&mut registry);
+    let mut handle = infraflux_agent::start(loaded.config, secrets, registry)
+        .await
+        .expect("agent starts");
+    let ready = tokio::time::timeout(Duration::from_secs(20), handle.ready()).await;
+    assert!(
+        matches!(ready, Ok(true)),
+        "agent {agent_id} not ready within 20s"
+    );
+    let http = format!("http://{}", handle.http_addr);
+    TestAgent { handle, http, dir }
+}
+
+pub fn test_env() -> HashMap<String, String> {
+    HashMap::from([(
+        "TEST_WEBHOOK_SECRET".to_string(),
+        WEBHOOK_SECRET.to_string(),
+    )])
+}
+
+/// `sha256=<hex>` of the body under the secret, as GitHub signs.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("hmac key");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Posts a webhook signed with [`WEBHOOK_SECRET`].
+pub async fn post_webhook(http: &str, event: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
+    post_webhook_raw(
+        http,
+        Some(event),
+        Some(delivery),
+        Some(&sign(WEBHOOK_SECRET, body)),
+        body.to_vec(),
+    )
+    .await
+}
+
+pub async fn post_webhook_raw(
+    http: &str,
+    event: Option<&str>,
+    delivery: Option<&str>,
+    signature: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let mut request = client
+        .post(format!("{http}/webhooks/github"))
+        .header("Content-Type", "application/json")
+        .body(body);
+    if let Some(e) = event {
+        request = request.header("X-GitHub-Event", e);
+    }
+    if let Some(d) = delivery {
+        request = request.header("X-GitHub-Delivery", d);
+    }
+    if let Some(s) = signature {
+        request = request.header("X-Hub-Signature-256", s);
+    }
+    let response = request.send().await.expect("webhook request");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Sends a ChatOps command the way a chat bridge does and returns the reply.
+pub async fn command(client: &async_nats::Client, text: &str) -> Value {
+    command_as(client, text, "tester").await
+}
+
+pub async fn command_as(client: &async_nats::Client, text: &str, who: &str) -> Value {
+    let verb = text
+        .split_whitespace()
+        .next()
+        .unwrap_or("help")
+        .to_ascii_lowercase();
+    let body = json!({"command": text, "requested_by": who});
+    let reply = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.request(
+            format!("infraflux.cmd.{verb}"),
+            serde_json::to_vec(&body).expect("json").into(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no reply to {text:?} within 15s"))
+    .unwrap_or_else(|e| panic!("request {text:?} failed: {e}"));
+    serde_json::from_slice(&reply.payload).expect("reply is JSON")
+}
+
+/// A job's record, read from the records bucket (so it works while no agent runs).
+pub async fn record(client: &async_nats::Client, job_id: &str) -> Value {
+    let kv = async_nats::jetstream::new(client.clone())
+        .get_key_value("infraflux-jobs")
+        .await
+        .expect("records bucket");
+    let bytes = kv
+        .get(job_id)
+        .await
+        .expect("read record")
+        .unwrap_or_else(|| panic!("no record for job {job_id}"));
+    serde_json::from_slice(&bytes).expect("record is JSON")
+}
+
+/// Every job record, newest first, read from the records bucket.
+pub async fn all_records(client: &async_nats::Client) -> Vec<Value> {
+    let kv = async_nats::jetstream::new(client.clone())
+        .get_key_value("infraflux-jobs")
+        .await
+        .expect("records bucket");
+    let mut keys: Vec<String> = kv
+        .keys()
+        .await
+        .expect("keys")
+        .filter_map(|k| async move { k.ok() })
+        .collect()
+        .await;
+    keys.sort_unstable_by(|a, b| b.cmp(a));
+    let mut out = Vec::new();
+    for key in keys {
+        if let Ok(Some(bytes)) = kv.get(&key).await {
+            out.push(serde_json::from_slice(&bytes).expect("record is JSON"));
+        }
+    }
+    out
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics naming `what`.
+pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until a job's record is in a settled state and returns it.
+pub async fn wait_settled(client: &async_nats::Client, job_id: &str, limit: Duration) -> Value {
+    wait_for(limit, &format!("job {job_id} to end"), || async {
+        let r = record(client, job_id).await;
+        let state = r["state"].as_str().unwrap_or_default().to_string();
+        matches!(
+            state.as_str(),
+            "succeeded" | "failed" | "cancelled" | "awaiting_approval"
+        )
+        .then_some(r)
+    })
+    .await
+}
+
+/// Every job event published while it lives (subscribe before causing them).
+#[derive(Clone)]
+pub struct EventLog {
+    events: Arc<Mutex<Vec<JobEvent>>>,
+}
+
+impl EventLog {
+    pub async fn subscribe(client: &async_nats::Client) -> EventLog {
+        let mut sub = client
+            .subscribe("infraflux.events.job.*")
+            .await
+            .expect("subscribe events");
+        client.flush().await.expect("flush");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                if let Ok(e) = serde_json::from_slice::<JobEvent>(&m.payload) {
+                    sink.lock().expect("lock").push(e);
+                }
+            }
+        });
+        EventLog { events }
+    }
+
+    pub fn of(&self, job_id: &str) -> Vec<JobEvent> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|e| e.job_id == job_id)
+            .cloned()
+            .collect()
+    }
+
+    pub fn states_of(&self, job_id: &str) -> Vec<String> {
+        self.of(job_id)
+            .iter()
+            .map(|e| e.state.as_str().to_string())
+            .collect()
+    }
+}

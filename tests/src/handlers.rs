@@ -1,0 +1,207 @@
+//! Handlers that tests register through the library API. They record what they did so tests
+//! can assert on it: which agent ran which job, when, whether it was told of an interruption.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use infraflux_handlers::process::{ProcessError, run_cancellable};
+use infraflux_handlers::{
+    Handler, HandlerError, JobContext, JobEnvelope, JobKind, LockRequest, Outcome, RetryPolicy,
+};
+
+/// One run of a test handler.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub job_id: String,
+    pub agent: String,
+    pub attempt: u32,
+    pub interrupted: bool,
+    pub started: Instant,
+    pub ended: Option<Instant>,
+    pub cancelled: bool,
+}
+
+/// Shared by every agent of a test (in process), so "each job ran once in total" is checkable.
+#[derive(Debug, Clone, Default)]
+pub struct RunLog(Arc<Mutex<Vec<Run>>>);
+
+impl RunLog {
+    pub fn runs(&self) -> Vec<Run> {
+        self.0.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    pub fn runs_of(&self, job_id: &str) -> Vec<Run> {
+        self.runs()
+            .into_iter()
+            .filter(|r| r.job_id == job_id)
+            .collect()
+    }
+
+    fn start(&self, ctx: &JobContext) -> usize {
+        let mut runs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        runs.push(Run {
+            job_id: ctx.job_id.clone(),
+            agent: ctx.agent_id.clone(),
+            attempt: ctx.attempt,
+            interrupted: ctx.interrupted.is_some(),
+            started: Instant::now(),
+            ended: None,
+            cancelled: false,
+        });
+        runs.len() - 1
+    }
+
+    fn end(&self, index: usize, cancelled: bool) {
+        let mut runs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(run) = runs.get_mut(index) {
+            run.ended = Some(Instant::now());
+            run.cancelled = cancelled;
+        }
+    }
+}
+
+/// What a test handler does when it runs.
+#[derive(Debug, Clone)]
+pub enum Behaviour {
+    /// Sleep this long (watching the cancel token), then succeed.
+    Sleep(Duration),
+    /// Run `sh -c <script>` as a child process; succeed if it exits 0.
+    Child(String),
+    /// Fail with a retryable error until the given attempt, then succeed.
+    FlakyUntil(u32),
+}
+
+/// A handler for any kind, with optional locks.
+pub struct TestHandler {
+    pub kind: JobKind,
+    pub behaviour: Behaviour,
+    pub locks: Vec<LockRequest>,
+    pub log: RunLog,
+    pub timeout: Duration,
+}
+
+impl TestHandler {
+    pub fn new(kind: JobKind, behaviour: Behaviour, log: RunLog) -> Self {
+        Self {
+            kind,
+            behaviour,
+            locks: Vec::new(),
+            log,
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    pub fn with_locks(mut self, locks: Vec<LockRequest>) -> Self {
+        self.locks = locks;
+        self
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+#[async_trait]
+impl Handler for TestHandler {
+    fn kind(&self) -> JobKind {
+        self.kind
+    }
+
+    fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {
+        self.locks.clone()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::exponential(5, Duration::from_millis(200), Duration::from_secs(1))
+    }
+
+    async fn run(&self, ctx: &JobContext, _job: &JobEnvelope) -> Result<Outcome, HandlerError> {
+        let index = self.log.start(ctx);
+        let result = match &self.behaviour {
+            Behaviour::Sleep(d) => {
+                ctx.progress.report("sleeping").await;
+                tokio::select! {
+                    () = tokio::time::sleep(*d) => Ok(Outcome::succeeded(format!("slept {d:?}"))),
+                    () = ctx.cancel.cancelled() => Err(HandlerError::Cancelled),
+                }
+            }
+            Behaviour::Child(script) => {
+                let mut cmd = tokio::process::Command::new("sh");
+                cmd.arg("-c").arg(script);
+                match run_cancellable(cmd, &ctx.cancel, Duration::from_secs(5)).await {
+                    Ok(out) if out.status.success() => Ok(Outcome::succeeded("child exited 0")),
+                    Ok(out) => Err(HandlerError::Failed(format!("child exited {}", out.status))),
+                    Err(ProcessError::Cancelled { .. }) => Err(HandlerError::Cancelled),
+                    Err(e) => Err(HandlerError::Internal(e.to_string())),
+                }
+            }
+            Behaviour::FlakyUntil(n) => {
+                if ctx.attempt < *n {
+                    Err(HandlerError::Retryable(format!(
+                        "flaky attempt {}",
+                        ctx.attempt
+                    )))
+                } else {
+                    Ok(Outcome::succeeded(format!(
+                        "succeeded on attempt {}",
+                        ctx.attempt
+                    )))
+                }
+            }
+        };
+        self.log
+            .end(index, matches!(result, Err(HandlerError::Cancelled)));
+        result
+    }
+}
+
+/// The handler of the out-of-process test agent: writes a marker file per attempt (with
+/// whether it was told of an interruption), sleeps, then writes a done marker.
+pub struct MarkerHandler {
+    pub dir: PathBuf,
+    pub sleep: Duration,
+}
+
+#[async_trait]
+impl Handler for MarkerHandler {
+    fn kind(&self) -> JobKind {
+        JobKind::Acceptance
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(300)
+    }
+
+    async fn run(&self, ctx: &JobContext, _job: &JobEnvelope) -> Result<Outcome, HandlerError> {
+        let start = self.dir.join(format!(
+            "{}.{}.{}.start",
+            ctx.job_id, ctx.attempt, ctx.agent_id
+        ));
+        let body = format!(
+            "interrupted={} previous_agent={}\n",
+            ctx.interrupted.is_some(),
+            ctx.interrupted
+                .as_ref()
+                .and_then(|i| i.agent.clone())
+                .unwrap_or_default()
+        );
+        std::fs::write(&start, body).map_err(|e| HandlerError::Internal(e.to_string()))?;
+        tokio::select! {
+            () = tokio::time::sleep(self.sleep) => {}
+            () = ctx.cancel.cancelled() => return Err(HandlerError::Cancelled),
+        }
+        let done = self.dir.join(format!(
+            "{}.{}.{}.done",
+            ctx.job_id, ctx.attempt, ctx.agent_id
+        ));
+        std::fs::write(&done, "").map_err(|e| HandlerError::Internal(e.to_string()))?;
+        Ok(Outcome::succeeded("markers written"))
+    }
+}

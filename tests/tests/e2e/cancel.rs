@@ -1,0 +1,110 @@
+//! `cancel <id>` reaches whichever agent runs the job; a child process gets SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use infraflux_handlers::{JobKind, LockRequest};
+use infraflux_tests::handlers::{Behaviour, RunLog, TestHandler};
+use infraflux_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_job_sends_sigint_to_its_child_and_ends_it_cancelled() {
+    init();
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = dir.path().join("started");
+    let got_int = dir.path().join("got-int");
+    let script = format!(
+        "trap 'echo SIGINT > {int}; exit 130' INT; echo up > {up}; sleep 60 & wait",
+        int = got_int.display(),
+        up = started.display()
+    );
+    let log = RunLog::default();
+    // Two agents: the cancel is sent to whichever answers the command, the job runs on either.
+    let mk = |log: RunLog, script: String| {
+        move |r: &mut infraflux_handlers::Registry| {
+            r.register(Arc::new(TestHandler::new(
+                JobKind::Acceptance,
+                Behaviour::Child(script),
+                log,
+            )))
+        }
+    };
+    let a = start_agent(
+        &nats,
+        "cancel-a",
+        "[acceptance]\n",
+        mk(log.clone(), script.clone()),
+    )
+    .await;
+    let b = start_agent(&nats, "cancel-b", "[acceptance]\n", mk(log.clone(), script)).await;
+    let client = nats.client().await;
+    let job_id = command(&client, "acceptance").await["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    wait_for(
+        Duration::from_secs(15),
+        "the child process to start",
+        || async { started.exists().then_some(()) },
+    )
+    .await;
+    let reply = command_as(&client, &format!("cancel {job_id}"), "bob").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let done = wait_settled(&client, &job_id, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert_eq!(done["message"], "cancelled by bob");
+    assert_eq!(
+        std::fs::read_to_string(&got_int).expect("the child saw SIGINT"),
+        "SIGINT\n"
+    );
+    assert_eq!(log.runs_of(&job_id).len(), 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_job_that_waits_for_a_lock_ends_it_without_running_it() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let l = log.clone();
+    let agent = start_agent(&nats, "cancel-w", "[backup]\n", move |r| {
+        r.register(Arc::new(
+            TestHandler::new(JobKind::Backup, Behaviour::Sleep(Duration::from_secs(3)), l)
+                .with_locks(vec![LockRequest::write("cluster:lab")]),
+        ))
+    })
+    .await;
+    let client = nats.client().await;
+    let first = command(&client, "backup ns=a").await["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let second = command(&client, "backup ns=b").await["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    wait_for(Duration::from_secs(10), "one job to wait", || async {
+        let (r1, r2) = (
+            record(&client, &first).await,
+            record(&client, &second).await,
+        );
+        (r1["state"] == "waiting" || r2["state"] == "waiting").then_some(())
+    })
+    .await;
+    let waiting = if record(&client, &first).await["state"] == "waiting" {
+        first.clone()
+    } else {
+        second.clone()
+    };
+    let reply = command(&client, &format!("cancel {waiting}")).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let done = wait_settled(&client, &waiting, Duration::from_secs(10)).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert!(
+        log.runs_of(&waiting).is_empty(),
+        "a cancelled waiting job never ran"
+    );
+    agent.stop().await;
+}

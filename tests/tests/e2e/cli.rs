@@ -1,0 +1,239 @@
+//! The binary's subcommands and exit codes, as operators and workflows use them.
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use infraflux_handlers::JobKind;
+use infraflux_tests::handlers::{Behaviour, RunLog, TestHandler};
+use infraflux_tests::*;
+use serde_json::Value;
+
+fn bin(args: &[&str]) -> Output {
+    Command::new(crate::test_agent_bin())
+        .args(args)
+        .env_remove("INFRAFLUX_NATS__URL")
+        .output()
+        .expect("run the binary")
+}
+
+async fn bin_async(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bin(&args)
+    })
+    .await
+    .expect("blocking")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = bin(&["--version"]);
+    assert!(out.status.success());
+    let v = text(&out.stdout);
+    assert!(v.starts_with("infraflux-agent 0."), "{v}");
+    assert!(v.contains("(git "), "{v}");
+}
+
+#[test]
+fn check_config_reports_every_problem_and_never_a_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        r#"
+[agent]
+concurrency = 0
+[nats]
+url = "http://nope"
+[github]
+repo = "owner/infra"
+webhook_secret = ["env:MISSING_SECRET_VAR", "hunter2-literal"]
+[[schedules]]
+name = "nightly"
+cron = "0 3 * * *"
+command = "backup"
+[surprise]
+"#,
+    )
+    .expect("write");
+    let out = bin(&["check-config", "--config", bad.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    for key in [
+        "agent.concurrency",
+        "nats.url",
+        "schedules[0].cron",
+        "schedules[0].command",
+        "surprise",
+    ] {
+        assert!(err.contains(key), "{key} not reported:\n{err}");
+    }
+    assert!(!err.contains("hunter2-literal"));
+
+    // Valid shape, but a secret reference that does not resolve.
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[github]\nrepo = \"owner/infra\"\nwebhook_secret = [\"env:MISSING_SECRET_VAR\", \"hunter2-literal\"]\n",
+    )
+    .expect("write");
+    let out = bin(&["check-config", "--config", good.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("github.webhook_secret.0: environment variable MISSING_SECRET_VAR is not set"),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: github.webhook_secret.1: holds a literal secret"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2-literal"), "{err}");
+    let out = Command::new(crate::test_agent_bin())
+        .args(["check-config", "--config", good.to_str().expect("path")])
+        .env("MISSING_SECRET_VAR", "resolved-value-xyz")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(all.contains("valid"), "{all}");
+    assert!(!all.contains("resolved-value-xyz"));
+}
+
+#[test]
+fn schedules_prints_fire_times_in_their_zone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.toml");
+    std::fs::write(
+        &path,
+        r#"
+[backup]
+[[schedules]]
+name = "nightly-velero"
+cron = "0 0 3 * * *"
+timezone = "Europe/Berlin"
+command = "backup ns=media,home"
+"#,
+    )
+    .expect("write");
+    let out = bin(&[
+        "schedules",
+        "--config",
+        path.to_str().expect("path"),
+        "--next",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(s.contains("nightly-velero"), "{s}");
+    let fires: Vec<&str> = s.lines().filter(|l| l.contains("03:00:00")).collect();
+    assert_eq!(fires.len(), 3, "{s}");
+    assert!(
+        fires
+            .iter()
+            .all(|l| l.contains("Europe/Berlin") && (l.contains("+01:00") || l.contains("+02:00"))),
+        "{s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exit_codes_and_github_event_forwarding() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let l = log.clone();
+    // No agent yet: no reply.
+    let out = bin_async(vec![
+        "ctl".into(),
+        "--nats".into(),
+        nats.url.clone(),
+        "--timeout".into(),
+        "1s".into(),
+        "status".into(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+
+    let agent = start_agent(&nats, "ctl-1", "[acceptance]\n", move |r| {
+        r.register(Arc::new(TestHandler::new(
+            JobKind::Acceptance,
+            Behaviour::Sleep(Duration::from_millis(300)),
+            l,
+        )))
+    })
+    .await;
+    let ctl = |words: &[&str]| {
+        let mut args = vec!["ctl".to_string(), "--nats".to_string(), nats.url.clone()];
+        args.extend(words.iter().map(|w| w.to_string()));
+        bin_async(args)
+    };
+    let out = ctl(&["status"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("agents alive: 1"));
+
+    let out = ctl(&["backup", "ns=Bad"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("\"Bad\""),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = ctl(&["--wait", "acceptance"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let printed = text(&out.stdout);
+    assert!(
+        printed.contains("queued") && printed.contains("succeeded"),
+        "{printed}"
+    );
+
+    // A job that ends cancelled makes --wait exit 1.
+    let client = nats.client().await;
+    let waiter = tokio::spawn(ctl(&["--wait", "--json", "acceptance"]));
+    let job_id = wait_for(Duration::from_secs(10), "the job to start", || async {
+        let jobs = command(&client, "jobs state=running").await;
+        jobs["jobs"][0]["job_id"].as_str().map(str::to_string)
+    })
+    .await;
+    command(&client, &format!("cancel {job_id}")).await;
+    let out = waiter.await.expect("waiter");
+    // Either the job was cancelled mid-run (exit 1) or it finished first (exit 0); with a
+    // 300 ms job and an immediate cancel, cancellation is what happens.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let last: Value = serde_json::from_str(text(&out.stdout).lines().last().expect("events"))
+        .expect("json event");
+    assert_eq!(last["state"], "cancelled");
+
+    let out = ctl(&["--json", "jobs"]).await;
+    let jobs: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(jobs["ok"], true);
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(2));
+    let out = ctl(&["--json", "job", &job_id]).await;
+    let record: Value = serde_json::from_slice(&out.stdout).expect("json record");
+    assert_eq!(record["job_id"], job_id.as_str());
+    assert_eq!(record["state"], "cancelled");
+
+    // The workflow step: forward $GITHUB_EVENT_PATH.
+    let event = infraflux_tests::fixtures_dir().join("github/push/push.json");
+    let event = event.to_str().expect("path");
+    let out = ctl(&["github-event", "push", event, "run-1"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let first: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(first["jobs"][0].is_string(), "{first}");
+    let out = ctl(&["github-event", "push", event, "run-2"]).await;
+    let second: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(second["duplicate"], true, "{second}");
+    assert_eq!(second["job"], first["jobs"][0]);
+    agent.stop().await;
+}

@@ -1,0 +1,126 @@
+//! One lock manager across kinds: jobs on one resource run one after the other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use infraflux_handlers::{JobKind, LockRequest};
+use infraflux_tests::handlers::{Behaviour, RunLog, TestHandler};
+use infraflux_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jobs_on_one_resource_run_one_after_the_other_and_the_second_waits_visibly() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    // Different kinds, one resource: an upgrade's write lock excludes a backup's read lock.
+    let handlers = |log: RunLog| {
+        move |r: &mut infraflux_handlers::Registry| {
+            r.register(Arc::new(
+                TestHandler::new(
+                    JobKind::Upgrade,
+                    Behaviour::Sleep(Duration::from_secs(2)),
+                    log.clone(),
+                )
+                .with_locks(vec![LockRequest::write("cluster:lab")]),
+            ));
+            r.register(Arc::new(
+                TestHandler::new(
+                    JobKind::Backup,
+                    Behaviour::Sleep(Duration::from_millis(300)),
+                    log,
+                )
+                .with_locks(vec![LockRequest::read("cluster:lab")]),
+            ));
+        }
+    };
+    let sections = "[upgrade]\n[backup]\n";
+    let a = start_agent(&nats, "lock-a", sections, handlers(log.clone())).await;
+    let b = start_agent(&nats, "lock-b", sections, handlers(log.clone())).await;
+    let client = nats.client().await;
+    let events = EventLog::subscribe(&client).await;
+
+    let first = command(&client, "upgrade talos v1.13.0").await["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    wait_for(Duration::from_secs(10), "the upgrade to run", || async {
+        (record(&client, &first).await["state"] == "running").then_some(())
+    })
+    .await;
+    let status = command(&client, "status").await;
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cluster:lab"),
+        "status shows the holder: {status}"
+    );
+    let second = command(&client, "backup").await["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let waiting = wait_for(Duration::from_secs(10), "the backup to wait", || async {
+        let r = record(&client, &second).await;
+        (r["state"] == "waiting").then_some(r)
+    })
+    .await;
+    assert!(
+        waiting["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("held by job {first}")),
+        "{waiting}"
+    );
+
+    let done = wait_settled(&client, &second, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "succeeded");
+    assert_eq!(record(&client, &first).await["state"], "succeeded");
+    let upgrade = &log.runs_of(&first)[0];
+    let backup = &log.runs_of(&second)[0];
+    assert!(
+        backup.started >= upgrade.ended.expect("upgrade ended"),
+        "the backup started only after the upgrade ended"
+    );
+    let states = events.states_of(&second);
+    assert!(states.contains(&"waiting".to_string()), "{states:?}");
+    let status = command(&client, "status").await;
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("locks: none held"),
+        "{status}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_locks_share_a_resource() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let l = log.clone();
+    let a = start_agent(&nats, "read-a", "[backup]\n", move |r| {
+        r.register(Arc::new(
+            TestHandler::new(JobKind::Backup, Behaviour::Sleep(Duration::from_secs(1)), l)
+                .with_locks(vec![LockRequest::read("cluster:lab")]),
+        ))
+    })
+    .await;
+    let client = nats.client().await;
+    let one = command(&client, "backup ns=a").await["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let two = command(&client, "backup ns=b").await["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    wait_settled(&client, &one, Duration::from_secs(20)).await;
+    wait_settled(&client, &two, Duration::from_secs(20)).await;
+    let (r1, r2) = (&log.runs_of(&one)[0], &log.runs_of(&two)[0]);
+    let overlap = r1.started < r2.ended.expect("ended") && r2.started < r1.ended.expect("ended");
+    assert!(overlap, "two readers ran at the same time");
+    a.stop().await;
+}

@@ -1,0 +1,19 @@
+//! End-to-end tests: a real nats-server per test, agents in process or as child processes.
+
+mod cancel;
+mod chatops;
+mod cli;
+mod crash;
+mod locks;
+mod multi_agent;
+mod nats_outage;
+mod schedules;
+mod shutdown;
+mod webhook;
+
+use std::path::PathBuf;
+
+/// The test agent binary: the real CLI plus the marker handler.
+pub fn test_agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_infraflux-test-agent"))
+}
