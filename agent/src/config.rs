@@ -874,6 +874,39 @@ a = 1
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid_and_every_schedule_resolves() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let loaded = Config::load(&path, std::iter::empty()).unwrap_or_else(|p| panic!("{p}"));
+        let c = loaded.config;
+        for kind in infraflux_handlers::JobKind::ALL {
+            assert!(c.handlers.enables(kind), "the example enables {kind}");
+        }
+        let names: Vec<&str> = c.schedules.iter().map(|s| s.name.as_str()).collect();
+        for wanted in [
+            "nightly-velero",
+            "nightly-etcd",
+            "weekly-drill",
+            "drift-check",
+        ] {
+            assert!(names.contains(&wanted), "{wanted} missing from {names:?}");
+        }
+        for s in &c.schedules {
+            assert!(
+                matches!(command::parse(&s.command), Ok(Request::Submit { .. })),
+                "{}",
+                s.command
+            );
+        }
+        assert!(
+            loaded
+                .warnings
+                .0
+                .iter()
+                .all(|w| !w.message.contains("literal"))
+        );
+    }
+
+    #[test]
     fn a_syntax_error_names_the_file() {
         let problems = load("[agent\nid=1", &[]).expect_err("syntax");
         assert!(problems.0[0].key.ends_with("agent.toml"), "{problems}");

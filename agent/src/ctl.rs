@@ -31,6 +31,12 @@ pub struct CtlArgs {
     /// A NATS .creds file.
     #[arg(long)]
     pub creds: Option<PathBuf>,
+    /// A NATS user (with --password-file).
+    #[arg(long, requires = "password_file")]
+    pub user: Option<String>,
+    /// A file holding the password of --user.
+    #[arg(long, requires = "user")]
+    pub password_file: Option<PathBuf>,
     /// Subject prefix of the agents.
     #[arg(
         long,
@@ -74,6 +80,15 @@ pub async fn run(args: CtlArgs) -> u8 {
                 return EXIT_NO_REPLY;
             }
         };
+    }
+    if let (Some(user), Some(file)) = (&args.user, &args.password_file) {
+        match std::fs::read_to_string(file) {
+            Ok(p) => options = options.user_and_password(user.clone(), p.trim_end().to_string()),
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", file.display());
+                return EXIT_NO_REPLY;
+            }
+        }
     }
     let client = match options.connect(args.nats.as_str()).await {
         Ok(c) => c,

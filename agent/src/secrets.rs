@@ -92,7 +92,12 @@ async fn op_read(uri: &str, env: &Environment) -> Result<Secret, String> {
                 OP_TIMEOUT.as_secs()
             )
         })?
-        .map_err(|e| format!("cannot run the 1Password CLI ({bin}): {}", e.kind()))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                format!("the 1Password CLI ({bin}) is not installed or not on PATH")
+            }
+            kind => format!("cannot run the 1Password CLI ({bin}): {kind}"),
+        })?;
     if !out.status.success() {
         // op's stderr describes the failure (not signed in, no such item); it holds no value.
         let reason = String::from_utf8_lossy(&out.stderr);

@@ -108,3 +108,35 @@ async fn cancelling_a_job_that_waits_for_a_lock_ends_it_without_running_it() {
     );
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_kinds_timeout_is_cancelled_and_fails() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let l = log.clone();
+    let agent = start_agent(&nats, "timeout-1", "[acceptance]\n", move |r| {
+        r.register(Arc::new(
+            TestHandler::new(
+                JobKind::Acceptance,
+                Behaviour::Sleep(Duration::from_secs(30)),
+                l,
+            )
+            .with_timeout(Duration::from_millis(500)),
+        ))
+    })
+    .await;
+    let client = nats.client().await;
+    let job_id = command(&client, "acceptance").await["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let done = wait_settled(&client, &job_id, Duration::from_secs(15)).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["message"], "timed out after 500ms");
+    assert!(
+        log.runs_of(&job_id)[0].cancelled,
+        "the handler saw its token fire"
+    );
+    agent.stop().await;
+}
