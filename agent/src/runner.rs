@@ -131,7 +131,6 @@ async fn run_delivery(app: Arc<App>, message: jetstream::Message) {
         app,
         message: Arc::new(message),
         envelope,
-        delivered: u32::try_from(delivered).unwrap_or(u32::MAX),
         job: RunningJob::new(),
         held: Arc::new(Mutex::new(Vec::new())),
     };
@@ -143,7 +142,6 @@ struct Delivery {
     app: Arc<App>,
     message: Arc<jetstream::Message>,
     envelope: JobEnvelope,
-    delivered: u32,
     owner: Owner,
     job: RunningJob,
     /// Locks held by this attempt, the job lease first; renewed by the keepalive.
@@ -273,7 +271,11 @@ impl Delivery {
                 .agent
                 .clone()
                 .unwrap_or_else(|| "an agent".into());
-            if self.delivered > max {
+            // Counted from the record, not from JetStream's delivery count, which also grows
+            // with retries and with deliveries deferred while a lease was held.
+            let interrupted_times =
+                u32::try_from(record.interruptions.len()).unwrap_or(u32::MAX) + 1;
+            if interrupted_times >= max {
                 return self
                     .finish(
                         JobState::Failed,

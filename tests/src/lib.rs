@@ -31,11 +31,18 @@ pub fn init() {
     infraflux_agent::telemetry::init_for_tests();
 }
 
-/// `../shared/fixtures`, or `$IFX_FIXTURES`.
+/// `$IFX_FIXTURES`, else the nearest `shared/fixtures` beside the repository or one of its
+/// parents (the repository is checked out next to `shared/`).
 pub fn fixtures_dir() -> PathBuf {
-    std::env::var_os("IFX_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
+    if let Some(dir) = std::env::var_os("IFX_FIXTURES") {
+        return PathBuf::from(dir);
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .map(|a| a.join("shared/fixtures"))
+        .find(|candidate| candidate.is_dir())
+        .unwrap_or_else(|| manifest.join("../../shared/fixtures"))
 }
 
 pub fn fixture(path: &str) -> Vec<u8> {

@@ -5,6 +5,7 @@ mod chatops;
 mod cli;
 mod crash;
 mod locks;
+mod mapping;
 mod multi_agent;
 mod nats_outage;
 mod schedules;

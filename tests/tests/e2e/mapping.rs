@@ -1,0 +1,122 @@
+//! The mapping of GitHub events to jobs, against GitHub's own payloads.
+
+use infraflux_agent::config::GithubSection;
+use infraflux_agent::github::{Mapping, commit_key, map_event};
+use infraflux_handlers::JobKind;
+use serde_json::{Value, json};
+
+fn fixture(path: &str) -> Value {
+    serde_json::from_slice(&infraflux_tests::fixture(&format!("github/{path}")))
+        .expect("fixture is JSON")
+}
+
+fn gh(repo: &str) -> GithubSection {
+    GithubSection {
+        repo: repo.to_string(),
+        default_branch: "main".into(),
+        api_url: "https://api.github.com".into(),
+        token: None,
+        webhook_secret: infraflux_handlers::secret::SecretRefs(vec![]),
+    }
+}
+
+fn repo_of(payload: &Value) -> String {
+    payload["repository"]["full_name"]
+        .as_str()
+        .expect("repo")
+        .to_string()
+}
+
+#[test]
+fn push_to_the_payloads_default_branch_is_a_reconcile_of_its_commit() {
+    for file in [
+        "push/push.json",
+        "push/with-new-branch.payload.json",
+        "push/github-commit-event.json",
+    ] {
+        let p = fixture(file);
+        let mapping = map_event("push", &p, &gh(&repo_of(&p))).expect(file);
+        let Mapping::Job {
+            kind,
+            commit,
+            idempotency_key,
+            ..
+        } = mapping
+        else {
+            panic!("{file}: {mapping:?}");
+        };
+        assert_eq!(kind, JobKind::Reconcile, "{file}");
+        assert_eq!(commit, p["after"].as_str().expect("after"), "{file}");
+        assert_eq!(idempotency_key, commit_key(&repo_of(&p), &commit));
+    }
+}
+
+#[test]
+fn other_pushes_are_ignored_with_a_reason() {
+    let cases = [
+        (
+            "push/github-commit-event-feature-branch.json",
+            "not to the default branch",
+        ),
+        ("push/push_branch_create.json", "not to the default branch"),
+        ("push/push_branch_delete.json", "deleted"),
+        ("push/push_tag.json", "not a branch"),
+        ("push/payload.json", "deleted"),
+    ];
+    for (file, why) in cases {
+        let p = fixture(file);
+        match map_event("push", &p, &gh(&repo_of(&p))).expect(file) {
+            Mapping::Ignored(reason) => assert!(reason.contains(why), "{file}: {reason}"),
+            other => panic!("{file}: {other:?}"),
+        }
+    }
+    let p = fixture("push/push.json");
+    match map_event("push", &p, &gh("someone/else")).expect("push") {
+        Mapping::Ignored(reason) => assert!(reason.contains("someone/else"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn pull_requests_plan_only_and_closed_ones_start_nothing() {
+    for file in [
+        "pull_request/opened.payload.json",
+        "pull_request/synchronize.payload.json",
+    ] {
+        let p = fixture(file);
+        match map_event("pull_request", &p, &gh(&repo_of(&p))).expect(file) {
+            Mapping::Job { params, commit, .. } => {
+                assert_eq!(params["plan_only"], true);
+                assert_eq!(
+                    commit,
+                    p["pull_request"]["head"]["sha"].as_str().expect("sha")
+                );
+            }
+            other => panic!("{file}: {other:?}"),
+        }
+    }
+    let p = fixture("pull_request/closed.payload.json");
+    assert!(matches!(
+        map_event("pull_request", &p, &gh(&repo_of(&p))).expect("closed"),
+        Mapping::Ignored(_)
+    ));
+}
+
+#[test]
+fn ping_and_unmapped_events() {
+    let p = fixture("ping/payload.json");
+    assert_eq!(map_event("ping", &p, &gh("a/b")), Ok(Mapping::Ping));
+    let p = fixture("release/published.payload.json");
+    assert!(matches!(
+        map_event("release", &p, &gh("a/b")),
+        Ok(Mapping::Ignored(_))
+    ));
+}
+
+#[test]
+fn incomplete_payloads_are_bad_requests() {
+    let e =
+        map_event("push", &json!({"ref": "refs/heads/main"}), &gh("a/b")).expect_err("an error");
+    assert!(e.0.contains("repository.default_branch"), "{e}");
+    assert!(map_event("push", &json!([1, 2]), &gh("a/b")).is_err());
+}
