@@ -83,31 +83,52 @@ struct JsonCommand {
 
 /// Serves commands until `shutdown` fires.
 pub async fn serve(app: Arc<App>, shutdown: CancellationToken) -> Result<(), async_nats::Error> {
-    let names = &app.store.names;
-    let mut commands = app
+    let subject = app.store.names.cmd_subject("*");
+    serve_queue(app, subject, shutdown, answer).await
+}
+
+/// Serves request/reply on `subject` in the agents' queue group until `shutdown`: each request
+/// is answered by `answer` in its own task, and requests already delivered to this agent are
+/// still answered after shutdown starts.
+pub async fn serve_queue<F, Fut>(
+    app: Arc<App>,
+    subject: String,
+    shutdown: CancellationToken,
+    answer: F,
+) -> Result<(), async_nats::Error>
+where
+    F: Fn(Arc<App>, Message) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = Value> + Send + 'static,
+{
+    let mut requests = app
         .store
         .client
-        .queue_subscribe(names.cmd_subject("*"), names.queue_group.clone())
+        .queue_subscribe(subject, app.store.names.queue_group.clone())
         .await?;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            message = commands.next() => {
+            message = requests.next() => {
                 let Some(message) = message else { break };
                 let app = app.clone();
-                tokio::spawn(async move { answer(app, message).await });
+                tokio::spawn(async move {
+                    let reply_to = message.reply.clone();
+                    let body = answer(app.clone(), message).await;
+                    if let Some(to) = reply_to {
+                        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+                        if let Err(e) = app.store.client.publish(to, bytes.into()).await {
+                            tracing::warn!(error = %e, "Reply not sent");
+                        }
+                    }
+                });
             }
         }
     }
-    // Commands already delivered to this agent are still answered.
-    let _ = commands.drain().await;
+    let _ = requests.drain().await;
     Ok(())
 }
 
-async fn answer(app: Arc<App>, message: Message) {
-    let Some(reply_to) = message.reply.clone() else {
-        return;
-    };
+async fn answer(app: Arc<App>, message: Message) -> Value {
     let subject_verb = message
         .subject
         .as_str()
@@ -122,10 +143,7 @@ async fn answer(app: Arc<App>, message: Message) {
         Reply::Err(_) => "rejected",
     };
     app.metrics.command(&subject_verb, result);
-    let body = serde_json::to_vec(&reply.to_json()).unwrap_or_default();
-    if let Err(e) = app.store.client.publish(reply_to, body.into()).await {
-        tracing::warn!(error = %e, "Reply not sent");
-    }
+    reply.to_json()
 }
 
 /// Who sent a command: from the JSON body, else the `Requested-By` header, else "nats".

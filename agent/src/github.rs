@@ -230,33 +230,11 @@ pub async fn serve_nats(
     app: std::sync::Arc<crate::app::App>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    use futures::StreamExt;
-    let names = &app.store.names;
-    let mut events = app
-        .store
-        .client
-        .queue_subscribe(names.github_subject("*"), names.queue_group.clone())
-        .await?;
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            message = events.next() => {
-                let Some(message) = message else { break };
-                let app = app.clone();
-                tokio::spawn(async move {
-                    let reply = nats_event(&app, &message).await;
-                    if let Some(to) = message.reply.clone() {
-                        let body = serde_json::to_vec(&reply).unwrap_or_default();
-                        if let Err(e) = app.store.client.publish(to, body.into()).await {
-                            tracing::warn!(error = %e, "GitHub event reply not sent");
-                        }
-                    }
-                });
-            }
-        }
-    }
-    let _ = events.drain().await;
-    Ok(())
+    let subject = app.store.names.github_subject("*");
+    crate::chatops::serve_queue(app, subject, shutdown, |app, message| async move {
+        nats_event(&app, &message).await
+    })
+    .await
 }
 
 async fn nats_event(app: &crate::app::App, message: &async_nats::Message) -> Value {

@@ -102,6 +102,11 @@ impl TestHandler {
         self.timeout = timeout;
         self
     }
+
+    /// For `start_agent`: registers this handler.
+    pub fn install(self) -> impl FnOnce(&mut infraflux_handlers::Registry) {
+        move |registry| registry.register(Arc::new(self))
+    }
 }
 
 #[async_trait]

@@ -324,6 +324,26 @@ pub async fn all_records(client: &async_nats::Client) -> Vec<Value> {
     out
 }
 
+/// Sends a command that must start a job; returns the job id.
+pub async fn submit(client: &async_nats::Client, text: &str) -> String {
+    let reply = command(client, text).await;
+    assert_eq!(reply["ok"], true, "{text}: {reply}");
+    reply["job_id"].as_str().expect("job id").to_string()
+}
+
+/// Waits until a job's record is in `state` and returns the record.
+pub async fn wait_state(client: &async_nats::Client, job_id: &str, state: &str) -> Value {
+    wait_for(
+        Duration::from_secs(15),
+        &format!("job {job_id} to be {state}"),
+        || async {
+            let r = record(client, job_id).await;
+            (r["state"] == state).then_some(r)
+        },
+    )
+    .await
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, or panics naming `what`.
 pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where

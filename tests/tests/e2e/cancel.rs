@@ -39,10 +39,7 @@ async fn cancelling_a_running_job_sends_sigint_to_its_child_and_ends_it_cancelle
     .await;
     let b = start_agent(&nats, "cancel-b", "[acceptance]\n", mk(log.clone(), script)).await;
     let client = nats.client().await;
-    let job_id = command(&client, "acceptance").await["job_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let job_id = submit(&client, "acceptance").await;
     wait_for(
         Duration::from_secs(15),
         "the child process to start",
@@ -77,14 +74,8 @@ async fn cancelling_a_job_that_waits_for_a_lock_ends_it_without_running_it() {
     })
     .await;
     let client = nats.client().await;
-    let first = command(&client, "backup ns=a").await["job_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let second = command(&client, "backup ns=b").await["job_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let first = submit(&client, "backup ns=a").await;
+    let second = submit(&client, "backup ns=b").await;
     wait_for(Duration::from_secs(10), "one job to wait", || async {
         let (r1, r2) = (
             record(&client, &first).await,
@@ -127,10 +118,7 @@ async fn a_job_past_its_kinds_timeout_is_cancelled_and_fails() {
     })
     .await;
     let client = nats.client().await;
-    let job_id = command(&client, "acceptance").await["job_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let job_id = submit(&client, "acceptance").await;
     let done = wait_settled(&client, &job_id, Duration::from_secs(15)).await;
     assert_eq!(done["state"], "failed", "{done}");
     assert_eq!(done["message"], "timed out after 500ms");

@@ -1,6 +1,5 @@
 //! ChatOps over NATS: every builtin, refusals that name the problem, nothing reaches a shell.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use infraflux_handlers::JobKind;
@@ -14,13 +13,17 @@ async fn every_builtin_answers() {
     let nats = Nats::start();
     let log = RunLog::default();
     let l = log.clone();
-    let agent = start_agent(&nats, "chat-1", "[backup]\n", move |r| {
-        r.register(Arc::new(TestHandler::new(
+    let agent = start_agent(
+        &nats,
+        "chat-1",
+        "[backup]\n",
+        TestHandler::new(
             JobKind::Backup,
             Behaviour::Sleep(Duration::from_millis(100)),
             l,
-        )))
-    })
+        )
+        .install(),
+    )
     .await;
     let client = nats.client().await;
 
@@ -183,13 +186,12 @@ async fn a_retryable_failure_is_retried_with_backoff_and_recorded() {
     let nats = Nats::start();
     let log = RunLog::default();
     let l = log.clone();
-    let agent = start_agent(&nats, "retry-1", "[acceptance]\n", move |r| {
-        r.register(Arc::new(TestHandler::new(
-            JobKind::Acceptance,
-            Behaviour::FlakyUntil(3),
-            l,
-        )))
-    })
+    let agent = start_agent(
+        &nats,
+        "retry-1",
+        "[acceptance]\n",
+        TestHandler::new(JobKind::Acceptance, Behaviour::FlakyUntil(3), l).install(),
+    )
     .await;
     let client = nats.client().await;
     let events = EventLog::subscribe(&client).await;

@@ -1,7 +1,6 @@
 //! The binary's subcommands and exit codes, as operators and workflows use them.
 
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::Duration;
 
 use infraflux_handlers::JobKind;
@@ -159,13 +158,17 @@ async fn ctl_exit_codes_and_github_event_forwarding() {
     .await;
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
 
-    let agent = start_agent(&nats, "ctl-1", "[acceptance]\n", move |r| {
-        r.register(Arc::new(TestHandler::new(
+    let agent = start_agent(
+        &nats,
+        "ctl-1",
+        "[acceptance]\n",
+        TestHandler::new(
             JobKind::Acceptance,
             Behaviour::Sleep(Duration::from_millis(300)),
             l,
-        )))
-    })
+        )
+        .install(),
+    )
     .await;
     let ctl = |words: &[&str]| {
         let mut args = vec!["ctl".to_string(), "--nats".to_string(), nats.url.clone()];

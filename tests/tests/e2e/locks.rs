@@ -39,14 +39,8 @@ async fn two_jobs_on_one_resource_run_one_after_the_other_and_the_second_waits_v
     let client = nats.client().await;
     let events = EventLog::subscribe(&client).await;
 
-    let first = command(&client, "upgrade talos v1.13.0").await["job_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    wait_for(Duration::from_secs(10), "the upgrade to run", || async {
-        (record(&client, &first).await["state"] == "running").then_some(())
-    })
-    .await;
+    let first = submit(&client, "upgrade talos v1.13.0").await;
+    wait_state(&client, &first, "running").await;
     let status = command(&client, "status").await;
     assert!(
         status["message"]
@@ -55,10 +49,7 @@ async fn two_jobs_on_one_resource_run_one_after_the_other_and_the_second_waits_v
             .contains("cluster:lab"),
         "status shows the holder: {status}"
     );
-    let second = command(&client, "backup").await["job_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let second = submit(&client, "backup").await;
     let waiting = wait_for(Duration::from_secs(10), "the backup to wait", || async {
         let r = record(&client, &second).await;
         (r["state"] == "waiting").then_some(r)
@@ -109,14 +100,8 @@ async fn read_locks_share_a_resource() {
     })
     .await;
     let client = nats.client().await;
-    let one = command(&client, "backup ns=a").await["job_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let two = command(&client, "backup ns=b").await["job_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let one = submit(&client, "backup ns=a").await;
+    let two = submit(&client, "backup ns=b").await;
     wait_settled(&client, &one, Duration::from_secs(20)).await;
     wait_settled(&client, &two, Duration::from_secs(20)).await;
     let (r1, r2) = (&log.runs_of(&one)[0], &log.runs_of(&two)[0]);

@@ -35,13 +35,17 @@ async fn deliveries_during_a_nats_restart_are_refused_or_kept_never_lost() {
     let nats = Nats::start();
     let log = RunLog::default();
     let l = log.clone();
-    let agent = start_agent(&nats, "outage", "", move |r| {
-        r.register(Arc::new(TestHandler::new(
+    let agent = start_agent(
+        &nats,
+        "outage",
+        "",
+        TestHandler::new(
             JobKind::Reconcile,
             Behaviour::Sleep(Duration::from_millis(20)),
             l,
-        )))
-    })
+        )
+        .install(),
+    )
     .await;
     assert_eq!(readyz(&agent.http).await, 200);
 

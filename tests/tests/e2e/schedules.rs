@@ -1,6 +1,5 @@
 //! Catch-up: a fire missed while no agent ran runs exactly once at start.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{Timelike, Utc};
@@ -9,13 +8,12 @@ use infraflux_tests::handlers::{Behaviour, RunLog, TestHandler};
 use infraflux_tests::*;
 
 fn handler(log: RunLog) -> impl FnOnce(&mut infraflux_handlers::Registry) {
-    move |r| {
-        r.register(Arc::new(TestHandler::new(
-            JobKind::Acceptance,
-            Behaviour::Sleep(Duration::from_millis(10)),
-            log,
-        )))
-    }
+    TestHandler::new(
+        JobKind::Acceptance,
+        Behaviour::Sleep(Duration::from_millis(10)),
+        log,
+    )
+    .install()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,6 @@
 //! SIGTERM semantics: running jobs get until the deadline; unfinished ones are left for
 //! redelivery, and the next agent is told of the interruption.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use infraflux_handlers::JobKind;
@@ -14,23 +13,21 @@ async fn a_job_that_outlives_the_shutdown_deadline_is_redelivered_and_finishes_e
     let nats = Nats::start();
     let log = RunLog::default();
     let l = log.clone();
-    let a = start_agent(&nats, "stop-a", "[acceptance]\n", move |r| {
-        r.register(Arc::new(TestHandler::new(
+    let a = start_agent(
+        &nats,
+        "stop-a",
+        "[acceptance]\n",
+        TestHandler::new(
             JobKind::Acceptance,
             Behaviour::Sleep(Duration::from_secs(60)),
             l,
-        )))
-    })
+        )
+        .install(),
+    )
     .await;
     let client = nats.client().await;
-    let job_id = command(&client, "acceptance").await["job_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    wait_for(Duration::from_secs(10), "the job to run", || async {
-        (record(&client, &job_id).await["state"] == "running").then_some(())
-    })
-    .await;
+    let job_id = submit(&client, "acceptance").await;
+    wait_state(&client, &job_id, "running").await;
     // shutdown_timeout is 2s in test configs: the 60 s job cannot finish.
     a.stop().await;
     let left = record(&client, &job_id).await;
@@ -51,13 +48,17 @@ async fn a_job_that_outlives_the_shutdown_deadline_is_redelivered_and_finishes_e
     );
 
     let l = log.clone();
-    let b = start_agent(&nats, "stop-b", "[acceptance]\n", move |r| {
-        r.register(Arc::new(TestHandler::new(
+    let b = start_agent(
+        &nats,
+        "stop-b",
+        "[acceptance]\n",
+        TestHandler::new(
             JobKind::Acceptance,
             Behaviour::Sleep(Duration::from_millis(50)),
             l,
-        )))
-    })
+        )
+        .install(),
+    )
     .await;
     let done = wait_settled(&client, &job_id, Duration::from_secs(30)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
@@ -75,23 +76,21 @@ async fn a_job_that_finishes_within_the_deadline_completes_during_shutdown() {
     let nats = Nats::start();
     let log = RunLog::default();
     let l = log.clone();
-    let a = start_agent(&nats, "drain-a", "[acceptance]\n", move |r| {
-        r.register(Arc::new(TestHandler::new(
+    let a = start_agent(
+        &nats,
+        "drain-a",
+        "[acceptance]\n",
+        TestHandler::new(
             JobKind::Acceptance,
             Behaviour::Sleep(Duration::from_millis(800)),
             l,
-        )))
-    })
+        )
+        .install(),
+    )
     .await;
     let client = nats.client().await;
-    let job_id = command(&client, "acceptance").await["job_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    wait_for(Duration::from_secs(10), "the job to run", || async {
-        (record(&client, &job_id).await["state"] == "running").then_some(())
-    })
-    .await;
+    let job_id = submit(&client, "acceptance").await;
+    wait_state(&client, &job_id, "running").await;
     a.stop().await;
     let done = record(&client, &job_id).await;
     assert_eq!(done["state"], "succeeded", "{done}");

@@ -1,6 +1,5 @@
 //! `POST /webhooks/github` as CONTRACT.md describes it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use infraflux_handlers::JobKind;
@@ -14,13 +13,17 @@ async fn signed_push_becomes_one_job_that_runs_to_success_and_duplicates_start_n
     let nats = Nats::start();
     let log = RunLog::default();
     let handler_log = log.clone();
-    let agent = start_agent(&nats, "a1", "", move |r| {
-        r.register(Arc::new(TestHandler::new(
+    let agent = start_agent(
+        &nats,
+        "a1",
+        "",
+        TestHandler::new(
             JobKind::Reconcile,
             Behaviour::Sleep(Duration::from_millis(200)),
             handler_log,
-        )))
-    })
+        )
+        .install(),
+    )
     .await;
     let client = nats.client().await;
     let events = EventLog::subscribe(&client).await;
