@@ -16,8 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
-use infraflux_handlers::Registry;
-use infraflux_handlers::secret::Secrets;
+use infraflux_handlers::{Registry, Services};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +26,7 @@ use crate::config::Config;
 use crate::http::{self, HttpState, Readiness};
 use crate::metrics::Metrics;
 use crate::store::{self, HEARTBEAT_EVERY};
-use crate::{chatops, github, runner, scheduler};
+use crate::{chatops, github, poller, runner, scheduler};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -86,7 +85,7 @@ impl AgentHandle {
 /// Binds the HTTP listener and starts the agent in the background.
 pub async fn start(
     config: Config,
-    secrets: Secrets,
+    services: Services,
     registry: Registry,
 ) -> Result<AgentHandle, AgentError> {
     let (listener, http_addr) =
@@ -101,7 +100,7 @@ pub async fn start(
     let agent_id = config.agent_id();
     let task = tokio::spawn(run(
         config,
-        secrets,
+        services,
         registry,
         listener,
         shutdown.clone(),
@@ -118,7 +117,7 @@ pub async fn start(
 
 async fn run(
     config: Config,
-    secrets: Secrets,
+    services: Services,
     registry: Registry,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
@@ -128,6 +127,7 @@ async fn run(
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
     let app_cell = Arc::new(std::sync::OnceLock::new());
+    let secrets = services.secrets.clone();
     let webhook_secrets: Vec<_> = secrets
         .with_prefix("github.webhook_secret.")
         .map(|(_, s)| s.clone())
@@ -171,7 +171,7 @@ async fn run(
     };
     readiness.jetstream_ok.store(true, Ordering::Relaxed);
 
-    let app = Arc::new(App::new(config, secrets, registry, store, metrics));
+    let app = Arc::new(App::new(config, services, registry, store, metrics));
     let _ = app_cell.set(app.clone());
 
     // Everything but the runner stops as soon as shutdown starts.
@@ -190,6 +190,8 @@ async fn run(
         chatops::serve_cancels(app.clone(), stop.clone()),
     ));
     background.spawn(scheduler::run(app.clone(), stop.clone()));
+    background.spawn(poller::poll(app.clone(), stop.clone()));
+    background.spawn(poller::redeliver(app.clone(), stop.clone()));
     // Heartbeat and readiness keep going until the runner has drained.
     let housekeeping_stop = CancellationToken::new();
     background.spawn(heartbeat(app.clone(), housekeeping_stop.clone()));

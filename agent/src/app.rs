@@ -94,6 +94,7 @@ pub struct App {
     pub config: Config,
     pub agent_id: String,
     pub secrets: Secrets,
+    pub services: infraflux_handlers::Services,
     pub registry: Registry,
     pub store: Store,
     pub records: Records,
@@ -107,11 +108,12 @@ pub struct App {
 impl App {
     pub fn new(
         config: Config,
-        secrets: Secrets,
+        services: infraflux_handlers::Services,
         registry: Registry,
         store: Store,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let secrets = services.secrets.clone();
         let agent_id = config.agent_id();
         let records = Records::new(store.records.clone(), store.js.clone(), store.names.clone());
         let locks = LockManager::new(
@@ -124,6 +126,7 @@ impl App {
             config,
             agent_id,
             secrets,
+            services,
             registry,
             store,
             records,
@@ -132,6 +135,14 @@ impl App {
             metrics,
             running: Mutex::new(HashMap::new()),
             started_at: Utc::now(),
+        }
+    }
+
+    /// The storage handlers may use.
+    pub fn handler_store(&self) -> infraflux_handlers::HandlerStore {
+        infraflux_handlers::HandlerStore {
+            state: self.store.state.clone(),
+            artifacts: self.store.artifacts.clone(),
         }
     }
 

@@ -232,17 +232,28 @@ impl Reply {
 async fn submit(
     app: &Arc<App>,
     kind: JobKind,
-    params: Map<String, Value>,
+    mut params: Map<String, Value>,
     requested_by: String,
     idempotency: Option<String>,
 ) -> Reply {
-    if !app.registry.is_enabled(kind) {
+    let Ok(handler) = app.registry.get(kind) else {
         return Reply::Err(format!(
             "{kind} is not configured on this agent: add a [{}] section to enable it",
             kind.config_section()
         ));
-    }
+    };
     let job_id = new_job_id();
+    // The kind's own checks (an apply's plan must be current): a refusal is a rejected command.
+    let store = app.handler_store();
+    let admission = infraflux_handlers::Admission {
+        job_id: &job_id,
+        requested_by: &requested_by,
+        jobs: &app.records,
+        store: &store,
+    };
+    if let Err(reason) = handler.admit(&admission, &mut params).await {
+        return Reply::Err(reason);
+    }
     let traceparent = telemetry::current_traceparent();
     let envelope = JobEnvelope {
         job_id: job_id.clone(),

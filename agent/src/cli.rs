@@ -130,9 +130,18 @@ async fn run(
             return ExitCode::from(2);
         }
     };
-    let mut registry = Registry::from_sections(&loaded.config.handlers);
+    let services = match crate::services::build(&loaded.config, &secrets, &env).await {
+        Ok(s) => s,
+        Err(problems) => {
+            for p in &problems.0 {
+                tracing::error!(key = %p.key, "{}", p.message);
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let mut registry = Registry::from_sections(&loaded.config.handlers, &services);
     customize(&mut registry);
-    let handle = match agent::start(loaded.config, secrets, registry).await {
+    let handle = match agent::start(loaded.config, services, registry).await {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = %e, "Agent did not start");
@@ -185,10 +194,20 @@ async fn check_config(path: PathBuf) -> ExitCode {
         }
     };
     let mut failed = false;
-    if let Err(problems) = secrets::resolve_all(&loaded.config, &env).await {
-        failed = true;
-        for p in &problems.0 {
-            eprintln!("error: {p}");
+    match secrets::resolve_all(&loaded.config, &env).await {
+        Ok(resolved) => {
+            if let Err(problems) = crate::services::build(&loaded.config, &resolved, &env).await {
+                failed = true;
+                for p in &problems.0 {
+                    eprintln!("error: {p}");
+                }
+            }
+        }
+        Err(problems) => {
+            failed = true;
+            for p in &problems.0 {
+                eprintln!("error: {p}");
+            }
         }
     }
     for w in &loaded.warnings.0 {

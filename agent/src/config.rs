@@ -203,6 +203,13 @@ pub struct GithubSection {
     pub token: Option<SecretRef>,
     /// One secret or a list (during rotation every listed secret is accepted).
     pub webhook_secret: SecretRefs,
+    /// The id of the repository webhook whose failed deliveries are redelivered; absent: the
+    /// hook whose URL ends in `/webhooks/github`.
+    #[serde(default)]
+    pub webhook_id: Option<u64>,
+    /// At start and hourly, redeliver failed webhook deliveries of the last three days.
+    #[serde(default = "default_true")]
+    pub redeliver: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -680,6 +687,9 @@ fn default_branch() -> String {
 }
 fn default_api_url() -> String {
     "https://api.github.com".to_string()
+}
+fn default_true() -> bool {
+    true
 }
 fn default_timezone() -> String {
     "UTC".to_string()

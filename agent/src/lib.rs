@@ -16,10 +16,12 @@ pub mod http;
 pub mod ingest;
 pub mod locks;
 pub mod metrics;
+pub mod poller;
 pub mod records;
 pub mod runner;
 pub mod scheduler;
 pub mod secrets;
+pub mod services;
 pub mod store;
 pub mod telemetry;
 

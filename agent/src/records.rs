@@ -301,6 +301,48 @@ impl Records {
     }
 }
 
+/// Handlers see other jobs through this (an apply reads its plan, and ends it when applied).
+#[async_trait::async_trait]
+impl infraflux_handlers::JobBook for Records {
+    async fn job(&self, job_id: &str) -> Result<Option<infraflux_handlers::JobView>, String> {
+        let found = self.get(job_id).await.map_err(|e| e.to_string())?;
+        Ok(found.map(|(r, _)| infraflux_handlers::JobView {
+            job_id: r.job_id,
+            kind: r.kind,
+            state: r.state.as_str().to_string(),
+            requested_by: r.requested_by,
+            commit: r.commit,
+            params: r.params,
+            result: r.result,
+            created_at: r.created_at,
+        }))
+    }
+
+    async fn settle_approval(
+        &self,
+        job_id: &str,
+        succeeded: bool,
+        message: &str,
+    ) -> Result<(), String> {
+        self.transition(job_id, |r| {
+            if r.state != JobState::AwaitingApproval {
+                return Change::Keep;
+            }
+            r.state = if succeeded {
+                JobState::Succeeded
+            } else {
+                JobState::Failed
+            };
+            r.message = message.to_string();
+            r.finished_at = Some(Utc::now());
+            Change::Write
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+}
+
 fn encode(record: &JobRecord) -> Bytes {
     // A record is plain data; serializing it cannot fail.
     Bytes::from(serde_json::to_vec(record).unwrap_or_default())

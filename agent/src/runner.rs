@@ -433,7 +433,9 @@ impl Delivery {
             agent_id: self.app.agent_id.clone(),
             work_dir,
             redactor: self.app.secrets.redactor().clone(),
-            jetstream: Some(self.app.store.js.clone()),
+            store: self.app.handler_store(),
+            jobs: Arc::new(self.app.records.clone()),
+            kill_grace: self.app.config.agent.kill_grace.get(),
         };
         let timeout = handler.timeout();
         let started = Instant::now();
@@ -712,6 +714,24 @@ impl Progress for RecordProgress {
             .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "Progress not recorded");
+        }
+    }
+
+    async fn set_commit(&self, sha: &str) {
+        let result = self
+            .app
+            .records
+            .transition(&self.job_id, |r| {
+                if r.commit.as_deref() == Some(sha) {
+                    Change::Keep
+                } else {
+                    r.commit = Some(sha.to_string());
+                    Change::Write
+                }
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "Commit not recorded");
         }
     }
 }

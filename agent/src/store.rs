@@ -44,6 +44,7 @@ pub struct Names {
     pub bucket_dedup: String,
     pub bucket_agents: String,
     pub bucket_state: String,
+    pub bucket_artifacts: String,
     pub queue_group: String,
 }
 
@@ -70,6 +71,7 @@ impl Names {
             bucket_dedup: format!("{lower}-dedup"),
             bucket_agents: format!("{lower}-agents"),
             bucket_state: format!("{lower}-state"),
+            bucket_artifacts: format!("{lower}-artifacts"),
             queue_group: format!("{lower}-agents"),
         }
     }
@@ -117,6 +119,8 @@ pub struct Store {
     pub dedup: kv::Store,
     pub agents: kv::Store,
     pub state: kv::Store,
+    /// Saved plans and other artifacts handlers keep between jobs.
+    pub artifacts: async_nats::jetstream::object_store::ObjectStore,
 }
 
 /// Connects with the configured credentials and TLS, reconnecting forever with backoff.
@@ -279,6 +283,8 @@ pub async fn bootstrap(client: Client, config: &Config) -> Result<Store, StoreEr
         deliver_policy: consumer::DeliverPolicy::All,
         ..Default::default()
     };
+    let artifacts = ensure_object_store(&js, &names.bucket_artifacts, replicas).await?;
+
     // nats-server 2.9 treats a create of an existing durable as an update of the fields it
     // allows to change (ack_wait among them), so this is idempotent.
     let consumer = jobs
@@ -297,7 +303,29 @@ pub async fn bootstrap(client: Client, config: &Config) -> Result<Store, StoreEr
         dedup,
         agents,
         state,
+        artifacts,
     })
+}
+
+/// An object store bucket; artifacts older than a week are dropped (plans expire sooner).
+async fn ensure_object_store(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<async_nats::jetstream::object_store::ObjectStore, StoreError> {
+    if let Ok(store) = js.get_object_store(bucket).await {
+        return Ok(store);
+    }
+    js.create_object_store(async_nats::jetstream::object_store::Config {
+        bucket: bucket.to_string(),
+        description: Some("infraflux artifacts: saved terraform plans".into()),
+        max_age: Duration::from_secs(7 * 86_400),
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup(&format!("object store {bucket}"), e.to_string()))
 }
 
 fn setup(what: &str, reason: impl Into<String>) -> StoreError {

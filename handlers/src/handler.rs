@@ -96,6 +96,55 @@ pub struct Interruption {
 #[async_trait]
 pub trait Progress: Send + Sync {
     async fn report(&self, message: &str);
+
+    /// Records the full commit sha the job works on (reconcile and apply jobs).
+    async fn set_commit(&self, _sha: &str) {}
+}
+
+/// Another job, as a handler may see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobView {
+    pub job_id: String,
+    pub kind: JobKind,
+    /// `queued`, `waiting`, `running`, `awaiting_approval`, `succeeded`, `failed`, `cancelled`.
+    pub state: String,
+    pub requested_by: String,
+    pub commit: Option<String>,
+    pub params: serde_json::Map<String, Value>,
+    pub result: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Access to other jobs, for kinds that depend on each other (an `apply` on its plan).
+#[async_trait]
+pub trait JobBook: Send + Sync {
+    async fn job(&self, job_id: &str) -> Result<Option<JobView>, String>;
+
+    /// Ends a job that awaits approval: its plan was applied (`succeeded`) or its apply failed.
+    async fn settle_approval(
+        &self,
+        job_id: &str,
+        succeeded: bool,
+        message: &str,
+    ) -> Result<(), String>;
+}
+
+/// NATS storage a handler may use: the state bucket (small keys) and the artifact object store
+/// (saved plans).
+#[derive(Clone)]
+pub struct HandlerStore {
+    pub state: async_nats::jetstream::kv::Store,
+    pub artifacts: async_nats::jetstream::object_store::ObjectStore,
+}
+
+/// What a handler may check before a ChatOps command becomes a job. A refusal here is a
+/// rejected command (`ok: false`), not a failed job.
+pub struct Admission<'a> {
+    /// The id the job will have if admitted.
+    pub job_id: &'a str,
+    pub requested_by: &'a str,
+    pub jobs: &'a dyn JobBook,
+    pub store: &'a HandlerStore,
 }
 
 /// What a handler gets besides its job.
@@ -117,8 +166,10 @@ pub struct JobContext {
     pub work_dir: PathBuf,
     /// Scrubs secret values from anything the handler sends out.
     pub redactor: Redactor,
-    /// JetStream, for handlers that store artifacts (plans) or read state.
-    pub jetstream: Option<async_nats::jetstream::Context>,
+    pub store: HandlerStore,
+    pub jobs: Arc<dyn JobBook>,
+    /// Grace between SIGINT and SIGKILL for a cancelled child process.
+    pub kill_grace: Duration,
 }
 
 /// How a job ended well.
@@ -216,6 +267,15 @@ pub trait Handler: Send + Sync + 'static {
 
     fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy::never()
+    }
+
+    /// Checks a ChatOps request before it becomes a job; may add parameters.
+    async fn admit(
+        &self,
+        _admission: &Admission<'_>,
+        _params: &mut serde_json::Map<String, Value>,
+    ) -> Result<(), String> {
+        Ok(())
     }
 
     async fn run(&self, ctx: &JobContext, job: &JobEnvelope) -> Result<Outcome, HandlerError>;

@@ -4,8 +4,10 @@
 //! A handler receives a [`JobEnvelope`] and a [`JobContext`] and returns an [`Outcome`] or a
 //! [`HandlerError`]; the runner owns queueing, locks, retries, timeouts and records.
 
+pub mod apply;
 pub mod clients;
 pub mod command;
+pub mod github;
 pub mod handler;
 pub mod job;
 pub mod kind;
@@ -23,9 +25,9 @@ pub mod restore_drill;
 pub mod upgrade;
 
 pub use handler::{
-    Handler, HandlerError, Interruption, JobContext, LockMode, LockRequest, Outcome, Progress,
-    RetryPolicy,
+    Admission, Handler, HandlerError, HandlerStore, Interruption, JobBook, JobContext, JobView,
+    LockMode, LockRequest, Outcome, Progress, RetryPolicy,
 };
 pub use job::{JobEnvelope, Source, new_job_id};
 pub use kind::JobKind;
-pub use registry::{HandlerConfigs, Registry};
+pub use registry::{HandlerConfigs, Registry, Services};

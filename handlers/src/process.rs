@@ -162,10 +162,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_child_ignoring_sigint_is_killed_after_grace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ready = dir.path().join("ready");
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "trap '' INT; sleep 30"]);
+        cmd.arg("-c")
+            .arg(format!("trap '' INT; touch {}; sleep 30", ready.display()));
         let cancel = CancellationToken::new();
-        cancel.cancel();
+        let trigger = cancel.clone();
+        // Cancel only once the trap is in place, or SIGINT could arrive before it.
+        tokio::spawn(async move {
+            while !ready.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            trigger.cancel();
+        });
         let err = run_cancellable(cmd, &cancel, Duration::from_millis(300))
             .await
             .expect_err("cancelled");

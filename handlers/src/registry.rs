@@ -3,10 +3,31 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use std::path::PathBuf;
+
+use crate::apply::ApplyHandler;
+use crate::github::GitHub;
 use crate::handler::{Handler, HandlerError};
 use crate::kind::JobKind;
+use crate::reconcile::{ReconcileHandler, Reconciler};
+use crate::secret::Secrets;
 use crate::unavailable::Unavailable;
 use crate::{acceptance, backup, clients, etcd_snapshot, reconcile, restore_drill, upgrade};
+
+/// What handlers are built with: resolved secrets and the clients shared by several kinds.
+#[derive(Clone, Default)]
+pub struct Services {
+    pub secrets: Secrets,
+    pub github: Option<GitHub>,
+    pub kube: Option<kube::Client>,
+    /// `[agent] state_dir`: working trees and caches live below it.
+    pub state_dir: PathBuf,
+    /// The repository's default branch (`[github] default_branch`).
+    pub default_branch: String,
+    /// The environment child processes (git, terraform) start from: PATH, HOME, proxies,
+    /// TF_CLI_CONFIG_FILE. Nothing else of the agent's environment reaches them.
+    pub tool_env: Vec<(String, String)>,
+}
 
 /// Every handler section of the config. A section that is absent disables its kind.
 #[derive(Debug, Clone, Default)]
@@ -63,13 +84,23 @@ impl Registry {
     }
 
     /// The product's handlers for the sections that are present.
-    pub fn from_sections(configs: &HandlerConfigs) -> Self {
+    pub fn from_sections(configs: &HandlerConfigs, services: &Services) -> Self {
         let mut registry = Self::empty();
         for kind in JobKind::ALL {
             if configs.enables(kind) {
                 // Kinds whose implementation lands in a later release fail honestly.
                 registry.register(Arc::new(Unavailable { kind }));
             }
+        }
+        if let Some(config) = &configs.reconcile {
+            let reconciler = Arc::new(Reconciler {
+                config: config.clone(),
+                services: services.clone(),
+            });
+            registry.register(Arc::new(ReconcileHandler {
+                reconciler: reconciler.clone(),
+            }));
+            registry.register(Arc::new(ApplyHandler { reconciler }));
         }
         registry
     }
@@ -133,7 +164,7 @@ mod tests {
 
     #[test]
     fn every_kind_resolves_from_its_verb_and_its_section() {
-        let registry = Registry::from_sections(&all_sections());
+        let registry = Registry::from_sections(&all_sections(), &Services::default());
         for kind in JobKind::ALL {
             let handler = registry.get(kind).expect("enabled");
             assert_eq!(handler.kind(), kind);
@@ -157,7 +188,7 @@ mod tests {
 
     #[test]
     fn an_absent_section_disables_its_kind_with_a_message() {
-        let registry = Registry::from_sections(&HandlerConfigs::default());
+        let registry = Registry::from_sections(&HandlerConfigs::default(), &Services::default());
         for kind in JobKind::ALL {
             let err = registry.get(kind).err().expect("disabled");
             let msg = err.to_string();

@@ -152,6 +152,47 @@ impl Redactor {
     }
 }
 
+/// Strings shaped like credentials, for text that leaves the platform (PR comments): cloud
+/// keys, GitHub and Slack tokens, private keys, age identities, JWTs, and `password = "..."`
+/// style assignments.
+static CREDENTIAL_PATTERNS: std::sync::LazyLock<Vec<(regex::Regex, &'static str)>> =
+    std::sync::LazyLock::new(|| {
+        [
+            (
+                r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z0-9 ]*PRIVATE KEY-----",
+                "[REDACTED PRIVATE KEY]",
+            ),
+            (r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", "[REDACTED]"),
+            (r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b", "[REDACTED]"),
+            (r"\bgithub_pat_[A-Za-z0-9_]{22,255}\b", "[REDACTED]"),
+            (r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b", "[REDACTED]"),
+            (r"\bAGE-SECRET-KEY-1[0-9A-Z]{58}\b", "[REDACTED]"),
+            (r"\bops_[A-Za-z0-9_-]{20,}", "[REDACTED]"),
+            (
+                r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
+                "[REDACTED]",
+            ),
+            (
+                r#"(?i)\b([a-z0-9_]*(?:password|passwd|secret|token|api_?key|access_?key)[a-z0-9_]*"?\s*[:=]\s*)"[^"\n]{4,}""#,
+                "${1}\"[REDACTED]\"",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(pattern, replacement)| {
+            regex::Regex::new(pattern).ok().map(|r| (r, replacement))
+        })
+        .collect()
+    });
+
+/// Replaces credential-shaped strings in `text`.
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = text.to_string();
+    for (pattern, replacement) in CREDENTIAL_PATTERNS.iter() {
+        out = pattern.replace_all(&out, *replacement).into_owned();
+    }
+    out
+}
+
 /// Every resolved secret, by the config key that referenced it (`github.token`,
 /// `reconcile.env_vars.AWS_ACCESS_KEY_ID`). Every value is also registered with the redactor.
 #[derive(Clone, Default)]
@@ -237,6 +278,30 @@ mod tests {
             r.redact("k=abcdefgh j=abcd x"),
             "k=[REDACTED] j=[REDACTED] x"
         );
+    }
+
+    #[test]
+    fn credential_shapes_are_scrubbed() {
+        let text = concat!(
+            "key AKIAIOSFODNN7EXAMPLE and ghp_0123456789abcdefghijABCDEFGHIJ012345 here\n",
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\ndef\n-----END OPENSSH PRIVATE KEY-----\n",
+            "AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ\n",
+            "  + db_password = \"hunter22\"\n",
+            "  + name = \"talos-cp-1\"\n",
+        );
+        let out = redact_credentials(text);
+        for leaked in [
+            "AKIAIOSFODNN7EXAMPLE",
+            "ghp_0123",
+            "abc\ndef",
+            "AGE-SECRET-KEY-1Q",
+            "hunter22",
+        ] {
+            assert!(!out.contains(leaked), "{leaked} survived:\n{out}");
+        }
+        assert!(out.contains("db_password = \"[REDACTED]\""), "{out}");
+        assert!(out.contains("talos-cp-1"), "ordinary values stay: {out}");
+        assert_eq!(CREDENTIAL_PATTERNS.len(), 9, "every pattern compiles");
     }
 
     #[test]

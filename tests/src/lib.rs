@@ -192,9 +192,12 @@ pub async fn start_agent(
     let secrets = secrets::resolve_all(&loaded.config, &env)
         .await
         .unwrap_or_else(|p| panic!("test secrets: {p}"));
-    let mut registry = Registry::from_sections(&loaded.config.handlers);
+    let services = infraflux_agent::services::build(&loaded.config, &secrets, &env)
+        .await
+        .unwrap_or_else(|p| panic!("test services: {p}"));
+    let mut registry = Registry::from_sections(&loaded.config.handlers, &services);
     customize(&mut registry);
-    let mut handle = infraflux_agent::start(loaded.config, secrets, registry)
+    let mut handle = infraflux_agent::start(loaded.config, services, registry)
         .await
         .expect("agent starts");
     let ready = tokio::time::timeout(Duration::from_secs(20), handle.ready()).await;

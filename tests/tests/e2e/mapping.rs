@@ -17,6 +17,8 @@ fn gh(repo: &str) -> GithubSection {
         api_url: "https://api.github.com".into(),
         token: None,
         webhook_secret: infraflux_handlers::secret::SecretRefs(vec![]),
+        webhook_id: None,
+        redeliver: false,
     }
 }
 

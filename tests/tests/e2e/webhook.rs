@@ -234,8 +234,11 @@ async fn githubs_documented_signature_vector_is_accepted() {
     let secrets = infraflux_agent::secrets::resolve_all(&loaded.config, &env)
         .await
         .expect("secrets");
-    let registry = infraflux_handlers::Registry::from_sections(&loaded.config.handlers);
-    let mut handle = infraflux_agent::start(loaded.config, secrets, registry)
+    let services = infraflux_agent::services::build(&loaded.config, &secrets, &env)
+        .await
+        .expect("services");
+    let registry = infraflux_handlers::Registry::from_sections(&loaded.config.handlers, &services);
+    let mut handle = infraflux_agent::start(loaded.config, services, registry)
         .await
         .expect("start");
     assert!(handle.ready().await);

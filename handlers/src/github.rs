@@ -1,0 +1,494 @@
+//! The GitHub API as the agent uses it: commit statuses, pull request comments, issues, and
+//! webhook deliveries. Built on octocrab (auth, base URL for GitHub Enterprise or a test
+//! server); responses are read as JSON values so that only the fields we use must be present.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use octocrab::Octocrab;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::secret::Secret;
+
+/// GitHub refuses a comment body longer than this many characters.
+pub const MAX_COMMENT_CHARS: usize = 65_536;
+/// GitHub truncates a status description at 140 characters.
+const MAX_STATUS_DESCRIPTION: usize = 140;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitHubError {
+    #[error("GitHub API {what}: {status} {message}")]
+    Api {
+        what: String,
+        status: u16,
+        message: String,
+    },
+    #[error("GitHub API {what}: {message}")]
+    Transport { what: String, message: String },
+    #[error("GitHub client: {0}")]
+    Setup(String),
+}
+
+fn map_err(what: &str, e: octocrab::Error) -> GitHubError {
+    match e {
+        octocrab::Error::GitHub { source, .. } => GitHubError::Api {
+            what: what.to_string(),
+            status: source.status_code.as_u16(),
+            message: source.message.clone(),
+        },
+        // Other variants' Display carries a backtrace; keep the first line.
+        other => GitHubError::Transport {
+            what: what.to_string(),
+            message: other
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        },
+    }
+}
+
+/// A commit status state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusState {
+    Pending,
+    Success,
+    Failure,
+    Error,
+}
+
+impl StatusState {
+    fn as_str(self) -> &'static str {
+        match self {
+            StatusState::Pending => "pending",
+            StatusState::Success => "success",
+            StatusState::Failure => "failure",
+            StatusState::Error => "error",
+        }
+    }
+}
+
+/// One webhook delivery as GitHub lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Delivery {
+    pub id: u64,
+    pub guid: String,
+    pub delivered_at: DateTime<Utc>,
+    #[serde(default)]
+    pub redelivery: bool,
+    #[serde(default)]
+    pub status_code: u16,
+    #[serde(default)]
+    pub event: String,
+}
+
+impl Delivery {
+    pub fn succeeded(&self) -> bool {
+        (200..300).contains(&self.status_code)
+    }
+}
+
+#[derive(Clone)]
+pub struct GitHub {
+    octo: Octocrab,
+    owner: String,
+    repo: String,
+}
+
+impl std::fmt::Debug for GitHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GitHub({}/{})", self.owner, self.repo)
+    }
+}
+
+impl GitHub {
+    pub fn new(api_url: &str, token: Option<&Secret>, repo: &str) -> Result<Self, GitHubError> {
+        let (owner, name) = repo
+            .split_once('/')
+            .ok_or_else(|| GitHubError::Setup(format!("{repo:?} is not owner/name")))?;
+        let mut builder = Octocrab::builder()
+            .base_uri(api_url)
+            .map_err(|e| GitHubError::Setup(format!("api_url {api_url:?}: {e}")))?
+            .set_connect_timeout(Some(Duration::from_secs(10)))
+            .set_read_timeout(Some(Duration::from_secs(30)));
+        if let Some(token) = token {
+            builder = builder.personal_token(token.expose().to_string());
+        }
+        let octo = builder
+            .build()
+            .map_err(|e| GitHubError::Setup(e.to_string()))?;
+        Ok(Self {
+            octo,
+            owner: owner.to_string(),
+            repo: name.to_string(),
+        })
+    }
+
+    fn route(&self, rest: &str) -> String {
+        format!("/repos/{}/{}/{rest}", self.owner, self.repo)
+    }
+
+    /// Sets the commit status `context` on `sha`.
+    pub async fn set_status(
+        &self,
+        sha: &str,
+        context: &str,
+        state: StatusState,
+        description: &str,
+    ) -> Result<(), GitHubError> {
+        let description: String = description.chars().take(MAX_STATUS_DESCRIPTION).collect();
+        let body = json!({"state": state.as_str(), "context": context, "description": description});
+        self.octo
+            .post::<_, Value>(self.route(&format!("statuses/{sha}")), Some(&body))
+            .await
+            .map(|_| ())
+            .map_err(|e| map_err("create status", e))
+    }
+
+    /// Every comment of an issue or pull request, oldest first.
+    async fn comments(&self, number: u64) -> Result<Vec<Value>, GitHubError> {
+        let mut all = Vec::new();
+        for page in 1..=50u32 {
+            let batch: Vec<Value> = self
+                .octo
+                .get(
+                    self.route(&format!("issues/{number}/comments")),
+                    Some(&json!({"per_page": 100, "page": page})),
+                )
+                .await
+                .map_err(|e| map_err("list comments", e))?;
+            let n = batch.len();
+            all.extend(batch);
+            if n < 100 {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    /// Keeps one comment per part, recognised by `marker` (an HTML comment in the body): edits
+    /// the existing ones in place, creates missing parts, deletes surplus parts of an older,
+    /// longer version.
+    pub async fn upsert_comments(
+        &self,
+        number: u64,
+        marker: &str,
+        parts: &[String],
+    ) -> Result<(), GitHubError> {
+        let existing: Vec<(u64, usize)> = self
+            .comments(number)
+            .await?
+            .iter()
+            .filter_map(|c| {
+                let body = c.get("body")?.as_str()?;
+                let id = c.get("id")?.as_u64()?;
+                part_index(body, marker).map(|i| (id, i))
+            })
+            .collect();
+        for (i, part) in parts.iter().enumerate() {
+            let body = format!("{}\n{part}", part_marker(marker, i));
+            match existing.iter().find(|(_, idx)| *idx == i) {
+                Some((id, _)) => {
+                    self.octo
+                        .patch::<Value, _, _>(
+                            self.route(&format!("issues/comments/{id}")),
+                            Some(&json!({"body": body})),
+                        )
+                        .await
+                        .map_err(|e| map_err("update comment", e))?;
+                }
+                None => {
+                    self.octo
+                        .post::<_, Value>(
+                            self.route(&format!("issues/{number}/comments")),
+                            Some(&json!({"body": body})),
+                        )
+                        .await
+                        .map_err(|e| map_err("create comment", e))?;
+                }
+            }
+        }
+        for (id, idx) in existing.iter().filter(|(_, idx)| *idx >= parts.len()) {
+            let _ = idx;
+            let response = self
+                .octo
+                ._delete(self.route(&format!("issues/comments/{id}")), None::<&()>)
+                .await
+                .map_err(|e| map_err("delete comment", e))?;
+            if !response.status().is_success() {
+                return Err(GitHubError::Api {
+                    what: "delete comment".into(),
+                    status: response.status().as_u16(),
+                    message: String::new(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens, updates or closes the one issue whose body carries `marker`.
+    pub async fn upsert_issue(
+        &self,
+        marker: &str,
+        title: &str,
+        body: &str,
+        open: bool,
+    ) -> Result<(), GitHubError> {
+        let issues: Vec<Value> = self
+            .octo
+            .get(
+                self.route("issues"),
+                Some(&json!({"state": "open", "per_page": 100, "labels": "infraflux"})),
+            )
+            .await
+            .map_err(|e| map_err("list issues", e))?;
+        let full = format!("<!-- {marker} -->\n{body}");
+        let found = issues.iter().find(|i| {
+            i.get("body")
+                .and_then(Value::as_str)
+                .is_some_and(|b| b.contains(&format!("<!-- {marker} -->")))
+        });
+        match (
+            found.and_then(|i| i.get("number")).and_then(Value::as_u64),
+            open,
+        ) {
+            (Some(number), true) => self
+                .octo
+                .patch::<Value, _, _>(
+                    self.route(&format!("issues/{number}")),
+                    Some(&json!({"title": title, "body": full})),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| map_err("update issue", e)),
+            (Some(number), false) => self
+                .octo
+                .patch::<Value, _, _>(
+                    self.route(&format!("issues/{number}")),
+                    Some(&json!({"state": "closed", "body": full})),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| map_err("close issue", e)),
+            (None, true) => self
+                .octo
+                .post::<_, Value>(
+                    self.route("issues"),
+                    Some(&json!({"title": title, "body": full, "labels": ["infraflux"]})),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| map_err("create issue", e)),
+            (None, false) => Ok(()),
+        }
+    }
+
+    /// The repository's webhooks.
+    pub async fn hooks(&self) -> Result<Vec<Value>, GitHubError> {
+        self.octo
+            .get(self.route("hooks"), Some(&json!({"per_page": 100})))
+            .await
+            .map_err(|e| map_err("list hooks", e))
+    }
+
+    /// Deliveries of a webhook, newest first, back to `since`.
+    pub async fn deliveries(
+        &self,
+        hook_id: u64,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<Delivery>, GitHubError> {
+        let mut all: Vec<Delivery> = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..30 {
+            let mut params = json!({"per_page": 100});
+            if let Some(c) = &cursor {
+                params["cursor"] = json!(c);
+            }
+            let response = self
+                .octo
+                ._get(
+                    format!(
+                        "{}?{}",
+                        self.route(&format!("hooks/{hook_id}/deliveries")),
+                        query(&params)
+                    )
+                    .as_str(),
+                )
+                .await
+                .map_err(|e| map_err("list deliveries", e))?;
+            let status = response.status();
+            let next = next_cursor(response.headers());
+            let body = self
+                .octo
+                .body_to_string(response)
+                .await
+                .map_err(|e| map_err("list deliveries", e))?;
+            if !status.is_success() {
+                return Err(GitHubError::Api {
+                    what: "list deliveries".into(),
+                    status: status.as_u16(),
+                    message: body.chars().take(200).collect(),
+                });
+            }
+            let batch: Vec<Delivery> =
+                serde_json::from_str(&body).map_err(|e| GitHubError::Transport {
+                    what: "list deliveries".into(),
+                    message: e.to_string(),
+                })?;
+            let reached_end = batch.iter().any(|d| d.delivered_at < since);
+            all.extend(batch.into_iter().filter(|d| d.delivered_at >= since));
+            match next {
+                Some(c) if !reached_end => cursor = Some(c),
+                _ => break,
+            }
+        }
+        Ok(all)
+    }
+
+    /// Asks GitHub to deliver a delivery again.
+    pub async fn redeliver(&self, hook_id: u64, delivery_id: u64) -> Result<(), GitHubError> {
+        let response = self
+            .octo
+            ._post(
+                self.route(&format!(
+                    "hooks/{hook_id}/deliveries/{delivery_id}/attempts"
+                )),
+                None::<&()>,
+            )
+            .await
+            .map_err(|e| map_err("redeliver", e))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(GitHubError::Api {
+                what: "redeliver".into(),
+                status: response.status().as_u16(),
+                message: String::new(),
+            })
+        }
+    }
+}
+
+fn query(params: &Value) -> String {
+    params
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                    format!("{k}={}", url_encode(&v))
+                })
+                .collect::<Vec<_>>()
+                .join("&")
+        })
+        .unwrap_or_default()
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The `cursor` of the `rel="next"` link, as GitHub paginates deliveries.
+fn next_cursor(headers: &http::HeaderMap) -> Option<String> {
+    let link = headers.get("link")?.to_str().ok()?;
+    link.split(',')
+        .find(|l| l.contains("rel=\"next\""))
+        .and_then(|l| l.split("cursor=").nth(1))
+        .map(|c| {
+            c.chars()
+                .take_while(|ch| *ch != '&' && *ch != '>')
+                .collect()
+        })
+}
+
+fn part_marker(marker: &str, index: usize) -> String {
+    format!("<!-- {marker} part={index} -->")
+}
+
+fn part_index(body: &str, marker: &str) -> Option<usize> {
+    let prefix = format!("<!-- {marker} part=");
+    let rest = body.strip_prefix(&prefix)?;
+    rest.split(' ').next()?.parse().ok()
+}
+
+/// Splits `text` into parts that each fit a GitHub comment after a header line, on line
+/// boundaries where possible.
+pub fn split_for_comments(text: &str, reserve: usize) -> Vec<String> {
+    let limit = MAX_COMMENT_CHARS.saturating_sub(reserve).max(1024);
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    for line in text.split_inclusive('\n') {
+        if current.chars().count() + line.chars().count() > limit && !current.is_empty() {
+            parts.push(std::mem::take(&mut current));
+        }
+        if line.chars().count() > limit {
+            let chars: Vec<char> = line.chars().collect();
+            for chunk in chars.chunks(limit) {
+                parts.push(chunk.iter().collect());
+            }
+        } else {
+            current.push_str(line);
+        }
+    }
+    if !current.is_empty() || parts.is_empty() {
+        parts.push(current);
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_text_splits_on_lines_within_the_limit() {
+        let line = "x".repeat(99) + "\n";
+        let text = line.repeat(2000); // 200,000 characters
+        let parts = split_for_comments(&text, 500);
+        assert!(parts.len() >= 4);
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.chars().count() <= MAX_COMMENT_CHARS - 500)
+        );
+        assert_eq!(parts.concat(), text);
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.ends_with('\n')));
+        let one = "y".repeat(MAX_COMMENT_CHARS * 2);
+        let parts = split_for_comments(&one, 500);
+        assert_eq!(parts.concat(), one);
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.chars().count() <= MAX_COMMENT_CHARS - 500)
+        );
+    }
+
+    #[test]
+    fn part_markers_round_trip() {
+        let m = part_marker("infraflux:plan:prod", 3);
+        assert_eq!(
+            part_index(&format!("{m}\nbody"), "infraflux:plan:prod"),
+            Some(3)
+        );
+        assert_eq!(part_index("other comment", "infraflux:plan:prod"), None);
+    }
+
+    #[test]
+    fn link_header_cursor() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "link",
+            "<https://api.github.com/repositories/1/hooks/2/deliveries?per_page=100&cursor=v1_123>; rel=\"next\"".parse().expect("header"),
+        );
+        assert_eq!(next_cursor(&h).as_deref(), Some("v1_123"));
+    }
+}

@@ -1,0 +1,597 @@
+//! `reconcile`: a push to the default branch (or `plan [ref]` / `reconcile` from ChatOps, a
+//! schedule, the poller) runs terraform plan at an exact commit; a plan with changes is saved
+//! and waits for `apply <job-id>`; a plan without changes, or an apply, is followed by an Argo
+//! CD sync of the root Application. Pull requests get a speculative plan as a comment, never an
+//! apply. The commit status `infraflux/reconcile` tells GitHub where each commit stands.
+
+pub mod argocd;
+pub mod preflight;
+pub mod report;
+pub mod terraform;
+pub mod workspace;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::github::StatusState;
+use crate::handler::{Handler, HandlerError, JobContext, LockRequest, Outcome};
+use crate::job::JobEnvelope;
+use crate::kind::JobKind;
+use crate::registry::Services;
+use crate::secret::SecretRef;
+use crate::settings::HumanDuration;
+use terraform::{PlanSummary, Terraform};
+use workspace::Remote;
+
+/// The commit status context on GitHub.
+pub const STATUS_CONTEXT: &str = "infraflux/reconcile";
+
+/// `[reconcile]`; also enables `apply`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// `https://github.com/owner/infra.git`, or `file:///path`.
+    pub repo_url: String,
+    /// The Terraform directory inside the repository.
+    pub workdir: String,
+    /// The environment name; the lock is `terraform:<env>`.
+    pub env: String,
+    #[serde(default = "default_terraform_bin")]
+    pub terraform_bin: String,
+    #[serde(default)]
+    pub auto_apply: bool,
+    #[serde(default = "default_plan_ttl")]
+    pub plan_ttl: HumanDuration,
+    #[serde(default)]
+    pub two_person_rule: bool,
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: HumanDuration,
+    #[serde(default)]
+    pub argocd_app: Option<String>,
+    #[serde(default = "default_argocd_namespace")]
+    pub argocd_namespace: String,
+    /// How long a sync may take to reach Synced and Healthy.
+    #[serde(default = "default_argocd_timeout")]
+    pub argocd_timeout: HumanDuration,
+    /// Keep one GitHub issue open while drift is detected.
+    #[serde(default)]
+    pub drift_issue: bool,
+    /// Handed to terraform only; values may be secret references.
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, SecretRef>,
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_terraform_bin() -> String {
+    "terraform".to_string()
+}
+fn default_plan_ttl() -> HumanDuration {
+    HumanDuration::from_secs(24 * 3600)
+}
+fn default_poll_interval() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+fn default_argocd_namespace() -> String {
+    "argocd".to_string()
+}
+fn default_argocd_timeout() -> HumanDuration {
+    HumanDuration::from_secs(600)
+}
+fn default_timeout() -> HumanDuration {
+    HumanDuration::from_secs(3600)
+}
+
+/// What reconcile and apply share: the repository, terraform, GitHub feedback, Argo CD.
+pub struct Reconciler {
+    pub config: Config,
+    pub services: Services,
+}
+
+/// A reconcile job's result, as stored in its record; `apply` reads it back.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub struct PlanRecord {
+    pub env: String,
+    pub commit: String,
+    #[serde(default)]
+    pub git_ref: Option<String>,
+    pub summary_headline: String,
+    pub addresses: Vec<String>,
+    pub changes: bool,
+    /// The saved plan in the artifact store, when there is something to apply.
+    #[serde(default)]
+    pub plan_object: Option<String>,
+    pub planned_at: chrono::DateTime<Utc>,
+    #[serde(default)]
+    pub drift: bool,
+}
+
+impl Reconciler {
+    pub fn lock(&self) -> LockRequest {
+        LockRequest::write(format!("terraform:{}", self.config.env))
+    }
+
+    pub fn remote(&self) -> Remote {
+        Remote {
+            url: self.config.repo_url.clone(),
+            token: self.services.secrets.get("github.token").cloned(),
+            env: self.services.tool_env.clone(),
+        }
+    }
+
+    fn base_dir(&self) -> PathBuf {
+        self.services.state_dir.join("reconcile")
+    }
+
+    fn job_dir(&self, job_id: &str) -> PathBuf {
+        self.base_dir().join("jobs").join(job_id)
+    }
+
+    pub fn latest_plan_key(&self) -> String {
+        format!("reconcile.latest.{}", self.config.env)
+    }
+
+    pub fn applied_commit_key(&self) -> String {
+        format!("reconcile.applied.{}", self.config.env)
+    }
+
+    pub fn apply_claim_key(plan_job: &str) -> String {
+        format!("reconcile.apply-claim.{plan_job}")
+    }
+
+    fn terraform_env(&self, ctx: &JobContext) -> Vec<(String, String)> {
+        let mut env = self.services.tool_env.clone();
+        let plugin_cache = self.base_dir().join("plugin-cache");
+        let _ = std::fs::create_dir_all(&plugin_cache);
+        env.push(("TF_IN_AUTOMATION".into(), "1".into()));
+        env.push(("TF_INPUT".into(), "0".into()));
+        env.push(("CHECKPOINT_DISABLE".into(), "1".into()));
+        env.push((
+            "TF_PLUGIN_CACHE_DIR".into(),
+            plugin_cache.display().to_string(),
+        ));
+        for name in self.config.env_vars.keys() {
+            if let Some(secret) = self
+                .services
+                .secrets
+                .get(&format!("reconcile.env_vars.{name}"))
+            {
+                env.push((name.clone(), secret.expose().to_string()));
+            }
+        }
+        if let Some(tp) = &ctx.traceparent {
+            env.push(("TRACEPARENT".into(), tp.clone()));
+        }
+        env
+    }
+
+    /// A working tree of `commit`, the backend preflight, `terraform init`: ready to plan or apply.
+    pub async fn prepare(&self, ctx: &JobContext, commit: &str) -> Result<Terraform, HandlerError> {
+        ctx.progress
+            .report(&format!("checking out {}", short(commit)))
+            .await;
+        let dir = self
+            .remote()
+            .checkout(
+                &self.base_dir().join("cache.git"),
+                &self.job_dir(&ctx.job_id),
+                commit,
+                &ctx.cancel,
+            )
+            .await?;
+        let tfdir = dir.join(&self.config.workdir);
+        if !tfdir.is_dir() {
+            return Err(HandlerError::Failed(format!(
+                "{} does not exist at commit {}",
+                self.config.workdir,
+                short(commit)
+            )));
+        }
+        self.preflight(&tfdir).await?;
+        let tf = Terraform {
+            bin: self.config.terraform_bin.clone(),
+            dir: tfdir,
+            env: self.terraform_env(ctx),
+            cancel: ctx.cancel.clone(),
+            grace: ctx.kill_grace,
+            redactor: ctx.redactor.clone(),
+        };
+        ctx.progress.report("terraform init").await;
+        tf.init().await?;
+        Ok(tf)
+    }
+
+    async fn preflight(&self, tfdir: &Path) -> Result<(), HandlerError> {
+        let backend = preflight::find_backend(tfdir).map_err(HandlerError::Failed)?;
+        let target = preflight::check(backend.as_ref()).map_err(|problems| {
+            HandlerError::Failed(format!(
+                "backend preflight failed:\n- {}",
+                problems.join("\n- ")
+            ))
+        })?;
+        // The credentials terraform will use: its env_vars, else the [s3] section's.
+        let secret = |names: [&str; 2]| {
+            names
+                .iter()
+                .find_map(|n| self.services.secrets.get(n))
+                .map(|s| s.expose().to_string())
+        };
+        let id = secret(["reconcile.env_vars.AWS_ACCESS_KEY_ID", "s3.access_key_id"]);
+        let key = secret([
+            "reconcile.env_vars.AWS_SECRET_ACCESS_KEY",
+            "s3.secret_access_key",
+        ]);
+        preflight::reach_bucket(&target, id.as_deref(), key.as_deref())
+            .await
+            .map_err(|e| HandlerError::Failed(format!("backend preflight failed: {e}")))
+    }
+
+    /// Sets the commit status; a GitHub outage must not fail the job, so errors are logged.
+    pub async fn status(&self, commit: &str, state: StatusState, description: &str) {
+        if let Some(gh) = &self.services.github
+            && let Err(e) = gh
+                .set_status(commit, STATUS_CONTEXT, state, description)
+                .await
+        {
+            tracing::warn!(error = %e, commit, "Commit status not set");
+        }
+    }
+
+    /// Syncs the root Application, if one is configured.
+    pub async fn sync_argocd(&self, ctx: &JobContext) -> Result<Option<String>, HandlerError> {
+        let Some(app) = &self.config.argocd_app else {
+            return Ok(None);
+        };
+        let Some(client) = self.services.kube.clone() else {
+            return Err(HandlerError::Failed(
+                "reconcile.argocd_app is set but there is no [kubernetes] section".into(),
+            ));
+        };
+        ctx.progress
+            .report(&format!("syncing Argo CD application {app}"))
+            .await;
+        let report = argocd::sync(
+            client,
+            &self.config.argocd_namespace,
+            app,
+            &ctx.job_id,
+            self.config.argocd_timeout.get(),
+            &ctx.cancel,
+        )
+        .await?;
+        Ok(Some(report.describe()))
+    }
+
+    /// Removes a job's working tree (the plan is in the artifact store).
+    pub fn cleanup(&self, job_id: &str) {
+        let dir = self.job_dir(job_id);
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "Working tree not removed");
+        }
+    }
+
+    /// Applies a saved plan in a prepared working tree and records the applied commit.
+    pub async fn apply_plan(
+        &self,
+        ctx: &JobContext,
+        tf: &Terraform,
+        plan: &Path,
+        commit: &str,
+    ) -> Result<(), HandlerError> {
+        ctx.progress.report("terraform apply").await;
+        tf.apply(plan).await?;
+        if let Err(e) = ctx
+            .store
+            .state
+            .put(self.applied_commit_key(), Bytes::from(commit.to_string()))
+            .await
+        {
+            tracing::warn!(error = %e, "Applied commit not recorded; drift detection may misreport");
+        }
+        Ok(())
+    }
+
+    async fn plan(&self, ctx: &JobContext, job: &JobEnvelope) -> Result<Outcome, HandlerError> {
+        let plan_only = job.params.get("plan_only").and_then(Value::as_bool) == Some(true);
+        let trigger = job.param_str("trigger").unwrap_or("push").to_string();
+        let git_ref = job.param_str("ref").map(str::to_string);
+        let commit = match &job.commit {
+            Some(c) => c.clone(),
+            None => {
+                let reference = git_ref
+                    .clone()
+                    .unwrap_or_else(|| self.services.default_branch.clone());
+                self.remote().resolve(&reference, &ctx.cancel).await?
+            }
+        };
+        ctx.progress.set_commit(&commit).await;
+        if let Some(i) = &ctx.interrupted {
+            // A plan changes nothing: planning again from the start is safe.
+            ctx.progress
+                .report(&format!(
+                    "attempt {} was interrupted; planning again",
+                    i.attempt
+                ))
+                .await;
+        }
+        self.status(
+            &commit,
+            StatusState::Pending,
+            &format!("planning (job {})", ctx.job_id),
+        )
+        .await;
+        let result = self
+            .plan_at(ctx, job, &commit, plan_only, &trigger, git_ref)
+            .await;
+        match &result {
+            Ok(_) => {}
+            Err(HandlerError::Cancelled) => {
+                self.status(&commit, StatusState::Error, "cancelled").await;
+            }
+            Err(e) => {
+                self.status(
+                    &commit,
+                    StatusState::Failure,
+                    &e.user_message(&ctx.trace_id),
+                )
+                .await;
+            }
+        }
+        // The saved plan is in the artifact store; an apply checks the commit out again.
+        self.cleanup(&ctx.job_id);
+        result
+    }
+
+    async fn plan_at(
+        &self,
+        ctx: &JobContext,
+        job: &JobEnvelope,
+        commit: &str,
+        plan_only: bool,
+        trigger: &str,
+        git_ref: Option<String>,
+    ) -> Result<Outcome, HandlerError> {
+        let tf = self.prepare(ctx, commit).await?;
+        ctx.progress.report("terraform fmt -check, validate").await;
+        tf.fmt_check().await?;
+        tf.validate().await?;
+        ctx.progress.report("terraform plan").await;
+        let plan_path = tf.dir.join("infraflux.tfplan");
+        let changes = tf.plan(&plan_path).await?;
+        let json = tf.show_json(&plan_path).await?;
+        for value in terraform::sensitive_values(&json) {
+            ctx.redactor.register(&crate::secret::Secret::new(value));
+        }
+        let summary = terraform::summarize(&json);
+        let changes = changes && summary.has_changes();
+        let mut record = PlanRecord {
+            env: self.config.env.clone(),
+            commit: commit.to_string(),
+            git_ref,
+            summary_headline: if changes {
+                summary.headline()
+            } else {
+                "no changes".into()
+            },
+            addresses: summary.addresses.clone(),
+            changes,
+            plan_object: None,
+            planned_at: Utc::now(),
+            drift: false,
+        };
+
+        if plan_only {
+            let text = tf.show_text(&plan_path).await?;
+            self.comment_on_pull_request(ctx, job, commit, &summary, &text)
+                .await;
+            self.status(
+                commit,
+                StatusState::Success,
+                &format!("plan: {} (not applied)", record.summary_headline),
+            )
+            .await;
+            return Ok(Outcome::Succeeded {
+                message: format!("speculative plan: {}", record.summary_headline),
+                result: to_value(&record),
+            });
+        }
+
+        if !changes {
+            self.report_drift(ctx, &record, false).await;
+            let synced = self.sync_argocd(ctx).await?;
+            self.status(commit, StatusState::Success, "no changes")
+                .await;
+            let mut message = "plan: no changes".to_string();
+            if let Some(s) = synced {
+                message.push_str(&format!("; {s}"));
+            }
+            return Ok(Outcome::Succeeded {
+                message,
+                result: to_value(&record),
+            });
+        }
+
+        // Changes with no new commit behind them: someone changed infrastructure by hand.
+        if matches!(trigger, "plan" | "reconcile") {
+            let applied = ctx
+                .store
+                .state
+                .get(self.applied_commit_key())
+                .await
+                .ok()
+                .flatten();
+            record.drift = applied.is_some_and(|a| a.as_ref() == commit.as_bytes());
+            if record.drift {
+                ctx.progress
+                    .report(&format!(
+                        "drift detected at {}: {}",
+                        short(commit),
+                        summary.headline()
+                    ))
+                    .await;
+            }
+            self.report_drift(ctx, &record, record.drift).await;
+        }
+
+        if self.config.auto_apply {
+            self.status(commit, StatusState::Pending, "applying (auto_apply)")
+                .await;
+            let applied = self.apply_plan(ctx, &tf, &plan_path, commit).await;
+            self.cleanup(&ctx.job_id);
+            applied?;
+            let synced = self.sync_argocd(ctx).await?;
+            self.status(
+                commit,
+                StatusState::Success,
+                &format!("applied: {}", summary.headline()),
+            )
+            .await;
+            let mut message = format!(
+                "applied without approval (auto_apply): {}",
+                summary.headline()
+            );
+            if let Some(s) = synced {
+                message.push_str(&format!("; {s}"));
+            }
+            return Ok(Outcome::Succeeded {
+                message,
+                result: to_value(&record),
+            });
+        }
+
+        let object = format!("plans/{}", ctx.job_id);
+        let bytes = std::fs::read(&plan_path)
+            .map_err(|e| HandlerError::Internal(format!("reading the saved plan: {e}")))?;
+        let mut reader = std::io::Cursor::new(bytes);
+        ctx.store
+            .artifacts
+            .put(object.as_str(), &mut reader)
+            .await
+            .map_err(|e| HandlerError::Retryable(format!("storing the plan: {e}")))?;
+        record.plan_object = Some(object);
+        // The newest plan of this env: an older one can no longer be applied.
+        ctx.store
+            .state
+            .put(self.latest_plan_key(), Bytes::from(ctx.job_id.clone()))
+            .await
+            .map_err(|e| HandlerError::Retryable(format!("recording the plan: {e}")))?;
+        self.status(
+            commit,
+            StatusState::Pending,
+            &format!("awaiting approval: apply {}", ctx.job_id),
+        )
+        .await;
+        Ok(Outcome::AwaitingApproval {
+            message: format!(
+                "plan: {}; approve with `apply {}` within {}",
+                summary.headline(),
+                ctx.job_id,
+                self.config.plan_ttl
+            ),
+            result: to_value(&record),
+        })
+    }
+
+    async fn comment_on_pull_request(
+        &self,
+        ctx: &JobContext,
+        job: &JobEnvelope,
+        commit: &str,
+        summary: &PlanSummary,
+        text: &str,
+    ) {
+        let (Some(gh), Some(number)) = (
+            &self.services.github,
+            job.params.get("pull_request").and_then(Value::as_u64),
+        ) else {
+            return;
+        };
+        let parts = report::PlanComment {
+            env: &self.config.env,
+            commit,
+            job_id: &ctx.job_id,
+            trace_id: &ctx.trace_id,
+            summary,
+            plan_text: text,
+        }
+        .render(&ctx.redactor);
+        if let Err(e) = gh
+            .upsert_comments(number, &report::marker(&self.config.env), &parts)
+            .await
+        {
+            tracing::warn!(error = %e, pr = number, "Plan comment not posted");
+        }
+    }
+
+    async fn report_drift(&self, ctx: &JobContext, record: &PlanRecord, drift: bool) {
+        if !self.config.drift_issue {
+            return;
+        }
+        let Some(gh) = &self.services.github else {
+            return;
+        };
+        let title = format!("Drift detected in {}", self.config.env);
+        let body = format!(
+            "A plan of `{}` with no new commit has changes: {}.\n\n{}\n\nJob `{}`, trace `{}`. This issue is closed when a plan finds no drift.",
+            short(&record.commit),
+            record.summary_headline,
+            record
+                .addresses
+                .iter()
+                .map(|a| format!("- `{a}`"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            ctx.job_id,
+            ctx.trace_id
+        );
+        let marker = format!("infraflux:drift:{}", self.config.env);
+        if let Err(e) = gh.upsert_issue(&marker, &title, &body, drift).await {
+            tracing::warn!(error = %e, "Drift issue not updated");
+        }
+    }
+}
+
+fn to_value(record: &PlanRecord) -> Value {
+    serde_json::to_value(record).unwrap_or(Value::Null)
+}
+
+pub fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(12)]
+}
+
+/// The `reconcile` job kind.
+pub struct ReconcileHandler {
+    pub reconciler: std::sync::Arc<Reconciler>,
+}
+
+#[async_trait]
+impl Handler for ReconcileHandler {
+    fn kind(&self) -> JobKind {
+        JobKind::Reconcile
+    }
+
+    fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {
+        vec![self.reconciler.lock()]
+    }
+
+    fn timeout(&self) -> Duration {
+        self.reconciler.config.timeout.get()
+    }
+
+    async fn run(&self, ctx: &JobContext, job: &JobEnvelope) -> Result<Outcome, HandlerError> {
+        self.reconciler.plan(ctx, job).await
+    }
+}
+
+/// Reads a stored plan back from a reconcile job's result.
+pub fn plan_record(result: &Value) -> Option<PlanRecord> {
+    serde_json::from_value(result.clone()).ok()
+}
