@@ -16,5 +16,19 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+command -v git >/dev/null 2>&1 || { echo "setup: git is missing" >&2; exit 1; }
+
+# An S3 server for the reconcile tests and the demo (terraform's S3 backend with use_lockfile).
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "setup: installing moto[server] from PyPI"
+  python3 -m pip install --quiet 'moto[server]'
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+fi
+command -v moto_server >/dev/null 2>&1 || { echo "setup: moto_server is not on PATH after pip install" >&2; exit 1; }
+
+# terraform is not in Debian's packages; this machine kind has it on the PATH.
+command -v terraform >/dev/null 2>&1 || {
+  echo "setup: terraform (1.10 or newer, for use_lockfile) must be on the PATH" >&2; exit 1; }
+
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing (install Rust with rustup)" >&2; exit 1; }
-echo "setup: nats-server $(nats-server --version | awk '{print $2}'), $(cargo --version)"
+echo "setup: nats-server $(nats-server --version | awk '{print $2}'), $(terraform version 2>/dev/null | grep -m1 Terraform), moto $(python3 -c 'import moto; print(moto.__version__)'), $(cargo --version)"

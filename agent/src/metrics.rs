@@ -22,6 +22,11 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EnvLabel {
+    pub env: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
 }
@@ -40,6 +45,7 @@ pub struct Metrics {
     pub last_success: Family<KindLabel, Gauge<f64, AtomicU64>>,
     pub webhook_requests: Family<ResultLabel, Counter>,
     pub commands: Family<VerbResult, Counter>,
+    pub drift: Family<EnvLabel, Gauge>,
     pub nats_connected: Gauge,
     pub queue_pending: Gauge,
     pub jobs_running: Gauge,
@@ -84,6 +90,12 @@ impl Metrics {
             "ChatOps commands, by verb and result",
             commands.clone(),
         );
+        let drift = Family::<EnvLabel, Gauge>::default();
+        registry.register(
+            "drift_detected",
+            "1 while the last drift check of an environment found changes with no new commit",
+            drift.clone(),
+        );
         let nats_connected = Gauge::default();
         registry.register(
             "nats_connected",
@@ -110,6 +122,7 @@ impl Metrics {
             last_success,
             webhook_requests,
             commands,
+            drift,
             nats_connected,
             queue_pending,
             jobs_running,

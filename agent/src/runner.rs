@@ -583,6 +583,21 @@ impl Delivery {
                             })
                             .set(record.updated_at.timestamp() as f64);
                     }
+                    if let (Some(drift), Some(env)) = (
+                        record
+                            .result
+                            .get("drift")
+                            .and_then(serde_json::Value::as_bool),
+                        record.result.get("env").and_then(serde_json::Value::as_str),
+                    ) {
+                        self.app
+                            .metrics
+                            .drift
+                            .get_or_create(&crate::metrics::EnvLabel {
+                                env: env.to_string(),
+                            })
+                            .set(i64::from(drift));
+                    }
                     self.app.record_last_result(&record, duration).await;
                     return Settle::Ack;
                 }

@@ -4,7 +4,9 @@
 //!
 //! A missing `nats-server` fails the test loudly; nothing here skips.
 
+pub mod fakes;
 pub mod handlers;
+pub mod peers;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -182,11 +184,32 @@ pub async fn start_agent(
     extra: &str,
     customize: impl FnOnce(&mut Registry),
 ) -> TestAgent {
+    start_agent_with_env(nats, agent_id, extra, &[], customize).await
+}
+
+/// [`start_agent`] with extra environment variables (secrets the config references).
+pub async fn start_agent_with_env(
+    nats: &Nats,
+    agent_id: &str,
+    extra: &str,
+    extra_env: &[(&str, &str)],
+    customize: impl FnOnce(&mut Registry),
+) -> TestAgent {
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = format!("{}\n{extra}", base_toml(&nats.url, agent_id, dir.path()));
+    let mut base = base_toml(&nats.url, agent_id, dir.path());
+    if extra.contains("[github]") {
+        // The test brings its own [github] section.
+        base = base[..base.find("[github]").unwrap_or(base.len())].to_string();
+    }
+    let toml = format!("{base}\n{extra}");
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, toml).expect("write config");
-    let env = test_env();
+    let mut env = test_env();
+    env.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     let loaded =
         Config::load(&path, env.clone()).unwrap_or_else(|p| panic!("test config invalid:\n{p}"));
     let secrets = secrets::resolve_all(&loaded.config, &env)
@@ -209,11 +232,24 @@ pub async fn start_agent(
     TestAgent { handle, http, dir }
 }
 
+/// The environment a test agent sees: its webhook secret, and what git and terraform need.
 pub fn test_env() -> HashMap<String, String> {
-    HashMap::from([(
-        "TEST_WEBHOOK_SECRET".to_string(),
-        WEBHOOK_SECRET.to_string(),
-    )])
+    let mut env = HashMap::from([
+        (
+            "TEST_WEBHOOK_SECRET".to_string(),
+            WEBHOOK_SECRET.to_string(),
+        ),
+        (
+            "TF_CLI_CONFIG_FILE".to_string(),
+            peers::empty_cli_config().display().to_string(),
+        ),
+    ]);
+    for key in ["PATH", "HOME"] {
+        if let Ok(v) = std::env::var(key) {
+            env.insert(key.to_string(), v);
+        }
+    }
+    env
 }
 
 /// `sha256=<hex>` of the body under the secret, as GitHub signs.

@@ -108,8 +108,10 @@ pub struct PlanRecord {
     #[serde(default)]
     pub plan_object: Option<String>,
     pub planned_at: chrono::DateTime<Utc>,
-    #[serde(default)]
-    pub drift: bool,
+    /// Set when the plan tells whether infrastructure drifted from the applied commit: `true`
+    /// for changes with no new commit, `false` for no changes; absent otherwise (a push).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<bool>,
 }
 
 impl Reconciler {
@@ -385,7 +387,7 @@ impl Reconciler {
             changes,
             plan_object: None,
             planned_at: Utc::now(),
-            drift: false,
+            drift: None,
         };
 
         if plan_only {
@@ -405,6 +407,7 @@ impl Reconciler {
         }
 
         if !changes {
+            record.drift = Some(false);
             self.report_drift(ctx, &record, false).await;
             let synced = self.sync_argocd(ctx).await?;
             self.status(commit, StatusState::Success, "no changes")
@@ -428,8 +431,9 @@ impl Reconciler {
                 .await
                 .ok()
                 .flatten();
-            record.drift = applied.is_some_and(|a| a.as_ref() == commit.as_bytes());
-            if record.drift {
+            let drift = applied.is_some_and(|a| a.as_ref() == commit.as_bytes());
+            record.drift = Some(drift);
+            if drift {
                 ctx.progress
                     .report(&format!(
                         "drift detected at {}: {}",
@@ -438,7 +442,7 @@ impl Reconciler {
                     ))
                     .await;
             }
-            self.report_drift(ctx, &record, record.drift).await;
+            self.report_drift(ctx, &record, drift).await;
         }
 
         if self.config.auto_apply {

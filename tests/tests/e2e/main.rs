@@ -8,6 +8,7 @@ mod locks;
 mod mapping;
 mod multi_agent;
 mod nats_outage;
+mod reconcile;
 mod schedules;
 mod shutdown;
 mod webhook;

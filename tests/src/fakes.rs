@@ -1,0 +1,651 @@
+//! Fakes of the APIs no real peer can run here: GitHub's REST API and the Kubernetes API with
+//! an Argo CD Application. They speak the real wire shapes (paths, methods, JSON), record what
+//! they were asked, and let the test move state. The product does not know they are fakes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, patch, post};
+use chrono::Utc;
+use serde_json::{Value, json};
+
+/// One request a fake received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub body: Value,
+    pub authorization: Option<String>,
+}
+
+async fn serve(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind fake");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    addr
+}
+
+// ---------------------------------------------------------------------------------------------
+// GitHub
+
+/// A webhook delivery the fake can list and redeliver.
+#[derive(Debug, Clone)]
+pub struct FakeDelivery {
+    pub id: u64,
+    pub guid: String,
+    pub event: String,
+    pub status_code: u16,
+    pub delivered_at: chrono::DateTime<Utc>,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Default)]
+struct GithubState {
+    requests: Vec<Recorded>,
+    statuses: BTreeMap<String, Vec<Value>>,
+    comments: Vec<Value>,
+    issues: Vec<Value>,
+    deliveries: Vec<FakeDelivery>,
+    next_id: u64,
+    /// Where redeliveries are sent, and the secret they are signed with.
+    webhook: Option<(String, String)>,
+}
+
+#[derive(Clone)]
+pub struct FakeGithub {
+    pub url: String,
+    state: Arc<Mutex<GithubState>>,
+}
+
+fn user(login: &str) -> Value {
+    json!({"login": login, "id": 1, "node_id": "MDQ6VXNlcjE=", "type": "Bot", "site_admin": false})
+}
+
+impl FakeGithub {
+    pub async fn start() -> FakeGithub {
+        let state = Arc::new(Mutex::new(GithubState {
+            next_id: 1000,
+            ..Default::default()
+        }));
+        let router = Router::new()
+            .route("/repos/{o}/{r}/statuses/{sha}", post(gh_status))
+            .route(
+                "/repos/{o}/{r}/issues/{n}/comments",
+                get(gh_list_comments).post(gh_create_comment),
+            )
+            .route(
+                "/repos/{o}/{r}/issues/comments/{id}",
+                patch(gh_update_comment).delete(gh_delete_comment),
+            )
+            .route(
+                "/repos/{o}/{r}/issues",
+                get(gh_list_issues).post(gh_create_issue),
+            )
+            .route("/repos/{o}/{r}/issues/{n}", patch(gh_update_issue))
+            .route("/repos/{o}/{r}/hooks", get(gh_hooks))
+            .route("/repos/{o}/{r}/hooks/{h}/deliveries", get(gh_deliveries))
+            .route(
+                "/repos/{o}/{r}/hooks/{h}/deliveries/{d}/attempts",
+                post(gh_redeliver),
+            )
+            .fallback(gh_not_found)
+            .with_state(state.clone());
+        let addr = serve(router).await;
+        FakeGithub {
+            url: format!("http://{addr}"),
+            state,
+        }
+    }
+
+    /// Where redeliveries go (the agent's webhook) and how they are signed.
+    pub fn set_webhook(&self, url: &str, secret: &str) {
+        self.lock().webhook = Some((url.to_string(), secret.to_string()));
+    }
+
+    pub fn add_delivery(&self, delivery: FakeDelivery) {
+        self.lock().deliveries.push(delivery);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GithubState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.lock().requests.clone()
+    }
+
+    /// The statuses set on a commit, oldest first.
+    pub fn statuses(&self, sha: &str) -> Vec<Value> {
+        self.lock().statuses.get(sha).cloned().unwrap_or_default()
+    }
+
+    pub fn comments(&self) -> Vec<Value> {
+        self.lock().comments.clone()
+    }
+
+    pub fn issues(&self) -> Vec<Value> {
+        self.lock().issues.clone()
+    }
+}
+
+type GhState = State<Arc<Mutex<GithubState>>>;
+
+fn record(
+    state: &Arc<Mutex<GithubState>>,
+    method: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) {
+    let body = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let authorization = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Ok(mut s) = state.lock() {
+        s.requests.push(Recorded {
+            method: method.into(),
+            path: path.into(),
+            body,
+            authorization,
+        });
+    }
+}
+
+async fn gh_status(
+    State(s): GhState,
+    Path((o, r, sha)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(
+        &s,
+        "POST",
+        &format!("/repos/{o}/{r}/statuses/{sha}"),
+        &headers,
+        &body,
+    );
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    st.next_id += 1;
+    let status = json!({
+        "url": format!("https://api.github.com/repos/{o}/{r}/statuses/{sha}"),
+        "id": st.next_id,
+        "node_id": "SC_kwDO",
+        "state": req["state"],
+        "description": req["description"],
+        "target_url": req["target_url"],
+        "context": req["context"],
+        "created_at": Utc::now().to_rfc3339(),
+        "updated_at": Utc::now().to_rfc3339(),
+        "creator": user("infraflux-bot"),
+    });
+    st.statuses.entry(sha).or_default().push(status.clone());
+    (StatusCode::CREATED, axum::Json(status)).into_response()
+}
+
+fn comment_json(id: u64, issue: u64, body: &str) -> Value {
+    json!({
+        "id": id,
+        "node_id": "IC_kwDO",
+        "url": format!("https://api.github.com/repos/lab/infra/issues/comments/{id}"),
+        "html_url": format!("https://github.com/lab/infra/pull/{issue}#issuecomment-{id}"),
+        "issue_url": format!("https://api.github.com/repos/lab/infra/issues/{issue}"),
+        "body": body,
+        "user": user("infraflux-bot"),
+        "created_at": Utc::now().to_rfc3339(),
+        "updated_at": Utc::now().to_rfc3339(),
+        "author_association": "NONE",
+        "issue": issue,
+    })
+}
+
+async fn gh_list_comments(
+    State(s): GhState,
+    Path((_o, _r, n)): Path<(String, String, u64)>,
+) -> Response {
+    let st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let list: Vec<Value> = st
+        .comments
+        .iter()
+        .filter(|c| c["issue"] == n)
+        .cloned()
+        .collect();
+    axum::Json(list).into_response()
+}
+
+async fn gh_create_comment(
+    State(s): GhState,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(
+        &s,
+        "POST",
+        &format!("/repos/{o}/{r}/issues/{n}/comments"),
+        &headers,
+        &body,
+    );
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    st.next_id += 1;
+    let c = comment_json(st.next_id, n, req["body"].as_str().unwrap_or_default());
+    st.comments.push(c.clone());
+    (StatusCode::CREATED, axum::Json(c)).into_response()
+}
+
+async fn gh_update_comment(
+    State(s): GhState,
+    Path((o, r, id)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(
+        &s,
+        "PATCH",
+        &format!("/repos/{o}/{r}/issues/comments/{id}"),
+        &headers,
+        &body,
+    );
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    match st.comments.iter_mut().find(|c| c["id"] == id) {
+        Some(c) => {
+            c["body"] = req["body"].clone();
+            c["updated_at"] = json!(Utc::now().to_rfc3339());
+            axum::Json(c.clone()).into_response()
+        }
+        None => gh_404(),
+    }
+}
+
+async fn gh_delete_comment(
+    State(s): GhState,
+    Path((o, r, id)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+) -> Response {
+    record(
+        &s,
+        "DELETE",
+        &format!("/repos/{o}/{r}/issues/comments/{id}"),
+        &headers,
+        &Bytes::new(),
+    );
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    st.comments.retain(|c| c["id"] != id);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn gh_list_issues(State(s): GhState) -> Response {
+    let st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let open: Vec<Value> = st
+        .issues
+        .iter()
+        .filter(|i| i["state"] == "open")
+        .cloned()
+        .collect();
+    axum::Json(open).into_response()
+}
+
+async fn gh_create_issue(
+    State(s): GhState,
+    Path((o, r)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(
+        &s,
+        "POST",
+        &format!("/repos/{o}/{r}/issues"),
+        &headers,
+        &body,
+    );
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    st.next_id += 1;
+    let number = st.issues.len() as u64 + 1;
+    let issue = json!({"id": st.next_id, "number": number, "state": "open", "title": req["title"], "body": req["body"], "labels": req["labels"], "user": user("infraflux-bot")});
+    st.issues.push(issue.clone());
+    (StatusCode::CREATED, axum::Json(issue)).into_response()
+}
+
+async fn gh_update_issue(
+    State(s): GhState,
+    Path((o, r, n)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(
+        &s,
+        "PATCH",
+        &format!("/repos/{o}/{r}/issues/{n}"),
+        &headers,
+        &body,
+    );
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    match st.issues.iter_mut().find(|i| i["number"] == n) {
+        Some(issue) => {
+            for (k, v) in req.as_object().into_iter().flatten() {
+                issue[k] = v.clone();
+            }
+            axum::Json(issue.clone()).into_response()
+        }
+        None => gh_404(),
+    }
+}
+
+async fn gh_hooks(State(s): GhState) -> Response {
+    let st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let url = st
+        .webhook
+        .as_ref()
+        .map(|(u, _)| u.clone())
+        .unwrap_or_default();
+    axum::Json(json!([{
+        "type": "Repository", "id": 42, "name": "web", "active": true, "events": ["push", "pull_request"],
+        "config": {"content_type": "json", "insecure_ssl": "0", "url": url},
+    }]))
+    .into_response()
+}
+
+async fn gh_deliveries(
+    State(s): GhState,
+    Path((_o, _r, h)): Path<(String, String, u64)>,
+) -> Response {
+    if h != 42 {
+        return gh_404();
+    }
+    let st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let mut list: Vec<&FakeDelivery> = st.deliveries.iter().collect();
+    list.sort_by_key(|d| std::cmp::Reverse(d.delivered_at));
+    let body: Vec<Value> = list
+        .iter()
+        .map(|d| {
+            json!({
+                "id": d.id, "guid": d.guid, "delivered_at": d.delivered_at.to_rfc3339(),
+                "redelivery": false, "duration": 0.2,
+                "status": if (200..300).contains(&d.status_code) { "OK".to_string() } else { format!("Invalid HTTP Response: {}", d.status_code) },
+                "status_code": d.status_code, "event": d.event, "action": null,
+                "installation_id": null, "repository_id": 1,
+            })
+        })
+        .collect();
+    axum::Json(body).into_response()
+}
+
+/// GitHub redelivers a delivery with the same guid and payload; so does the fake, to the
+/// configured webhook, signed like GitHub signs.
+async fn gh_redeliver(
+    State(s): GhState,
+    Path((o, r, h, d)): Path<(String, String, u64, u64)>,
+    headers: HeaderMap,
+) -> Response {
+    record(
+        &s,
+        "POST",
+        &format!("/repos/{o}/{r}/hooks/{h}/deliveries/{d}/attempts"),
+        &headers,
+        &Bytes::new(),
+    );
+    let (delivery, webhook) = {
+        let st = s.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            st.deliveries.iter().find(|x| x.id == d).cloned(),
+            st.webhook.clone(),
+        )
+    };
+    let (Some(delivery), Some((url, secret))) = (delivery, webhook) else {
+        return gh_404();
+    };
+    let signature = crate::sign(&secret, &delivery.payload);
+    let sent = reqwest::Client::new()
+        .post(&url)
+        .header("X-GitHub-Event", &delivery.event)
+        .header("X-GitHub-Delivery", &delivery.guid)
+        .header("X-Hub-Signature-256", signature)
+        .header("Content-Type", "application/json")
+        .body(delivery.payload.clone())
+        .send()
+        .await;
+    let code = sent.map(|r| r.status().as_u16()).unwrap_or(0);
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    st.next_id += 1;
+    let id = st.next_id;
+    st.deliveries.push(FakeDelivery {
+        id,
+        status_code: code,
+        delivered_at: Utc::now(),
+        ..delivery
+    });
+    (StatusCode::ACCEPTED, axum::Json(json!({}))).into_response()
+}
+
+fn gh_404() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({"message": "Not Found", "documentation_url": "https://docs.github.com/rest", "status": "404"})),
+    )
+        .into_response()
+}
+
+async fn gh_not_found(method: Method, uri: Uri) -> Response {
+    tracing::warn!(%method, %uri, "fake GitHub: no route");
+    gh_404()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes + Argo CD
+
+#[derive(Default)]
+struct KubeState {
+    apps: BTreeMap<String, Value>,
+    requests: Vec<Recorded>,
+    /// Whether the fake controller finishes syncs (as Argo CD would), and how.
+    controller_phase: String,
+}
+
+#[derive(Clone)]
+pub struct FakeKube {
+    pub url: String,
+    state: Arc<Mutex<KubeState>>,
+}
+
+impl FakeKube {
+    /// A Kubernetes API holding Argo CD Applications, with a controller that completes a
+    /// requested sync after a moment: it clears `operation`, records `operationState` and sets
+    /// sync and health.
+    pub async fn start(namespace: &str) -> FakeKube {
+        let state = Arc::new(Mutex::new(KubeState {
+            controller_phase: "Succeeded".into(),
+            ..Default::default()
+        }));
+        let router = Router::new()
+            .route(
+                "/apis/argoproj.io/v1alpha1/namespaces/{ns}/applications/{name}",
+                any(kube_app),
+            )
+            .fallback(kube_not_found)
+            .with_state(state.clone());
+        let addr = serve(router).await;
+        let controller = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut st = controller.lock().unwrap_or_else(|p| p.into_inner());
+                let phase = st.controller_phase.clone();
+                for app in st.apps.values_mut() {
+                    if app.get("operation").is_some_and(|o| !o.is_null()) {
+                        let op = app["operation"].clone();
+                        app["operation"] = Value::Null;
+                        app["status"]["operationState"] = json!({
+                            "phase": phase, "message": "successfully synced (all tasks run)",
+                            "operation": op, "startedAt": Utc::now().to_rfc3339(), "finishedAt": Utc::now().to_rfc3339(),
+                        });
+                        if phase == "Succeeded" {
+                            app["status"]["sync"]["status"] = json!("Synced");
+                            app["status"]["health"]["status"] = json!("Healthy");
+                        }
+                    }
+                }
+            }
+        });
+        let _ = namespace;
+        FakeKube {
+            url: format!("http://{addr}"),
+            state,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, KubeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds an Application `name` in `namespace` with the given sync and health, and the child
+    /// Applications it manages.
+    pub fn add_app(
+        &self,
+        namespace: &str,
+        name: &str,
+        sync: &str,
+        health: &str,
+        children: &[&str],
+    ) {
+        let resources: Vec<Value> = children
+            .iter()
+            .map(|c| json!({"group": "argoproj.io", "version": "v1alpha1", "kind": "Application", "namespace": namespace, "name": c, "status": "Synced"}))
+            .collect();
+        let app = json!({
+            "apiVersion": "argoproj.io/v1alpha1",
+            "kind": "Application",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"), "resourceVersion": "1", "generation": 1},
+            "spec": {"project": "default", "source": {"repoURL": "https://github.com/lab/infra.git", "path": format!("apps/{name}"), "targetRevision": "main"}, "destination": {"server": "https://kubernetes.default.svc", "namespace": namespace}},
+            "status": {"sync": {"status": sync}, "health": {"status": health}, "resources": resources},
+        });
+        self.lock().apps.insert(format!("{namespace}/{name}"), app);
+    }
+
+    pub fn app(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.lock()
+            .apps
+            .get(&format!("{namespace}/{name}"))
+            .cloned()
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.lock().requests.clone()
+    }
+
+    /// A kubeconfig pointing at this API server.
+    pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: fake-token\n",
+            self.url
+        );
+        std::fs::write(&path, text).expect("kubeconfig");
+        path
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            for (k, v) in p {
+                if v.is_null() {
+                    if let Some(t) = target.as_object_mut() {
+                        t.remove(k);
+                    }
+                } else if let Some(t) = target.as_object_mut() {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+async fn kube_app(
+    State(s): State<Arc<Mutex<KubeState>>>,
+    Path((ns, name)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let key = format!("{ns}/{name}");
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    st.requests.push(Recorded {
+        method: method.to_string(),
+        path: format!("/apis/argoproj.io/v1alpha1/namespaces/{ns}/applications/{name}"),
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    });
+    let Some(app) = st.apps.get_mut(&key) else {
+        return kube_status(
+            404,
+            "NotFound",
+            &format!("applications.argoproj.io \"{name}\" not found"),
+        );
+    };
+    match method {
+        Method::GET => axum::Json(app.clone()).into_response(),
+        Method::PATCH => {
+            let content_type = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if content_type != "application/merge-patch+json" {
+                return kube_status(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!("the fake accepts merge patches, got {content_type}"),
+                );
+            }
+            let patch: Value = serde_json::from_slice(&body).unwrap_or_default();
+            merge(app, &patch);
+            let rv = app["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1)
+                + 1;
+            app["metadata"]["resourceVersion"] = json!(rv.to_string());
+            axum::Json(app.clone()).into_response()
+        }
+        _ => kube_status(405, "MethodNotAllowed", "method not allowed"),
+    }
+}
+
+fn kube_status(code: u16, reason: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})),
+    )
+        .into_response()
+}
+
+async fn kube_not_found(uri: Uri) -> Response {
+    kube_status(
+        404,
+        "NotFound",
+        &format!("the server could not find the requested resource ({uri})"),
+    )
+}

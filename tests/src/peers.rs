@@ -1,0 +1,232 @@
+//! Real peers for the reconcile tests: an S3 server (moto) and a git repository as the infra
+//! repository, with Terraform configs that use only built-in resources.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// An S3-compatible server (PyPI `moto[server]`) on a free port.
+pub struct S3Server {
+    pub endpoint: String,
+    child: Child,
+}
+
+impl S3Server {
+    pub async fn start(bucket: &str) -> S3Server {
+        let port = crate::free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start moto_server ({e}); install it: pip install 'moto[server]'")
+            });
+        let server = S3Server {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let created = reqwest::Client::new()
+            .put(format!("{}/{bucket}", server.endpoint))
+            .send()
+            .await
+            .expect("create bucket");
+        assert!(
+            created.status().is_success(),
+            "create bucket: {}",
+            created.status()
+        );
+        server
+    }
+
+    /// Every object key in `bucket`.
+    pub async fn keys(&self, bucket: &str) -> Vec<String> {
+        let body = reqwest::get(format!("{}/{bucket}?list-type=2", self.endpoint))
+            .await
+            .expect("list")
+            .text()
+            .await
+            .expect("list body");
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split("</Key>").next())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl S3Server {
+    /// Deletes an object with a signed request, as a person with the bucket's keys would.
+    pub async fn delete(&self, bucket: &str, key: &str) {
+        use object_store::ObjectStoreExt;
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_access_key_id("testing")
+            .with_secret_access_key("testing")
+            .with_virtual_hosted_style_request(false)
+            .build()
+            .expect("s3 client");
+        store
+            .delete(&object_store::path::Path::from(key))
+            .await
+            .expect("delete object");
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A git repository standing in for the user's infra repository.
+pub struct InfraRepo {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "user.name=Codertocat",
+            "-c",
+            "user.email=octocat@github.com",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl InfraRepo {
+    pub fn new() -> InfraRepo {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("infra");
+        std::fs::create_dir_all(&path).expect("mkdir");
+        git(&path, &["init", "--quiet", "-b", "main"]);
+        InfraRepo { _dir: dir, path }
+    }
+
+    pub fn url(&self) -> String {
+        format!("file://{}", self.path.display())
+    }
+
+    pub fn write(&self, relative: &str, content: &str) {
+        let file = self.path.join(relative);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(file, content).expect("write");
+    }
+
+    /// Commits everything on the current branch; returns the full sha.
+    pub fn commit(&self, message: &str) -> String {
+        git(&self.path, &["add", "-A"]);
+        git(
+            &self.path,
+            &["commit", "--quiet", "--allow-empty", "-m", message],
+        );
+        git(&self.path, &["rev-parse", "HEAD"])
+    }
+
+    pub fn checkout_new_branch(&self, name: &str) {
+        git(&self.path, &["checkout", "--quiet", "-b", name]);
+    }
+
+    pub fn checkout(&self, name: &str) {
+        git(&self.path, &["checkout", "--quiet", name]);
+    }
+}
+
+impl Default for InfraRepo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The S3 backend block for MinIO-like servers, with locking on.
+pub fn backend(endpoint: &str) -> String {
+    format!(
+        r#"terraform {{
+  backend "s3" {{
+    bucket                      = "tfstate"
+    key                         = "prod/terraform.tfstate"
+    region                      = "us-east-1"
+    endpoints                   = {{ s3 = "{endpoint}" }}
+    use_path_style              = true
+    skip_credentials_validation = true
+    skip_region_validation      = true
+    skip_requesting_account_id  = true
+    skip_metadata_api_check     = true
+    use_lockfile                = true
+  }}
+}}
+"#
+    )
+}
+
+/// Resources of a small lab: one VM stand-in per name, a sensitive password, and a token that
+/// terraform does not know is secret (it comes from the agent's env_vars).
+pub fn resources(names: &[&str], slow_seconds: u32) -> String {
+    let mut tf = String::from(
+        r#"variable "db_password" {
+  type      = string
+  sensitive = true
+  default   = "s3cr3t-db-pass-0042"
+}
+
+variable "api_token" {
+  type    = string
+  default = "none"
+}
+"#,
+    );
+    for name in names {
+        tf.push_str(&format!(
+            r#"
+resource "terraform_data" "{name}" {{
+  input = {{
+    name     = "{name}"
+    password = var.db_password
+    token    = var.api_token
+  }}
+"#
+        ));
+        if slow_seconds > 0 {
+            tf.push_str(&format!(
+                "\n  provisioner \"local-exec\" {{\n    command = \"sleep {slow_seconds}\"\n  }}\n"
+            ));
+        }
+        tf.push_str("}\n");
+    }
+    tf
+}
+
+/// An empty terraform CLI config: no provider may be downloaded here, and none is needed.
+pub fn empty_cli_config() -> PathBuf {
+    let path = std::env::temp_dir().join("infraflux-tests-empty.tfrc");
+    if !path.exists() {
+        std::fs::write(&path, "").expect("write empty tfrc");
+    }
+    path
+}

@@ -1,0 +1,696 @@
+//! Reconcile end to end: a real terraform against a real S3 server, a git repository as the
+//! infra repo, a fake GitHub API and a fake Kubernetes API holding Argo CD Applications.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use infraflux_tests::fakes::{FakeDelivery, FakeGithub, FakeKube};
+use infraflux_tests::peers::{InfraRepo, S3Server, backend, resources};
+use infraflux_tests::*;
+use serde_json::Value;
+
+const WORKDIR: &str = "terraform/envs/prod";
+const SENSITIVE: &str = "s3cr3t-db-pass-0042";
+const API_TOKEN: &str = "api-token-value-7731";
+const AWS_SECRET: &str = "testing-secret-key-xyz";
+
+struct Lab {
+    nats: Nats,
+    s3: S3Server,
+    repo: InfraRepo,
+    gh: FakeGithub,
+    kube: FakeKube,
+    agent: TestAgent,
+    client: async_nats::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// Runs before the agent starts, with the fake GitHub, the repository and the agent's webhook URL.
+type BeforeStart<'a> = Box<dyn FnOnce(&FakeGithub, &InfraRepo, &str) + 'a>;
+
+struct LabOptions<'a> {
+    reconcile: &'a str,
+    github: &'a str,
+    env: Vec<(&'a str, String)>,
+    slow_seconds: u32,
+    before_start: Option<BeforeStart<'a>>,
+}
+
+impl Default for LabOptions<'_> {
+    fn default() -> Self {
+        Self {
+            reconcile: "",
+            github: "redeliver = false",
+            env: Vec::new(),
+            slow_seconds: 0,
+            before_start: None,
+        }
+    }
+}
+
+async fn lab(options: LabOptions<'_>) -> Lab {
+    init();
+    let nats = Nats::start();
+    let s3 = S3Server::start("tfstate").await;
+    let repo = InfraRepo::new();
+    repo.write(&format!("{WORKDIR}/backend.tf"), &backend(&s3.endpoint));
+    repo.write(
+        &format!("{WORKDIR}/main.tf"),
+        &resources(&["cp_1"], options.slow_seconds),
+    );
+    repo.commit("Initial platform");
+    let gh = FakeGithub::start().await;
+    let kube = FakeKube::start("argocd").await;
+    kube.add_app(
+        "argocd",
+        "root",
+        "OutOfSync",
+        "Healthy",
+        &["cilium", "longhorn"],
+    );
+    kube.add_app("argocd", "cilium", "Synced", "Healthy", &[]);
+    kube.add_app("argocd", "longhorn", "Synced", "Healthy", &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = kube.kubeconfig(dir.path());
+    let http_port = free_port();
+    let webhook_url = format!("http://127.0.0.1:{http_port}/webhooks/github");
+    if let Some(f) = options.before_start {
+        f(&gh, &repo, &webhook_url);
+    }
+    let extra = format!(
+        r#"
+[github]
+repo = "lab/infra"
+default_branch = "main"
+api_url = "{gh}"
+token = "env:TEST_GITHUB_TOKEN"
+webhook_secret = "env:TEST_WEBHOOK_SECRET"
+{github}
+
+[kubernetes]
+kubeconfig = "{kubeconfig}"
+
+[reconcile]
+repo_url = "{repo}"
+workdir = "{WORKDIR}"
+env = "prod"
+poll_interval = "1h"
+argocd_app = "root"
+argocd_timeout = "30s"
+timeout = "5m"
+{reconcile}
+
+[reconcile.env_vars]
+AWS_ACCESS_KEY_ID = "env:TEST_AWS_KEY"
+AWS_SECRET_ACCESS_KEY = "env:TEST_AWS_SECRET"
+TF_VAR_api_token = "env:TEST_API_TOKEN"
+"#,
+        gh = gh.url,
+        github = options.github,
+        kubeconfig = kubeconfig.display(),
+        repo = repo.url(),
+        reconcile = options.reconcile,
+    );
+    let listen = format!("127.0.0.1:{http_port}");
+    let mut env: Vec<(&str, String)> = vec![
+        (
+            "TEST_GITHUB_TOKEN",
+            "ghp_fakeTokenForTests0123456789abcdefABCD".to_string(),
+        ),
+        ("TEST_AWS_KEY", "testing".to_string()),
+        ("TEST_AWS_SECRET", AWS_SECRET.to_string()),
+        ("TEST_API_TOKEN", API_TOKEN.to_string()),
+        ("INFRAFLUX_HTTP__LISTEN", listen),
+    ];
+    env.extend(options.env);
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let agent = start_agent_with_env(&nats, "reconciler", &extra, &env_refs, |_| {}).await;
+    let client = nats.client().await;
+    Lab {
+        nats,
+        s3,
+        repo,
+        gh,
+        kube,
+        agent,
+        client,
+        _dir: dir,
+    }
+}
+
+/// GitHub's push payload, for our repository's main branch at `sha`, pushed by `pusher`.
+fn push_payload(sha: &str, pusher: &str) -> Vec<u8> {
+    let mut p: Value = serde_json::from_slice(&fixture("github/push/push.json")).expect("json");
+    p["ref"] = "refs/heads/main".into();
+    p["after"] = sha.into();
+    p["repository"]["full_name"] = "lab/infra".into();
+    p["repository"]["default_branch"] = "main".into();
+    p["pusher"]["name"] = pusher.into();
+    serde_json::to_vec(&p).expect("json")
+}
+
+impl Lab {
+    async fn push(&self, sha: &str, pusher: &str) -> String {
+        let (status, reply) = post_webhook(
+            &self.agent.http,
+            "push",
+            &format!("push-{sha}"),
+            &push_payload(sha, pusher),
+        )
+        .await;
+        assert_eq!(status, 202, "{reply}");
+        reply["jobs"][0].as_str().expect("job").to_string()
+    }
+
+    async fn settled(&self, job_id: &str) -> Value {
+        wait_settled(&self.client, job_id, Duration::from_secs(90)).await
+    }
+
+    async fn apply(&self, plan_job: &str, who: &str) -> Value {
+        command_as(&self.client, &format!("apply {plan_job}"), who).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_plans_waits_for_approval_applies_and_syncs_argocd() {
+    let lab = lab(LabOptions::default()).await;
+    let c1 = lab.repo.commit("Add the control plane");
+    let plan_job = lab.push(&c1, "alice").await;
+    let planned = lab.settled(&plan_job).await;
+    assert_eq!(planned["state"], "awaiting_approval", "{planned}");
+    assert_eq!(planned["commit"], c1.as_str());
+    assert_eq!(
+        planned["result"]["summary_headline"],
+        "1 to add, 0 to change, 0 to destroy"
+    );
+    assert!(
+        planned["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("apply {plan_job}")),
+        "{planned}"
+    );
+    let statuses = lab.gh.statuses(&c1);
+    let last = statuses.last().expect("a status");
+    assert_eq!(last["context"], "infraflux/reconcile");
+    assert_eq!(last["state"], "pending");
+    assert!(
+        last["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("awaiting approval"),
+        "{last}"
+    );
+    assert!(
+        lab.s3.keys("tfstate").await.is_empty(),
+        "a plan writes no state"
+    );
+
+    let reply = lab.apply(&plan_job, "bob").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let apply_job = reply["job_id"].as_str().expect("id").to_string();
+    let applied = lab.settled(&apply_job).await;
+    assert_eq!(applied["state"], "succeeded", "{applied}");
+    assert_eq!(applied["kind"], "apply");
+    assert_eq!(applied["commit"], c1.as_str());
+    assert!(
+        applied["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Argo CD root is Synced/Healthy"),
+        "{applied}"
+    );
+
+    let keys = lab.s3.keys("tfstate").await;
+    assert!(
+        keys.contains(&"prod/terraform.tfstate".to_string()),
+        "state object in S3: {keys:?}"
+    );
+    assert!(
+        !keys.iter().any(|k| k.ends_with(".tflock")),
+        "lock released: {keys:?}"
+    );
+    let synced = lab.kube.requests().into_iter().any(|r| {
+        r.method == "PATCH"
+            && r.path.ends_with("/applications/root")
+            && !r.body["operation"]["sync"].is_null()
+    });
+    assert!(synced, "a sync of the root Application was requested");
+    assert_eq!(
+        lab.kube.app("argocd", "root").expect("root")["status"]["sync"]["status"],
+        "Synced"
+    );
+    let last = lab.gh.statuses(&c1).last().cloned().expect("status");
+    assert_eq!(last["state"], "success", "{last}");
+    let plan = record(&lab.client, &plan_job).await;
+    assert_eq!(plan["state"], "succeeded");
+    assert!(
+        plan["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("applied by job {apply_job}")),
+        "{plan}"
+    );
+    // The GitHub token went to GitHub only as an Authorization header.
+    assert!(lab.gh.requests().iter().all(|r| {
+        r.authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Bearer "))
+    }));
+
+    let again = lab.apply(&plan_job, "bob").await;
+    assert_eq!(again["ok"], false, "{again}");
+    assert!(
+        again["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("already applied"),
+        "{again}"
+    );
+    lab.agent.stop().await;
+    drop(lab.nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_superseded_self_approved_and_moved_plans_are_refused() {
+    let lab = lab(LabOptions {
+        reconcile: "plan_ttl = \"8s\"\ntwo_person_rule = true",
+        ..Default::default()
+    })
+    .await;
+    let c1 = lab.repo.commit("One");
+    let first = lab.push(&c1, "alice").await;
+    assert_eq!(lab.settled(&first).await["state"], "awaiting_approval");
+
+    // main moves on with no webhook: the plan no longer describes what main would apply.
+    lab.repo.write(
+        &format!("{WORKDIR}/main.tf"),
+        &resources(&["cp_1", "cp_2"], 0),
+    );
+    let c2 = lab.repo.commit("Two");
+    let moved = lab.apply(&first, "bob").await;
+    assert_eq!(moved["ok"], false);
+    assert!(
+        moved["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("main moved from"),
+        "{moved}"
+    );
+
+    // Two pushes in a row: the second plan supersedes the first.
+    let second = lab.push(&c2, "alice").await;
+    let planned = lab.settled(&second).await;
+    assert_eq!(planned["state"], "awaiting_approval");
+    assert_eq!(
+        planned["result"]["summary_headline"],
+        "2 to add, 0 to change, 0 to destroy"
+    );
+    let superseded = lab.apply(&first, "bob").await;
+    assert_eq!(superseded["ok"], false);
+    assert!(
+        superseded["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("superseded by a newer plan, {second}")),
+        "{superseded}"
+    );
+
+    let own = lab.apply(&second, "alice").await;
+    assert_eq!(own["ok"], false);
+    assert!(
+        own["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("two-person rule"),
+        "{own}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let stale = lab.apply(&second, "bob").await;
+    assert_eq!(stale["ok"], false);
+    assert!(
+        stale["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expired"),
+        "{stale}"
+    );
+    // Refused applies are rejected commands: no apply job exists.
+    let jobs = all_records(&lab.client).await;
+    assert!(jobs.iter().all(|j| j["kind"] != "apply"), "{jobs:?}");
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_gets_one_plan_comment_without_secrets_edited_on_new_pushes() {
+    let lab = lab(LabOptions::default()).await;
+    lab.repo.checkout_new_branch("feature");
+    lab.repo
+        .write(&format!("{WORKDIR}/main.tf"), &resources(&["cp_1"], 0));
+    let head = lab.repo.commit("Feature");
+    let pr = |sha: &str, action: &str| {
+        let mut p: Value =
+            serde_json::from_slice(&fixture("github/pull_request/opened.payload.json"))
+                .expect("json");
+        p["action"] = action.into();
+        p["repository"]["full_name"] = "lab/infra".into();
+        p["pull_request"]["head"]["sha"] = sha.into();
+        p["pull_request"]["head"]["ref"] = "feature".into();
+        serde_json::to_vec(&p).expect("json")
+    };
+    let number =
+        serde_json::from_slice::<Value>(&fixture("github/pull_request/opened.payload.json"))
+            .expect("json")["number"]
+            .as_u64()
+            .expect("number");
+    let (status, reply) = post_webhook(
+        &lab.agent.http,
+        "pull_request",
+        "pr-1",
+        &pr(&head, "opened"),
+    )
+    .await;
+    assert_eq!(status, 202, "{reply}");
+    let job = reply["jobs"][0].as_str().expect("job").to_string();
+    let done = lab.settled(&job).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(
+        done["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("speculative plan: 1 to add"),
+        "{done}"
+    );
+
+    let comments = lab.gh.comments();
+    assert_eq!(comments.len(), 1, "{comments:?}");
+    let body = comments[0]["body"].as_str().expect("body");
+    assert_eq!(comments[0]["issue"], number);
+    assert!(
+        body.contains("1 to add, 0 to change, 0 to destroy"),
+        "{body}"
+    );
+    assert!(
+        body.contains(done["trace_id"].as_str().expect("trace")),
+        "the trace id is in the comment"
+    );
+    assert!(
+        body.contains("terraform_data.cp_1"),
+        "the plan itself is in the comment: {body}"
+    );
+    for secret in [SENSITIVE, API_TOKEN, AWS_SECRET] {
+        assert!(
+            !body.contains(secret),
+            "{secret} leaked into the PR comment:\n{body}"
+        );
+    }
+    assert!(
+        body.contains("[REDACTED]"),
+        "the token terraform did not know as sensitive was scrubbed: {body}"
+    );
+
+    // A new push to the PR edits the same comment.
+    lab.repo.write(
+        &format!("{WORKDIR}/main.tf"),
+        &resources(&["cp_1", "cp_2"], 0),
+    );
+    let head2 = lab.repo.commit("Feature, more");
+    let (status, reply) = post_webhook(
+        &lab.agent.http,
+        "pull_request",
+        "pr-2",
+        &pr(&head2, "synchronize"),
+    )
+    .await;
+    assert_eq!(status, 202, "{reply}");
+    lab.settled(reply["jobs"][0].as_str().expect("job")).await;
+    let comments = lab.gh.comments();
+    assert_eq!(
+        comments.len(),
+        1,
+        "edited in place, not added: {comments:?}"
+    );
+    assert!(
+        comments[0]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("2 to add"),
+        "{comments:?}"
+    );
+    assert_eq!(
+        lab.gh.statuses(&head2).last().expect("status")["state"],
+        "success"
+    );
+    assert!(
+        lab.s3.keys("tfstate").await.is_empty(),
+        "nothing was applied from a pull request"
+    );
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_preflight_refuses_a_local_backend_a_wrong_scheme_and_an_unreachable_bucket() {
+    let lab = lab(LabOptions::default()).await;
+    let endpoint = lab.s3.endpoint.clone();
+    let cases = [
+        (
+            "terraform {\n  backend \"local\" {\n    path = \"terraform.tfstate\"\n  }\n}\n"
+                .to_string(),
+            "backend \"local\" is not \"s3\"",
+        ),
+        (
+            backend(&endpoint).replace("http://", "s3://"),
+            "must start with http:// or https://",
+        ),
+        (
+            backend(&endpoint).replace(
+                "use_lockfile                = true",
+                "use_lockfile                = false",
+            ),
+            "use_lockfile = true is missing",
+        ),
+        (
+            backend(&endpoint).replace("\"tfstate\"", "\"no-such-bucket\""),
+            "bucket no-such-bucket is not reachable",
+        ),
+    ];
+    for (backend_tf, expected) in cases {
+        lab.repo
+            .write(&format!("{WORKDIR}/backend.tf"), &backend_tf);
+        let sha = lab.repo.commit("Backend change");
+        let job = submit(&lab.client, &format!("plan {sha}")).await;
+        let done = lab.settled(&job).await;
+        assert_eq!(done["state"], "failed", "{done}");
+        let message = done["message"].as_str().unwrap_or_default();
+        assert!(message.contains("backend preflight failed"), "{message}");
+        assert!(
+            message.contains(expected),
+            "{expected:?} not in {message:?}"
+        );
+        assert_eq!(
+            lab.gh.statuses(&sha).last().expect("status")["state"],
+            "failure"
+        );
+    }
+    assert!(lab.s3.keys("tfstate").await.is_empty());
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_poller_catches_a_push_that_came_with_no_webhook() {
+    let lab = lab(LabOptions {
+        env: vec![("INFRAFLUX_RECONCILE__POLL_INTERVAL", "1s".to_string())],
+        ..Default::default()
+    })
+    .await;
+    let c2 = lab
+        .repo
+        .commit("Pushed while the webhook could not reach us");
+    let job = wait_for(
+        Duration::from_secs(30),
+        "the poller's job for the new commit",
+        || async {
+            all_records(&lab.client)
+                .await
+                .into_iter()
+                .find(|j| j["commit"] == c2.as_str() && j["source"] == "poller")
+        },
+    )
+    .await;
+    assert_eq!(job["kind"], "reconcile");
+    // The webhook arriving late (GitHub redelivered it) starts nothing new.
+    let (status, reply) =
+        post_webhook(&lab.agent.http, "push", "late", &push_payload(&c2, "alice")).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["duplicate"], true);
+    assert_eq!(reply["job"], job["job_id"]);
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_delivery_is_redelivered_and_a_successful_one_is_not() {
+    let failed_commit = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let remember = failed_commit.clone();
+    let lab = lab(LabOptions {
+        github: "redeliver = true",
+        before_start: Some(Box::new(move |gh, repo, webhook| {
+            let sha = repo.commit("Pushed while the agent answered 503");
+            *remember.lock().expect("lock") = sha.clone();
+            gh.set_webhook(webhook, WEBHOOK_SECRET);
+            gh.add_delivery(FakeDelivery {
+                id: 1,
+                guid: "4a7a5a70-0000-11f0-8000-000000000001".into(),
+                event: "push".into(),
+                status_code: 503,
+                delivered_at: Utc::now() - chrono::Duration::hours(2),
+                payload: push_payload(&sha, "alice"),
+            });
+            gh.add_delivery(FakeDelivery {
+                id: 2,
+                guid: "4a7a5a70-0000-11f0-8000-000000000002".into(),
+                event: "ping".into(),
+                status_code: 200,
+                delivered_at: Utc::now() - chrono::Duration::hours(1),
+                payload: fixture("github/ping/payload.json"),
+            });
+        })),
+        ..Default::default()
+    })
+    .await;
+    let sha = failed_commit.lock().expect("lock").clone();
+    let job = wait_for(
+        Duration::from_secs(30),
+        "the redelivered push's job",
+        || async {
+            all_records(&lab.client)
+                .await
+                .into_iter()
+                .find(|j| j["commit"] == sha.as_str())
+        },
+    )
+    .await;
+    assert_eq!(job["source"], "webhook");
+    let paths: Vec<String> = lab
+        .gh
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| r.path)
+        .collect();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.ends_with("/hooks/42/deliveries/1/attempts")),
+        "{paths:?}"
+    );
+    assert!(
+        !paths.iter().any(|p| p.ends_with("/deliveries/2/attempts")),
+        "a delivered one is left alone: {paths:?}"
+    );
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_slow_apply_interrupts_terraform_and_leaves_no_lock_behind() {
+    let lab = lab(LabOptions {
+        slow_seconds: 60,
+        env: vec![("INFRAFLUX_AGENT__KILL_GRACE", "60s".to_string())],
+        ..Default::default()
+    })
+    .await;
+    let c1 = lab.repo.commit("Slow resource");
+    let plan_job = lab.push(&c1, "alice").await;
+    assert_eq!(lab.settled(&plan_job).await["state"], "awaiting_approval");
+    let reply = lab.apply(&plan_job, "bob").await;
+    let apply_job = reply["job_id"].as_str().expect("id").to_string();
+    wait_for(
+        Duration::from_secs(60),
+        "terraform to hold its state lock",
+        || async {
+            lab.s3
+                .keys("tfstate")
+                .await
+                .iter()
+                .any(|k| k.ends_with(".tflock"))
+                .then_some(())
+        },
+    )
+    .await;
+    let cancelled = command(&lab.client, &format!("cancel {apply_job}")).await;
+    assert_eq!(cancelled["ok"], true, "{cancelled}");
+    let done = lab.settled(&apply_job).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    let keys = lab.s3.keys("tfstate").await;
+    assert!(
+        !keys.iter().any(|k| k.ends_with(".tflock")),
+        "terraform released its lock on SIGINT: {keys:?}"
+    );
+    let plan = record(&lab.client, &plan_job).await;
+    assert_eq!(
+        plan["state"], "failed",
+        "a plan whose apply was cancelled cannot be applied again: {plan}"
+    );
+    assert_eq!(
+        lab.gh.statuses(&c1).last().expect("status")["state"],
+        "error"
+    );
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_with_changes_and_no_new_commit_is_reported_as_drift() {
+    let lab = lab(LabOptions {
+        reconcile: "drift_issue = true",
+        ..Default::default()
+    })
+    .await;
+    let events = EventLog::subscribe(&lab.client).await;
+    let c1 = lab.repo.commit("Baseline");
+    let plan_job = lab.push(&c1, "alice").await;
+    lab.settled(&plan_job).await;
+    let apply = lab.apply(&plan_job, "bob").await;
+    assert_eq!(
+        lab.settled(apply["job_id"].as_str().expect("id")).await["state"],
+        "succeeded"
+    );
+
+    // A scheduled `plan main` right after: nothing changed, no drift.
+    let clean = submit(&lab.client, "plan main").await;
+    let clean = lab.settled(&clean).await;
+    assert_eq!(clean["state"], "succeeded", "{clean}");
+    assert_eq!(clean["result"]["drift"], false);
+
+    // Someone removes the state by hand: the same commit now plans changes.
+    lab.s3.delete("tfstate", "prod/terraform.tfstate").await;
+    assert!(lab.s3.keys("tfstate").await.is_empty());
+    let drifted = submit(&lab.client, "plan main").await;
+    let done = lab.settled(&drifted).await;
+    assert_eq!(done["result"]["drift"], true, "{done}");
+    assert!(
+        events
+            .of(&drifted)
+            .iter()
+            .any(|e| e.message.starts_with("drift detected at")),
+        "a drift event was published"
+    );
+    let issues = lab.gh.issues();
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert!(
+        issues[0]["title"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Drift detected in prod")
+    );
+    let metrics = reqwest::get(format!("{}/metrics", lab.agent.http))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("infraflux_drift_detected{env=\"prod\"} 1"),
+        "{metrics}"
+    );
+    lab.agent.stop().await;
+}
