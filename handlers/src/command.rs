@@ -133,7 +133,7 @@ pub const VERBS: &[Verb] = &[
     },
     Verb {
         name: "plan",
-        usage: "plan [ref]",
+        usage: "plan [ref] [env=E]",
         summary: "terraform plan of a ref (default: the default branch); apply needs approval",
         kind: Some(JobKind::Reconcile),
     },
@@ -145,7 +145,7 @@ pub const VERBS: &[Verb] = &[
     },
     Verb {
         name: "reconcile",
-        usage: "reconcile",
+        usage: "reconcile [env=E]",
         summary: "plan the default branch's head, apply after approval, sync Argo CD",
         kind: Some(JobKind::Reconcile),
     },
@@ -313,6 +313,10 @@ pub fn parse(text: &str) -> Result<Request, CommandError> {
                 && let Some(r) = args.optional_positional()?
             {
                 params.insert("ref".into(), Value::from(validate_git_ref(&r)?));
+            }
+            // An explicit environment must be the one this agent reconciles.
+            if let Some(env) = args.take("env") {
+                params.insert("env".into(), Value::from(validate_label("env", &env)?));
             }
             submit(JobKind::Reconcile, params)
         }

@@ -161,6 +161,15 @@ webhook_secret = "env:TEST_WEBHOOK_SECRET"
     )
 }
 
+/// A whole test agent config: [`base_toml`] plus `extra`, which may bring its own `[github]`.
+pub fn agent_config(nats_url: &str, agent_id: &str, state_dir: &Path, extra: &str) -> String {
+    let mut base = base_toml(nats_url, agent_id, state_dir);
+    if extra.contains("[github]") {
+        base.truncate(base.find("[github]").unwrap_or(base.len()));
+    }
+    format!("{base}\n{extra}")
+}
+
 /// An agent running in this process.
 pub struct TestAgent {
     pub handle: AgentHandle,
@@ -196,12 +205,7 @@ pub async fn start_agent_with_env(
     customize: impl FnOnce(&mut Registry),
 ) -> TestAgent {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut base = base_toml(&nats.url, agent_id, dir.path());
-    if extra.contains("[github]") {
-        // The test brings its own [github] section.
-        base = base[..base.find("[github]").unwrap_or(base.len())].to_string();
-    }
-    let toml = format!("{base}\n{extra}");
+    let toml = agent_config(&nats.url, agent_id, dir.path(), extra);
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, toml).expect("write config");
     let mut env = test_env();

@@ -590,6 +590,21 @@ impl Handler for ReconcileHandler {
         self.reconciler.config.timeout.get()
     }
 
+    async fn admit(
+        &self,
+        _admission: &crate::handler::Admission<'_>,
+        params: &mut serde_json::Map<String, Value>,
+    ) -> Result<(), String> {
+        let ours = &self.reconciler.config.env;
+        match params.get("env").and_then(Value::as_str) {
+            Some(env) if env != ours => Err(format!("this agent reconciles env {ours}, not {env}")),
+            _ => {
+                params.insert("env".into(), Value::from(ours.clone()));
+                Ok(())
+            }
+        }
+    }
+
     async fn run(&self, ctx: &JobContext, job: &JobEnvelope) -> Result<Outcome, HandlerError> {
         self.reconciler.plan(ctx, job).await
     }

@@ -6,18 +6,18 @@ use std::time::Duration;
 
 use infraflux_tests::*;
 
-struct AgentProcess {
+/// The agent binary as a child process, so it can be killed like a crash kills it.
+pub struct AgentProcess {
     child: Child,
 }
 
 impl AgentProcess {
-    fn spawn(config: &std::path::Path, markers: &std::path::Path, log: &std::path::Path) -> Self {
+    pub fn spawn(config: &std::path::Path, env: &[(&str, String)], log: &std::path::Path) -> Self {
         let child = Command::new(crate::test_agent_bin())
             .args(["run", "--config"])
             .arg(config)
-            .env("IFX_TEST_MARKERS", markers)
-            .env("IFX_TEST_SLEEP_MS", "4000")
-            .env("TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
+            .envs(test_env())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).expect("log file"))
@@ -26,7 +26,19 @@ impl AgentProcess {
         Self { child }
     }
 
-    fn kill9(&mut self) {
+    fn with_markers(
+        config: &std::path::Path,
+        markers: &std::path::Path,
+        log: &std::path::Path,
+    ) -> Self {
+        let env = [
+            ("IFX_TEST_MARKERS", markers.display().to_string()),
+            ("IFX_TEST_SLEEP_MS", "4000".to_string()),
+        ];
+        Self::spawn(config, &env, log)
+    }
+
+    pub fn kill9(&mut self) {
         // Child::kill is SIGKILL: no shutdown code runs, exactly like a crash.
         self.child.kill().expect("kill -9");
         let _ = self.child.wait();
@@ -59,7 +71,7 @@ async fn a_job_survives_kill_9_of_its_agent_and_records_the_interruption() {
     };
     let first = write_config("crash-a");
     let second = write_config("crash-b");
-    let mut a = AgentProcess::spawn(&first, &markers, &dir.path().join("a.log"));
+    let mut a = AgentProcess::with_markers(&first, &markers, &dir.path().join("a.log"));
     let client = nats.client().await;
     let reply = wait_for(Duration::from_secs(20), "agent a to answer", || async {
         let r = tokio::time::timeout(
@@ -83,7 +95,7 @@ async fn a_job_survives_kill_9_of_its_agent_and_records_the_interruption() {
     .await;
     a.kill9();
 
-    let _b = AgentProcess::spawn(&second, &markers, &dir.path().join("b.log"));
+    let _b = AgentProcess::with_markers(&second, &markers, &dir.path().join("b.log"));
     let done = wait_settled(&client, &job_id, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["agent"], "crash-b");

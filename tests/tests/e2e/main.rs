@@ -3,7 +3,7 @@
 mod cancel;
 mod chatops;
 mod cli;
-mod crash;
+pub mod crash;
 mod locks;
 mod mapping;
 mod multi_agent;

@@ -48,7 +48,17 @@ impl Default for LabOptions<'_> {
     }
 }
 
-async fn lab(options: LabOptions<'_>) -> Lab {
+/// Everything but the agent: NATS, S3, the infra repository, the GitHub and Kubernetes fakes.
+struct Peers {
+    nats: Nats,
+    s3: S3Server,
+    repo: InfraRepo,
+    gh: FakeGithub,
+    kube: FakeKube,
+    dir: tempfile::TempDir,
+}
+
+async fn peers(slow_seconds: u32, root_children_health: &str) -> Peers {
     init();
     let nats = Nats::start();
     let s3 = S3Server::start("tfstate").await;
@@ -56,7 +66,7 @@ async fn lab(options: LabOptions<'_>) -> Lab {
     repo.write(&format!("{WORKDIR}/backend.tf"), &backend(&s3.endpoint));
     repo.write(
         &format!("{WORKDIR}/main.tf"),
-        &resources(&["cp_1"], options.slow_seconds),
+        &resources(&["cp_1"], slow_seconds),
     );
     repo.commit("Initial platform");
     let gh = FakeGithub::start().await;
@@ -69,15 +79,22 @@ async fn lab(options: LabOptions<'_>) -> Lab {
         &["cilium", "longhorn"],
     );
     kube.add_app("argocd", "cilium", "Synced", "Healthy", &[]);
-    kube.add_app("argocd", "longhorn", "Synced", "Healthy", &[]);
+    kube.add_app("argocd", "longhorn", "Synced", root_children_health, &[]);
     let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = kube.kubeconfig(dir.path());
-    let http_port = free_port();
-    let webhook_url = format!("http://127.0.0.1:{http_port}/webhooks/github");
-    if let Some(f) = options.before_start {
-        f(&gh, &repo, &webhook_url);
+    Peers {
+        nats,
+        s3,
+        repo,
+        gh,
+        kube,
+        dir,
     }
-    let extra = format!(
+}
+
+/// The `[github]`, `[kubernetes]` and `[reconcile]` sections for the peers.
+fn lab_toml(p: &Peers, github: &str, reconcile: &str) -> String {
+    let kubeconfig = p.kube.kubeconfig(p.dir.path());
+    format!(
         r#"
 [github]
 repo = "lab/infra"
@@ -96,7 +113,7 @@ workdir = "{WORKDIR}"
 env = "prod"
 poll_interval = "1h"
 argocd_app = "root"
-argocd_timeout = "30s"
+argocd_timeout = "20s"
 timeout = "5m"
 {reconcile}
 
@@ -105,14 +122,15 @@ AWS_ACCESS_KEY_ID = "env:TEST_AWS_KEY"
 AWS_SECRET_ACCESS_KEY = "env:TEST_AWS_SECRET"
 TF_VAR_api_token = "env:TEST_API_TOKEN"
 "#,
-        gh = gh.url,
-        github = options.github,
+        gh = p.gh.url,
         kubeconfig = kubeconfig.display(),
-        repo = repo.url(),
-        reconcile = options.reconcile,
-    );
-    let listen = format!("127.0.0.1:{http_port}");
-    let mut env: Vec<(&str, String)> = vec![
+        repo = p.repo.url(),
+    )
+}
+
+/// The secrets the lab config references, and the fixed HTTP port.
+fn lab_env(http_port: u16) -> Vec<(&'static str, String)> {
+    vec![
         (
             "TEST_GITHUB_TOKEN",
             "ghp_fakeTokenForTests0123456789abcdefABCD".to_string(),
@@ -120,21 +138,39 @@ TF_VAR_api_token = "env:TEST_API_TOKEN"
         ("TEST_AWS_KEY", "testing".to_string()),
         ("TEST_AWS_SECRET", AWS_SECRET.to_string()),
         ("TEST_API_TOKEN", API_TOKEN.to_string()),
-        ("INFRAFLUX_HTTP__LISTEN", listen),
-    ];
+        ("INFRAFLUX_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
+    ]
+}
+
+async fn lab(options: LabOptions<'_>) -> Lab {
+    lab_with(options, "Healthy").await
+}
+
+async fn lab_with(options: LabOptions<'_>, child_health: &str) -> Lab {
+    let p = peers(options.slow_seconds, child_health).await;
+    let http_port = free_port();
+    if let Some(f) = options.before_start {
+        f(
+            &p.gh,
+            &p.repo,
+            &format!("http://127.0.0.1:{http_port}/webhooks/github"),
+        );
+    }
+    let extra = lab_toml(&p, options.github, options.reconcile);
+    let mut env = lab_env(http_port);
     env.extend(options.env);
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let agent = start_agent_with_env(&nats, "reconciler", &extra, &env_refs, |_| {}).await;
-    let client = nats.client().await;
+    let agent = start_agent_with_env(&p.nats, "reconciler", &extra, &env_refs, |_| {}).await;
+    let client = p.nats.client().await;
     Lab {
-        nats,
-        s3,
-        repo,
-        gh,
-        kube,
+        nats: p.nats,
+        s3: p.s3,
+        repo: p.repo,
+        gh: p.gh,
+        kube: p.kube,
         agent,
         client,
-        _dir: dir,
+        _dir: p.dir,
     }
 }
 
@@ -693,4 +729,110 @@ async fn a_plan_with_changes_and_no_new_commit_is_reported_as_drift() {
         "{metrics}"
     );
     lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_that_leaves_a_child_app_degraded_fails_and_names_it() {
+    let lab = lab_with(LabOptions::default(), "Degraded").await;
+    // Nothing to change: the plan is clean, and Argo CD is synced right away.
+    lab.repo
+        .write(&format!("{WORKDIR}/main.tf"), &resources(&[], 0));
+    let sha = lab.repo.commit("No resources");
+    let job = lab.push(&sha, "alice").await;
+    let done = lab.settled(&job).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let message = done["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("not synced and healthy: longhorn Synced/Degraded"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("cilium"),
+        "healthy children are not listed: {message}"
+    );
+    assert_eq!(
+        lab.gh.statuses(&sha).last().expect("status")["state"],
+        "failure"
+    );
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_whose_agent_dies_fails_with_what_to_check_and_is_never_retried() {
+    let p = peers(60, "Healthy").await;
+    let http_port = free_port();
+    let config = p.dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        agent_config(
+            &p.nats.url,
+            "crash-1",
+            &p.dir.path().join("state"),
+            &lab_toml(&p, "redeliver = false", ""),
+        ),
+    )
+    .expect("config");
+    let env = lab_env(http_port);
+    let mut first = crate::crash::AgentProcess::spawn(&config, &env, &p.dir.path().join("1.log"));
+    let http = format!("http://127.0.0.1:{http_port}");
+    wait_for(
+        Duration::from_secs(30),
+        "the agent process to be ready",
+        || async {
+            reqwest::get(format!("{http}/readyz"))
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+        },
+    )
+    .await;
+    let client = p.nats.client().await;
+    let c1 = p.repo.commit("Slow resource");
+    let (status, reply) =
+        post_webhook(&http, "push", "crash-push", &push_payload(&c1, "alice")).await;
+    assert_eq!(status, 202, "{reply}");
+    let plan_job = reply["jobs"][0].as_str().expect("job").to_string();
+    assert_eq!(
+        wait_settled(&client, &plan_job, Duration::from_secs(90)).await["state"],
+        "awaiting_approval"
+    );
+    let apply_job = submit(&client, &format!("apply {plan_job}")).await;
+    wait_for(
+        Duration::from_secs(60),
+        "terraform apply to hold the state lock",
+        || async {
+            p.s3.keys("tfstate")
+                .await
+                .iter()
+                .any(|k| k.ends_with(".tflock"))
+                .then_some(())
+        },
+    )
+    .await;
+    first.kill9();
+
+    let env2 = [
+        env.clone(),
+        vec![("INFRAFLUX_AGENT__ID", "crash-2".to_string())],
+    ]
+    .concat();
+    let _second = crate::crash::AgentProcess::spawn(&config, &env2, &p.dir.path().join("2.log"));
+    let done = wait_settled(&client, &apply_job, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let message = done["message"].as_str().unwrap_or_default();
+    assert!(message.contains("was interrupted"), "{message}");
+    assert!(message.contains("never retried"), "{message}");
+    assert!(
+        message.contains("force-unlock"),
+        "it says what to check: {message}"
+    );
+    assert_eq!(done["interruptions"][0]["agent"], "crash-1", "{done}");
+    assert_eq!(record(&client, &plan_job).await["state"], "failed");
+    // terraform died with SIGKILL: its lock is still there, as the message warns.
+    assert!(
+        p.s3.keys("tfstate")
+            .await
+            .iter()
+            .any(|k| k.ends_with(".tflock"))
+    );
 }
