@@ -19,13 +19,59 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-nats_port=$(free_port); http_port=$(free_port)
+nats_port=$(free_port); http_port=$(free_port); s3_port=$(free_port)
 export INFRAFLUX_NATS__URL="nats://127.0.0.1:$nats_port"
 export DEMO_WEBHOOK_SECRET="demo-secret-$(date +%s)"
+export DEMO_AWS_KEY="demo" DEMO_AWS_SECRET="demo-secret-key"
+# No provider can be downloaded here, and the sample needs none (terraform_data is built in).
+export TF_CLI_CONFIG_FILE="$work/empty.tfrc"; : >"$TF_CLI_CONFIG_FILE"
 
 say "Starting nats-server with JetStream on 127.0.0.1:$nats_port"
 nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$work/nats" >"$work/nats.log" 2>&1 &
 pids+=($!)
+say "Starting an S3 server (moto) on 127.0.0.1:$s3_port, bucket tfstate: terraform's backend"
+moto_server -H 127.0.0.1 -p "$s3_port" >"$work/s3.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -fs -X PUT "http://127.0.0.1:$s3_port/tfstate" >/dev/null 2>&1 && break; sleep 0.1; done
+
+say "A sample infra repository: terraform/envs/demo with an S3 backend and two VM stand-ins"
+repo="$work/infra"
+mkdir -p "$repo/terraform/envs/demo"
+cat >"$repo/terraform/envs/demo/backend.tf" <<TF
+terraform {
+  backend "s3" {
+    bucket                      = "tfstate"
+    key                         = "demo/terraform.tfstate"
+    region                      = "us-east-1"
+    endpoints                   = { s3 = "http://127.0.0.1:$s3_port" }
+    use_path_style              = true
+    skip_credentials_validation = true
+    skip_region_validation      = true
+    skip_requesting_account_id  = true
+    skip_metadata_api_check     = true
+    use_lockfile                = true
+  }
+}
+TF
+cat >"$repo/terraform/envs/demo/main.tf" <<'TF'
+variable "talos_version" {
+  type    = string
+  default = "v1.13.2"
+}
+
+resource "terraform_data" "control_plane" {
+  input = { name = "talos-cp-1", talos = var.talos_version, vmid = 101 }
+}
+
+resource "terraform_data" "worker" {
+  input = { name = "talos-w-1", talos = var.talos_version, vmid = 111 }
+}
+TF
+git -C "$repo" -c init.defaultBranch=main init --quiet
+git -C "$repo" add -A
+git -C "$repo" -c user.name=Codertocat -c user.email=octocat@github.com commit --quiet -m "Two Talos VMs"
+commit=$(git -C "$repo" rev-parse HEAD)
+echo "commit $commit on main"
 
 cat >"$work/agent.toml" <<TOML
 [agent]
@@ -39,19 +85,24 @@ url = "nats://127.0.0.1:$nats_port"
 listen = "127.0.0.1:$http_port"
 
 [github]
-repo = "Codertocat/Hello-World"
+repo = "lab/infra"
 webhook_secret = "env:DEMO_WEBHOOK_SECRET"
 
-[[schedules]]
-name = "demo-every-20s"
-cron = "*/20 * * * * *"
-timezone = "Europe/Berlin"
-command = "reconcile"
-
 [reconcile]
-repo_url = "file://$work/infra"
+repo_url = "file://$repo"
 workdir = "terraform/envs/demo"
 env = "demo"
+poll_interval = "1h"
+
+[reconcile.env_vars]
+AWS_ACCESS_KEY_ID = "env:DEMO_AWS_KEY"
+AWS_SECRET_ACCESS_KEY = "env:DEMO_AWS_SECRET"
+
+[[schedules]]
+name = "drift-check"
+cron = "0 0 */6 * * *"
+timezone = "Europe/Berlin"
+command = "plan main"
 TOML
 
 say "Checking the config (secrets resolve; values are never printed)"
@@ -70,18 +121,17 @@ echo "readyz: $(curl -s "http://127.0.0.1:$http_port/readyz")"
 
 # A push to main in GitHub's webhook shape (trimmed to the fields the agent reads).
 payload="$work/push.json"
-cat >"$payload" <<'JSON'
+cat >"$payload" <<JSON
 {
   "ref": "refs/heads/main",
-  "before": "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
-  "after": "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c",
+  "after": "$commit",
   "created": false,
   "deleted": false,
   "forced": false,
-  "repository": {"full_name": "Codertocat/Hello-World", "default_branch": "main"},
-  "pusher": {"name": "Codertocat", "email": "21031067+Codertocat@users.noreply.github.com"},
-  "sender": {"login": "Codertocat"},
-  "head_commit": {"id": "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c", "message": "Bump talos to v1.13.2"}
+  "repository": {"full_name": "lab/infra", "default_branch": "main"},
+  "pusher": {"name": "alice"},
+  "sender": {"login": "alice"},
+  "head_commit": {"id": "$commit", "message": "Two Talos VMs"}
 }
 JSON
 sig=$(sign "$DEMO_WEBHOOK_SECRET" "$payload")
@@ -89,27 +139,43 @@ post() { curl -s -w '  -> HTTP %{http_code}\n' -X POST "http://127.0.0.1:$http_p
   -H 'Content-Type: application/json' -H "X-GitHub-Event: push" -H "X-GitHub-Delivery: $1" \
   -H "X-Hub-Signature-256: $2" --data-binary @"$payload"; }
 
-say "1. A signed push to the default branch"
-post demo-delivery-1 "$sig"
+say "1. GitHub delivers the push to main (signed)"
+reply=$(post demo-delivery-1 "$sig")
+echo "$reply"
+job=$(printf '%s' "$reply" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read().split("  ->")[0])["jobs"][0])')
 say "2. GitHub redelivers the same delivery: a duplicate, no second job"
 post demo-delivery-1 "$sig"
 say "3. A forged signature: refused, nothing stored"
 post demo-delivery-2 "sha256=0000000000000000000000000000000000000000000000000000000000000000"
 
-sleep 1
-say "4. ChatOps over NATS: jobs"
-"$bin" ctl jobs
+say "4. The reconcile job plans the commit with terraform and waits for approval"
+for _ in $(seq 120); do
+  state=$("$bin" ctl --json job "$job" | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')
+  case "$state" in awaiting_approval|succeeded|failed|cancelled) break ;; esac
+  sleep 1
+done
+"$bin" ctl job "$job"
+
 say "5. ChatOps: a command with a shell metacharacter is refused (exit code 2)"
 "$bin" ctl 'backup ns=media;reboot' || echo "  -> exit code $?"
-say "6. ChatOps: plan, following the job's events to its end (--wait)"
-"$bin" ctl --wait --timeout 30s plan main || echo "  -> exit code $? (the job failed; see its message)"
-say "7. ChatOps: status"
+
+say "6. bob approves: apply $job, following the job's events to its end"
+"$bin" ctl --requested-by bob --wait --timeout 120s apply "$job" || echo "  -> exit code $?"
+say "   terraform's state is now in the S3 bucket:"
+curl -s "http://127.0.0.1:$s3_port/tfstate?list-type=2" | python3 -c 'import re,sys; print("\n".join("   " + k for k in re.findall("<Key>([^<]+)</Key>", sys.stdin.read())))'
+
+say "7. The same plan again: refused, an apply is bound to one plan (exit code 2)"
+"$bin" ctl --requested-by bob apply "$job" || echo "  -> exit code $?"
+
+say "8. ChatOps: jobs and status"
+"$bin" ctl jobs
 "$bin" ctl status
 
 cat <<'NOTE'
 
-The reconcile handler (terraform plan, approval, apply, Argo CD sync) is not in this version
-yet, so its jobs end failed with a message saying so: no job pretends to succeed. Everything
-before the handler (signature check, durable queueing, dedup, locks, records, events, ChatOps,
-schedules) is the real thing. See docs/architecture.md.
+What ran for real: signature check, durable queueing on JetStream, dedup, the terraform:demo
+lock, terraform fmt/init/validate/plan with the backend preflight, the saved plan, the approval
+check, terraform apply of exactly that plan, and the state written to S3. Argo CD sync, GitHub
+statuses and pull request comments are configured with [kubernetes] and github.token; see
+docs/reconcile.md.
 NOTE

@@ -3,10 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use infraflux_handlers::Registry;
 use infraflux_handlers::secret::Secrets;
-use infraflux_handlers::{JobKind, Registry};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -14,7 +13,7 @@ use crate::config::Config;
 use crate::ingest::Ingestor;
 use crate::locks::LockManager;
 use crate::metrics::Metrics;
-use crate::records::{JobRecord, JobState, Records};
+use crate::records::Records;
 use crate::store::Store;
 
 /// Why a running job's token was cancelled; it decides how the job's record ends.
@@ -66,19 +65,6 @@ impl Default for RunningJob {
     }
 }
 
-/// The last result of a job kind, kept for `status` and metrics.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LastResult {
-    pub job_id: String,
-    pub state: JobState,
-    pub at: DateTime<Utc>,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration_seconds: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_success_at: Option<DateTime<Utc>>,
-}
-
 /// An agent's presence entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Presence {
@@ -115,7 +101,12 @@ impl App {
     ) -> Self {
         let secrets = services.secrets.clone();
         let agent_id = config.agent_id();
-        let records = Records::new(store.records.clone(), store.js.clone(), store.names.clone());
+        let records = Records::new(
+            store.records.clone(),
+            store.js.clone(),
+            store.names.clone(),
+            store.state.clone(),
+        );
         let locks = LockManager::new(
             store.locks.clone(),
             agent_id.clone(),
@@ -179,50 +170,5 @@ impl App {
             .lock()
             .map(|r| r.keys().cloned().collect())
             .unwrap_or_default()
-    }
-
-    /// Records a job's end for `status` (the newest result per kind).
-    pub async fn record_last_result(&self, record: &JobRecord, duration_seconds: Option<f64>) {
-        let key = format!("last.{}", record.kind.as_str());
-        let previous: Option<LastResult> = self
-            .store
-            .state
-            .get(&key)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let last_success_at = if record.state == JobState::Succeeded {
-            Some(record.updated_at)
-        } else {
-            previous.and_then(|p| p.last_success_at)
-        };
-        let last = LastResult {
-            job_id: record.job_id.clone(),
-            state: record.state,
-            at: record.updated_at,
-            message: record.message.clone(),
-            duration_seconds,
-            last_success_at,
-        };
-        if let Ok(bytes) = serde_json::to_vec(&last)
-            && let Err(e) = self.store.state.put(&key, Bytes::from(bytes)).await
-        {
-            tracing::warn!(error = %e, "Last result not stored");
-        }
-    }
-
-    /// The newest result of every kind.
-    pub async fn last_results(&self) -> Vec<(JobKind, LastResult)> {
-        let mut out = Vec::new();
-        for kind in JobKind::ALL {
-            let key = format!("last.{}", kind.as_str());
-            if let Ok(Some(bytes)) = self.store.state.get(&key).await
-                && let Ok(last) = serde_json::from_slice::<LastResult>(&bytes)
-            {
-                out.push((kind, last));
-            }
-        }
-        out
     }
 }

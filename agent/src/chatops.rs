@@ -15,9 +15,9 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::app::{App, LastResult, Presence};
+use crate::app::{App, Presence};
 use crate::ingest::Submitted;
-use crate::records::{Change, JobRecord, JobState};
+use crate::records::{Change, JobRecord, JobState, LastResult};
 use crate::telemetry;
 
 /// A reply: `{"ok": true, "job_id", "message", "trace_id", ...}` or `{"ok": false, "error"}`.
@@ -425,7 +425,7 @@ async fn status(app: &Arc<App>) -> Reply {
         .queue_pending
         .set(i64::try_from(pending).unwrap_or(i64::MAX));
     let locks = app.locks.held().await.unwrap_or_default();
-    let last: Vec<(JobKind, LastResult)> = app.last_results().await;
+    let last: Vec<(JobKind, LastResult)> = app.records.last_results().await;
 
     let mut text = vec![format!(
         "agents alive: {} ({})",

@@ -163,11 +163,26 @@ pub enum Change {
     Keep,
 }
 
+/// The last result of a job kind, kept for `status` and metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastResult {
+    pub job_id: String,
+    pub state: JobState,
+    pub at: DateTime<Utc>,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<DateTime<Utc>>,
+}
+
 #[derive(Clone)]
 pub struct Records {
     kv: kv::Store,
     js: jetstream::Context,
     names: Names,
+    /// Where the last result per kind is kept, for `status`.
+    state: kv::Store,
 }
 
 /// Records scanned at most per `jobs` listing (newest first), so a filter that matches little
@@ -175,8 +190,57 @@ pub struct Records {
 const MAX_SCAN: usize = 2_000;
 
 impl Records {
-    pub fn new(kv: kv::Store, js: jetstream::Context, names: Names) -> Self {
-        Self { kv, js, names }
+    pub fn new(kv: kv::Store, js: jetstream::Context, names: Names, state: kv::Store) -> Self {
+        Self {
+            kv,
+            js,
+            names,
+            state,
+        }
+    }
+
+    /// Records a job's end for `status` (the newest result per kind).
+    pub async fn record_last_result(&self, record: &JobRecord, duration_seconds: Option<f64>) {
+        let key = format!("last.{}", record.kind.as_str());
+        let previous: Option<LastResult> = self
+            .state
+            .get(&key)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let last_success_at = if record.state == JobState::Succeeded {
+            Some(record.updated_at)
+        } else {
+            previous.and_then(|p| p.last_success_at)
+        };
+        let last = LastResult {
+            job_id: record.job_id.clone(),
+            state: record.state,
+            at: record.updated_at,
+            message: record.message.clone(),
+            duration_seconds,
+            last_success_at,
+        };
+        if let Ok(bytes) = serde_json::to_vec(&last)
+            && let Err(e) = self.state.put(&key, Bytes::from(bytes)).await
+        {
+            tracing::warn!(error = %e, "Last result not stored");
+        }
+    }
+
+    /// The newest result of every kind.
+    pub async fn last_results(&self) -> Vec<(JobKind, LastResult)> {
+        let mut out = Vec::new();
+        for kind in JobKind::ALL {
+            let key = format!("last.{}", kind.as_str());
+            if let Ok(Some(bytes)) = self.state.get(&key).await
+                && let Ok(last) = serde_json::from_slice::<LastResult>(&bytes)
+            {
+                out.push((kind, last));
+            }
+        }
+        out
     }
 
     pub async fn get(&self, job_id: &str) -> Result<Option<(JobRecord, u64)>, RecordError> {
@@ -324,22 +388,28 @@ impl infraflux_handlers::JobBook for Records {
         succeeded: bool,
         message: &str,
     ) -> Result<(), String> {
-        self.transition(job_id, |r| {
-            if r.state != JobState::AwaitingApproval {
-                return Change::Keep;
-            }
-            r.state = if succeeded {
-                JobState::Succeeded
-            } else {
-                JobState::Failed
-            };
-            r.message = message.to_string();
-            r.finished_at = Some(Utc::now());
-            Change::Write
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        let mut settled = false;
+        let record = self
+            .transition(job_id, |r| {
+                if r.state != JobState::AwaitingApproval {
+                    return Change::Keep;
+                }
+                r.state = if succeeded {
+                    JobState::Succeeded
+                } else {
+                    JobState::Failed
+                };
+                r.message = message.to_string();
+                r.finished_at = Some(Utc::now());
+                settled = true;
+                Change::Write
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if settled {
+            self.record_last_result(&record, None).await;
+        }
+        Ok(())
     }
 }
 

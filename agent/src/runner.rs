@@ -598,7 +598,7 @@ impl Delivery {
                             })
                             .set(i64::from(drift));
                     }
-                    self.app.record_last_result(&record, duration).await;
+                    self.app.records.record_last_result(&record, duration).await;
                     return Settle::Ack;
                 }
                 Err(RecordError::NotFound(_) | RecordError::Corrupt(..)) => return Settle::Ack,

@@ -26,8 +26,20 @@ impl fmt::Debug for HumanDuration {
 }
 
 impl fmt::Display for HumanDuration {
+    /// The way the config writes it: `24h`, `30d`, `90s`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
+        let secs = self.0.as_secs();
+        if self.0.subsec_nanos() != 0 || secs == 0 {
+            write!(f, "{}", humantime::format_duration(self.0))
+        } else if secs.is_multiple_of(86_400) && secs >= 7 * 86_400 {
+            write!(f, "{}d", secs / 86_400)
+        } else if secs.is_multiple_of(3600) {
+            write!(f, "{}h", secs / 3600)
+        } else if secs.is_multiple_of(60) {
+            write!(f, "{}m", secs / 60)
+        } else {
+            write!(f, "{secs}s")
+        }
     }
 }
 
@@ -54,6 +66,10 @@ mod tests {
         assert_eq!(d.get(), Duration::from_secs(72 * 3600));
         let d: HumanDuration = serde_json::from_str("\"30d\"").expect("30d");
         assert_eq!(d.get(), Duration::from_secs(30 * 86_400));
+        assert_eq!(HumanDuration::from_secs(86_400).to_string(), "24h");
+        assert_eq!(HumanDuration::from_secs(30 * 86_400).to_string(), "30d");
+        assert_eq!(HumanDuration::from_secs(90).to_string(), "90s");
+        assert_eq!(HumanDuration::from_secs(300).to_string(), "5m");
         let e = serde_json::from_str::<HumanDuration>("\"soon\"").expect_err("an error");
         assert!(e.to_string().contains("\"soon\""), "{e}");
     }
