@@ -146,47 +146,33 @@ impl Remote {
             self.git(&["init", "--quiet", "--bare", &cache_str], cancel, "init")
                 .await?;
         }
-        // Heads and pull request heads: a commit of either kind is then local.
-        let fetched = self
-            .git(
-                &[
-                    "-C",
-                    &cache_str,
-                    "fetch",
-                    "--quiet",
-                    "--prune",
-                    "--no-tags",
-                    "--",
-                    &self.url,
-                    "+refs/heads/*:refs/heads/*",
-                    "+refs/pull/*/head:refs/pull/*/head",
-                ],
-                cancel,
+        // Heads and pull request heads: a commit of either kind is then local. Servers without
+        // pull refs may refuse the second refspec; heads alone are then enough.
+        const HEADS: &str = "+refs/heads/*:refs/heads/*";
+        const PULLS: &str = "+refs/pull/*/head:refs/pull/*/head";
+        let fetch = |refspecs: &'static [&'static str]| {
+            let mut args = vec![
+                "-C",
+                cache_str.as_str(),
                 "fetch",
-            )
-            .await;
-        if let Err(HandlerError::Failed(msg)) = &fetched {
-            // Repositories without pull refs refuse the second refspec on some servers.
-            tracing::debug!(error = %msg, "Fetching with pull refs failed; fetching heads only");
-            self.git(
-                &[
-                    "-C",
-                    &cache_str,
-                    "fetch",
-                    "--quiet",
-                    "--prune",
-                    "--no-tags",
-                    "--",
-                    &self.url,
-                    "+refs/heads/*:refs/heads/*",
-                ],
-                cancel,
-                "fetch",
-            )
-            .await
-            .map_err(retryable)?;
-        } else {
-            fetched?;
+                "--quiet",
+                "--prune",
+                "--no-tags",
+                "--",
+                self.url.as_str(),
+            ];
+            args.extend_from_slice(refspecs);
+            args
+        };
+        match self.git(&fetch(&[HEADS, PULLS]), cancel, "fetch").await {
+            Ok(_) => {}
+            Err(HandlerError::Failed(msg)) => {
+                tracing::debug!(error = %msg, "Fetching with pull refs failed; fetching heads only");
+                self.git(&fetch(&[HEADS]), cancel, "fetch")
+                    .await
+                    .map_err(retryable)?;
+            }
+            Err(other) => return Err(other),
         }
         let present = self
             .git(
