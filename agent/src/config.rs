@@ -578,6 +578,13 @@ impl Config {
                 refs.push((format!("github.webhook_secret.{i}"), r));
             }
         }
+        if let Some(talos) = &self.handlers.talos {
+            // A talosconfig given as a reference is resolved at start; a plain path is read
+            // by each job.
+            if let Some(r) = &talos.talosconfig_ref {
+                refs.push(("talos.talosconfig".into(), r));
+            }
+        }
         if let Some(s3) = &self.handlers.s3 {
             refs.push(("s3.access_key_id".into(), &s3.access_key_id));
             refs.push(("s3.secret_access_key".into(), &s3.secret_access_key));

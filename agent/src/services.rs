@@ -75,6 +75,19 @@ pub async fn build(
         github,
         kube,
         state_dir: config.agent.state_dir.clone(),
+        cluster: config
+            .handlers
+            .talos
+            .as_ref()
+            .map(|t| t.cluster.clone())
+            .or_else(|| {
+                config
+                    .handlers
+                    .kubernetes
+                    .as_ref()
+                    .and_then(|k| k.context.clone())
+            })
+            .unwrap_or_else(|| "default".to_string()),
         default_branch: config
             .github
             .as_ref()

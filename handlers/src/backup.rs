@@ -1,7 +1,25 @@
-//! `backup`: a Velero backup through the Kubernetes API, checked and watched.
+//! `backup`: a Velero backup through the Kubernetes API, checked before and watched after.
+//!
+//! Before: the BackupStorageLocation must be `Available` and validated recently (a wrong MinIO
+//! credential shows up there, instead of as a backup that silently never lands). Then a
+//! `velero.io/v1 Backup` named after the job is created (an interrupted job finds it again and
+//! keeps waiting), and the job waits for a terminal phase and reports items, warnings and
+//! errors. `PartiallyFailed` fails the job unless `partially_failed = "warn"`. An empty backup,
+//! or one far smaller than the previous, fails too.
 
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde::Deserialize;
+use serde_json::{Value, json};
 
+use crate::handler::{Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy};
+use crate::job::JobEnvelope;
+use crate::kind::JobKind;
+use crate::registry::Services;
 use crate::settings::HumanDuration;
 
 /// What a `PartiallyFailed` backup counts as.
@@ -23,6 +41,12 @@ pub struct Config {
     pub ttl: HumanDuration,
     #[serde(default = "default_partially_failed")]
     pub partially_failed: PartiallyFailed,
+    /// The storage location must have been validated by Velero within this long.
+    #[serde(default = "default_location_max_age")]
+    pub location_max_age: HumanDuration,
+    /// A backup with fewer items than this fraction of the previous one fails the job.
+    #[serde(default = "default_min_items_ratio")]
+    pub min_items_ratio: f64,
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
 }
@@ -39,6 +63,273 @@ fn default_ttl() -> HumanDuration {
 fn default_partially_failed() -> PartiallyFailed {
     PartiallyFailed::Fail
 }
+fn default_location_max_age() -> HumanDuration {
+    HumanDuration::from_secs(15 * 60)
+}
+fn default_min_items_ratio() -> f64 {
+    0.5
+}
 fn default_timeout() -> HumanDuration {
     HumanDuration::from_secs(3600)
+}
+
+const POLL: Duration = Duration::from_secs(2);
+const LAST_ITEMS_KEY: &str = "backup.last-items";
+
+fn velero(client: kube::Client, namespace: &str, kind: &str, plural: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("velero.io", "v1", kind);
+    Api::namespaced_with(
+        client,
+        namespace,
+        &ApiResource::from_gvk_with_plural(&gvk, plural),
+    )
+}
+
+fn kube_error(what: &str, e: kube::Error) -> HandlerError {
+    match e {
+        kube::Error::Api(s) if s.code == 404 => HandlerError::Failed(format!("{what}: not found")),
+        kube::Error::Api(s) if s.code == 403 || s.code == 401 => {
+            HandlerError::Failed(format!("{what}: forbidden ({})", s.message))
+        }
+        kube::Error::Api(s) => HandlerError::Retryable(format!("{what}: {} {}", s.code, s.message)),
+        other => HandlerError::Retryable(format!("{what}: {other}")),
+    }
+}
+
+/// Velero's duration format (`720h0m0s`).
+fn go_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}h{}m{}s", s / 3600, (s % 3600) / 60, s % 60)
+}
+
+pub struct BackupHandler {
+    pub config: Config,
+    pub services: Services,
+}
+
+impl BackupHandler {
+    async fn check_location(&self, client: kube::Client) -> Result<(), HandlerError> {
+        let cfg = &self.config;
+        let what = format!(
+            "BackupStorageLocation {}/{}",
+            cfg.velero_namespace, cfg.storage_location
+        );
+        let bsl = velero(
+            client,
+            &cfg.velero_namespace,
+            "BackupStorageLocation",
+            "backupstoragelocations",
+        )
+        .get(&cfg.storage_location)
+        .await
+        .map_err(|e| kube_error(&what, e))?;
+        let status = &bsl.data["status"];
+        let phase = status["phase"].as_str().unwrap_or("unknown");
+        if phase != "Available" {
+            let message = status["message"].as_str().unwrap_or_default();
+            return Err(HandlerError::Failed(format!(
+                "{what} is {phase}{}: Velero cannot read or write its bucket; check its credentials and endpoint",
+                if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({message})")
+                }
+            )));
+        }
+        if let Some(validated) = status["lastValidationTime"]
+            .as_str()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        {
+            let age = (Utc::now() - validated.with_timezone(&Utc))
+                .to_std()
+                .unwrap_or_default();
+            if age > cfg.location_max_age.get() {
+                return Err(HandlerError::Failed(format!(
+                    "{what} was last validated {} ago (more than {}): Velero may not be running",
+                    HumanDuration(Duration::from_secs(age.as_secs())),
+                    cfg.location_max_age
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn previous_items(&self, ctx: &JobContext) -> Option<u64> {
+        let bytes = ctx.store.state.get(LAST_ITEMS_KEY).await.ok().flatten()?;
+        String::from_utf8_lossy(&bytes).parse().ok()
+    }
+}
+
+#[async_trait]
+impl Handler for BackupHandler {
+    fn kind(&self) -> JobKind {
+        JobKind::Backup
+    }
+
+    fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {
+        vec![LockRequest::read(format!(
+            "cluster:{}",
+            self.services.cluster
+        ))]
+    }
+
+    fn timeout(&self) -> Duration {
+        self.config.timeout.get()
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::exponential(3, Duration::from_secs(10), Duration::from_secs(120))
+    }
+
+    async fn run(&self, ctx: &JobContext, job: &JobEnvelope) -> Result<Outcome, HandlerError> {
+        let cfg = &self.config;
+        let client =
+            self.services.kube.clone().ok_or_else(|| {
+                HandlerError::Failed("backup needs a [kubernetes] section".into())
+            })?;
+        let started = Instant::now();
+        self.check_location(client.clone()).await?;
+        let backups = velero(client, &cfg.velero_namespace, "Backup", "backups");
+        let name = format!("infraflux-{}", ctx.job_id);
+        let namespaces: Vec<Value> = job
+            .params
+            .get("namespaces")
+            .and_then(Value::as_array)
+            .cloned()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| vec![json!("*")]);
+        let ttl = job
+            .params
+            .get("ttl_seconds")
+            .and_then(Value::as_u64)
+            .map_or(cfg.ttl.get(), Duration::from_secs);
+        // A restarted job finds its backup again instead of starting a second one.
+        let existing = match backups.get_opt(&name).await {
+            Ok(found) => found,
+            Err(e) => return Err(kube_error(&format!("Backup {name}"), e)),
+        };
+        if existing.is_none() {
+            let backup: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "velero.io/v1",
+                "kind": "Backup",
+                "metadata": {
+                    "name": name,
+                    "namespace": cfg.velero_namespace,
+                    "labels": {"app.kubernetes.io/managed-by": "infraflux-agent", "infraflux.io/job": ctx.job_id},
+                },
+                "spec": {
+                    "includedNamespaces": namespaces,
+                    "ttl": go_duration(ttl),
+                    "storageLocation": cfg.storage_location,
+                },
+            }))
+            .map_err(|e| HandlerError::Internal(e.to_string()))?;
+            backups
+                .create(&PostParams::default(), &backup)
+                .await
+                .map_err(|e| kube_error(&format!("creating Backup {name}"), e))?;
+            ctx.progress
+                .report(&format!("Velero backup {name} created"))
+                .await;
+        } else {
+            ctx.progress
+                .report(&format!("Velero backup {name} exists; waiting for it"))
+                .await;
+        }
+
+        let mut last_phase = String::new();
+        let status = loop {
+            tokio::select! {
+                () = ctx.cancel.cancelled() => return Err(HandlerError::Cancelled),
+                () = tokio::time::sleep(POLL) => {}
+            }
+            let current = backups
+                .get(&name)
+                .await
+                .map_err(|e| kube_error(&format!("Backup {name}"), e))?;
+            let status = current.data["status"].clone();
+            let phase = status["phase"].as_str().unwrap_or("New").to_string();
+            if phase != last_phase {
+                ctx.progress
+                    .report(&format!("Velero backup {name}: {phase}"))
+                    .await;
+                last_phase = phase.clone();
+            }
+            if matches!(
+                phase.as_str(),
+                "Completed" | "PartiallyFailed" | "Failed" | "FailedValidation"
+            ) {
+                break status;
+            }
+        };
+        let phase = status["phase"].as_str().unwrap_or_default();
+        let items = status["progress"]["itemsBackedUp"].as_u64().unwrap_or(0);
+        let total = status["progress"]["totalItems"].as_u64().unwrap_or(items);
+        let warnings = status["warnings"].as_u64().unwrap_or(0);
+        let errors = status["errors"].as_u64().unwrap_or(0);
+        let counts = format!("{items}/{total} items, {warnings} warnings, {errors} errors");
+        let result = json!({
+            "backup": name, "phase": phase, "items": items, "total_items": total,
+            "warnings": warnings, "errors": errors,
+            "duration_seconds": started.elapsed().as_secs_f64(),
+        });
+        match phase {
+            "Failed" => {
+                let reason = status["failureReason"]
+                    .as_str()
+                    .unwrap_or("no reason given");
+                return Err(HandlerError::Failed(format!(
+                    "Velero backup {name} Failed: {reason} ({counts})"
+                )));
+            }
+            "FailedValidation" => {
+                let reasons: Vec<&str> = status["validationErrors"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                return Err(HandlerError::Failed(format!(
+                    "Velero backup {name} FailedValidation: {}",
+                    reasons.join("; ")
+                )));
+            }
+            "PartiallyFailed" if cfg.partially_failed == PartiallyFailed::Fail => {
+                return Err(HandlerError::Failed(format!(
+                    "Velero backup {name} PartiallyFailed ({counts}); see `velero backup logs {name}`"
+                )));
+            }
+            _ => {}
+        }
+        if items == 0 {
+            return Err(HandlerError::Failed(format!(
+                "Velero backup {name} is empty: 0 items backed up"
+            )));
+        }
+        if let Some(previous) = self.previous_items(ctx).await
+            && (items as f64) < previous as f64 * cfg.min_items_ratio
+        {
+            return Err(HandlerError::Failed(format!(
+                "Velero backup {name} holds {items} items, less than {:.0}% of the previous backup's {previous}",
+                cfg.min_items_ratio * 100.0
+            )));
+        }
+        if let Err(e) = ctx
+            .store
+            .state
+            .put(LAST_ITEMS_KEY, Bytes::from(items.to_string()))
+            .await
+        {
+            tracing::warn!(error = %e, "Backup size not recorded for the next comparison");
+        }
+        let warned = if phase == "PartiallyFailed" {
+            " (PartiallyFailed, counted as a warning)"
+        } else {
+            ""
+        };
+        Ok(Outcome::Succeeded {
+            message: format!("Velero backup {name} {phase}{warned}: {counts}"),
+            result,
+        })
+    }
 }

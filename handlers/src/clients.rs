@@ -16,13 +16,35 @@ pub struct KubernetesConfig {
 
 /// `[talos]`: how to reach the Talos machine API.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(from = "RawTalosConfig")]
 pub struct TalosConfig {
-    /// A path, or a secret reference (`file:`, `cred:`, `op://`) holding the whole file.
+    /// A path, or a secret reference (`env:`, `file:`, `cred:`, `op://`) holding the whole file.
     pub talosconfig: String,
+    /// `talosconfig` as a reference, when it is one.
+    pub talosconfig_ref: Option<SecretRef>,
+    pub context: Option<String>,
+    pub cluster: String,
+}
+
+#[derive(Deserialize)]
+struct RawTalosConfig {
+    talosconfig: String,
     #[serde(default)]
     pub context: Option<String>,
     /// The cluster's name in locks, object names and metrics.
-    pub cluster: String,
+    cluster: String,
+}
+
+impl From<RawTalosConfig> for TalosConfig {
+    fn from(raw: RawTalosConfig) -> Self {
+        let parsed = SecretRef::parse(&raw.talosconfig);
+        Self {
+            talosconfig_ref: (!parsed.is_literal()).then_some(parsed),
+            talosconfig: raw.talosconfig,
+            context: raw.context,
+            cluster: raw.cluster,
+        }
+    }
 }
 
 /// `[s3]`: MinIO or any S3.

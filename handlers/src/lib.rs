@@ -13,8 +13,10 @@ pub mod job;
 pub mod kind;
 pub mod process;
 pub mod registry;
+pub mod s3;
 pub mod secret;
 pub mod settings;
+pub mod talos;
 pub mod unavailable;
 
 pub mod acceptance;

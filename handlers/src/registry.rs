@@ -24,6 +24,8 @@ pub struct Services {
     pub state_dir: PathBuf,
     /// The repository's default branch (`[github] default_branch`).
     pub default_branch: String,
+    /// The cluster's name in locks (`cluster:<name>`) and object names: `[talos] cluster`.
+    pub cluster: String,
     /// The environment child processes (git, terraform) start from: PATH, HOME, proxies,
     /// TF_CLI_CONFIG_FILE. Nothing else of the agent's environment reaches them.
     pub tool_env: Vec<(String, String)>,
@@ -101,6 +103,23 @@ impl Registry {
                 reconciler: reconciler.clone(),
             }));
             registry.register(Arc::new(ApplyHandler { reconciler }));
+        }
+        if let Some(config) = &configs.backup {
+            registry.register(Arc::new(crate::backup::BackupHandler {
+                config: config.clone(),
+                services: services.clone(),
+            }));
+        }
+        // Without its clients the kind stays "not available": check-config says why.
+        if let (Some(config), Some(talos), Some(s3)) =
+            (&configs.etcd_snapshot, &configs.talos, &configs.s3)
+        {
+            registry.register(Arc::new(crate::etcd_snapshot::EtcdSnapshotHandler {
+                config: config.clone(),
+                talos: talos.clone(),
+                s3: s3.clone(),
+                services: services.clone(),
+            }));
         }
         registry
     }

@@ -1,0 +1,512 @@
+//! `etcd-snapshot`: a Talos etcd snapshot streamed from one healthy control-plane node (the next
+//! one on failure) straight into an S3 multipart upload, verified against etcd's own SHA-256
+//! trailer before the upload completes, optionally compressed (zstd) and encrypted (age), then
+//! old snapshots pruned by retention.
+//!
+//! Each snapshot object has a manifest next to it (`<object>.json`: size, checksums, node, Talos
+//! version). S3 takes object metadata only when an upload starts, and a streamed snapshot's
+//! size and checksum are known only at its end; the manifest is written after the upload
+//! completed, so its presence also marks the snapshot as good.
+
+pub mod pipeline;
+pub mod retention;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use object_store::aws::AmazonS3;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutPayload,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::clients::{S3Config, TalosConfig};
+use crate::handler::{Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy};
+use crate::job::JobEnvelope;
+use crate::kind::JobKind;
+use crate::registry::Services;
+use crate::settings::HumanDuration;
+use crate::talos::proto::machine::EtcdSnapshotRequest;
+use crate::talos::{TalosClient, endpoint_host, status_message, to_node};
+use pipeline::{PART_SIZE, PartBuffer, Verifier, chain, flush_part};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Zstd,
+    None,
+}
+
+/// `[etcd_snapshot.retention]`: an object is kept when any present rule keeps it.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Retention {
+    #[serde(default)]
+    pub keep_last: Option<u32>,
+    #[serde(default)]
+    pub max_age: Option<HumanDuration>,
+    #[serde(default)]
+    pub daily: Option<u32>,
+    #[serde(default)]
+    pub weekly: Option<u32>,
+    #[serde(default)]
+    pub monthly: Option<u32>,
+}
+
+/// `[etcd_snapshot]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub bucket: String,
+    #[serde(default)]
+    pub prefix: String,
+    /// Absent: not encrypted.
+    #[serde(default)]
+    pub age_recipients: Vec<String>,
+    #[serde(default = "default_compression")]
+    pub compression: Compression,
+    /// A snapshot smaller than this fraction of the previous one fails the job.
+    #[serde(default = "default_min_size_ratio")]
+    pub min_size_ratio: f64,
+    /// Absent: nothing is pruned.
+    #[serde(default)]
+    pub retention: Option<Retention>,
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_compression() -> Compression {
+    Compression::Zstd
+}
+fn default_min_size_ratio() -> f64 {
+    0.5
+}
+fn default_timeout() -> HumanDuration {
+    HumanDuration::from_secs(1800)
+}
+
+/// What the manifest next to a snapshot says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The snapshot object this manifest describes.
+    pub key: String,
+    pub cluster: String,
+    pub node: String,
+    pub talos_version: String,
+    pub created_at: DateTime<Utc>,
+    /// The etcd snapshot file's size, trailer included.
+    pub size_bytes: u64,
+    /// What is stored (after compression and encryption).
+    pub stored_bytes: u64,
+    pub sha256: String,
+    pub db_sha256: String,
+    pub compression: String,
+    pub encrypted: bool,
+    pub job_id: String,
+}
+
+pub struct EtcdSnapshotHandler {
+    pub config: Config,
+    pub talos: TalosConfig,
+    pub s3: S3Config,
+    pub services: Services,
+}
+
+/// Why one node's attempt ended.
+enum Attempt {
+    /// Try the next node.
+    Next(String),
+    Cancelled,
+    /// Not a node's fault: stop.
+    Stop(HandlerError),
+}
+
+impl EtcdSnapshotHandler {
+    fn cluster_dir(&self) -> String {
+        format!("{}{}/", self.config.prefix, self.talos.cluster)
+    }
+
+    fn talos_client(&self) -> Result<TalosClient, HandlerError> {
+        // A reference was resolved at start; a path is read now, so renewed certificates work.
+        let text = match self.services.secrets.get("talos.talosconfig") {
+            Some(secret) => secret.expose().to_string(),
+            None => std::fs::read_to_string(&self.talos.talosconfig).map_err(|e| {
+                HandlerError::Failed(format!("cannot read {}: {e}", self.talos.talosconfig))
+            })?,
+        };
+        TalosClient::from_talosconfig(&text, self.talos.context.as_deref())
+            .map_err(|e| HandlerError::Failed(e.to_string()))
+    }
+
+    fn store(&self) -> Result<Arc<AmazonS3>, HandlerError> {
+        crate::s3::bucket(&self.s3, &self.services.secrets, &self.config.bucket)
+            .map_err(HandlerError::Failed)
+    }
+
+    /// Every snapshot in the cluster's directory, and the manifest of the newest good one.
+    async fn inventory(
+        &self,
+        store: &AmazonS3,
+    ) -> Result<(Vec<retention::Stored>, Option<Manifest>), HandlerError> {
+        let prefix = ObjectPath::from(self.cluster_dir());
+        let mut objects = Vec::new();
+        let mut listing = store.list(Some(&prefix));
+        while let Some(meta) = listing.next().await {
+            let meta =
+                meta.map_err(|e| HandlerError::Retryable(format!("listing the bucket: {e}")))?;
+            objects.push(meta.location.to_string());
+        }
+        let mut stored = Vec::new();
+        for key in objects.iter().filter(|k| !k.ends_with(".json")) {
+            let name = key.rsplit('/').next().unwrap_or_default();
+            let Some(at) = name
+                .get(..16)
+                .and_then(|t| chrono::NaiveDateTime::parse_from_str(t, "%Y%m%dT%H%M%SZ").ok())
+            else {
+                continue; // not ours: never touched
+            };
+            stored.push(retention::Stored {
+                key: key.clone(),
+                at: at.and_utc(),
+                good: objects.contains(&format!("{key}.json")),
+            });
+        }
+        let newest = stored.iter().filter(|s| s.good).max_by_key(|s| s.at);
+        let manifest = match newest {
+            Some(s) => {
+                let bytes = store
+                    .get(&ObjectPath::from(format!("{}.json", s.key)))
+                    .await
+                    .map_err(|e| HandlerError::Retryable(format!("reading a manifest: {e}")))?
+                    .bytes()
+                    .await
+                    .map_err(|e| HandlerError::Retryable(format!("reading a manifest: {e}")))?;
+                serde_json::from_slice(&bytes).ok()
+            }
+            None => None,
+        };
+        Ok((stored, manifest))
+    }
+
+    async fn snapshot_from(
+        &self,
+        ctx: &JobContext,
+        talos: &TalosClient,
+        endpoint: &str,
+        store: &AmazonS3,
+        previous: Option<&Manifest>,
+    ) -> Result<Manifest, Attempt> {
+        let node = endpoint_host(endpoint);
+        let mut client = talos
+            .machine(endpoint)
+            .await
+            .map_err(|e| Attempt::Next(e.to_string()))?;
+        let status = client
+            .etcd_status(to_node((), &node))
+            .await
+            .map_err(|s| Attempt::Next(format!("{node}: etcd status: {}", status_message(&s))))?
+            .into_inner();
+        let unhealthy = status.messages.iter().find_map(|m| {
+            let errors = m
+                .member_status
+                .as_ref()
+                .map(|s| s.errors.clone())
+                .unwrap_or_default();
+            let node_error = m
+                .metadata
+                .as_ref()
+                .map(|md| md.error.clone())
+                .unwrap_or_default();
+            (!errors.is_empty() || !node_error.is_empty()).then(|| {
+                format!(
+                    "{node}: etcd is not healthy: {}{}",
+                    node_error,
+                    errors.join("; ")
+                )
+            })
+        });
+        if let Some(reason) = unhealthy {
+            return Err(Attempt::Next(reason));
+        }
+        let version = client
+            .version(to_node((), &node))
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().messages.into_iter().next())
+            .and_then(|m| m.version)
+            .map(|v| v.tag)
+            .unwrap_or_else(|| "unknown".into());
+        ctx.progress
+            .report(&format!(
+                "streaming an etcd snapshot from {node} (Talos {version})"
+            ))
+            .await;
+        let mut stream = client
+            .etcd_snapshot(to_node(EtcdSnapshotRequest {}, &node))
+            .await
+            .map_err(|s| Attempt::Next(format!("{node}: etcd snapshot: {}", status_message(&s))))?
+            .into_inner();
+
+        let created_at = Utc::now();
+        let encrypted = !self.config.age_recipients.is_empty();
+        let mut key = format!(
+            "{}{}-{}.db",
+            self.cluster_dir(),
+            created_at.format("%Y%m%dT%H%M%SZ"),
+            node.replace([':', '/'], "-")
+        );
+        if self.config.compression == Compression::Zstd {
+            key.push_str(".zst");
+        }
+        if encrypted {
+            key.push_str(".age");
+        }
+        let compression = match self.config.compression {
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        };
+        let mut attributes = Attributes::new();
+        for (k, v) in [
+            ("cluster", self.talos.cluster.clone()),
+            ("node", node.clone()),
+            ("talos-version", version.clone()),
+            ("compression", compression.to_string()),
+            (
+                "encryption",
+                if encrypted {
+                    "age".into()
+                } else {
+                    "none".into()
+                },
+            ),
+            ("job", ctx.job_id.clone()),
+        ] {
+            attributes.insert(Attribute::Metadata(k.into()), v.into());
+        }
+        let path = ObjectPath::from(key.clone());
+        let mut upload = store
+            .put_multipart_opts(
+                &path,
+                PutMultipartOptions {
+                    attributes,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| {
+                Attempt::Stop(HandlerError::Retryable(format!(
+                    "starting the upload of {key}: {e}"
+                )))
+            })?;
+
+        let buffer = PartBuffer::default();
+        let recipients = pipeline::recipients(&self.config.age_recipients)
+            .map_err(|e| Attempt::Stop(HandlerError::Failed(e)))?;
+        let level = (self.config.compression == Compression::Zstd).then_some(3);
+        let streamed: Result<(u64, pipeline::Verified), Attempt> = async {
+            let mut stage = chain(buffer.clone(), level, &recipients)
+                .map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
+            let mut verifier = Verifier::default();
+            let mut stored = 0u64;
+            loop {
+                let next = tokio::select! {
+                    () = ctx.cancel.cancelled() => return Err(Attempt::Cancelled),
+                    next = stream.message() => next,
+                };
+                match next {
+                    Ok(Some(data)) => {
+                        if let Some(error) = data.metadata.as_ref().map(|m| m.error.clone()).filter(|e| !e.is_empty()) {
+                            return Err(Attempt::Next(format!("{node}: {error}")));
+                        }
+                        verifier.update(&data.bytes);
+                        stage.write_all(&data.bytes).map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
+                        stored += flush_part(&mut upload, &buffer, PART_SIZE)
+                            .await
+                            .map_err(|e| Attempt::Stop(HandlerError::Retryable(format!("uploading a part: {e}"))))?;
+                    }
+                    Ok(None) => break,
+                    Err(s) => return Err(Attempt::Next(format!("{node}: the stream broke: {}", status_message(&s)))),
+                }
+            }
+            stage.finish().map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
+            stored += flush_part(&mut upload, &buffer, 1)
+                .await
+                .map_err(|e| Attempt::Stop(HandlerError::Retryable(format!("uploading a part: {e}"))))?;
+            let verified = verifier.verify().map_err(|e| Attempt::Next(format!("{node}: {e}")))?;
+            if let Some(prev) = previous {
+                let floor = prev.size_bytes as f64 * self.config.min_size_ratio;
+                if (verified.size as f64) < floor {
+                    return Err(Attempt::Stop(HandlerError::Failed(format!(
+                        "the snapshot from {node} is {} bytes, less than {:.0}% of the previous one ({} bytes): refusing to store it as good",
+                        verified.size,
+                        self.config.min_size_ratio * 100.0,
+                        prev.size_bytes
+                    ))));
+                }
+            }
+            Ok((stored, verified))
+        }
+        .await;
+        let (stored, verified) = match streamed {
+            Ok(v) => v,
+            Err(e) => {
+                if let Err(abort) = upload.abort().await {
+                    tracing::warn!(%key, error = %abort, "Aborting the upload failed; S3 lifecycle rules clean up parts");
+                }
+                return Err(e);
+            }
+        };
+        upload.complete().await.map_err(|e| {
+            Attempt::Stop(HandlerError::Retryable(format!(
+                "completing the upload of {key}: {e}"
+            )))
+        })?;
+        let manifest = Manifest {
+            key: key.clone(),
+            cluster: self.talos.cluster.clone(),
+            node,
+            talos_version: version,
+            created_at,
+            size_bytes: verified.size,
+            stored_bytes: stored,
+            sha256: verified.file_sha256,
+            db_sha256: verified.db_sha256,
+            compression: compression.to_string(),
+            encrypted,
+            job_id: ctx.job_id.clone(),
+        };
+        let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+        store
+            .put(
+                &ObjectPath::from(format!("{key}.json")),
+                PutPayload::from(body),
+            )
+            .await
+            .map_err(|e| {
+                Attempt::Stop(HandlerError::Retryable(format!(
+                    "writing the manifest of {key}: {e}"
+                )))
+            })?;
+        Ok(manifest)
+    }
+
+    async fn prune(&self, store: &AmazonS3) -> Result<usize, HandlerError> {
+        let Some(rules) = &self.config.retention else {
+            return Ok(0);
+        };
+        let (stored, _) = self.inventory(store).await?;
+        let doomed = retention::to_delete(&stored, rules, Utc::now());
+        for key in &doomed {
+            for object in [key.clone(), format!("{key}.json")] {
+                match store.delete(&ObjectPath::from(object.clone())).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => {
+                        return Err(HandlerError::Retryable(format!("pruning {object}: {e}")));
+                    }
+                }
+            }
+        }
+        Ok(doomed.len())
+    }
+}
+
+#[async_trait]
+impl Handler for EtcdSnapshotHandler {
+    fn kind(&self) -> JobKind {
+        JobKind::EtcdSnapshot
+    }
+
+    /// A read lock: snapshots and backups run together; an upgrade's write lock excludes them.
+    fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {
+        vec![LockRequest::read(format!("cluster:{}", self.talos.cluster))]
+    }
+
+    fn timeout(&self) -> Duration {
+        self.config.timeout.get()
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::exponential(3, Duration::from_secs(30), Duration::from_secs(300))
+    }
+
+    async fn run(&self, ctx: &JobContext, _job: &JobEnvelope) -> Result<Outcome, HandlerError> {
+        let started = std::time::Instant::now();
+        let talos = self.talos_client()?;
+        let store = self.store()?;
+        let (_, previous) = self.inventory(&store).await?;
+        let mut failures = Vec::new();
+        let mut done = None;
+        for endpoint in &talos.endpoints {
+            match self
+                .snapshot_from(ctx, &talos, endpoint, &store, previous.as_ref())
+                .await
+            {
+                Ok(m) => {
+                    done = Some(m);
+                    break;
+                }
+                Err(Attempt::Next(reason)) => {
+                    tracing::warn!(%endpoint, %reason, "Snapshot from this node failed; trying the next");
+                    ctx.progress
+                        .report(&format!("{reason}; trying the next node"))
+                        .await;
+                    failures.push(reason);
+                }
+                Err(Attempt::Cancelled) => return Err(HandlerError::Cancelled),
+                Err(Attempt::Stop(e)) => return Err(e),
+            }
+        }
+        let Some(manifest) = done else {
+            let corrupt = failures
+                .iter()
+                .any(|f| f.contains("corrupt") || f.contains("trailer") || f.contains("empty"));
+            let message = format!(
+                "no control-plane node gave a good snapshot: {}",
+                failures.join("; ")
+            );
+            // A corrupt snapshot is not fixed by asking again at once; an unreachable node may be.
+            return Err(if corrupt {
+                HandlerError::Failed(message)
+            } else {
+                HandlerError::Retryable(message)
+            });
+        };
+        let pruned = self.prune(&store).await?;
+        Ok(Outcome::Succeeded {
+            message: format!(
+                "etcd snapshot of {} (Talos {}): {} bytes verified, {} bytes stored{}{}; {} old snapshot(s) pruned",
+                manifest.node,
+                manifest.talos_version,
+                manifest.size_bytes,
+                manifest.stored_bytes,
+                if manifest.compression == "zstd" {
+                    ", zstd"
+                } else {
+                    ""
+                },
+                if manifest.encrypted {
+                    ", age-encrypted"
+                } else {
+                    ""
+                },
+                pruned
+            ),
+            result: json!({
+                "bucket": self.config.bucket,
+                "object": manifest.key,
+                "node": manifest.node,
+                "talos_version": manifest.talos_version,
+                "size_bytes": manifest.size_bytes,
+                "stored_bytes": manifest.stored_bytes,
+                "sha256": manifest.sha256,
+                "db_sha256": manifest.db_sha256,
+                "pruned": pruned,
+                "duration_seconds": started.elapsed().as_secs_f64(),
+            }),
+        })
+    }
+}
