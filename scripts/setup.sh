@@ -7,6 +7,8 @@ need_apt=()
 command -v nats-server >/dev/null 2>&1 || need_apt+=(nats-server)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} from Debian's packages"
@@ -31,4 +33,4 @@ command -v terraform >/dev/null 2>&1 || {
   echo "setup: terraform (1.10 or newer, for use_lockfile) must be on the PATH" >&2; exit 1; }
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing (install Rust with rustup)" >&2; exit 1; }
-echo "setup: nats-server $(nats-server --version | awk '{print $2}'), $(terraform version 2>/dev/null | grep -m1 Terraform), moto $(python3 -c 'import moto; print(moto.__version__)'), $(cargo --version)"
+echo "setup: nats-server $(nats-server --version | awk '{print $2}'), etcd $(etcd --version | awk 'NR==1{print $3}'), $(terraform version 2>/dev/null | grep -m1 Terraform), moto $(python3 -c 'import moto; print(moto.__version__)'), $(cargo --version)"

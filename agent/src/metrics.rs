@@ -46,6 +46,8 @@ pub struct Metrics {
     pub webhook_requests: Family<ResultLabel, Counter>,
     pub commands: Family<VerbResult, Counter>,
     pub drift: Family<EnvLabel, Gauge>,
+    pub last_size: Family<KindLabel, Gauge>,
+    pub last_items: Family<KindLabel, Gauge>,
     pub nats_connected: Gauge,
     pub queue_pending: Gauge,
     pub jobs_running: Gauge,
@@ -96,6 +98,18 @@ impl Metrics {
             "1 while the last drift check of an environment found changes with no new commit",
             drift.clone(),
         );
+        let last_size = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "last_size_bytes",
+            "Size of the newest successful backup artifact (etcd snapshot bytes), by kind",
+            last_size.clone(),
+        );
+        let last_items = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "last_items",
+            "Items in the newest successful backup (Velero items backed up), by kind",
+            last_items.clone(),
+        );
         let nats_connected = Gauge::default();
         registry.register(
             "nats_connected",
@@ -123,6 +137,8 @@ impl Metrics {
             webhook_requests,
             commands,
             drift,
+            last_size,
+            last_items,
             nats_connected,
             queue_pending,
             jobs_running,

@@ -206,6 +206,44 @@ mod tests {
     }
 
     #[test]
+    fn backups_and_snapshots_share_the_cluster_through_read_locks() {
+        let mut configs = all_sections();
+        configs.talos = Some(
+            serde_json::from_str(r#"{"talosconfig":"/etc/t","cluster":"lab"}"#).expect("talos"),
+        );
+        configs.s3 = Some(
+            serde_json::from_str(
+                r#"{"endpoint":"http://s3","access_key_id":"env:A","secret_access_key":"env:B"}"#,
+            )
+            .expect("s3"),
+        );
+        let services = Services {
+            cluster: "lab".into(),
+            ..Default::default()
+        };
+        let registry = Registry::from_sections(&configs, &services);
+        let job = crate::job::JobEnvelope {
+            job_id: "01jd0000000000000000000000".into(),
+            kind: JobKind::Backup,
+            params: Default::default(),
+            source: crate::job::Source::Chatops,
+            requested_by: "t".into(),
+            idempotency_key: "k".into(),
+            traceparent: None,
+            commit: None,
+            created_at: chrono::Utc::now(),
+        };
+        for kind in [JobKind::Backup, JobKind::EtcdSnapshot] {
+            let locks = registry.get(kind).expect("enabled").locks(&job);
+            assert_eq!(
+                locks,
+                vec![crate::LockRequest::read("cluster:lab")],
+                "{kind}"
+            );
+        }
+    }
+
+    #[test]
     fn an_absent_section_disables_its_kind_with_a_message() {
         let registry = Registry::from_sections(&HandlerConfigs::default(), &Services::default());
         for kind in JobKind::ALL {

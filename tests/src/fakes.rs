@@ -447,14 +447,18 @@ async fn gh_not_found(method: Method, uri: Uri) -> Response {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kubernetes + Argo CD
+// Kubernetes: Argo CD Applications and Velero objects
 
 #[derive(Default)]
 struct KubeState {
-    apps: BTreeMap<String, Value>,
+    /// `plural/namespace/name` → object.
+    objects: BTreeMap<String, Value>,
     requests: Vec<Recorded>,
-    /// Whether the fake controller finishes syncs (as Argo CD would), and how.
+    /// How the fake Argo CD controller ends a sync.
     controller_phase: String,
+    /// The `status` the fake Velero controller gives a backup when it ends.
+    backup_outcome: Value,
+    next_uid: u64,
 }
 
 #[derive(Clone)]
@@ -463,19 +467,29 @@ pub struct FakeKube {
     state: Arc<Mutex<KubeState>>,
 }
 
+fn object_key(plural: &str, namespace: &str, name: &str) -> String {
+    format!("{plural}/{namespace}/{name}")
+}
+
 impl FakeKube {
-    /// A Kubernetes API holding Argo CD Applications, with a controller that completes a
-    /// requested sync after a moment: it clears `operation`, records `operationState` and sets
-    /// sync and health.
+    /// A Kubernetes API holding namespaced custom objects, with two small controllers:
+    /// Argo CD's (a requested sync completes after a moment: `operation` cleared,
+    /// `operationState` recorded, sync and health set) and Velero's (a new Backup goes
+    /// `InProgress`, then ends with the outcome the test set).
     pub async fn start(namespace: &str) -> FakeKube {
         let state = Arc::new(Mutex::new(KubeState {
             controller_phase: "Succeeded".into(),
+            backup_outcome: json!({"phase": "Completed", "progress": {"itemsBackedUp": 42, "totalItems": 42}, "warnings": 0, "errors": 0}),
             ..Default::default()
         }));
         let router = Router::new()
             .route(
-                "/apis/argoproj.io/v1alpha1/namespaces/{ns}/applications/{name}",
-                any(kube_app),
+                "/apis/{group}/{version}/namespaces/{ns}/{plural}",
+                any(kube_collection),
+            )
+            .route(
+                "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
+                any(kube_object),
             )
             .fallback(kube_not_found)
             .with_state(state.clone());
@@ -486,17 +500,34 @@ impl FakeKube {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let mut st = controller.lock().unwrap_or_else(|p| p.into_inner());
                 let phase = st.controller_phase.clone();
-                for app in st.apps.values_mut() {
-                    if app.get("operation").is_some_and(|o| !o.is_null()) {
-                        let op = app["operation"].clone();
-                        app["operation"] = Value::Null;
-                        app["status"]["operationState"] = json!({
+                let outcome = st.backup_outcome.clone();
+                for (key, obj) in st.objects.iter_mut() {
+                    if key.starts_with("applications/")
+                        && obj.get("operation").is_some_and(|o| !o.is_null())
+                    {
+                        let op = obj["operation"].clone();
+                        obj["operation"] = Value::Null;
+                        obj["status"]["operationState"] = json!({
                             "phase": phase, "message": "successfully synced (all tasks run)",
                             "operation": op, "startedAt": Utc::now().to_rfc3339(), "finishedAt": Utc::now().to_rfc3339(),
                         });
                         if phase == "Succeeded" {
-                            app["status"]["sync"]["status"] = json!("Synced");
-                            app["status"]["health"]["status"] = json!("Healthy");
+                            obj["status"]["sync"]["status"] = json!("Synced");
+                            obj["status"]["health"]["status"] = json!("Healthy");
+                        }
+                    }
+                    if key.starts_with("backups/") {
+                        match obj["status"]["phase"].as_str() {
+                            None | Some("New") => {
+                                obj["status"] = json!({"phase": "InProgress", "startTimestamp": Utc::now().to_rfc3339()});
+                            }
+                            Some("InProgress") => {
+                                let mut status = outcome.clone();
+                                status["startTimestamp"] = obj["status"]["startTimestamp"].clone();
+                                status["completionTimestamp"] = json!(Utc::now().to_rfc3339());
+                                obj["status"] = status;
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -511,6 +542,35 @@ impl FakeKube {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, KubeState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn add_object(&self, plural: &str, namespace: &str, name: &str, object: Value) {
+        self.lock()
+            .objects
+            .insert(object_key(plural, namespace, name), object);
+    }
+
+    pub fn object(&self, plural: &str, namespace: &str, name: &str) -> Option<Value> {
+        self.lock()
+            .objects
+            .get(&object_key(plural, namespace, name))
+            .cloned()
+    }
+
+    /// Every object of a kind, for assertions.
+    pub fn objects(&self, plural: &str) -> Vec<Value> {
+        let prefix = format!("{plural}/");
+        self.lock()
+            .objects
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// The `status` the next backups end with.
+    pub fn set_backup_outcome(&self, status: Value) {
+        self.lock().backup_outcome = status;
     }
 
     /// Adds an Application `name` in `namespace` with the given sync and health, and the child
@@ -534,14 +594,33 @@ impl FakeKube {
             "spec": {"project": "default", "source": {"repoURL": "https://github.com/lab/infra.git", "path": format!("apps/{name}"), "targetRevision": "main"}, "destination": {"server": "https://kubernetes.default.svc", "namespace": namespace}},
             "status": {"sync": {"status": sync}, "health": {"status": health}, "resources": resources},
         });
-        self.lock().apps.insert(format!("{namespace}/{name}"), app);
+        self.add_object("applications", namespace, name, app);
     }
 
     pub fn app(&self, namespace: &str, name: &str) -> Option<Value> {
-        self.lock()
-            .apps
-            .get(&format!("{namespace}/{name}"))
-            .cloned()
+        self.object("applications", namespace, name)
+    }
+
+    /// A Velero BackupStorageLocation in `phase`, validated `validated_ago` ago.
+    pub fn add_storage_location(
+        &self,
+        namespace: &str,
+        name: &str,
+        phase: &str,
+        validated_ago: chrono::Duration,
+    ) {
+        let bsl = json!({
+            "apiVersion": "velero.io/v1",
+            "kind": "BackupStorageLocation",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-bsl-{name}"), "resourceVersion": "1"},
+            "spec": {"provider": "aws", "objectStorage": {"bucket": "infraflux-velero"}, "default": true},
+            "status": {
+                "phase": phase,
+                "lastValidationTime": (Utc::now() - validated_ago).to_rfc3339(),
+                "message": if phase == "Available" { "" } else { "BackupStorageLocation \"default\" is unavailable: rpc error: code = Unknown desc = InvalidAccessKeyId" },
+            },
+        });
+        self.add_object("backupstoragelocations", namespace, name, bsl);
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -581,33 +660,104 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-async fn kube_app(
-    State(s): State<Arc<Mutex<KubeState>>>,
-    Path((ns, name)): Path<(String, String)>,
-    method: Method,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let key = format!("{ns}/{name}");
-    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+type KubeShared = State<Arc<Mutex<KubeState>>>;
+
+fn kube_record(
+    st: &mut KubeState,
+    method: &Method,
+    path: String,
+    headers: &HeaderMap,
+    body: &Bytes,
+) {
     st.requests.push(Recorded {
         method: method.to_string(),
-        path: format!("/apis/argoproj.io/v1alpha1/namespaces/{ns}/applications/{name}"),
-        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        path,
+        body: serde_json::from_slice(body).unwrap_or(Value::Null),
         authorization: headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
     });
-    let Some(app) = st.apps.get_mut(&key) else {
+}
+
+async fn kube_collection(
+    State(s): KubeShared,
+    Path((group, version, ns, plural)): Path<(String, String, String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    kube_record(
+        &mut st,
+        &method,
+        format!("/apis/{group}/{version}/namespaces/{ns}/{plural}"),
+        &headers,
+        &body,
+    );
+    match method {
+        Method::POST => {
+            let mut object: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return kube_status(400, "BadRequest", &e.to_string()),
+            };
+            let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+                return kube_status(422, "Invalid", "metadata.name: Required value");
+            };
+            let key = object_key(&plural, &ns, &name);
+            if st.objects.contains_key(&key) {
+                return kube_status(
+                    409,
+                    "AlreadyExists",
+                    &format!("{plural}.{group} \"{name}\" already exists"),
+                );
+            }
+            st.next_uid += 1;
+            object["metadata"]["uid"] = json!(format!("uid-{}", st.next_uid));
+            object["metadata"]["resourceVersion"] = json!("1");
+            object["metadata"]["creationTimestamp"] = json!(Utc::now().to_rfc3339());
+            st.objects.insert(key, object.clone());
+            (StatusCode::CREATED, axum::Json(object)).into_response()
+        }
+        Method::GET => {
+            let prefix = format!("{plural}/{ns}/");
+            let items: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(_, v)| v.clone())
+                .collect();
+            axum::Json(json!({"apiVersion": format!("{group}/{version}"), "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items})).into_response()
+        }
+        _ => kube_status(405, "MethodNotAllowed", "method not allowed"),
+    }
+}
+
+async fn kube_object(
+    State(s): KubeShared,
+    Path((group, version, ns, plural, name)): Path<(String, String, String, String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    kube_record(
+        &mut st,
+        &method,
+        format!("/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}"),
+        &headers,
+        &body,
+    );
+    let key = object_key(&plural, &ns, &name);
+    let Some(object) = st.objects.get_mut(&key) else {
         return kube_status(
             404,
             "NotFound",
-            &format!("applications.argoproj.io \"{name}\" not found"),
+            &format!("{plural}.{group} \"{name}\" not found"),
         );
     };
     match method {
-        Method::GET => axum::Json(app.clone()).into_response(),
+        Method::GET => axum::Json(object.clone()).into_response(),
         Method::PATCH => {
             let content_type = headers
                 .get("content-type")
@@ -621,14 +771,18 @@ async fn kube_app(
                 );
             }
             let patch: Value = serde_json::from_slice(&body).unwrap_or_default();
-            merge(app, &patch);
-            let rv = app["metadata"]["resourceVersion"]
+            merge(object, &patch);
+            let rv = object["metadata"]["resourceVersion"]
                 .as_str()
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(1)
                 + 1;
-            app["metadata"]["resourceVersion"] = json!(rv.to_string());
-            axum::Json(app.clone()).into_response()
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            axum::Json(object.clone()).into_response()
+        }
+        Method::DELETE => {
+            let removed = st.objects.remove(&key);
+            axum::Json(removed.unwrap_or(Value::Null)).into_response()
         }
         _ => kube_status(405, "MethodNotAllowed", "method not allowed"),
     }

@@ -7,6 +7,7 @@
 pub mod fakes;
 pub mod handlers;
 pub mod peers;
+pub mod talos_fake;
 
 use std::collections::HashMap;
 use std::net::TcpListener;

@@ -63,10 +63,19 @@ impl S3Server {
 }
 
 impl S3Server {
-    /// Deletes an object with a signed request, as a person with the bucket's keys would.
-    pub async fn delete(&self, bucket: &str, key: &str) {
-        use object_store::ObjectStoreExt;
-        let store = object_store::aws::AmazonS3Builder::new()
+    /// Multipart uploads started and neither completed nor aborted.
+    pub async fn pending_uploads(&self, bucket: &str) -> usize {
+        let body = reqwest::get(format!("{}/{bucket}?uploads", self.endpoint))
+            .await
+            .expect("list uploads")
+            .text()
+            .await
+            .expect("body");
+        body.matches("<UploadId>").count()
+    }
+
+    fn client(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
             .with_endpoint(&self.endpoint)
             .with_allow_http(true)
             .with_bucket_name(bucket)
@@ -75,8 +84,35 @@ impl S3Server {
             .with_secret_access_key("testing")
             .with_virtual_hosted_style_request(false)
             .build()
-            .expect("s3 client");
-        store
+            .expect("s3 client")
+    }
+
+    /// Reads an object with a signed request.
+    pub async fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        use object_store::ObjectStoreExt;
+        self.client(bucket)
+            .get(&object_store::path::Path::from(key))
+            .await
+            .expect("get object")
+            .bytes()
+            .await
+            .expect("object body")
+            .to_vec()
+    }
+
+    /// Writes an object with a signed request.
+    pub async fn put(&self, bucket: &str, key: &str, body: Vec<u8>) {
+        use object_store::ObjectStoreExt;
+        self.client(bucket)
+            .put(&object_store::path::Path::from(key), body.into())
+            .await
+            .expect("put object");
+    }
+
+    /// Deletes an object with a signed request, as a person with the bucket's keys would.
+    pub async fn delete(&self, bucket: &str, key: &str) {
+        use object_store::ObjectStoreExt;
+        self.client(bucket)
             .delete(&object_store::path::Path::from(key))
             .await
             .expect("delete object");
@@ -229,4 +265,135 @@ pub fn empty_cli_config() -> PathBuf {
         std::fs::write(&path, "").expect("write empty tfrc");
     }
     path
+}
+
+/// A real etcd (Debian's `etcd-server`) on free loopback ports, driven with `etcdctl`.
+pub struct Etcd {
+    pub client_url: String,
+    child: Child,
+}
+
+fn etcdctl(endpoint: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3");
+    if let Some(e) = endpoint {
+        cmd.args(["--endpoints", e]);
+    }
+    cmd.args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run etcdctl ({e}); install it (Debian: apt-get install etcd-client)")
+    })
+}
+
+impl Etcd {
+    /// Starts etcd on `data_dir` (which may hold a restored snapshot) with member name `name`
+    /// and peer URL on `peer_port`.
+    pub async fn start(data_dir: &Path, name: &str, peer_port: u16) -> Etcd {
+        let client_port = crate::free_port();
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new("etcd")
+            .args(["--name", name, "--data-dir"])
+            .arg(data_dir)
+            .args([
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args(["--initial-cluster", &format!("{name}={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start etcd ({e}); install it (Debian: apt-get install etcd-server)")
+            });
+        let etcd = Etcd { client_url, child };
+        for _ in 0..200 {
+            if etcdctl(Some(&etcd.client_url), &["endpoint", "health"])
+                .status
+                .success()
+            {
+                return etcd;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("etcd did not become healthy on {}", etcd.client_url);
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        let out = etcdctl(Some(&self.client_url), &["put", key, value]);
+        assert!(
+            out.status.success(),
+            "etcdctl put: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn get(&self, key: &str) -> Option<String> {
+        let out = etcdctl(Some(&self.client_url), &["get", "--print-value-only", key]);
+        assert!(
+            out.status.success(),
+            "etcdctl get: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!v.is_empty()).then_some(v)
+    }
+
+    /// `etcdctl snapshot save`: the real snapshot format, SHA-256 trailer included.
+    pub fn snapshot(&self, file: &Path) {
+        let out = etcdctl(
+            Some(&self.client_url),
+            &["snapshot", "save", &file.display().to_string()],
+        );
+        assert!(
+            out.status.success(),
+            "etcdctl snapshot save: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `etcdctl snapshot restore` into `data_dir`, which checks the SHA-256 trailer.
+pub fn restore_snapshot(
+    file: &Path,
+    data_dir: &Path,
+    name: &str,
+    peer_port: u16,
+) -> Result<(), String> {
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let out = etcdctl(
+        None,
+        &[
+            "snapshot",
+            "restore",
+            &file.display().to_string(),
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--name",
+            name,
+            "--initial-cluster",
+            &format!("{name}={peer_url}"),
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ],
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }

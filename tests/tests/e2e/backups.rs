@@ -1,0 +1,498 @@
+//! Backups end to end: real etcd snapshots through a fake Talos API (mutual TLS) into a real S3
+//! server, decrypted and restored with etcdctl; Velero backups against a fake Kubernetes API
+//! whose fake controller moves the phases.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use infraflux_tests::fakes::FakeKube;
+use infraflux_tests::peers::{Etcd, S3Server, restore_snapshot};
+use infraflux_tests::talos_fake::{FakeTalos, SnapshotSource};
+use infraflux_tests::*;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+struct SnapLab {
+    _nats: Nats,
+    s3: S3Server,
+    talos: FakeTalos,
+    agent: TestAgent,
+    client: async_nats::Client,
+    identity: age::x25519::Identity,
+    snapshot_file: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+const KEYS: [(&str, &str); 3] = [
+    ("/registry/namespaces/media", "media"),
+    ("/registry/namespaces/home", "home"),
+    ("/infraflux/drill", "restorable"),
+];
+
+async fn snap_lab(extra: &str, dead_endpoint_first: bool) -> SnapLab {
+    init();
+    let nats = Nats::start();
+    let s3 = S3Server::start("etcd").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A real etcd with real keys, and its real snapshot.
+    let snapshot_file = dir.path().join("snapshot.db");
+    {
+        let etcd = Etcd::start(&dir.path().join("etcd"), "cp-1", free_port()).await;
+        for (k, v) in KEYS {
+            etcd.put(k, v);
+        }
+        etcd.snapshot(&snapshot_file);
+    }
+    let dead = if dead_endpoint_first {
+        vec![format!("127.0.0.1:{}", free_port())]
+    } else {
+        vec![]
+    };
+    let talos = FakeTalos::start(SnapshotSource::File(snapshot_file.clone()), &dead).await;
+    let talosconfig = dir.path().join("talosconfig");
+    std::fs::write(&talosconfig, talos.talosconfig()).expect("talosconfig");
+    let identity = age::x25519::Identity::generate();
+    let toml = format!(
+        r#"
+[talos]
+talosconfig = "{talosconfig}"
+cluster = "lab"
+
+[s3]
+endpoint = "{endpoint}"
+access_key_id = "env:TEST_S3_KEY"
+secret_access_key = "env:TEST_S3_SECRET"
+path_style = true
+
+[etcd_snapshot]
+bucket = "etcd"
+prefix = "prod/"
+age_recipients = ["{recipient}"]
+compression = "zstd"
+{extra}
+"#,
+        talosconfig = talosconfig.display(),
+        endpoint = s3.endpoint,
+        recipient = identity.to_public(),
+    );
+    let agent = start_agent_with_env(
+        &nats,
+        "snapshotter",
+        &toml,
+        &[
+            ("TEST_S3_KEY", "testing"),
+            ("TEST_S3_SECRET", "testing-secret"),
+        ],
+        |_| {},
+    )
+    .await;
+    let client = nats.client().await;
+    SnapLab {
+        _nats: nats,
+        s3,
+        talos,
+        agent,
+        client,
+        identity,
+        snapshot_file,
+        dir,
+    }
+}
+
+impl SnapLab {
+    async fn snapshot(&self) -> Value {
+        let job = submit(&self.client, "snapshot").await;
+        wait_settled(&self.client, &job, Duration::from_secs(60)).await
+    }
+
+    /// Objects under the cluster's directory, sorted.
+    async fn objects(&self) -> Vec<String> {
+        let mut keys = self.s3.keys("etcd").await;
+        keys.sort();
+        keys
+    }
+
+    fn decrypt(&self, stored: &[u8]) -> Vec<u8> {
+        let decryptor = age::Decryptor::new(stored).expect("an age file");
+        let mut reader = decryptor
+            .decrypt(std::iter::once(&self.identity as &dyn age::Identity))
+            .expect("decrypts with the identity");
+        let mut compressed = Vec::new();
+        reader.read_to_end(&mut compressed).expect("read");
+        zstd::decode_all(&compressed[..]).expect("zstd")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_snapshot_is_streamed_verified_encrypted_stored_and_restores_with_its_keys() {
+    let lab = snap_lab("", true).await;
+    let done = lab.snapshot().await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let message = done["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Talos v1.13.9"), "{message}");
+    assert!(message.contains("zstd, age-encrypted"), "{message}");
+    // The first endpoint answered nothing; the second node served the snapshot.
+    assert_eq!(lab.talos.snapshot_nodes(), ["127.0.0.1"]);
+
+    let objects = lab.objects().await;
+    assert_eq!(
+        objects.len(),
+        2,
+        "the snapshot and its manifest: {objects:?}"
+    );
+    let key = done["result"]["object"]
+        .as_str()
+        .expect("object key")
+        .to_string();
+    assert!(
+        key.starts_with("prod/lab/") && key.ends_with("-127.0.0.1.db.zst.age"),
+        "{key}"
+    );
+    assert!(objects.contains(&format!("{key}.json")), "{objects:?}");
+    let original = std::fs::read(&lab.snapshot_file).expect("snapshot file");
+    let manifest: Value = serde_json::from_slice(&lab.s3.get("etcd", &format!("{key}.json")).await)
+        .expect("manifest");
+    assert_eq!(manifest["size_bytes"], original.len() as u64);
+    assert_eq!(manifest["sha256"], hex::encode(Sha256::digest(&original)));
+    assert_eq!(
+        manifest["db_sha256"],
+        hex::encode(&original[original.len() - 32..])
+    );
+    assert_eq!(manifest["cluster"], "lab");
+    assert_eq!(manifest["talos_version"], "v1.13.9");
+
+    // Download, decrypt, decompress: the same bytes, and etcd restores them with its keys.
+    let stored = lab.s3.get("etcd", &key).await;
+    assert!(
+        !stored.windows(5).any(|w| w == b"media"),
+        "stored encrypted"
+    );
+    let restored_file = lab.dir.path().join("restored.db");
+    std::fs::write(&restored_file, lab.decrypt(&stored)).expect("write");
+    assert_eq!(std::fs::read(&restored_file).expect("read"), original);
+    let data_dir = lab.dir.path().join("restored-etcd");
+    let peer = free_port();
+    restore_snapshot(&restored_file, &data_dir, "cp-1", peer)
+        .expect("etcdctl snapshot restore accepts it");
+    let etcd = Etcd::start(&data_dir, "cp-1", peer).await;
+    for (k, v) in KEYS {
+        assert_eq!(etcd.get(k).as_deref(), Some(v), "{k} after restore");
+    }
+    assert_eq!(lab.s3.pending_uploads("etcd").await, 0);
+    let metrics = reqwest::get(format!("{}/metrics", lab.agent.http))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("infraflux_last_success_timestamp_seconds{kind=\"etcd-snapshot\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "infraflux_last_size_bytes{{kind=\"etcd-snapshot\"}} {}",
+            original.len()
+        )),
+        "{metrics}"
+    );
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_with_one_flipped_byte_is_rejected_and_nothing_is_left_in_the_bucket() {
+    let lab = snap_lab("", false).await;
+    lab.talos.set(|b| b.flip_byte = Some(4097));
+    let done = lab.snapshot().await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let message = done["message"].as_str().unwrap_or_default();
+    assert!(message.contains("corrupt"), "{message}");
+    assert!(lab.objects().await.is_empty(), "nothing stored");
+    assert_eq!(
+        lab.s3.pending_uploads("etcd").await,
+        0,
+        "the multipart upload was aborted"
+    );
+    // The same bytes, as etcd's own restore sees them: it refuses them too.
+    let mut corrupt = std::fs::read(&lab.snapshot_file).expect("read");
+    corrupt[4097] ^= 0x01;
+    let file = lab.dir.path().join("corrupt.db");
+    std::fs::write(&file, corrupt).expect("write");
+    let refused = restore_snapshot(&file, &lab.dir.path().join("never"), "cp-1", free_port());
+    assert!(refused.expect_err("etcdctl refuses it").contains("sha256"));
+    lab.agent.stop().await;
+}
+
+/// A stored snapshot from earlier runs: data object and, for good ones, its manifest.
+async fn seed(lab: &SnapLab, stamp: &str, size: u64, good: bool) -> String {
+    let key = format!("prod/lab/{stamp}-127.0.0.1.db.zst.age");
+    lab.s3.put("etcd", &key, b"old".to_vec()).await;
+    if good {
+        let manifest = json!({
+            "key": key, "cluster": "lab", "node": "127.0.0.1", "talos_version": "v1.13.8",
+            "created_at": chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ").expect("stamp").and_utc(),
+            "size_bytes": size, "stored_bytes": 3, "sha256": "00", "db_sha256": "00",
+            "compression": "zstd", "encrypted": true, "job_id": "01jd0000000000000000000000",
+        });
+        lab.s3
+            .put(
+                "etcd",
+                &format!("{key}.json"),
+                serde_json::to_vec(&manifest).expect("json"),
+            )
+            .await;
+    }
+    key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_after_a_good_upload_leaves_exactly_the_expected_objects() {
+    let lab = snap_lab(
+        "[etcd_snapshot.retention]\nkeep_last = 2\nmonthly = 2\n",
+        false,
+    )
+    .await;
+    let oldest = seed(&lab, "20260915T030000Z", 1000, true).await;
+    let october = seed(&lab, "20261030T030000Z", 1000, true).await;
+    let debris = seed(&lab, "20261101T030000Z", 1000, false).await;
+    let nov27 = seed(&lab, "20261127T030000Z", 1000, true).await;
+    let nov28 = seed(&lab, "20261128T030000Z", 1000, true).await;
+    let done = lab.snapshot().await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(
+        done["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("3 old snapshot(s) pruned"),
+        "{done}"
+    );
+    let new = done["result"]["object"].as_str().expect("key").to_string();
+    let mut expected: Vec<String> = [&new, &nov28, &october]
+        .iter()
+        .flat_map(|k| [k.to_string(), format!("{k}.json")])
+        .collect();
+    expected.sort();
+    // keep_last = 2: the new one and Nov 28. monthly = 2: the newest of November (the new one)
+    // and of October. September's, Nov 27's and the incomplete debris go.
+    assert_eq!(lab.objects().await, expected);
+    for gone in [oldest, debris, nov27] {
+        assert!(!lab.objects().await.contains(&gone));
+    }
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_far_smaller_than_the_previous_one_fails_and_is_not_stored() {
+    let lab = snap_lab("min_size_ratio = 0.5", false).await;
+    let size = std::fs::metadata(&lab.snapshot_file).expect("size").len();
+    let previous = seed(&lab, "20261129T030000Z", size * 10, true).await;
+    let done = lab.snapshot().await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert!(
+        done["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("less than 50% of the previous one"),
+        "{done}"
+    );
+    assert_eq!(
+        lab.objects().await,
+        [previous.clone(), format!("{previous}.json")]
+    );
+    assert_eq!(lab.s3.pending_uploads("etcd").await, 0);
+    lab.agent.stop().await;
+}
+
+struct VeleroLab {
+    _nats: Nats,
+    kube: FakeKube,
+    agent: TestAgent,
+    client: async_nats::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn velero_lab(extra: &str) -> VeleroLab {
+    init();
+    let nats = Nats::start();
+    let kube = FakeKube::start("velero").await;
+    kube.add_storage_location(
+        "velero",
+        "default",
+        "Available",
+        chrono::Duration::seconds(30),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        "[kubernetes]\nkubeconfig = \"{}\"\n\n[backup]\nvelero_namespace = \"velero\"\n{extra}\n",
+        kube.kubeconfig(dir.path()).display()
+    );
+    let agent = start_agent(&nats, "velero-agent", &toml, |_| {}).await;
+    let client = nats.client().await;
+    VeleroLab {
+        _nats: nats,
+        kube,
+        agent,
+        client,
+        _dir: dir,
+    }
+}
+
+impl VeleroLab {
+    async fn backup(&self, command: &str) -> Value {
+        let job = submit(&self.client, command).await;
+        wait_settled(&self.client, &job, Duration::from_secs(30)).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn velero_backups_report_completed_partially_failed_failed_and_an_unavailable_location() {
+    let lab = velero_lab("").await;
+    lab.kube.set_backup_outcome(json!({"phase": "Completed", "progress": {"itemsBackedUp": 120, "totalItems": 120}, "warnings": 1, "errors": 0}));
+    let done = lab.backup("backup ns=media,home ttl=72h").await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(
+        done["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Completed: 120/120 items, 1 warnings, 0 errors"),
+        "{done}"
+    );
+    let name = format!("infraflux-{}", done["job_id"].as_str().expect("id"));
+    let created = lab
+        .kube
+        .object("backups", "velero", &name)
+        .expect("the Backup object");
+    assert_eq!(
+        created["spec"]["includedNamespaces"],
+        json!(["media", "home"])
+    );
+    assert_eq!(created["spec"]["ttl"], "72h0m0s");
+    assert_eq!(created["spec"]["storageLocation"], "default");
+    assert_eq!(
+        created["metadata"]["labels"]["infraflux.io/job"],
+        done["job_id"]
+    );
+    assert_eq!(done["result"]["items"], 120);
+
+    lab.kube.set_backup_outcome(json!({"phase": "PartiallyFailed", "progress": {"itemsBackedUp": 110, "totalItems": 120}, "warnings": 0, "errors": 3}));
+    let partial = lab.backup("backup").await;
+    assert_eq!(partial["state"], "failed", "{partial}");
+    assert!(
+        partial["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("PartiallyFailed (110/120 items, 0 warnings, 3 errors)"),
+        "{partial}"
+    );
+
+    lab.kube.set_backup_outcome(json!({"phase": "Failed", "failureReason": "error getting backup store: InvalidAccessKeyId", "progress": {}}));
+    let failed = lab.backup("backup").await;
+    assert_eq!(failed["state"], "failed");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Failed: error getting backup store: InvalidAccessKeyId"),
+        "{failed}"
+    );
+
+    let before = lab.kube.objects("backups").len();
+    lab.kube.add_storage_location(
+        "velero",
+        "default",
+        "Unavailable",
+        chrono::Duration::seconds(30),
+    );
+    let unavailable = lab.backup("backup").await;
+    assert_eq!(unavailable["state"], "failed");
+    assert!(
+        unavailable["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is Unavailable"),
+        "{unavailable}"
+    );
+    assert!(
+        unavailable["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("InvalidAccessKeyId"),
+        "{unavailable}"
+    );
+    assert_eq!(
+        lab.kube.objects("backups").len(),
+        before,
+        "no Backup was created against an unavailable location"
+    );
+
+    // A location Velero has not validated for a long time means Velero is not running.
+    lab.kube
+        .add_storage_location("velero", "default", "Available", chrono::Duration::hours(2));
+    let stale = lab.backup("backup").await;
+    assert!(
+        stale["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("was last validated"),
+        "{stale}"
+    );
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partially_failed_may_count_as_a_warning_and_empty_or_shrunken_backups_fail() {
+    let lab = velero_lab("partially_failed = \"warn\"").await;
+    lab.kube.set_backup_outcome(json!({"phase": "PartiallyFailed", "progress": {"itemsBackedUp": 100, "totalItems": 101}, "warnings": 0, "errors": 1}));
+    let warned = lab.backup("backup").await;
+    assert_eq!(warned["state"], "succeeded", "{warned}");
+    assert!(
+        warned["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("counted as a warning"),
+        "{warned}"
+    );
+
+    lab.kube.set_backup_outcome(
+        json!({"phase": "Completed", "progress": {"itemsBackedUp": 30, "totalItems": 30}}),
+    );
+    let shrunk = lab.backup("backup").await;
+    assert_eq!(shrunk["state"], "failed");
+    assert!(
+        shrunk["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("less than 50% of the previous backup's 100"),
+        "{shrunk}"
+    );
+
+    lab.kube.set_backup_outcome(
+        json!({"phase": "Completed", "progress": {"itemsBackedUp": 0, "totalItems": 0}}),
+    );
+    let empty = lab.backup("backup").await;
+    assert_eq!(empty["state"], "failed");
+    assert!(
+        empty["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is empty"),
+        "{empty}"
+    );
+    let status = command(&lab.client, "status").await;
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("backup: failed"),
+        "{status}"
+    );
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("last success"),
+        "the age of the last good backup is shown: {status}"
+    );
+    lab.agent.stop().await;
+}
