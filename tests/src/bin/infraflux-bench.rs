@@ -19,8 +19,15 @@ use infraflux_tests::{Nats, agent_config, free_port, record, submit, test_env};
 
 fn parse_size(s: &str) -> Result<u64, String> {
     let lower = s.to_ascii_lowercase();
-    let (number, unit) = lower.split_at(lower.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(lower.len()));
-    let n: f64 = number.trim().parse().map_err(|_| format!("bad size {s:?}"))?;
+    let (number, unit) = lower.split_at(
+        lower
+            .find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(lower.len()),
+    );
+    let n: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad size {s:?}"))?;
     let mult = match unit.trim() {
         "" | "b" => 1.0,
         "kib" | "k" => 1024.0,
@@ -37,7 +44,9 @@ fn agent_bin() -> PathBuf {
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("infraflux-agent")))
         .filter(|p| p.exists())
-        .unwrap_or_else(|| panic!("build the agent first: cargo build --release -p infraflux-agent"))
+        .unwrap_or_else(|| {
+            panic!("build the agent first: cargo build --release -p infraflux-agent")
+        })
 }
 
 /// Peak resident set size of a process, from the kernel's own high-water mark.
@@ -105,7 +114,11 @@ async fn snapshot(size: u64, compression: &str) {
         s3.endpoint
     );
     let config = dir.path().join("agent.toml");
-    std::fs::write(&config, agent_config(&nats.url, "bench", &dir.path().join("state"), &extra)).expect("config");
+    std::fs::write(
+        &config,
+        agent_config(&nats.url, "bench", &dir.path().join("state"), &extra),
+    )
+    .expect("config");
     let env = [
         ("BENCH_KEY", "bench".to_string()),
         ("BENCH_SECRET", "bench-secret".to_string()),
@@ -118,7 +131,10 @@ async fn snapshot(size: u64, compression: &str) {
     let job = submit(&client, "snapshot").await;
     let done = loop {
         let r = record(&client, &job).await;
-        if matches!(r["state"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+        if matches!(
+            r["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
             break r;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -152,7 +168,8 @@ fn main() {
         .expect("runtime");
     match scenario {
         "snapshot" => {
-            let size = parse_size(&flag("--size").unwrap_or_else(|| "1GiB".into())).unwrap_or_else(|e| panic!("{e}"));
+            let size = parse_size(&flag("--size").unwrap_or_else(|| "1GiB".into()))
+                .unwrap_or_else(|e| panic!("{e}"));
             let compression = flag("--compression").unwrap_or_else(|| "none".into());
             runtime.block_on(snapshot(size, &compression));
         }
