@@ -195,6 +195,7 @@ async fn run(
     // Heartbeat and readiness keep going until the runner has drained.
     let housekeeping_stop = CancellationToken::new();
     background.spawn(heartbeat(app.clone(), housekeeping_stop.clone()));
+    background.spawn(watchdog(app.clone(), housekeeping_stop.clone()));
     background.spawn(probe_jetstream(
         app.clone(),
         readiness.clone(),
@@ -230,8 +231,12 @@ where
     }
 }
 
-/// Presence for `status`; expires on its own when the agent dies.
+/// Presence for `status` (it expires on its own when the agent dies), and the gauges every
+/// agent should show alike: the last success per kind and the queue depth come from NATS, not
+/// from this process's memory, so a restarted agent or one that ran nothing reports them too.
 async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
+    const METRICS_EVERY: u64 = 6;
+    let mut beats = 0u64;
     loop {
         let presence = Presence {
             agent: app.agent_id.clone(),
@@ -250,9 +255,53 @@ async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
         {
             tracing::debug!(error = %e, "Heartbeat not stored");
         }
+        if beats.is_multiple_of(METRICS_EVERY) {
+            refresh_shared_metrics(&app).await;
+        }
+        beats += 1;
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+        }
+    }
+}
+
+async fn refresh_shared_metrics(app: &App) {
+    for (kind, last) in app.records.last_results().await {
+        if let Some(at) = last.last_success_at {
+            app.metrics
+                .last_success
+                .get_or_create(&crate::metrics::KindLabel {
+                    kind: kind.as_str().to_string(),
+                })
+                .set(at.timestamp() as f64);
+        }
+    }
+    if let Ok(info) = app.store.consumer.get_info().await {
+        app.metrics
+            .queue_pending
+            .set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+    }
+}
+
+/// Feeds systemd's watchdog (`WatchdogSec=`) while the runner loop beats; a runner that stops
+/// beating (a stalled runtime, a deadlock) lets the watchdog expire and systemd restart us.
+async fn watchdog(app: Arc<App>, stop: CancellationToken) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    loop {
+        if app.runner_silence() < interval {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!(
+                silent_for = ?app.runner_silence(),
+                "Job runner loop stalled; not feeding the systemd watchdog"
+            );
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval / 3) => {}
         }
     }
 }

@@ -89,6 +89,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub running: Mutex<HashMap<String, RunningJob>>,
     pub started_at: DateTime<Utc>,
+    /// When the runner loop last beat (Unix milliseconds); the watchdog reads it.
+    runner_beat_ms: std::sync::atomic::AtomicI64,
 }
 
 impl App {
@@ -126,7 +128,24 @@ impl App {
             metrics,
             running: Mutex::new(HashMap::new()),
             started_at: Utc::now(),
+            runner_beat_ms: std::sync::atomic::AtomicI64::new(Utc::now().timestamp_millis()),
         }
+    }
+
+    pub fn runner_beat(&self) {
+        self.runner_beat_ms.store(
+            Utc::now().timestamp_millis(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// How long ago the runner loop last beat.
+    pub fn runner_silence(&self) -> std::time::Duration {
+        let last = self
+            .runner_beat_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let ms = (Utc::now().timestamp_millis() - last).max(0);
+        std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
     }
 
     /// The storage handlers may use.

@@ -35,6 +35,8 @@ use crate::telemetry;
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How often a job waiting for locks tries again.
 const LOCK_RETRY: Duration = Duration::from_millis(500);
+/// How often the runner loop proves it is alive (for the systemd watchdog).
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A handler gets this long after its token fires before it is dropped.
 const HANDLER_GRACE_EXTRA: Duration = Duration::from_secs(5);
 
@@ -43,20 +45,35 @@ const HANDLER_GRACE_EXTRA: Duration = Duration::from_secs(5);
 pub async fn run(app: Arc<App>, stop: CancellationToken) {
     let permits = Arc::new(Semaphore::new(app.config.agent.concurrency));
     let tracker = TaskTracker::new();
-    loop {
-        let permit = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+    // The loop beats while it waits, so the systemd watchdog sees a live runner even when every
+    // permit is held by a long job, and a stalled runtime stops the beats.
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    'pulling: loop {
+        let acquire = permits.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let permit = loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break 'pulling,
+                permit = &mut acquire => match permit {
+                    Ok(p) => break p,
+                    Err(_) => break 'pulling,
+                },
+                _ = beat.tick() => app.runner_beat(),
+            }
         };
-        let pulled = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            pulled = pull_one(&app.store.consumer) => pulled,
+        let pull = pull_one(&app.store.consumer);
+        tokio::pin!(pull);
+        let pulled = loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break 'pulling,
+                pulled = &mut pull => break pulled,
+                _ = beat.tick() => app.runner_beat(),
+            }
         };
+        app.runner_beat();
         match pulled {
             Ok(Some(message)) => {
                 let app = app.clone();
@@ -76,11 +93,15 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
         }
     }
     tracker.close();
-    let deadline = app.config.agent.shutdown_timeout.get();
-    if tokio::time::timeout(deadline, tracker.wait())
-        .await
-        .is_err()
-    {
+    let deadline = tokio::time::Instant::now() + app.config.agent.shutdown_timeout.get();
+    let drained = loop {
+        tokio::select! {
+            () = tracker.wait() => break true,
+            () = tokio::time::sleep_until(deadline) => break false,
+            _ = beat.tick() => app.runner_beat(),
+        }
+    };
+    if !drained {
         let n = app.cancel_all(CancelReason::Shutdown);
         tracing::warn!(
             jobs = n,

@@ -77,11 +77,13 @@ impl Agent {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start the agent");
+        // Owned at once, so a failure below still kills it.
+        let agent = Agent { child };
         for _ in 0..300 {
-            if let Ok(r) = reqwest::get(format!("{http}/readyz")).await {
-                if r.status() == 200 {
-                    return Agent { child };
-                }
+            if let Ok(r) = reqwest::get(format!("{http}/readyz")).await
+                && r.status() == 200
+            {
+                return agent;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
