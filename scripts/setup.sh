@@ -8,6 +8,8 @@ command -v nats-server >/dev/null 2>&1 || need_apt+=(nats-server)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then

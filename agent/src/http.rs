@@ -103,21 +103,31 @@ async fn readyz(State(s): State<HttpState>) -> Response {
     }
 }
 
-async fn metrics(State(s): State<HttpState>) -> Response {
+/// OpenMetrics for a scraper that asks for it (Prometheus does); the classic text format for
+/// everyone else (curl, promtool), as Prometheus' own client libraries do.
+async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> Response {
     let connected = s
         .readiness
         .client
         .get()
         .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
     s.metrics.nats_connected.set(i64::from(connected));
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
+    let openmetrics = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let (content_type, body) = if openmetrics {
+        (
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
-        .into_response()
+            s.metrics.encode(),
+        )
+    } else {
+        (
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::to_classic_text(&s.metrics.encode()),
+        )
+    };
+    ([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// `true` when `header` is `sha256=<hex>` of an HMAC-SHA256 of `body` under any of `secrets`.

@@ -20,6 +20,7 @@ pub mod poller;
 pub mod records;
 pub mod runner;
 pub mod scheduler;
+pub mod schema;
 pub mod secrets;
 pub mod services;
 pub mod store;

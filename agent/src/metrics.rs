@@ -177,7 +177,7 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition format.
+    /// The OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
@@ -187,8 +187,57 @@ impl Metrics {
     }
 }
 
+/// The classic Prometheus text format from OpenMetrics: counters' HELP and TYPE name the
+/// `_total` series, and there is no `# EOF` or `# UNIT`.
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counters_by_their_series() {
+        let m = Metrics::new();
+        m.job_ended("backup", "succeeded");
+        let classic = to_classic_text(&m.encode());
+        assert!(
+            classic.contains("# TYPE infraflux_jobs_total counter"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# HELP infraflux_jobs_total Jobs ended"),
+            "{classic}"
+        );
+        assert!(classic.contains("infraflux_jobs_total{kind=\"backup\",outcome=\"succeeded\"} 1"));
+        assert!(classic.contains("# TYPE infraflux_nats_connected gauge"));
+        assert!(!classic.contains("# EOF"));
     }
 }

@@ -93,8 +93,9 @@ async fn op_read(uri: &str, env: &Environment) -> Result<Secret, String> {
             )
         })?
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                format!("the 1Password CLI ({bin}) is not installed or not on PATH")
+            // A PATH entry this user cannot read looks like "permission denied": same cause.
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                format!("the 1Password CLI ({bin}) is not installed or not on this user's PATH")
             }
             kind => format!("cannot run the 1Password CLI ({bin}): {kind}"),
         })?;

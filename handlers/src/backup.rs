@@ -108,6 +108,7 @@ pub struct BackupHandler {
 }
 
 impl BackupHandler {
+    #[tracing::instrument(name = "storage_location_check", skip_all)]
     async fn check_location(&self, client: kube::Client) -> Result<(), HandlerError> {
         let cfg = &self.config;
         let what = format!(

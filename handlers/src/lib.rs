@@ -17,6 +17,7 @@ pub mod s3;
 pub mod secret;
 pub mod settings;
 pub mod talos;
+pub mod trace;
 pub mod unavailable;
 
 pub mod acceptance;

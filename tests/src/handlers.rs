@@ -170,6 +170,7 @@ impl Handler for TestHandler {
 /// The handler of the out-of-process test agent: writes a marker file per attempt (with
 /// whether it was told of an interruption), sleeps, then writes a done marker.
 pub struct MarkerHandler {
+    pub kind: JobKind,
     pub dir: PathBuf,
     pub sleep: Duration,
 }
@@ -177,7 +178,7 @@ pub struct MarkerHandler {
 #[async_trait]
 impl Handler for MarkerHandler {
     fn kind(&self) -> JobKind {
-        JobKind::Acceptance
+        self.kind
     }
 
     fn timeout(&self) -> Duration {
@@ -198,10 +199,15 @@ impl Handler for MarkerHandler {
                 .unwrap_or_default()
         );
         std::fs::write(&start, body).map_err(|e| HandlerError::Internal(e.to_string()))?;
-        tokio::select! {
-            () = tokio::time::sleep(self.sleep) => {}
-            () = ctx.cancel.cancelled() => return Err(HandlerError::Cancelled),
-        }
+        // A step of its own, as real handlers have (terraform init, each node of an upgrade).
+        let step = tracing::info_span!("marker_step", job_id = %ctx.job_id);
+        let slept = async {
+            tokio::select! {
+                () = tokio::time::sleep(self.sleep) => Ok(()),
+                () = ctx.cancel.cancelled() => Err(HandlerError::Cancelled),
+            }
+        };
+        tracing::Instrument::instrument(slept, step).await?;
         let done = self.dir.join(format!(
             "{}.{}.{}.done",
             ctx.job_id, ctx.attempt, ctx.agent_id

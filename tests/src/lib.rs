@@ -6,6 +6,7 @@
 
 pub mod fakes;
 pub mod handlers;
+pub mod otlp;
 pub mod peers;
 pub mod talos_fake;
 

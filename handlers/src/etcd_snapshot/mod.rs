@@ -192,6 +192,7 @@ impl EtcdSnapshotHandler {
         Ok((stored, manifest))
     }
 
+    #[tracing::instrument(name = "snapshot_node", skip_all, fields(endpoint = %endpoint))]
     async fn snapshot_from(
         &self,
         ctx: &JobContext,
@@ -394,6 +395,7 @@ impl EtcdSnapshotHandler {
         Ok(manifest)
     }
 
+    #[tracing::instrument(name = "retention", skip_all)]
     async fn prune(&self, store: &AmazonS3) -> Result<usize, HandlerError> {
         let Some(rules) = &self.config.retention else {
             return Ok(0);

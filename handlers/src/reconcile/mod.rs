@@ -147,7 +147,7 @@ impl Reconciler {
         format!("reconcile.apply-claim.{plan_job}")
     }
 
-    fn terraform_env(&self, ctx: &JobContext) -> Vec<(String, String)> {
+    fn terraform_env(&self) -> Vec<(String, String)> {
         let mut env = self.services.tool_env.clone();
         let plugin_cache = self.base_dir().join("plugin-cache");
         let _ = std::fs::create_dir_all(&plugin_cache);
@@ -167,13 +167,11 @@ impl Reconciler {
                 env.push((name.clone(), secret.expose().to_string()));
             }
         }
-        if let Some(tp) = &ctx.traceparent {
-            env.push(("TRACEPARENT".into(), tp.clone()));
-        }
         env
     }
 
     /// A working tree of `commit`, the backend preflight, `terraform init`: ready to plan or apply.
+    #[tracing::instrument(name = "prepare", skip_all, fields(commit = %short(commit)))]
     pub async fn prepare(&self, ctx: &JobContext, commit: &str) -> Result<Terraform, HandlerError> {
         ctx.progress
             .report(&format!("checking out {}", short(commit)))
@@ -199,7 +197,7 @@ impl Reconciler {
         let tf = Terraform {
             bin: self.config.terraform_bin.clone(),
             dir: tfdir,
-            env: self.terraform_env(ctx),
+            env: self.terraform_env(),
             cancel: ctx.cancel.clone(),
             grace: ctx.kill_grace,
             redactor: ctx.redactor.clone(),
@@ -209,6 +207,7 @@ impl Reconciler {
         Ok(tf)
     }
 
+    #[tracing::instrument(name = "backend_preflight", skip_all)]
     async fn preflight(&self, tfdir: &Path) -> Result<(), HandlerError> {
         let backend = preflight::find_backend(tfdir).map_err(HandlerError::Failed)?;
         let target = preflight::check(backend.as_ref()).map_err(|problems| {
@@ -246,6 +245,7 @@ impl Reconciler {
     }
 
     /// Syncs the root Application, if one is configured.
+    #[tracing::instrument(name = "argocd_sync", skip_all)]
     pub async fn sync_argocd(&self, ctx: &JobContext) -> Result<Option<String>, HandlerError> {
         let Some(app) = &self.config.argocd_app else {
             return Ok(None);
@@ -504,6 +504,7 @@ impl Reconciler {
         })
     }
 
+    #[tracing::instrument(name = "pull_request_comment", skip_all)]
     async fn comment_on_pull_request(
         &self,
         ctx: &JobContext,

@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::handler::HandlerError;
 use crate::process::{ChildOutput, ProcessError, run_cancellable};
@@ -51,12 +52,20 @@ impl PlanSummary {
 
 impl Terraform {
     async fn run(&self, args: &[&str]) -> Result<ChildOutput, HandlerError> {
+        let span = tracing::info_span!("terraform", command = args.first().copied().unwrap_or(""));
         let mut cmd = Command::new(&self.bin);
         cmd.current_dir(&self.dir)
             .args(args)
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        match run_cancellable(cmd, &self.cancel, self.grace).await {
+        // terraform continues the trace from this step's span.
+        if let Some(tp) = span.in_scope(crate::trace::current_traceparent) {
+            cmd.env("TRACEPARENT", tp);
+        }
+        match run_cancellable(cmd, &self.cancel, self.grace)
+            .instrument(span)
+            .await
+        {
             Ok(out) => Ok(out),
             Err(ProcessError::Cancelled { .. }) => Err(HandlerError::Cancelled),
             Err(ProcessError::Spawn { program, source }) => Err(HandlerError::Failed(format!(

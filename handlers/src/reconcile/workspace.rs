@@ -211,6 +211,7 @@ impl Remote {
     }
 
     /// A working tree of `commit` in `dir` (replaced if it exists).
+    #[tracing::instrument(name = "git_checkout", skip_all, fields(commit = %commit))]
     pub async fn checkout(
         &self,
         cache: &Path,

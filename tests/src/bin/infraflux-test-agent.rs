@@ -1,4 +1,5 @@
-//! The real agent CLI with one test handler: `acceptance` jobs write marker files under
+//! The real agent CLI with test handlers: `acceptance` jobs (and `reconcile` jobs with
+//! `$IFX_TEST_RECONCILE`) write marker files under
 //! `$IFX_TEST_MARKERS` and sleep `$IFX_TEST_SLEEP_MS`. Crash tests run this as a
 //! child process and kill it with SIGKILL.
 
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use infraflux_handlers::JobKind;
 use infraflux_tests::handlers::MarkerHandler;
 
 fn register(registry: &mut infraflux_handlers::Registry) {
@@ -18,9 +20,18 @@ fn register(registry: &mut infraflux_handlers::Registry) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3_000);
     registry.register(Arc::new(MarkerHandler {
-        dir: PathBuf::from(dir),
+        kind: JobKind::Acceptance,
+        dir: PathBuf::from(&dir),
         sleep: Duration::from_millis(sleep_ms),
     }));
+    // Reconcile jobs (a webhook's push) run the same markers when asked to.
+    if std::env::var_os("IFX_TEST_RECONCILE").is_some() {
+        registry.register(Arc::new(MarkerHandler {
+            kind: JobKind::Reconcile,
+            dir: PathBuf::from(&dir),
+            sleep: Duration::from_millis(sleep_ms),
+        }));
+    }
 }
 
 fn main() -> ExitCode {

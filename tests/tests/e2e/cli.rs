@@ -240,3 +240,51 @@ async fn ctl_exit_codes_and_github_event_forwarding() {
     assert_eq!(second["job"], first["jobs"][0]);
     agent.stop().await;
 }
+
+#[test]
+fn the_shipped_example_config_passes_check_config_once_its_secrets_exist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir_all(&credentials).expect("mkdir");
+    for name in [
+        "github-token",
+        "github-webhook-secret",
+        "nats-agent-password",
+    ] {
+        std::fs::write(credentials.join(name), format!("value-of-{name}\n")).expect("credential");
+    }
+    // The 1Password CLI as systemd would find it; it answers every reference of the example.
+    let op = dir.path().join("op");
+    std::fs::write(
+        &op,
+        "#!/bin/sh\n[ \"$1\" = read ] && printf 'from-1password' && exit 0\nexit 1\n",
+    )
+    .expect("op");
+    std::process::Command::new("chmod")
+        .args(["+x", &op.display().to_string()])
+        .status()
+        .expect("chmod");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://10.0.0.10:6443\ncontexts:\n- name: admin@infraflux\n  context:\n    cluster: lab\n    user: admin\ncurrent-context: admin@infraflux\nusers:\n- name: admin\n  user:\n    token: t\n",
+    )
+    .expect("kubeconfig");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+    let out = Command::new(crate::test_agent_bin())
+        .args(["check-config", "--config", example.to_str().expect("path")])
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .env("ONEPASSWORD_CLI", &op)
+        .env("INFRAFLUX_KUBERNETES__KUBECONFIG", &kubeconfig)
+        .output()
+        .expect("run");
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("valid; agent runner-1, 4 schedule(s)"),
+        "{all}"
+    );
+    for secret in ["value-of-github-token", "from-1password"] {
+        assert!(!all.contains(secret), "{all}");
+    }
+}

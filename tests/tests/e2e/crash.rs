@@ -38,6 +38,15 @@ impl AgentProcess {
         Self::spawn(config, &env, log)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub fn wait(&mut self) -> Option<i32> {
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
     pub fn kill9(&mut self) {
         // Child::kill is SIGKILL: no shutdown code runs, exactly like a crash.
         self.child.kill().expect("kill -9");

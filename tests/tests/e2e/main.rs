@@ -9,6 +9,7 @@ mod locks;
 mod mapping;
 mod multi_agent;
 mod nats_outage;
+mod operations;
 mod reconcile;
 mod schedules;
 mod shutdown;
