@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -91,6 +91,7 @@ fn provider(
             OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint)
+                .with_metadata(grpc_metadata(&otlp_headers(env)))
                 .build(),
             OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
@@ -114,6 +115,20 @@ fn otlp_headers(env: &HashMap<String, String>) -> HashMap<String, String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The same headers as gRPC metadata (an auth token for a hosted collector).
+fn grpc_metadata(headers: &HashMap<String, String>) -> tonic::metadata::MetadataMap {
+    let mut map = tonic::metadata::MetadataMap::new();
+    for (k, v) in headers {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes()),
+            v.parse(),
+        ) {
+            map.insert(key, value);
+        }
+    }
+    map
 }
 
 /// For test binaries: logs filtered by `RUST_LOG` (default: warnings), spans with real ids.

@@ -4,6 +4,7 @@
 //!
 //! A missing `nats-server` fails the test loudly; nothing here skips.
 
+pub mod bench;
 pub mod fakes;
 pub mod handlers;
 pub mod otlp;

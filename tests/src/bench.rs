@@ -1,0 +1,904 @@
+//! The benchmark suite behind `infraflux-bench all`: each figure against a baseline measured in
+//! the same run on loopback, printed as one table. Benchmarks print numbers; nothing here
+//! asserts a time.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::peers::S3Server;
+use crate::talos_fake::{FakeTalos, SnapshotSource};
+use crate::{Nats, WEBHOOK_SECRET, agent_config, fixture, free_port, sign, test_env};
+
+/// One line of the result table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub figure: String,
+    pub value: String,
+    pub baseline: String,
+    pub ratio: String,
+    pub target: String,
+    pub met: Option<bool>,
+}
+
+impl Row {
+    fn new(
+        figure: &str,
+        value: String,
+        baseline: String,
+        ratio: String,
+        target: &str,
+        met: Option<bool>,
+    ) -> Row {
+        Row {
+            figure: figure.into(),
+            value,
+            baseline,
+            ratio,
+            target: target.into(),
+            met,
+        }
+    }
+}
+
+pub fn print_table(rows: &[Row]) {
+    println!("| figure | measured | baseline | ratio | target | met |");
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "—",
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {met} |",
+            r.figure, r.value, r.baseline, r.ratio, r.target
+        );
+    }
+}
+
+/// Latencies in microseconds.
+#[derive(Debug, Clone, Default)]
+pub struct Latencies(Vec<u64>);
+
+impl Latencies {
+    pub fn push(&mut self, d: Duration) {
+        self.0
+            .push(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    pub fn extend(&mut self, other: Latencies) {
+        self.0.extend(other.0);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The `q`-quantile in milliseconds.
+    pub fn ms(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let mut v = self.0.clone();
+        v.sort_unstable();
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v[i.min(v.len() - 1)] as f64 / 1000.0
+    }
+}
+
+/// The agent binary next to the running one (same profile).
+pub fn agent_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("infraflux-agent")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("build the agent first: cargo build --release -p infraflux-agent")
+        })
+}
+
+/// Resident set size now and at its peak (`VmRSS`, `VmHWM`), in KiB.
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// CPU time used by a process so far (user + system), from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let hz = 100.0; // USER_HZ on Linux
+    Duration::from_secs_f64(ticks as f64 / hz)
+}
+
+/// An agent process under measurement.
+pub struct AgentProcess {
+    pub child: Child,
+    pub http: String,
+    pub ready_after: Duration,
+    _dir: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    /// Starts the agent with `extra` config; returns once it signalled READY=1 (timed).
+    pub async fn start(nats: &Nats, id: &str, extra: &str, env: &[(&str, String)]) -> AgentProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            agent_config(&nats.url, id, &dir.path().join("state"), extra),
+        )
+        .expect("config");
+        let port = free_port();
+        let socket_path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let started = Instant::now();
+        let child = Command::new(agent_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .envs(test_env())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("INFRAFLUX_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the agent");
+        let ready_after = tokio::task::block_in_place(|| {
+            let mut buf = [0u8; 256];
+            loop {
+                let n = socket.recv(&mut buf).expect("READY=1 from the agent");
+                if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                    return started.elapsed();
+                }
+            }
+        });
+        AgentProcess {
+            child,
+            http: format!("http://127.0.0.1:{port}"),
+            ready_after,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Webhook ingest
+
+/// The push fixture with a unique commit: each delivery is a new job, stored durably.
+fn push_body(template: &Value, n: u64) -> Vec<u8> {
+    let mut p = template.clone();
+    p["after"] = Value::String(format!("{:040x}", n + 1));
+    serde_json::to_vec(&p).expect("json")
+}
+
+pub struct Load {
+    pub requests: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub latencies: Latencies,
+}
+
+impl Load {
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+}
+
+/// `connections` keep-alive connections posting signed pushes to `url` for `duration`.
+pub async fn webhook_load(
+    url: &str,
+    connections: usize,
+    duration: Duration,
+    unique: bool,
+    start: u64,
+) -> Load {
+    let template: Value =
+        serde_json::from_slice(&fixture("github/push/push.json")).expect("fixture");
+    let template = Arc::new(template);
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(start));
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (url, template, counter) = (url.to_string(), template.clone(), counter.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .http1_only()
+                .build()
+                .expect("client");
+            let mut lat = Latencies::default();
+            let (mut ok, mut errors) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let n = if unique {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                } else {
+                    0
+                };
+                let body = push_body(&template, n);
+                let signature = sign(WEBHOOK_SECRET, &body);
+                let t = Instant::now();
+                let sent = client
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .header("X-GitHub-Event", "push")
+                    .header("X-GitHub-Delivery", format!("bench-{n}"))
+                    .header("X-Hub-Signature-256", signature)
+                    .body(body)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        lat.push(t.elapsed());
+                        ok += 1;
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (ok, errors, lat)
+        }));
+    }
+    let mut load = Load {
+        requests: 0,
+        errors: 0,
+        seconds: 0.0,
+        latencies: Latencies::default(),
+    };
+    for t in tasks {
+        if let Ok((ok, errors, lat)) = t.await {
+            load.requests += ok;
+            load.errors += errors;
+            load.latencies.extend(lat);
+        }
+    }
+    load.seconds = started.elapsed().as_secs_f64();
+    load
+}
+
+/// Debian's `webhook` (adnanh/webhook) with a payload-hmac-sha256 rule running /bin/true.
+pub struct WebhookTool {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl WebhookTool {
+    pub async fn start() -> WebhookTool {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hooks = dir.path().join("hooks.json");
+        let rule = serde_json::json!([{
+            "id": "github",
+            "execute-command": "/bin/true",
+            "trigger-rule": {"match": {
+                "type": "payload-hmac-sha256",
+                "secret": WEBHOOK_SECRET,
+                "parameter": {"source": "header", "name": "X-Hub-Signature-256"},
+            }},
+        }]);
+        std::fs::write(&hooks, serde_json::to_vec(&rule).expect("json")).expect("hooks");
+        let port = free_port();
+        let child = Command::new("webhook")
+            .args([
+                "-hooks",
+                &hooks.display().to_string(),
+                "-ip",
+                "127.0.0.1",
+                "-port",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start webhook ({e}); apt-get install webhook"));
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        WebhookTool {
+            child,
+            url: format!("http://127.0.0.1:{port}/hooks/github"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for WebhookTool {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Webhook ingest against the baseline; also returns the agent's peak RSS during the run.
+pub async fn bench_ingest(
+    nats: &Nats,
+    connections: usize,
+    duration: Duration,
+) -> (Load, Load, u64) {
+    let agent = AgentProcess::start(nats, "ingest", "", &[]).await;
+    // Warm both up, then measure.
+    webhook_load(
+        &format!("{}/webhooks/github", agent.http),
+        connections,
+        Duration::from_secs(1),
+        true,
+        1_000_000_000,
+    )
+    .await;
+    let ours = webhook_load(
+        &format!("{}/webhooks/github", agent.http),
+        connections,
+        duration,
+        true,
+        0,
+    )
+    .await;
+    let (_, peak) = rss_kib(agent.pid());
+    drop(agent);
+    let tool = WebhookTool::start().await;
+    webhook_load(&tool.url, connections, Duration::from_secs(1), false, 0).await;
+    let theirs = webhook_load(&tool.url, connections, duration, false, 0).await;
+    (ours, theirs, peak)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. ChatOps round trip
+
+pub async fn bench_chatops(nats: &Nats, n: usize) -> (Latencies, Latencies) {
+    let agent = AgentProcess::start(nats, "chatops", "", &[]).await;
+    let client = nats.client().await;
+    // The floor: a bare responder on the same server.
+    let mut echo = client.subscribe("bench.echo").await.expect("subscribe");
+    let responder = client.clone();
+    tokio::spawn(async move {
+        while let Some(m) = echo.next().await {
+            if let Some(reply) = m.reply {
+                let _ = responder.publish(reply, m.payload).await;
+            }
+        }
+    });
+    client.flush().await.expect("flush");
+    let body = bytes::Bytes::from_static(br#"{"command":"status","requested_by":"bench"}"#);
+    for _ in 0..20 {
+        let _ = client.request("infraflux.cmd.status", body.clone()).await;
+        let _ = client.request("bench.echo", body.clone()).await;
+    }
+    let (mut status, mut floor) = (Latencies::default(), Latencies::default());
+    for _ in 0..n {
+        let t = Instant::now();
+        client
+            .request("infraflux.cmd.status", body.clone())
+            .await
+            .expect("status reply");
+        status.push(t.elapsed());
+        let t = Instant::now();
+        client
+            .request("bench.echo", body.clone())
+            .await
+            .expect("echo");
+        floor.push(t.elapsed());
+    }
+    drop(agent);
+    (status, floor)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Dispatch latency
+
+/// Submits `n` jobs one at a time; the time from the accepting reply to the handler's start
+/// (the record's `started_at`).
+pub async fn bench_dispatch(nats: &Nats, agents: usize, n: usize) -> Latencies {
+    let mut running = Vec::new();
+    for i in 0..agents {
+        running
+            .push(AgentProcess::start(nats, &format!("dispatch-{i}"), "[acceptance]\n", &[]).await);
+    }
+    let client = nats.client().await;
+    let kv = async_nats::jetstream::new(client.clone())
+        .get_key_value("infraflux-jobs")
+        .await
+        .expect("records");
+    let mut accepted: Vec<(String, chrono::DateTime<Utc>)> = Vec::new();
+    for _ in 0..n {
+        let reply = client
+            .request("infraflux.cmd.acceptance", "acceptance".into())
+            .await
+            .expect("reply");
+        let at = Utc::now();
+        let v: Value = serde_json::from_slice(&reply.payload).expect("json");
+        if let Some(id) = v["job_id"].as_str() {
+            accepted.push((id.to_string(), at));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut lat = Latencies::default();
+    for (id, at) in accepted {
+        let Ok(Some(bytes)) = kv.get(&id).await else {
+            continue;
+        };
+        let record: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if let Some(started) = record["started_at"]
+            .as_str()
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        {
+            let d = (started.with_timezone(&Utc) - at)
+                .to_std()
+                .unwrap_or_default();
+            lat.push(d);
+        }
+    }
+    drop(running);
+    lat
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Footprint
+
+pub struct Footprint {
+    pub ready: Duration,
+    pub idle_rss_kib: u64,
+    pub idle_cpu_percent: f64,
+}
+
+pub async fn bench_footprint(nats: &Nats, schedules: usize, idle: Duration) -> Footprint {
+    let mut extra = String::from("[acceptance]\n");
+    for i in 0..schedules {
+        extra.push_str(&format!(
+            "\n[[schedules]]\nname = \"s{i}\"\ncron = \"{} {} {} * * *\"\ntimezone = \"Europe/Berlin\"\ncommand = \"acceptance\"\n",
+            i % 60,
+            (i / 60) % 60,
+            (i / 3600 + 3) % 24
+        ));
+    }
+    let agent = AgentProcess::start(nats, "footprint", &extra, &[]).await;
+    // Let every schedule load its cursor, then watch it idle.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let cpu_before = cpu_time(agent.pid());
+    let t = Instant::now();
+    tokio::time::sleep(idle).await;
+    let cpu = cpu_time(agent.pid()) - cpu_before;
+    let (rss, _) = rss_kib(agent.pid());
+    Footprint {
+        ready: agent.ready_after,
+        idle_rss_kib: rss,
+        idle_cpu_percent: cpu.as_secs_f64() / t.elapsed().as_secs_f64() * 100.0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Snapshot streaming
+
+pub struct Streamed {
+    pub seconds: f64,
+    pub peak_rss_kib: u64,
+}
+
+/// An etcd-snapshot-shaped stream of `size` bytes through the agent into the S3 server.
+pub async fn bench_snapshot(nats: &Nats, s3: &S3Server, size: u64) -> Streamed {
+    let talos = FakeTalos::start(SnapshotSource::Synthetic { size }, &[]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let talosconfig = dir.path().join("talosconfig");
+    std::fs::write(&talosconfig, talos.talosconfig()).expect("talosconfig");
+    let extra = format!(
+        "[talos]\ntalosconfig = \"{}\"\ncluster = \"bench\"\n\n[s3]\nendpoint = \"{}\"\naccess_key_id = \"env:BENCH_KEY\"\nsecret_access_key = \"env:BENCH_SECRET\"\n\n[etcd_snapshot]\nbucket = \"etcd\"\nprefix = \"{}/\"\ncompression = \"none\"\nmin_size_ratio = 0.0\ntimeout = \"1h\"\n",
+        talosconfig.display(),
+        s3.endpoint,
+        size
+    );
+    let env = [
+        ("BENCH_KEY", "bench".to_string()),
+        ("BENCH_SECRET", "bench-secret".to_string()),
+    ];
+    let agent = AgentProcess::start(nats, &format!("snap-{size}"), &extra, &env).await;
+    let client = nats.client().await;
+    let started = Instant::now();
+    let job = crate::submit(&client, "snapshot").await;
+    let done = loop {
+        let r = crate::record(&client, &job).await;
+        if matches!(
+            r["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let (_, peak) = rss_kib(agent.pid());
+    Streamed {
+        seconds,
+        peak_rss_kib: peak,
+    }
+}
+
+/// `aws s3 cp` of a file of the same size to the same server: the baseline.
+pub async fn bench_awscli(s3: &S3Server, size: u64, dir: &Path) -> f64 {
+    let file = dir.join(format!("aws-{size}.bin"));
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file).expect("file"));
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = size;
+        while left > 0 {
+            for b in buf.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *b = (state >> 24) as u8;
+            }
+            let n = left.min(buf.len() as u64) as usize;
+            f.write_all(&buf[..n]).expect("write");
+            left -= n as u64;
+        }
+    }
+    let started = Instant::now();
+    let status = Command::new("aws")
+        .args([
+            "s3",
+            "cp",
+            "--only-show-errors",
+            "--endpoint-url",
+            &s3.endpoint,
+        ])
+        .arg(&file)
+        .arg(format!("s3://etcd/awscli/{size}.bin"))
+        .env("AWS_ACCESS_KEY_ID", "bench")
+        .env("AWS_SECRET_ACCESS_KEY", "bench-secret")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run aws ({e}); pip install awscli"));
+    assert!(status.success(), "aws s3 cp failed");
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&file);
+    seconds
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Growth
+
+pub struct Growth {
+    pub drain_jobs_per_second: f64,
+    pub drain_peak_rss_kib: u64,
+    pub ingest: Load,
+    pub dispatch: Latencies,
+    pub records: usize,
+}
+
+/// 10,000 jobs queued before the agent starts (and their records), then: how fast the agent
+/// drains them and how much memory that takes; then ingest and dispatch with that history.
+pub async fn bench_growth(
+    nats: &Nats,
+    jobs: usize,
+    connections: usize,
+    duration: Duration,
+) -> Growth {
+    let client = nats.client().await;
+    // Queue the jobs through the real ingest path, with no agent running.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        agent_config(
+            &nats.url,
+            "preload",
+            &dir.path().join("state"),
+            "[acceptance]\n",
+        ),
+    )
+    .expect("config");
+    let loaded = infraflux_agent::Config::load(&path, test_env()).expect("config");
+    let store = infraflux_agent::store::bootstrap(client.clone(), &loaded.config)
+        .await
+        .expect("bootstrap");
+    let records = infraflux_agent::records::Records::new(
+        store.records.clone(),
+        store.js.clone(),
+        store.names.clone(),
+        store.state.clone(),
+    );
+    let ingest = infraflux_agent::ingest::Ingestor::new(store.clone(), records);
+    futures::stream::iter(0..jobs)
+        .for_each_concurrent(64, |i| {
+            let ingest = ingest.clone();
+            async move {
+                let envelope = infraflux_handlers::JobEnvelope {
+                    job_id: infraflux_handlers::new_job_id(),
+                    kind: infraflux_handlers::JobKind::Acceptance,
+                    params: Default::default(),
+                    source: infraflux_handlers::Source::Chatops,
+                    requested_by: "bench".into(),
+                    idempotency_key: format!("bench.preload.{i}"),
+                    traceparent: None,
+                    commit: None,
+                    created_at: Utc::now(),
+                };
+                let _ = ingest.submit(envelope).await;
+            }
+        })
+        .await;
+    let agent = AgentProcess::start(nats, "growth", "[acceptance]\n", &[]).await;
+    let started = Instant::now();
+    loop {
+        let info = store.consumer.get_info().await.expect("consumer");
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let drain = jobs as f64 / started.elapsed().as_secs_f64();
+    let (_, peak) = rss_kib(agent.pid());
+    let ingest_load = webhook_load(
+        &format!("{}/webhooks/github", agent.http),
+        connections,
+        duration,
+        true,
+        5_000_000_000,
+    )
+    .await;
+    drop(agent);
+    let dispatch = bench_dispatch(nats, 1, 100).await;
+    Growth {
+        drain_jobs_per_second: drain,
+        drain_peak_rss_kib: peak,
+        ingest: ingest_load,
+        dispatch,
+        records: jobs,
+    }
+}
+
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Run every benchmark; the table rows.
+pub async fn run_all(quick: bool) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let (duration, snapshot_sizes, growth_jobs): (Duration, Vec<u64>, usize) = if quick {
+        (Duration::from_secs(3), vec![64 << 20, 256 << 20], 1000)
+    } else {
+        (Duration::from_secs(10), vec![1 << 30, 4 << 30], 10_000)
+    };
+    let connections = 16;
+
+    eprintln!("bench: webhook ingest ({connections} connections, {duration:?} each)");
+    let nats = Nats::start();
+    let (ours, theirs, peak) = bench_ingest(&nats, connections, duration).await;
+    let ratio = ours.rate() / theirs.rate();
+    rows.push(Row::new(
+        "webhook ingest, signed pushes stored durably",
+        format!("{:.0} req/s ({} errors)", ours.rate(), ours.errors),
+        format!("{:.0} req/s (webhook 2.8, /bin/true)", theirs.rate()),
+        format!("{ratio:.2}×"),
+        "≥ 3×",
+        Some(ratio >= 3.0),
+    ));
+    rows.push(Row::new(
+        "webhook ingest latency p50 / p99",
+        format!(
+            "{:.2} / {:.2} ms",
+            ours.latencies.ms(0.5),
+            ours.latencies.ms(0.99)
+        ),
+        format!(
+            "{:.2} / {:.2} ms",
+            theirs.latencies.ms(0.5),
+            theirs.latencies.ms(0.99)
+        ),
+        format!(
+            "{:.2}×",
+            ours.latencies.ms(0.99) / theirs.latencies.ms(0.99)
+        ),
+        "p99 < 5 ms",
+        Some(ours.latencies.ms(0.99) < 5.0),
+    ));
+    rows.push(Row::new(
+        "agent RSS during ingest (peak)",
+        format!("{:.1} MiB", mib(peak)),
+        "—".into(),
+        "—".into(),
+        "< 40 MiB",
+        Some(mib(peak) < 40.0),
+    ));
+    drop(nats);
+
+    eprintln!("bench: ChatOps round trip");
+    let nats = Nats::start();
+    let (status, floor) = bench_chatops(&nats, if quick { 200 } else { 1000 }).await;
+    let ratio = status.ms(0.99) / floor.ms(0.99);
+    rows.push(Row::new(
+        "ChatOps `status` round trip p50 / p99",
+        format!("{:.2} / {:.2} ms", status.ms(0.5), status.ms(0.99)),
+        format!(
+            "{:.2} / {:.2} ms (bare NATS echo)",
+            floor.ms(0.5),
+            floor.ms(0.99)
+        ),
+        format!("{ratio:.2}× (p99)"),
+        "≤ 1.5×",
+        Some(ratio <= 1.5),
+    ));
+    drop(nats);
+
+    for agents in [1, 3] {
+        eprintln!("bench: dispatch latency, {agents} agent(s)");
+        let nats = Nats::start();
+        let lat = bench_dispatch(&nats, agents, if quick { 100 } else { 300 }).await;
+        rows.push(Row::new(
+            &format!("dispatch latency, {agents} agent(s), p50 / p99"),
+            format!(
+                "{:.2} / {:.2} ms ({} jobs)",
+                lat.ms(0.5),
+                lat.ms(0.99),
+                lat.len()
+            ),
+            "—".into(),
+            "—".into(),
+            "p99 < 10 ms",
+            Some(lat.ms(0.99) < 10.0),
+        ));
+    }
+
+    eprintln!("bench: footprint with 1,000 schedules");
+    let nats = Nats::start();
+    let fp = bench_footprint(
+        &nats,
+        1000,
+        if quick {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(30)
+        },
+    )
+    .await;
+    rows.push(Row::new(
+        "idle RSS, 1,000 schedules",
+        format!("{:.1} MiB", mib(fp.idle_rss_kib)),
+        "—".into(),
+        "—".into(),
+        "< 20 MiB",
+        Some(mib(fp.idle_rss_kib) < 20.0),
+    ));
+    rows.push(Row::new(
+        "idle CPU, 1,000 schedules",
+        format!("{:.2} % of a core", fp.idle_cpu_percent),
+        "—".into(),
+        "—".into(),
+        "< 0.5 %",
+        Some(fp.idle_cpu_percent < 0.5),
+    ));
+    rows.push(Row::new(
+        "start to READY",
+        format!("{:.0} ms", fp.ready.as_secs_f64() * 1000.0),
+        "—".into(),
+        "—".into(),
+        "< 200 ms",
+        Some(fp.ready < Duration::from_millis(200)),
+    ));
+    drop(nats);
+
+    let nats = Nats::start();
+    let s3 = S3Server::start("etcd").await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut peaks = Vec::new();
+    for size in &snapshot_sizes {
+        eprintln!("bench: snapshot streaming, {} MiB", size >> 20);
+        let ours = bench_snapshot(&nats, &s3, *size).await;
+        let aws = bench_awscli(&s3, *size, scratch.path()).await;
+        let (our_rate, aws_rate) = (
+            *size as f64 / ours.seconds / 1048576.0,
+            *size as f64 / aws / 1048576.0,
+        );
+        let ratio = our_rate / aws_rate;
+        rows.push(Row::new(
+            &format!("snapshot streaming, {} MiB", size >> 20),
+            format!("{our_rate:.1} MiB/s"),
+            format!("{aws_rate:.1} MiB/s (aws s3 cp)"),
+            format!("{:.0} %", ratio * 100.0),
+            "≥ 90 %",
+            Some(ratio >= 0.9),
+        ));
+        peaks.push((*size, ours.peak_rss_kib));
+    }
+    let max_peak = peaks.iter().map(|(_, p)| *p).max().unwrap_or(0);
+    let min_peak = peaks.iter().map(|(_, p)| *p).min().unwrap_or(0);
+    rows.push(Row::new(
+        "agent peak RSS while streaming",
+        peaks
+            .iter()
+            .map(|(s, p)| format!("{:.1} MiB at {} MiB", mib(*p), s >> 20))
+            .collect::<Vec<_>>()
+            .join(", "),
+        "—".into(),
+        format!(
+            "{:.2}× between sizes",
+            max_peak as f64 / min_peak.max(1) as f64
+        ),
+        "< 64 MiB, same for both",
+        Some(mib(max_peak) < 64.0 && (max_peak as f64) < min_peak as f64 * 1.25),
+    ));
+    drop(s3);
+    drop(nats);
+
+    eprintln!("bench: growth with {growth_jobs} queued jobs");
+    let nats = Nats::start();
+    let g = bench_growth(&nats, growth_jobs, connections, duration).await;
+    let fresh_rate = ours.rate();
+    rows.push(Row::new(
+        &format!("growth: drain {} queued jobs", g.records),
+        format!(
+            "{:.0} jobs/s, peak RSS {:.1} MiB",
+            g.drain_jobs_per_second,
+            mib(g.drain_peak_rss_kib)
+        ),
+        "—".into(),
+        "—".into(),
+        "(observed)",
+        None,
+    ));
+    rows.push(Row::new(
+        &format!("growth: ingest with {} records", g.records),
+        format!(
+            "{:.0} req/s, p99 {:.2} ms",
+            g.ingest.rate(),
+            g.ingest.latencies.ms(0.99)
+        ),
+        format!("{fresh_rate:.0} req/s (empty store)"),
+        format!("{:.2}×", g.ingest.rate() / fresh_rate),
+        "(observed)",
+        None,
+    ));
+    rows.push(Row::new(
+        &format!("growth: dispatch with {} records, p50 / p99", g.records),
+        format!("{:.2} / {:.2} ms", g.dispatch.ms(0.5), g.dispatch.ms(0.99)),
+        "—".into(),
+        "—".into(),
+        "(observed)",
+        None,
+    ));
+    rows
+}
