@@ -195,7 +195,11 @@ async fn run(
     // Heartbeat and readiness keep going until the runner has drained.
     let housekeeping_stop = CancellationToken::new();
     background.spawn(heartbeat(app.clone(), housekeeping_stop.clone()));
-    background.spawn(watchdog(app.clone(), housekeeping_stop.clone()));
+    background.spawn(crate::status::run(
+        app.clone(),
+        app.status.clone(),
+        housekeeping_stop.clone(),
+    ));
     background.spawn(probe_jetstream(
         app.clone(),
         readiness.clone(),
@@ -206,6 +210,8 @@ async fn run(
     let _ = ready.send(true);
     // No-op without systemd (no NOTIFY_SOCKET).
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // Spawned after READY so systemd hears READY first.
+    background.spawn(watchdog(app.clone(), housekeeping_stop.clone()));
 
     runner::run(app.clone(), shutdown.clone()).await;
 

@@ -89,6 +89,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub running: Mutex<HashMap<String, RunningJob>>,
     pub started_at: DateTime<Utc>,
+    /// What `status` answers from.
+    pub status: crate::status::StatusCache,
     /// When the runner loop last beat (Unix milliseconds); the watchdog reads it.
     runner_beat_ms: std::sync::atomic::AtomicI64,
 }
@@ -128,6 +130,7 @@ impl App {
             metrics,
             running: Mutex::new(HashMap::new()),
             started_at: Utc::now(),
+            status: crate::status::StatusCache::default(),
             runner_beat_ms: std::sync::atomic::AtomicI64::new(Utc::now().timestamp_millis()),
         }
     }

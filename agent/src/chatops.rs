@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::app::{App, Presence};
+use crate::app::App;
 use crate::ingest::Submitted;
 use crate::records::{Change, JobRecord, JobState, LastResult};
 use crate::telemetry;
@@ -406,26 +406,19 @@ pub fn describe(r: &JobRecord) -> String {
 }
 
 async fn status(app: &Arc<App>) -> Reply {
-    let mut agents: Vec<Presence> = Vec::new();
-    if let Ok(mut keys) = app.store.agents.keys().await {
-        while let Some(Ok(key)) = keys.next().await {
-            if let Ok(Some(bytes)) = app.store.agents.get(&key).await
-                && let Ok(p) = serde_json::from_slice::<Presence>(&bytes)
-            {
-                agents.push(p);
-            }
-        }
-    }
+    let snapshot = app.status.snapshot();
+    let mut agents = snapshot.agents;
     agents.sort_by(|a, b| a.agent.cmp(&b.agent));
-    let (pending, in_flight) = match app.store.consumer.get_info().await {
-        Ok(info) => (info.num_pending, info.num_ack_pending),
-        Err(e) => return Reply::Err(format!("queue unavailable: {e}")),
+    // Until the cache has asked once, ask directly.
+    let (pending, in_flight) = match snapshot.queue {
+        Some(q) => q,
+        None => match app.store.consumer.get_info().await {
+            Ok(info) => (info.num_pending, info.num_ack_pending as u64),
+            Err(e) => return Reply::Err(format!("queue unavailable: {e}")),
+        },
     };
-    app.metrics
-        .queue_pending
-        .set(i64::try_from(pending).unwrap_or(i64::MAX));
-    let locks = app.locks.held().await.unwrap_or_default();
-    let last: Vec<(JobKind, LastResult)> = app.records.last_results().await;
+    let locks = snapshot.locks;
+    let last: Vec<(JobKind, LastResult)> = snapshot.last;
 
     let mut text = vec![format!(
         "agents alive: {} ({})",

@@ -175,14 +175,12 @@ pub enum Accepted {
     Duplicate { job_id: String },
 }
 
-/// Maps, dedups and stores one event. `delivery` is GitHub's `X-GitHub-Delivery` (or the
-/// NATS message id).
+/// Maps, dedups and stores one event; the caller's span names the delivery.
 pub async fn accept(
     ingest: &Ingestor,
     github: &GithubSection,
     source: Source,
     event: &str,
-    delivery: &str,
     payload: &Value,
 ) -> Result<Result<Accepted, BadPayload>, IngestError> {
     let mapping = match map_event(event, payload, github) {
@@ -200,10 +198,9 @@ pub async fn accept(
             requested_by,
         } => (kind, params, commit, idempotency_key, requested_by),
     };
+    // A redelivery maps to the same idempotency key as the first delivery, so the claim in
+    // `submit` answers "duplicate" for it as for the same event from another source.
     ingest.ensure_connected()?;
-    if let Some(job_id) = ingest.delivery_job(delivery).await? {
-        return Ok(Ok(Accepted::Duplicate { job_id }));
-    }
     let envelope = JobEnvelope {
         job_id: new_job_id(),
         kind,
@@ -216,7 +213,6 @@ pub async fn accept(
         created_at: Utc::now(),
     };
     let submitted = ingest.submit(envelope).await?;
-    ingest.remember_delivery(delivery, submitted.job_id()).await;
     Ok(Ok(match submitted {
         Submitted::Created { job_id } => Accepted::Created { job_id },
         Submitted::Duplicate { job_id } => Accepted::Duplicate { job_id },
@@ -268,16 +264,9 @@ async fn nats_event(app: &crate::app::App, message: &async_nats::Message) -> Val
         Err(e) => return json!({"ok": false, "error": format!("malformed JSON: {e}")}),
     };
     let span = tracing::info_span!("github_event", event = %event, delivery = %delivery);
-    let accepted = accept(
-        &app.ingest,
-        github,
-        Source::NatsGithub,
-        &event,
-        &delivery,
-        &payload,
-    )
-    .instrument(span)
-    .await;
+    let accepted = accept(&app.ingest, github, Source::NatsGithub, &event, &payload)
+        .instrument(span)
+        .await;
     match accepted {
         Ok(Ok(Accepted::Ping)) => json!({"ok": true, "pong": true}),
         Ok(Ok(Accepted::Ignored(reason))) => json!({"ok": true, "ignored": reason}),

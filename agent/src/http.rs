@@ -240,16 +240,9 @@ async fn webhook_inner(
         );
     };
     let span = tracing::info_span!("webhook", event, delivery);
-    let accepted = github::accept(
-        &app.ingest,
-        github,
-        Source::Webhook,
-        event,
-        delivery,
-        &payload,
-    )
-    .instrument(span)
-    .await;
+    let accepted = github::accept(&app.ingest, github, Source::Webhook, event, &payload)
+        .instrument(span)
+        .await;
     match accepted {
         Ok(Ok(Accepted::Ping)) => (StatusCode::OK, "ping", json!({"ok": true, "pong": true})),
         Ok(Ok(Accepted::Ignored(reason))) => {

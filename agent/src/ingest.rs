@@ -3,19 +3,20 @@
 //! The order of writes is what makes "202 means stored" and "nothing twice" hold together:
 //!
 //! 1. claim the idempotency key in the dedup bucket (`create`: exactly one claimant wins);
-//! 2. write the record and publish the `queued` event;
-//! 3. publish the job to the work-queue stream and wait for JetStream's ack: from here on the
-//!    job is durable, and only now is the caller told so;
-//! 4. mark the claim `enqueued`.
+//! 2. send the record, the `queued` event and the job back to back, then wait for JetStream's
+//!    acks: once the job's ack is in, the job is durable, and only now is the caller told so;
+//! 3. mark the claim `enqueued`, in the background.
 //!
-//! If step 2 or 3 fails the claim and record are withdrawn and the caller gets "unavailable" (a
-//! webhook answers 503, so GitHub can redeliver). If the agent dies before 4, the claim stays `pending`;
-//! a later submission of the same key takes it over after [`STALE_CLAIM`] and republishes with
-//! the same job id, and the runner runs a job id at most once (its record is checked first).
+//! If the job is not stored, the claim and record are withdrawn and the caller gets
+//! "unavailable" (a webhook answers 503, so GitHub can redeliver). If the agent dies before 3,
+//! the claim stays `pending`; a later submission of the same key takes it over after
+//! [`STALE_CLAIM`] and republishes with the same job id, and the runner runs a job id at most
+//! once (its record is checked first).
 
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -89,7 +90,7 @@ impl Ingestor {
                 at: Utc::now(),
             };
             match dedup.create(&key, encode(&claim)).await {
-                Ok(revision) => return self.enqueue(envelope, &key, revision).await,
+                Ok(revision) => return self.enqueue(envelope, &key, revision, false).await,
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                 Err(e) => return Err(IngestError::Unavailable(e.to_string())),
             }
@@ -119,7 +120,7 @@ impl Ingestor {
                     at: Utc::now(),
                 };
                 match dedup.update(&key, encode(&claim), entry.revision).await {
-                    Ok(revision) => return self.enqueue(envelope, &key, revision).await,
+                    Ok(revision) => return self.enqueue(envelope, &key, revision, true).await,
                     Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                     Err(e) => return Err(IngestError::Unavailable(e.to_string())),
                 }
@@ -149,6 +150,7 @@ impl Ingestor {
         envelope: JobEnvelope,
         key: &str,
         revision: u64,
+        takeover: bool,
     ) -> Result<Submitted, IngestError> {
         let job_id = envelope.job_id.clone();
         let trace_id = envelope
@@ -156,34 +158,72 @@ impl Ingestor {
             .as_deref()
             .and_then(telemetry::trace_id_of)
             .unwrap_or_default();
-        // The record and its `queued` event come first, so that no agent can report the job
-        // running before it is known as queued.
         let record = JobRecord::new(&envelope, &trace_id);
-        let created = match self.records.create(&record).await {
-            Ok(created) => created,
-            Err(e) => {
-                self.withdraw(key, revision).await;
-                return Err(IngestError::Unavailable(e.to_string()));
-            }
+        // Record, `queued` event and job go out back to back and their acks are awaited
+        // together: one round trip instead of three. The record is sent first, so it is
+        // almost always stored before an agent sees the job (the runner writes it from the
+        // envelope if not), and the `queued` event precedes any later event of the job in
+        // the events stream.
+        let record_ack = self.records.start_create(&record).await;
+        // A takeover may find the record written and the job running: no second `queued`.
+        let event_ack = if takeover {
+            None
+        } else {
+            Some(self.records.start_event(&record).await)
         };
-        if created {
-            self.records.publish_event(&record).await;
+        let job_ack = self.start_publish_job(&envelope).await;
+        let recorded = match record_ack {
+            Ok(ack) => match ack.await {
+                Ok(_) => Ok(true),
+                // Already written: by the runner, or by a submission this one took over.
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        let queued = match job_ack {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let event_ack = match event_ack {
+            Some(Ok(ack)) => Some(ack.await.map(|_| ()).map_err(|e| e.to_string())),
+            Some(Err(e)) => Some(Err(e.to_string())),
+            None => None,
+        };
+        if let Some(Err(e)) = &event_ack {
+            tracing::warn!(%job_id, error = %e, "Job `queued` event not stored");
         }
-        if let Err(e) = self.publish_job(&envelope).await {
+        if let Err(e) = queued {
             self.withdraw(key, revision).await;
-            if created {
+            if recorded == Ok(true) {
                 let _ = self.store.records.delete(&job_id).await;
             }
-            return Err(e);
+            return Err(IngestError::Unavailable(e));
         }
+        match recorded {
+            Ok(true) => {
+                if event_ack.is_none() {
+                    self.records.publish_event(&record).await;
+                }
+            }
+            Ok(false) => {}
+            // The job is durable; the runner writes its record from the envelope.
+            Err(e) => tracing::warn!(%job_id, error = %e, "Job queued without its record"),
+        }
+        // Marking the claim is off the critical path: a claim left `pending` makes a later
+        // duplicate wait and then take over with this same job id, which runs at most once.
+        let dedup = self.store.dedup.clone();
+        let key = key.to_string();
         let claim = Claim {
             job_id: job_id.clone(),
             status: ClaimStatus::Enqueued,
             at: Utc::now(),
         };
-        if let Err(e) = self.store.dedup.update(key, encode(&claim), revision).await {
-            tracing::warn!(%job_id, error = %e, "Job queued but its claim stayed pending");
-        }
+        tokio::spawn(async move {
+            if let Err(e) = dedup.update(&key, encode(&claim), revision).await {
+                tracing::warn!(job_id = %claim.job_id, error = %e, "Job queued but its claim stayed pending");
+            }
+        });
         Ok(Submitted::Created { job_id })
     }
 
@@ -197,7 +237,10 @@ impl Ingestor {
             .await;
     }
 
-    async fn publish_job(&self, envelope: &JobEnvelope) -> Result<(), IngestError> {
+    async fn start_publish_job(
+        &self,
+        envelope: &JobEnvelope,
+    ) -> Result<PublishAckFuture, IngestError> {
         let payload = serde_json::to_vec(envelope)
             .map_err(|e| IngestError::Unavailable(format!("cannot encode job: {e}")))?;
         let mut headers = HeaderMap::new();
@@ -206,38 +249,10 @@ impl Ingestor {
             headers.insert("traceparent", tp.as_str());
         }
         let subject = self.store.names.job_subject(envelope.kind);
-        let ack = self
-            .store
+        self.store
             .js
             .publish_with_headers(subject, headers, Bytes::from(payload))
             .await
-            .map_err(|e| IngestError::Unavailable(e.to_string()))?;
-        ack.await
-            .map_err(|e| IngestError::Unavailable(e.to_string()))?;
-        Ok(())
-    }
-
-    /// Remembers that a GitHub delivery produced `job_id`, for the "same delivery again" answer.
-    pub async fn remember_delivery(&self, delivery: &str, job_id: &str) {
-        let key = kv_key(&format!("gh-delivery.{delivery}"));
-        if let Err(e) = self
-            .store
-            .dedup
-            .put(&key, Bytes::from(job_id.to_string()))
-            .await
-        {
-            tracing::warn!(%delivery, error = %e, "Delivery id not remembered; its job dedups by content");
-        }
-    }
-
-    /// The job a GitHub delivery produced before, if any.
-    pub async fn delivery_job(&self, delivery: &str) -> Result<Option<String>, IngestError> {
-        let key = kv_key(&format!("gh-delivery.{delivery}"));
-        self.store
-            .dedup
-            .get(&key)
-            .await
-            .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
             .map_err(|e| IngestError::Unavailable(e.to_string()))
     }
 }

@@ -23,6 +23,7 @@ pub mod scheduler;
 pub mod schema;
 pub mod secrets;
 pub mod services;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 

@@ -223,12 +223,14 @@ impl LockManager {
         let now = Utc::now();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| LockError::Unavailable(e.to_string()))?;
-            let (entry, _) = self.read(&key).await?;
-            for holder in entry.holders.into_iter().filter(|h| h.expires_at > now) {
-                out.push(HeldLock {
-                    resource: key_resource(&key),
-                    holder,
-                });
+            if let Some(e) = self
+                .kv
+                .entry(key.as_str())
+                .await
+                .map_err(|e| LockError::Unavailable(e.to_string()))?
+                .filter(|e| e.operation == kv::Operation::Put)
+            {
+                out.extend(held_in(&key, &e.value, now));
             }
         }
         Ok(out)
@@ -280,6 +282,20 @@ fn resource_key(resource: &str) -> Result<String, LockError> {
 
 fn key_resource(key: &str) -> String {
     key.replacen('.', ":", 1)
+}
+
+/// The unexpired holders recorded in one lock entry (KV `key`, raw `value`), for `status`.
+pub fn held_in(key: &str, value: &[u8], now: DateTime<Utc>) -> Vec<HeldLock> {
+    let entry: LockEntry = serde_json::from_slice(value).unwrap_or_default();
+    entry
+        .holders
+        .into_iter()
+        .filter(|h| h.expires_at > now)
+        .map(|holder| HeldLock {
+            resource: key_resource(key),
+            holder,
+        })
+        .collect()
 }
 
 /// The resource that leases one job to one agent at a time.

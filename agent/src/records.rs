@@ -269,6 +269,42 @@ impl Records {
         }
     }
 
+    /// Starts writing a new record (only if none exists under its id) without waiting for
+    /// JetStream's answer, so the caller can send more in the same round trip.
+    pub async fn start_create(
+        &self,
+        record: &JobRecord,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, RecordError> {
+        // The subject and header that `kv::Store::create` uses for a key never written.
+        let subject = format!(
+            "{}{}",
+            self.kv.put_prefix.as_ref().unwrap_or(&self.kv.prefix),
+            record.job_id
+        );
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        self.js
+            .publish_with_headers(subject, headers, encode(record))
+            .await
+            .map_err(|e| RecordError::Unavailable(e.to_string()))
+    }
+
+    /// Starts publishing a record's event without waiting for the answer.
+    pub async fn start_event(
+        &self,
+        record: &JobRecord,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, RecordError> {
+        let payload = serde_json::to_vec(&JobEvent::from(record))
+            .map_err(|e| RecordError::Unavailable(format!("cannot encode job event: {e}")))?;
+        self.js
+            .publish(
+                self.names.event_subject(&record.job_id),
+                Bytes::from(payload),
+            )
+            .await
+            .map_err(|e| RecordError::Unavailable(e.to_string()))
+    }
+
     /// Reads, changes and writes a record with a revision check, retrying on conflict; then
     /// publishes the event if the state or the message changed. Returns the record as written.
     pub async fn transition<F>(&self, job_id: &str, mut change: F) -> Result<JobRecord, RecordError>

@@ -681,6 +681,11 @@ impl Delivery {
         if let Some((record, _)) = self.app.records.get(self.job_id()).await? {
             return Ok(record);
         }
+        // Ingest sends the record just before the job, to another stream: give it a moment.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some((record, _)) = self.app.records.get(self.job_id()).await? {
+            return Ok(record);
+        }
         let trace_id = self
             .envelope
             .traceparent

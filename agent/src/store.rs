@@ -180,9 +180,13 @@ pub async fn connect(
         .map_err(|e| err(e.to_string()))
 }
 
-/// Exponential backoff from 100 ms to 5 s between reconnect attempts.
+/// No wait before the first attempt (the client counts it as attempt 1), then exponential
+/// backoff from 100 ms to 5 s.
 fn reconnect_delay(attempts: usize) -> Duration {
-    let exp = u32::try_from(attempts.min(6)).unwrap_or(6);
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = u32::try_from((attempts - 2).min(6)).unwrap_or(6);
     Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(5))
 }
 
@@ -436,6 +440,14 @@ mod tests {
         let n = Names::new("lab.a-b");
         assert_eq!(n.jobs_stream, "LAB_A_B_JOBS");
         assert_eq!(n.bucket_locks, "lab_a_b-locks");
+    }
+
+    #[test]
+    fn the_first_connection_attempt_does_not_wait() {
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(3), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(50), Duration::from_secs(5));
     }
 
     #[test]

@@ -313,6 +313,24 @@ pub async fn command(client: &async_nats::Client, text: &str) -> Value {
     command_as(client, text, "tester").await
 }
 
+/// The `status` reply once its message contains `needle`: the agent serves status from a cache
+/// that follows NATS, so a change shows up a moment after it happened.
+pub async fn status_showing(client: &async_nats::Client, needle: &str) -> Value {
+    wait_for(
+        Duration::from_secs(10),
+        &format!("status to show {needle:?}"),
+        || async {
+            let status = command(client, "status").await;
+            status["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(needle)
+                .then_some(status)
+        },
+    )
+    .await
+}
+
 pub async fn command_as(client: &async_nats::Client, text: &str, who: &str) -> Value {
     let verb = text
         .split_whitespace()

@@ -479,14 +479,7 @@ async fn partially_failed_may_count_as_a_warning_and_empty_or_shrunken_backups_f
             .contains("is empty"),
         "{empty}"
     );
-    let status = command(&lab.client, "status").await;
-    assert!(
-        status["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("backup: failed"),
-        "{status}"
-    );
+    let status = status_showing(&lab.client, "backup: failed").await;
     assert!(
         status["message"]
             .as_str()

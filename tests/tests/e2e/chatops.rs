@@ -83,7 +83,7 @@ async fn every_builtin_answers() {
             .contains("state: succeeded")
     );
 
-    let status = command(&client, "status").await;
+    let status = status_showing(&client, "backup: succeeded").await;
     assert_eq!(status["ok"], true, "{status}");
     let s = &status["status"];
     assert_eq!(s["agents"][0]["agent"], "chat-1", "{status}");

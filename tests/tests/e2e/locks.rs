@@ -41,14 +41,8 @@ async fn two_jobs_on_one_resource_run_one_after_the_other_and_the_second_waits_v
 
     let first = submit(&client, "upgrade talos v1.13.0").await;
     wait_state(&client, &first, "running").await;
-    let status = command(&client, "status").await;
-    assert!(
-        status["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("cluster:lab"),
-        "status shows the holder: {status}"
-    );
+    // Status shows the holder.
+    status_showing(&client, "cluster:lab").await;
     let second = submit(&client, "backup").await;
     let waiting = wait_for(Duration::from_secs(10), "the backup to wait", || async {
         let r = record(&client, &second).await;
@@ -74,14 +68,7 @@ async fn two_jobs_on_one_resource_run_one_after_the_other_and_the_second_waits_v
     );
     let states = events.states_of(&second);
     assert!(states.contains(&"waiting".to_string()), "{states:?}");
-    let status = command(&client, "status").await;
-    assert!(
-        status["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("locks: none held"),
-        "{status}"
-    );
+    status_showing(&client, "locks: none held").await;
     a.stop().await;
     b.stop().await;
 }

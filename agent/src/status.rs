@@ -1,0 +1,187 @@
+//! What `status` shows, kept in memory: agents, locks and last results follow their KV buckets
+//! through watches (pushed by NATS as they change), the queue depth is asked once a second. A
+//! `status` command then costs one NATS round trip, as a chat user expects of a status line.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use chrono::Utc;
+use futures::StreamExt;
+use infraflux_handlers::JobKind;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, Presence};
+use crate::locks::{self, HeldLock};
+use crate::records::LastResult;
+use crate::store::PRESENCE_TTL;
+
+#[derive(Default)]
+struct Inner {
+    agents: BTreeMap<String, Presence>,
+    /// Raw lock entries by KV key; expiry is judged when read.
+    locks: BTreeMap<String, Vec<u8>>,
+    last: BTreeMap<JobKind, LastResult>,
+    queue: Option<(u64, u64)>,
+}
+
+/// A snapshot for one `status` reply.
+pub struct Snapshot {
+    pub agents: Vec<Presence>,
+    pub locks: Vec<HeldLock>,
+    pub last: Vec<(JobKind, LastResult)>,
+    pub queue: Option<(u64, u64)>,
+}
+
+#[derive(Clone, Default)]
+pub struct StatusCache {
+    inner: Arc<RwLock<Inner>>,
+}
+
+impl StatusCache {
+    pub fn snapshot(&self) -> Snapshot {
+        let Ok(inner) = self.inner.read() else {
+            return Snapshot {
+                agents: vec![],
+                locks: vec![],
+                last: vec![],
+                queue: None,
+            };
+        };
+        let now = Utc::now();
+        let fresh = chrono::Duration::from_std(PRESENCE_TTL).unwrap_or_default();
+        let agents = inner
+            .agents
+            .values()
+            .filter(|p| now - p.seen_at < fresh)
+            .cloned()
+            .collect();
+        let locks = inner
+            .locks
+            .iter()
+            .flat_map(|(key, value)| locks::held_in(key, value, now))
+            .collect();
+        let last = inner.last.iter().map(|(k, l)| (*k, l.clone())).collect();
+        Snapshot {
+            agents,
+            locks,
+            last,
+            queue: inner.queue,
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Inner)) {
+        if let Ok(mut inner) = self.inner.write() {
+            change(&mut inner);
+        }
+    }
+}
+
+/// Keeps `cache` current until `stop`.
+pub async fn run(app: Arc<App>, cache: StatusCache, stop: CancellationToken) {
+    let agents = {
+        let cache = cache.clone();
+        watch(
+            app.store.agents.clone(),
+            "agents",
+            stop.clone(),
+            move |entry| {
+                cache.update(|i| match entry.operation {
+                    kv::Operation::Put => {
+                        if let Ok(p) = serde_json::from_slice::<Presence>(&entry.value) {
+                            i.agents.insert(entry.key.clone(), p);
+                        }
+                    }
+                    _ => {
+                        i.agents.remove(&entry.key);
+                    }
+                })
+            },
+        )
+    };
+    let locks = {
+        let cache = cache.clone();
+        watch(
+            app.store.locks.clone(),
+            "locks",
+            stop.clone(),
+            move |entry| {
+                cache.update(|i| match entry.operation {
+                    kv::Operation::Put => {
+                        i.locks.insert(entry.key.clone(), entry.value.to_vec());
+                    }
+                    _ => {
+                        i.locks.remove(&entry.key);
+                    }
+                })
+            },
+        )
+    };
+    let last = {
+        let cache = cache.clone();
+        watch(
+            app.store.state.clone(),
+            "state",
+            stop.clone(),
+            move |entry| {
+                let Some(kind) = entry
+                    .key
+                    .strip_prefix("last.")
+                    .and_then(|k| k.parse::<JobKind>().ok())
+                else {
+                    return;
+                };
+                if let Ok(l) = serde_json::from_slice::<LastResult>(&entry.value) {
+                    cache.update(|i| {
+                        i.last.insert(kind, l);
+                    });
+                }
+            },
+        )
+    };
+    let queue = async {
+        loop {
+            if let Ok(info) = app.store.consumer.get_info().await {
+                cache.update(|i| i.queue = Some((info.num_pending, info.num_ack_pending as u64)));
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    };
+    tokio::join!(agents, locks, last, queue);
+}
+
+/// Follows every key of a bucket (current values first, then changes), restarting the watch
+/// when it ends, as it does when NATS goes away.
+async fn watch(
+    store: kv::Store,
+    what: &'static str,
+    stop: CancellationToken,
+    apply: impl Fn(kv::Entry),
+) {
+    loop {
+        match store.watch_with_history(">").await {
+            Ok(mut entries) => loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    entry = entries.next() => match entry {
+                        Some(Ok(e)) => apply(e),
+                        Some(Err(e)) => {
+                            tracing::debug!(bucket = what, error = %e, "Watch interrupted");
+                            break;
+                        }
+                        None => break,
+                    },
+                }
+            },
+            Err(e) => tracing::debug!(bucket = what, error = %e, "Watch not started"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
