@@ -35,9 +35,12 @@ pub struct Cursor {
     pub last_fired: Option<DateTime<Utc>>,
 }
 
-/// Runs every schedule until `shutdown` fires.
+/// Runs every schedule until `shutdown` fires: one task for all of them (a lab may have a
+/// thousand), each remembering when it next needs a look.
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
-    let mut tasks = tokio::task::JoinSet::new();
+    // A fire due before this agent started watching was missed while no agent ran.
+    let watching_since = Utc::now();
+    let mut watches = Vec::with_capacity(app.config.schedules.len());
     for section in app.config.schedules.clone() {
         let schedule = match app.config.parse_schedule(&section) {
             Ok(s) => s,
@@ -47,62 +50,108 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                 continue;
             }
         };
-        tasks.spawn(watch(app.clone(), schedule, section, shutdown.clone()));
+        let Some(cursor) = load_cursor(&app, schedule.name(), &shutdown).await else {
+            return;
+        };
+        watches.push(Watch {
+            handled: cursor
+                .last_fired
+                .map_or(cursor.watched_since, |l| l.max(cursor.watched_since)),
+            look_at: Some(watching_since),
+            schedule: Arc::new(schedule),
+            section: Arc::new(section),
+        });
     }
-    while tasks.join_next().await.is_some() {}
+    let mut fires = tokio::task::JoinSet::new();
+    let mut last_now = Utc::now();
+    let mut next_full_look = last_now;
+    loop {
+        while fires.try_join_next().is_some() {}
+        let now = Utc::now();
+        // Every MAX_SLEEP, and after the wall clock went back, every schedule is looked at
+        // again, so a clock jump or a DST change is noticed.
+        let full = now >= next_full_look || now < last_now;
+        if full {
+            next_full_look = now + chrono::Duration::from_std(MAX_SLEEP).unwrap_or_default();
+        }
+        last_now = now;
+        for watch in &mut watches {
+            if !full && watch.look_at.is_none_or(|at| at > now) {
+                continue;
+            }
+            while let Some((at, missed)) = watch.step(now, watching_since) {
+                fires.spawn(fire(
+                    app.clone(),
+                    watch.schedule.clone(),
+                    watch.section.clone(),
+                    at,
+                    missed,
+                    shutdown.clone(),
+                ));
+            }
+        }
+        let wake = watches
+            .iter()
+            .filter_map(|w| w.look_at)
+            .fold(next_full_look, DateTime::min);
+        if !sleep_until(wake, &shutdown).await {
+            break;
+        }
+    }
+    while fires.join_next().await.is_some() {}
+}
+
+struct Watch {
+    schedule: Arc<CronSchedule>,
+    section: Arc<ScheduleSection>,
+    /// The newest fire submitted or skipped.
+    handled: DateTime<Utc>,
+    /// When this schedule next needs a look; `None` when it has no more fires.
+    look_at: Option<DateTime<Utc>>,
+}
+
+impl Watch {
+    /// The next fire to submit now (its time, and whether it was missed while no agent ran),
+    /// or `None` after setting when to look again.
+    fn step(
+        &mut self,
+        now: DateTime<Utc>,
+        watching_since: DateTime<Utc>,
+    ) -> Option<(DateTime<Utc>, bool)> {
+        let schedule = &self.schedule;
+        while let Some(latest) = schedule
+            .latest_at_or_before(now)
+            .filter(|f| *f > self.handled)
+        {
+            // Jitter delays the submission, not the fire's identity (the dedup key).
+            let due = latest
+                + chrono::Duration::from_std(schedule.jitter_for(latest)).unwrap_or_default();
+            if now < due {
+                self.look_at = Some(due);
+                return None;
+            }
+            let in_window = schedule.catch_up(now, self.handled, None).is_some();
+            self.handled = latest;
+            if in_window {
+                return Some((latest, latest < watching_since));
+            }
+            tracing::warn!(
+                schedule = %schedule.name(),
+                fire = %latest.to_rfc3339(),
+                "Missed fire is older than the catch-up window; skipped"
+            );
+        }
+        let next = schedule.next_after(now);
+        if next.is_none() && self.look_at.is_some() {
+            tracing::info!(schedule = %schedule.name(), "Schedule has no more fires");
+        }
+        self.look_at = next;
+        None
+    }
 }
 
 fn cursor_key(name: &str) -> String {
     format!("schedule.{name}")
-}
-
-async fn watch(
-    app: Arc<App>,
-    schedule: CronSchedule,
-    section: ScheduleSection,
-    shutdown: CancellationToken,
-) {
-    let Some(cursor) = load_cursor(&app, schedule.name(), &shutdown).await else {
-        return;
-    };
-    // A fire due before this agent started watching was missed while no agent ran.
-    let watching_since = Utc::now();
-    let mut handled = cursor
-        .last_fired
-        .map_or(cursor.watched_since, |l| l.max(cursor.watched_since));
-    loop {
-        let now = Utc::now();
-        if let Some(latest) = schedule.latest_at_or_before(now).filter(|f| *f > handled) {
-            // Jitter delays the submission, not the fire's identity (the dedup key).
-            let jitter =
-                chrono::Duration::from_std(schedule.jitter_for(latest)).unwrap_or_default();
-            if now < latest + jitter {
-                if !sleep_until(latest + jitter, &shutdown).await {
-                    return;
-                }
-                continue;
-            }
-            if schedule.catch_up(now, handled, None).is_some() {
-                let missed = latest < watching_since;
-                fire(&app, &schedule, &section, latest, missed, &shutdown).await;
-            } else {
-                tracing::warn!(
-                    schedule = %schedule.name(),
-                    fire = %latest.to_rfc3339(),
-                    "Missed fire is older than the catch-up window; skipped"
-                );
-            }
-            handled = latest;
-            continue;
-        }
-        let Some(next) = schedule.next_after(now) else {
-            tracing::info!(schedule = %schedule.name(), "Schedule has no more fires");
-            return;
-        };
-        if !sleep_until(next, &shutdown).await {
-            return;
-        }
-    }
 }
 
 /// Sleeps until `at` (at most [`MAX_SLEEP`] at once); `false` if shut down meanwhile.
@@ -162,12 +211,12 @@ async fn load_cursor(app: &App, name: &str, shutdown: &CancellationToken) -> Opt
 
 /// Submits one fire, retrying while the store is unreachable (but not past the next fire).
 async fn fire(
-    app: &App,
-    schedule: &CronSchedule,
-    section: &ScheduleSection,
+    app: Arc<App>,
+    schedule: Arc<CronSchedule>,
+    section: Arc<ScheduleSection>,
     at: DateTime<Utc>,
     missed: bool,
-    shutdown: &CancellationToken,
+    shutdown: CancellationToken,
 ) {
     let (kind, mut params) = match command::parse(&section.command) {
         Ok(Request::Submit { kind, params }) => (kind, params),
@@ -207,7 +256,7 @@ async fn fire(
         {
             Ok(submitted) => {
                 tracing::info!(schedule = %schedule.name(), job_id = %submitted.job_id(), catch_up = missed, "Schedule fired");
-                advance_cursor(app, schedule.name(), at).await;
+                advance_cursor(&app, schedule.name(), at).await;
                 return;
             }
             Err(e) if Utc::now() < give_up => {

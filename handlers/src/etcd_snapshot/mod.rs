@@ -34,7 +34,7 @@ use crate::registry::Services;
 use crate::settings::HumanDuration;
 use crate::talos::proto::machine::EtcdSnapshotRequest;
 use crate::talos::{TalosClient, endpoint_host, status_message, to_node};
-use pipeline::{PART_SIZE, PartBuffer, Verifier, chain, flush_part};
+use pipeline::{PART_SIZE, PartBuffer, PartUploader, Verifier, chain};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -289,7 +289,7 @@ impl EtcdSnapshotHandler {
             attributes.insert(Attribute::Metadata(k.into()), v.into());
         }
         let path = ObjectPath::from(key.clone());
-        let mut upload = store
+        let upload = store
             .put_multipart_opts(
                 &path,
                 PutMultipartOptions {
@@ -304,15 +304,15 @@ impl EtcdSnapshotHandler {
                 )))
             })?;
 
+        let mut upload = PartUploader::new(upload);
         let buffer = PartBuffer::default();
         let recipients = pipeline::recipients(&self.config.age_recipients)
             .map_err(|e| Attempt::Stop(HandlerError::Failed(e)))?;
         let level = (self.config.compression == Compression::Zstd).then_some(3);
-        let streamed: Result<(u64, pipeline::Verified), Attempt> = async {
+        let streamed: Result<pipeline::Verified, Attempt> = async {
             let mut stage = chain(buffer.clone(), level, &recipients)
                 .map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
             let mut verifier = Verifier::default();
-            let mut stored = 0u64;
             loop {
                 let next = tokio::select! {
                     () = ctx.cancel.cancelled() => return Err(Attempt::Cancelled),
@@ -325,7 +325,7 @@ impl EtcdSnapshotHandler {
                         }
                         verifier.update(&data.bytes);
                         stage.write_all(&data.bytes).map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
-                        stored += flush_part(&mut upload, &buffer, PART_SIZE)
+                        upload.flush(&buffer, PART_SIZE)
                             .await
                             .map_err(|e| Attempt::Stop(HandlerError::Retryable(format!("uploading a part: {e}"))))?;
                     }
@@ -334,7 +334,7 @@ impl EtcdSnapshotHandler {
                 }
             }
             stage.finish().map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
-            stored += flush_part(&mut upload, &buffer, 1)
+            upload.flush(&buffer, 1)
                 .await
                 .map_err(|e| Attempt::Stop(HandlerError::Retryable(format!("uploading a part: {e}"))))?;
             let verified = verifier.verify().map_err(|e| Attempt::Next(format!("{node}: {e}")))?;
@@ -349,10 +349,10 @@ impl EtcdSnapshotHandler {
                     ))));
                 }
             }
-            Ok((stored, verified))
+            Ok(verified)
         }
         .await;
-        let (stored, verified) = match streamed {
+        let verified = match streamed {
             Ok(v) => v,
             Err(e) => {
                 if let Err(abort) = upload.abort().await {
@@ -361,7 +361,7 @@ impl EtcdSnapshotHandler {
                 return Err(e);
             }
         };
-        upload.complete().await.map_err(|e| {
+        let stored = upload.complete().await.map_err(|e| {
             Attempt::Stop(HandlerError::Retryable(format!(
                 "completing the upload of {key}: {e}"
             )))

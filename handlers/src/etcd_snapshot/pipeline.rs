@@ -11,6 +11,11 @@ use sha2::{Digest, Sha256};
 
 /// S3 part size: above the 5 MiB minimum, small enough to keep memory flat.
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Parts on the wire at once: S3 servers write parts in parallel, so one part at a time leaves
+/// the link idle while each one is stored. Memory is about this many parts plus one.
+pub const PARTS_IN_FLIGHT: usize = 3;
+/// Room past a part's size for the last chunk written into it, so the buffer never regrows.
+const PART_SLACK: usize = 1024 * 1024;
 const TRAILER: usize = 32;
 
 /// etcd's integrity check (`hasChecksum` and `copyAndVerifyDB` in etcdutl): the file is the
@@ -94,10 +99,12 @@ impl PartBuffer {
         self.len() == 0
     }
 
+    /// The bytes so far, leaving a fresh buffer sized for a whole part: a `Vec` left to grow
+    /// doubles past 8 MiB to 16, and the part on the wire keeps that capacity.
     pub fn take(&self) -> Vec<u8> {
         self.0
             .lock()
-            .map(|mut b| std::mem::take(&mut *b))
+            .map(|mut b| std::mem::replace(&mut *b, Vec::with_capacity(PART_SIZE + PART_SLACK)))
             .unwrap_or_default()
     }
 }
@@ -185,19 +192,80 @@ pub fn chain(
     Ok(stage)
 }
 
-/// Uploads whatever the buffer holds as the next part, once it holds at least `min`.
-pub async fn flush_part(
-    upload: &mut Box<dyn MultipartUpload>,
-    buffer: &PartBuffer,
-    min: usize,
-) -> Result<u64, object_store::Error> {
-    if buffer.len() < min.max(1) {
-        return Ok(0);
+/// Uploads parts as the buffer fills, up to [`PARTS_IN_FLIGHT`] at once; a failed part
+/// surfaces at the next `flush` or at `complete`.
+pub struct PartUploader {
+    upload: Box<dyn MultipartUpload>,
+    in_flight: tokio::task::JoinSet<Result<(), object_store::Error>>,
+    stored: u64,
+}
+
+impl PartUploader {
+    pub fn new(upload: Box<dyn MultipartUpload>) -> Self {
+        Self {
+            upload,
+            in_flight: tokio::task::JoinSet::new(),
+            stored: 0,
+        }
     }
-    let part = buffer.take();
-    let n = part.len() as u64;
-    upload.put_part(PutPayload::from(part)).await?;
-    Ok(n)
+
+    /// Sends whatever the buffer holds as the next part, once it holds at least `min`.
+    pub async fn flush(
+        &mut self,
+        buffer: &PartBuffer,
+        min: usize,
+    ) -> Result<(), object_store::Error> {
+        if buffer.len() < min.max(1) {
+            return Ok(());
+        }
+        while self.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.settle_one().await?;
+        }
+        let part = buffer.take();
+        self.stored += part.len() as u64;
+        // The part's number is fixed here, in call order, whenever it finishes.
+        self.in_flight
+            .spawn(self.upload.put_part(PutPayload::from(part)));
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<(), object_store::Error> {
+        match self.in_flight.join_next().await {
+            Some(Ok(result)) => result,
+            Some(Err(e)) => Err(object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for every part, then completes the upload; the bytes stored. On failure the
+    /// upload is aborted.
+    pub async fn complete(mut self) -> Result<u64, object_store::Error> {
+        let mut settled = Ok(());
+        while settled.is_ok() && !self.in_flight.is_empty() {
+            settled = self.settle_one().await;
+        }
+        if let Err(e) = settled {
+            let _ = self.abort().await;
+            return Err(e);
+        }
+        match self.upload.complete().await {
+            Ok(_) => Ok(self.stored),
+            Err(e) => {
+                let _ = self.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the parts on the wire and aborts the upload, so no half object is left.
+    pub async fn abort(mut self) -> Result<(), object_store::Error> {
+        self.in_flight.abort_all();
+        while self.in_flight.join_next().await.is_some() {}
+        self.upload.abort().await
+    }
 }
 
 #[cfg(test)]

@@ -224,6 +224,47 @@ async fn a_snapshot_with_one_flipped_byte_is_rejected_and_nothing_is_left_in_the
     lab.agent.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_many_parts_is_stored_in_order_and_a_late_corruption_aborts_them_all() {
+    let lab = snap_lab("", false).await;
+    // Pseudo-random bytes do not compress: about four 8 MiB parts, several on the wire at once.
+    let size: u64 = 30 << 20;
+    lab.talos
+        .set(|b| b.source = SnapshotSource::Synthetic { size });
+    let done = lab.snapshot().await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let key = done["result"]["object"].as_str().expect("object key");
+    let stored = lab.s3.get("etcd", key).await;
+    assert!(
+        stored.len() as u64 > 3 * (8 << 20),
+        "several parts: {}",
+        stored.len()
+    );
+    let file = lab.decrypt(&stored);
+    // Shaped like etcd's: the database is whole 512-byte pages, then 32 bytes of SHA-256.
+    assert!(size - file.len() as u64 <= 512, "{}", file.len());
+    // etcd's own check holds only if the parts were put together in order.
+    let (db, trailer) = file.split_at(file.len() - 32);
+    assert_eq!(Sha256::digest(db).as_slice(), trailer, "parts in order");
+    let manifest: Value = serde_json::from_slice(&lab.s3.get("etcd", &format!("{key}.json")).await)
+        .expect("manifest");
+    assert_eq!(manifest["size_bytes"], file.len() as u64);
+    assert_eq!(manifest["sha256"], hex::encode(Sha256::digest(&file)));
+
+    // A bit flipped near the end, after parts were already uploaded: the upload is aborted.
+    lab.talos.set(|b| b.flip_byte = Some(size - 4096));
+    let before = lab.objects().await;
+    let failed = lab.snapshot().await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(lab.objects().await, before, "nothing new stored");
+    assert_eq!(
+        lab.s3.pending_uploads("etcd").await,
+        0,
+        "no parts left behind"
+    );
+    lab.agent.stop().await;
+}
+
 /// A stored snapshot from earlier runs: data object and, for good ones, its manifest.
 async fn seed(lab: &SnapLab, stamp: &str, size: u64, good: bool) -> String {
     let key = format!("prod/lab/{stamp}-127.0.0.1.db.zst.age");

@@ -73,12 +73,19 @@ async fn a_schedule_watched_by_two_agents_gives_one_job_per_fire() {
     init();
     let nats = Nats::start();
     let log = RunLog::default();
+    // Two schedules in one agent, one of them jittered: every fire of each, once.
     let schedule = r#"
 [acceptance]
 
 [[schedules]]
 name = "every-two-seconds"
 cron = "*/2 * * * * *"
+command = "acceptance"
+
+[[schedules]]
+name = "every-three-seconds"
+cron = "*/3 * * * * *"
+jitter = "1s"
 command = "acceptance"
 "#;
     let handler = |log: RunLog| {
@@ -98,19 +105,37 @@ command = "acceptance"
     b.stop().await;
 
     let jobs = all_records(&client).await;
-    assert!(jobs.len() >= 3, "fires every 2s for 9s: {}", jobs.len());
-    let mut per_fire: BTreeMap<String, usize> = BTreeMap::new();
-    for j in &jobs {
-        assert_eq!(j["source"], "schedule");
-        assert_eq!(j["requested_by"], "schedule:every-two-seconds");
-        *per_fire
-            .entry(j["params"]["fire_time"].as_str().expect("fire").to_string())
-            .or_default() += 1;
+    for (name, period) in [("every-two-seconds", 2i64), ("every-three-seconds", 3)] {
+        let mut per_fire: BTreeMap<i64, usize> = BTreeMap::new();
+        for j in jobs
+            .iter()
+            .filter(|j| j["requested_by"] == format!("schedule:{name}"))
+        {
+            assert_eq!(j["source"], "schedule");
+            let fire = chrono::DateTime::parse_from_rfc3339(
+                j["params"]["fire_time"].as_str().expect("fire"),
+            )
+            .expect("rfc3339");
+            let created =
+                chrono::DateTime::parse_from_rfc3339(j["created_at"].as_str().expect("created_at"))
+                    .expect("rfc3339");
+            assert!(created >= fire, "submitted no earlier than its fire: {j}");
+            *per_fire.entry(fire.timestamp()).or_default() += 1;
+        }
+        assert!(
+            per_fire.len() as i64 >= 9 / period - 1,
+            "{name} fires every {period}s for 9s: {per_fire:?}"
+        );
+        assert!(
+            per_fire.values().all(|n| *n == 1),
+            "{name}: one job per fire: {per_fire:?}"
+        );
+        let times: Vec<i64> = per_fire.keys().copied().collect();
+        assert!(
+            times.windows(2).all(|w| w[1] - w[0] == period),
+            "{name}: no fire skipped: {times:?}"
+        );
     }
-    assert!(
-        per_fire.values().all(|n| *n == 1),
-        "one job per fire: {per_fire:?}"
-    );
     let runs = log.runs();
     let distinct: HashSet<&str> = runs.iter().map(|r| r.job_id.as_str()).collect();
     assert_eq!(distinct.len(), runs.len(), "each scheduled job ran once");
