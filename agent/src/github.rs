@@ -5,6 +5,7 @@
 
 use chrono::Utc;
 use infraflux_handlers::{JobEnvelope, JobKind, Source, new_job_id};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::config::GithubSection;
@@ -30,37 +31,113 @@ pub enum Mapping {
 #[error("{0}")]
 pub struct BadPayload(pub String);
 
-fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    path.iter().try_fold(v, |v, k| v.get(*k))?.as_str()
+/// The few fields of an event that mapping reads; everything else in the payload is skipped
+/// unparsed, which is most of the cost of a webhook (a push is several KiB of JSON).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct EventView {
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    after: Option<String>,
+    deleted: Option<bool>,
+    forced: Option<bool>,
+    action: Option<String>,
+    number: Option<u64>,
+    repository: Option<RepositoryView>,
+    pusher: Option<NameView>,
+    sender: Option<LoginView>,
+    pull_request: Option<PullRequestView>,
 }
 
-fn need<'a>(v: &'a Value, path: &[&str], event: &str) -> Result<&'a str, BadPayload> {
-    str_at(v, path).ok_or_else(|| BadPayload(format!("{event} payload has no {}", path.join("."))))
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RepositoryView {
+    full_name: Option<String>,
+    default_branch: Option<String>,
 }
 
-/// Maps one event to a job, "ignored" with a reason, or a ping.
-pub fn map_event(
-    event: &str,
-    payload: &Value,
-    github: &GithubSection,
-) -> Result<Mapping, BadPayload> {
-    if !payload.is_object() {
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NameView {
+    name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LoginView {
+    login: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PullRequestView {
+    head: Option<HeadView>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct HeadView {
+    sha: Option<String>,
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+}
+
+fn need<'a>(value: Option<&'a String>, path: &str, event: &str) -> Result<&'a str, BadPayload> {
+    value
+        .map(String::as_str)
+        .ok_or_else(|| BadPayload(format!("{event} payload has no {path}")))
+}
+
+/// Checks that `body` is one JSON object, and reads the fields mapping needs (if `wanted`);
+/// an error names the field that was wrong.
+fn read_payload(body: &[u8], wanted: bool) -> Result<EventView, BadPayload> {
+    let malformed = |e: serde_json::Error| BadPayload(format!("malformed JSON: {e}"));
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let view = if object && wanted {
+        serde_path_to_error::deserialize::<_, EventView>(&mut de).map_err(|e| {
+            if e.inner().is_data() {
+                BadPayload(format!("payload field {}: {}", e.path(), e.inner()))
+            } else {
+                malformed(e.into_inner())
+            }
+        })?
+    } else {
+        serde::de::IgnoredAny::deserialize(&mut de).map_err(malformed)?;
+        EventView::default()
+    };
+    de.end().map_err(malformed)?;
+    if !object {
         return Err(BadPayload("payload is not a JSON object".into()));
     }
+    Ok(view)
+}
+
+/// Maps one event (its raw JSON body) to a job, "ignored" with a reason, or a ping.
+pub fn map_event(event: &str, body: &[u8], github: &GithubSection) -> Result<Mapping, BadPayload> {
+    let wanted = matches!(event, "push" | "pull_request");
+    let payload = read_payload(body, wanted)?;
     match event {
         "ping" => Ok(Mapping::Ping),
-        "push" => map_push(payload, github),
-        "pull_request" => map_pull_request(payload, github),
+        "push" => map_push(&payload, github),
+        "pull_request" => map_pull_request(&payload, github),
         other => Ok(Mapping::Ignored(format!("{other} events start nothing"))),
     }
 }
 
 fn repo_matches(
-    payload: &Value,
+    payload: &EventView,
     github: &GithubSection,
     event: &str,
 ) -> Result<Option<String>, BadPayload> {
-    let full_name = need(payload, &["repository", "full_name"], event)?;
+    let full_name = need(
+        payload
+            .repository
+            .as_ref()
+            .and_then(|r| r.full_name.as_ref()),
+        "repository.full_name",
+        event,
+    )?;
     if full_name.eq_ignore_ascii_case(&github.repo) {
         Ok(None)
     } else {
@@ -71,13 +148,20 @@ fn repo_matches(
     }
 }
 
-fn map_push(payload: &Value, github: &GithubSection) -> Result<Mapping, BadPayload> {
-    let git_ref = need(payload, &["ref"], "push")?;
-    let default_branch = need(payload, &["repository", "default_branch"], "push")?;
+fn map_push(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadPayload> {
+    let git_ref = need(payload.git_ref.as_ref(), "ref", "push")?;
+    let default_branch = need(
+        payload
+            .repository
+            .as_ref()
+            .and_then(|r| r.default_branch.as_ref()),
+        "repository.default_branch",
+        "push",
+    )?;
     if let Some(reason) = repo_matches(payload, github, "push")? {
         return Ok(Mapping::Ignored(reason));
     }
-    if payload.get("deleted").and_then(Value::as_bool) == Some(true) {
+    if payload.deleted == Some(true) {
         return Ok(Mapping::Ignored(format!("{git_ref} was deleted")));
     }
     let Some(branch) = git_ref.strip_prefix("refs/heads/") else {
@@ -90,20 +174,22 @@ fn map_push(payload: &Value, github: &GithubSection) -> Result<Mapping, BadPaylo
             "push to {branch}, not to the default branch {default_branch}"
         )));
     }
-    let commit = need(payload, &["after"], "push")?;
+    let commit = need(payload.after.as_ref(), "after", "push")?;
     if !is_sha(commit) {
         return Err(BadPayload(format!(
             "push payload's after {commit:?} is not a commit sha"
         )));
     }
-    let requested_by = str_at(payload, &["pusher", "name"])
-        .or_else(|| str_at(payload, &["sender", "login"]))
-        .unwrap_or("github")
-        .to_string();
+    let requested_by = payload
+        .pusher
+        .as_ref()
+        .and_then(|p| p.name.clone())
+        .or_else(|| payload.sender.as_ref().and_then(|s| s.login.clone()))
+        .unwrap_or_else(|| "github".into());
     let mut params = Map::new();
     params.insert("trigger".into(), json!("push"));
     params.insert("ref".into(), json!(branch));
-    if payload.get("forced").and_then(Value::as_bool) == Some(true) {
+    if payload.forced == Some(true) {
         params.insert("forced".into(), json!(true));
     }
     Ok(Mapping::Job {
@@ -115,8 +201,8 @@ fn map_push(payload: &Value, github: &GithubSection) -> Result<Mapping, BadPaylo
     })
 }
 
-fn map_pull_request(payload: &Value, github: &GithubSection) -> Result<Mapping, BadPayload> {
-    let action = need(payload, &["action"], "pull_request")?;
+fn map_pull_request(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadPayload> {
+    let action = need(payload.action.as_ref(), "action", "pull_request")?;
     if let Some(reason) = repo_matches(payload, github, "pull_request")? {
         return Ok(Mapping::Ignored(reason));
     }
@@ -126,19 +212,27 @@ fn map_pull_request(payload: &Value, github: &GithubSection) -> Result<Mapping, 
         )));
     }
     let number = payload
-        .get("number")
-        .and_then(Value::as_u64)
+        .number
         .ok_or_else(|| BadPayload("pull_request payload has no number".into()))?;
-    let head = need(payload, &["pull_request", "head", "sha"], "pull_request")?;
+    let head_view = payload.pull_request.as_ref().and_then(|p| p.head.as_ref());
+    let head = need(
+        head_view.and_then(|h| h.sha.as_ref()),
+        "pull_request.head.sha",
+        "pull_request",
+    )?;
     if !is_sha(head) {
         return Err(BadPayload(format!(
             "pull_request head sha {head:?} is not a commit sha"
         )));
     }
-    let head_ref = str_at(payload, &["pull_request", "head", "ref"]).unwrap_or_default();
-    let requested_by = str_at(payload, &["sender", "login"])
-        .unwrap_or("github")
-        .to_string();
+    let head_ref = head_view
+        .and_then(|h| h.git_ref.clone())
+        .unwrap_or_default();
+    let requested_by = payload
+        .sender
+        .as_ref()
+        .and_then(|s| s.login.clone())
+        .unwrap_or_else(|| "github".into());
     let mut params = Map::new();
     params.insert("trigger".into(), json!("pull_request"));
     params.insert("plan_only".into(), json!(true));
@@ -181,9 +275,9 @@ pub async fn accept(
     github: &GithubSection,
     source: Source,
     event: &str,
-    payload: &Value,
+    body: &[u8],
 ) -> Result<Result<Accepted, BadPayload>, IngestError> {
-    let mapping = match map_event(event, payload, github) {
+    let mapping = match map_event(event, body, github) {
         Ok(m) => m,
         Err(bad) => return Ok(Err(bad)),
     };
@@ -259,14 +353,16 @@ async fn nats_event(app: &crate::app::App, message: &async_nats::Message) -> Val
     let Some(delivery) = header("X-GitHub-Delivery").or_else(|| header("Nats-Msg-Id")) else {
         return json!({"ok": false, "error": "missing X-GitHub-Delivery or Nats-Msg-Id header"});
     };
-    let payload: Value = match serde_json::from_slice(&message.payload) {
-        Ok(v) => v,
-        Err(e) => return json!({"ok": false, "error": format!("malformed JSON: {e}")}),
-    };
     let span = tracing::info_span!("github_event", event = %event, delivery = %delivery);
-    let accepted = accept(&app.ingest, github, Source::NatsGithub, &event, &payload)
-        .instrument(span)
-        .await;
+    let accepted = accept(
+        &app.ingest,
+        github,
+        Source::NatsGithub,
+        &event,
+        &message.payload,
+    )
+    .instrument(span)
+    .await;
     match accepted {
         Ok(Ok(Accepted::Ping)) => json!({"ok": true, "pong": true}),
         Ok(Ok(Accepted::Ignored(reason))) => json!({"ok": true, "ignored": reason}),

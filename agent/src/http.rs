@@ -222,16 +222,6 @@ async fn webhook_inner(
             json!({"error": format!("X-GitHub-Event {event:?} is not an event name")}),
         );
     }
-    let payload: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                json!({"error": format!("malformed JSON: {e}")}),
-            );
-        }
-    };
     let Some(app) = s.app.get() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -240,7 +230,7 @@ async fn webhook_inner(
         );
     };
     let span = tracing::info_span!("webhook", event, delivery);
-    let accepted = github::accept(&app.ingest, github, Source::Webhook, event, &payload)
+    let accepted = github::accept(&app.ingest, github, Source::Webhook, event, &body)
         .instrument(span)
         .await;
     match accepted {

@@ -10,6 +10,8 @@ use std::time::Duration;
 pub struct S3Server {
     pub endpoint: String,
     child: Child,
+    /// s3s-fs keeps objects here as files.
+    root: Option<tempfile::TempDir>,
 }
 
 impl S3Server {
@@ -26,6 +28,7 @@ impl S3Server {
         let server = S3Server {
             endpoint: format!("http://127.0.0.1:{port}"),
             child,
+            root: None,
         };
         for _ in 0..200 {
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -44,6 +47,47 @@ impl S3Server {
             created.status()
         );
         server
+    }
+
+    /// `s3s-fs` (crates.io, `cargo install s3s-fs --features binary`): a Rust S3 server on the
+    /// file system that checks SigV4 with the given keys, fast enough not to be the bottleneck
+    /// of a streaming benchmark (moto holds every part in memory).
+    pub async fn start_s3s_fs(bucket: &str, access_key: &str, secret_key: &str) -> S3Server {
+        let port = crate::free_port();
+        let root = tempfile::tempdir().expect("s3s-fs root");
+        std::fs::create_dir(root.path().join(bucket)).expect("bucket directory");
+        let child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", access_key, "--secret-key", secret_key])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start s3s-fs ({e}); install it: cargo install s3s-fs --version 0.14.1 --locked --features binary"
+                )
+            });
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        S3Server {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            child,
+            root: Some(root),
+        }
+    }
+
+    /// Frees the disk an s3s-fs server used: every object and part in `bucket`.
+    pub fn empty_files(&self, bucket: &str) {
+        if let Some(root) = &self.root {
+            let dir = root.path().join(bucket);
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::create_dir(&dir);
+        }
     }
 
     /// Every object key in `bucket`.

@@ -6,7 +6,8 @@
 //!
 //! `infraflux-bench all [--quick]` prints a table of figure, baseline, ratio, target and whether
 //! it is met (docs/performance.md keeps one from a real run). `infraflux-bench snapshot --size
-//! 1GiB` runs only the snapshot stream.
+//! 1GiB` runs only the snapshot stream, `infraflux-bench footprint --schedules N` only the idle
+//! footprint.
 
 use std::time::Duration;
 
@@ -66,7 +67,7 @@ fn main() {
                 .unwrap_or_else(|e| panic!("{e}"));
             runtime.block_on(async {
                 let nats = Nats::start();
-                let s3 = S3Server::start("etcd").await;
+                let s3 = S3Server::start_s3s_fs("etcd", "bench", "bench-secret").await;
                 let r = bench::bench_snapshot(&nats, &s3, size).await;
                 println!(
                     "snapshot size={}MiB seconds={:.2} throughput={:.1}MiB/s agent_peak_rss={:.1}MiB",
@@ -78,8 +79,51 @@ fn main() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             });
         }
+        Some("ingest") => {
+            // Only the agent's side of the ingest benchmark, for profiling.
+            let seconds: u64 = flag("--seconds").map_or(10, |n| n.parse().expect("--seconds N"));
+            runtime.block_on(async {
+                let nats = Nats::start();
+                let agent = bench::AgentProcess::start(&nats, "ingest", "", &[]).await;
+                println!("agent pid {}", agent.pid());
+                let load = bench::webhook_load(
+                    &format!("{}/webhooks/github", agent.http),
+                    16,
+                    Duration::from_secs(seconds),
+                    true,
+                    0,
+                )
+                .await;
+                println!(
+                    "ingest rate={:.0}req/s errors={} p50={:.2}ms p99={:.2}ms",
+                    load.rate(),
+                    load.errors,
+                    load.latencies.ms(0.5),
+                    load.latencies.ms(0.99)
+                );
+            });
+        }
+        Some("footprint") => {
+            let schedules: usize = flag("--schedules")
+                .map(|n| n.parse().expect("--schedules N"))
+                .unwrap_or(1000);
+            runtime.block_on(async {
+                let nats = Nats::start();
+                let fp = bench::bench_footprint(&nats, schedules, Duration::from_secs(10)).await;
+                println!(
+                    "footprint schedules={schedules} ready={:.0}ms idle_rss={:.1}MiB heap={:.1}MiB files={:.1}MiB idle_cpu={:.2}%",
+                    fp.ready.as_secs_f64() * 1000.0,
+                    bench::mib(fp.idle_rss_kib),
+                    bench::mib(fp.idle_anon_kib),
+                    bench::mib(fp.idle_file_kib),
+                    fp.idle_cpu_percent
+                );
+            });
+        }
         _ => {
-            eprintln!("usage: infraflux-bench all [--quick] | snapshot [--size 1GiB]");
+            eprintln!(
+                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10]"
+            );
             std::process::exit(2);
         }
     }

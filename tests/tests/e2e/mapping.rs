@@ -10,6 +10,10 @@ fn fixture(path: &str) -> Value {
         .expect("fixture is JSON")
 }
 
+fn bytes(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).expect("json")
+}
+
 fn gh(repo: &str) -> GithubSection {
     GithubSection {
         repo: repo.to_string(),
@@ -37,7 +41,7 @@ fn push_to_the_payloads_default_branch_is_a_reconcile_of_its_commit() {
         "push/github-commit-event.json",
     ] {
         let p = fixture(file);
-        let mapping = map_event("push", &p, &gh(&repo_of(&p))).expect(file);
+        let mapping = map_event("push", &bytes(&p), &gh(&repo_of(&p))).expect(file);
         let Mapping::Job {
             kind,
             commit,
@@ -67,13 +71,13 @@ fn other_pushes_are_ignored_with_a_reason() {
     ];
     for (file, why) in cases {
         let p = fixture(file);
-        match map_event("push", &p, &gh(&repo_of(&p))).expect(file) {
+        match map_event("push", &bytes(&p), &gh(&repo_of(&p))).expect(file) {
             Mapping::Ignored(reason) => assert!(reason.contains(why), "{file}: {reason}"),
             other => panic!("{file}: {other:?}"),
         }
     }
     let p = fixture("push/push.json");
-    match map_event("push", &p, &gh("someone/else")).expect("push") {
+    match map_event("push", &bytes(&p), &gh("someone/else")).expect("push") {
         Mapping::Ignored(reason) => assert!(reason.contains("someone/else"), "{reason}"),
         other => panic!("{other:?}"),
     }
@@ -86,7 +90,7 @@ fn pull_requests_plan_only_and_closed_ones_start_nothing() {
         "pull_request/synchronize.payload.json",
     ] {
         let p = fixture(file);
-        match map_event("pull_request", &p, &gh(&repo_of(&p))).expect(file) {
+        match map_event("pull_request", &bytes(&p), &gh(&repo_of(&p))).expect(file) {
             Mapping::Job { params, commit, .. } => {
                 assert_eq!(params["plan_only"], true);
                 assert_eq!(
@@ -99,7 +103,7 @@ fn pull_requests_plan_only_and_closed_ones_start_nothing() {
     }
     let p = fixture("pull_request/closed.payload.json");
     assert!(matches!(
-        map_event("pull_request", &p, &gh(&repo_of(&p))).expect("closed"),
+        map_event("pull_request", &bytes(&p), &gh(&repo_of(&p))).expect("closed"),
         Mapping::Ignored(_)
     ));
 }
@@ -107,18 +111,38 @@ fn pull_requests_plan_only_and_closed_ones_start_nothing() {
 #[test]
 fn ping_and_unmapped_events() {
     let p = fixture("ping/payload.json");
-    assert_eq!(map_event("ping", &p, &gh("a/b")), Ok(Mapping::Ping));
+    assert_eq!(map_event("ping", &bytes(&p), &gh("a/b")), Ok(Mapping::Ping));
     let p = fixture("release/published.payload.json");
     assert!(matches!(
-        map_event("release", &p, &gh("a/b")),
+        map_event("release", &bytes(&p), &gh("a/b")),
         Ok(Mapping::Ignored(_))
     ));
 }
 
 #[test]
 fn incomplete_payloads_are_bad_requests() {
-    let e =
-        map_event("push", &json!({"ref": "refs/heads/main"}), &gh("a/b")).expect_err("an error");
+    let e = map_event(
+        "push",
+        &bytes(&json!({"ref": "refs/heads/main"})),
+        &gh("a/b"),
+    )
+    .expect_err("an error");
     assert!(e.0.contains("repository.default_branch"), "{e}");
-    assert!(map_event("push", &json!([1, 2]), &gh("a/b")).is_err());
+    let e = map_event("push", b"[1, 2]", &gh("a/b")).expect_err("not an object");
+    assert!(
+        e.0.contains("not a JSON object") || e.0.contains("malformed"),
+        "{e}"
+    );
+    let e = map_event("release", b"[1, 2]", &gh("a/b")).expect_err("not an object");
+    assert!(e.0.contains("not a JSON object"), "{e}");
+    let e = map_event("release", b"{\"a\": ", &gh("a/b")).expect_err("malformed");
+    assert!(e.0.contains("malformed JSON"), "{e}");
+    // A field of the wrong type is named.
+    let e = map_event(
+        "push",
+        &bytes(&json!({"ref": "refs/heads/main", "repository": {"full_name": 7}})),
+        &gh("a/b"),
+    )
+    .expect_err("wrong type");
+    assert!(e.0.contains("repository.full_name"), "{e}");
 }

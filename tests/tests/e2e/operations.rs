@@ -78,9 +78,10 @@ otlp_endpoint = "{}"
                 .into_iter()
                 .filter(|s| s.trace_id == trace_id)
                 .collect();
-            spans
+            // The job span ends last, after the record is settled.
+            ["webhook", "job", "handler", "marker_step"]
                 .iter()
-                .any(|s| s.name == "marker_step")
+                .all(|name| spans.iter().any(|s| s.name == *name))
                 .then_some(spans)
         },
     )
