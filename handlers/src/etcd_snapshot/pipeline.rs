@@ -20,10 +20,12 @@ const TRAILER: usize = 32;
 
 /// etcd's integrity check (`hasChecksum` and `copyAndVerifyDB` in etcdutl): the file is the
 /// bbolt database followed by its raw SHA-256, so its size is 32 more than a multiple of 512.
+/// One SHA-256 pass serves both digests: the database's is the state before the last 32 bytes,
+/// the whole file's is that state fed the last 32 bytes too.
 #[derive(Default)]
 pub struct Verifier {
     db: Sha256,
-    file: Sha256,
+    /// The last 32 bytes seen (or fewer): the trailer, once the stream ends.
     tail: Vec<u8>,
     total: u64,
 }
@@ -41,14 +43,20 @@ pub struct Verified {
 impl Verifier {
     pub fn update(&mut self, chunk: &[u8]) {
         self.total += chunk.len() as u64;
-        self.file.update(chunk);
-        // Everything but the last 32 bytes seen so far is database.
-        self.tail.extend_from_slice(chunk);
-        if self.tail.len() > TRAILER {
-            let n = self.tail.len() - TRAILER;
-            self.db.update(&self.tail[..n]);
-            self.tail.drain(..n);
+        let seen = self.tail.len() + chunk.len();
+        if seen <= TRAILER {
+            self.tail.extend_from_slice(chunk);
+            return;
         }
+        // Everything but the last 32 bytes seen so far is database: first what the tail
+        // held, then the chunk, hashed where it lies.
+        let to_db = seen - TRAILER;
+        let from_tail = to_db.min(self.tail.len());
+        self.db.update(&self.tail[..from_tail]);
+        let from_chunk = to_db - from_tail;
+        self.db.update(&chunk[..from_chunk]);
+        self.tail.drain(..from_tail);
+        self.tail.extend_from_slice(&chunk[from_chunk..]);
     }
 
     pub fn total(&self) -> u64 {
@@ -65,6 +73,8 @@ impl Verifier {
                 self.total
             ));
         }
+        let mut file = self.db.clone();
+        file.update(&self.tail);
         let db = hex::encode(self.db.finalize());
         let trailer = hex::encode(&self.tail);
         if db != trailer {
@@ -74,7 +84,7 @@ impl Verifier {
         }
         Ok(Verified {
             size: self.total,
-            file_sha256: hex::encode(self.file.finalize()),
+            file_sha256: hex::encode(file.finalize()),
             db_sha256: db,
         })
     }
@@ -289,6 +299,7 @@ mod tests {
             let ok = v.verify().expect("verifies");
             assert_eq!(ok.size, file.len() as u64);
             assert_eq!(ok.db_sha256, hex::encode(&file[file.len() - 32..]));
+            assert_eq!(ok.file_sha256, hex::encode(Sha256::digest(&file)));
         }
     }
 
