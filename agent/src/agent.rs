@@ -274,14 +274,12 @@ async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
 
 async fn refresh_shared_metrics(app: &App) {
     for (kind, last) in app.records.last_results().await {
-        if let Some(at) = last.last_success_at {
-            app.metrics
-                .last_success
-                .get_or_create(&crate::metrics::KindLabel {
-                    kind: kind.as_str().to_string(),
-                })
-                .set(at.timestamp() as f64);
-        }
+        app.metrics.last_success_of(
+            kind.as_str(),
+            last.last_success_at,
+            last.last_success_size_bytes,
+            last.last_success_items,
+        );
     }
     if let Ok(info) = app.store.consumer.get_info().await {
         app.metrics

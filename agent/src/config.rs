@@ -79,8 +79,8 @@ pub struct AgentSection {
     pub state_dir: PathBuf,
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// How long running jobs may take to finish after SIGTERM; keep it under systemd's
-    /// `TimeoutStopSec` (90 s by default).
+    /// How long running jobs may take to finish after SIGTERM; with `kill_grace` and 5 s more,
+    /// keep it under systemd's `TimeoutStopSec` (120 s in the shipped unit).
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
     /// A job whose agent stops acknowledging it is redelivered after this long.

@@ -54,6 +54,34 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The last success of a kind: when, and what it stored, where the job said so.
+    pub fn last_success_of(
+        &self,
+        kind: &str,
+        at: Option<chrono::DateTime<chrono::Utc>>,
+        size_bytes: Option<u64>,
+        items: Option<u64>,
+    ) {
+        let label = KindLabel {
+            kind: kind.to_string(),
+        };
+        if let Some(at) = at {
+            self.last_success
+                .get_or_create(&label)
+                .set(at.timestamp() as f64);
+        }
+        if let Some(size) = size_bytes {
+            self.last_size
+                .get_or_create(&label)
+                .set(i64::try_from(size).unwrap_or(i64::MAX));
+        }
+        if let Some(items) = items {
+            self.last_items
+                .get_or_create(&label)
+                .set(i64::try_from(items).unwrap_or(i64::MAX));
+        }
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("infraflux");
         let jobs = Family::<KindOutcome, Counter>::default();

@@ -3,7 +3,7 @@
 //! - the poller asks the infra repository (outbound `git ls-remote`) for the default branch's
 //!   head every `reconcile.poll_interval` and submits a reconcile of it under the commit's
 //!   idempotency key, so a commit the webhook or the workflow step already brought starts
-//!   nothing;
+//!   nothing; a head whose plan failed is planned again, a few times;
 //! - at start and hourly, the webhook's deliveries of the last three days (GitHub's redelivery
 //!   window) are listed through the GitHub API, and those that never succeeded are redelivered;
 //!   they then arrive as ordinary webhooks and dedup like any other.
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::github::commit_key;
 use crate::ingest::Submitted;
+use crate::records::JobState;
 use crate::telemetry;
 
 /// GitHub keeps deliveries, and lets them be redelivered, for three days.
@@ -31,6 +32,8 @@ const REDELIVERY_WINDOW: chrono::Duration = chrono::Duration::days(3);
 const REDELIVER_EVERY: Duration = Duration::from_secs(3600);
 /// A delivery is redelivered at most this many times by the agents together.
 const MAX_REDELIVERIES: u32 = 3;
+/// A head whose plan failed is planned again at most this many times.
+const MAX_REPLANS: u32 = 3;
 
 /// Polls the default branch until `shutdown`.
 pub async fn poll(app: Arc<App>, shutdown: CancellationToken) {
@@ -66,6 +69,36 @@ pub async fn poll(app: Arc<App>, shutdown: CancellationToken) {
         if last_seen.as_deref() == Some(head.as_str()) {
             continue;
         }
+        match reconcile_head(&app, &repo_key, &branch, &head).await {
+            Ok(HeadPlan::Started(job_id)) => {
+                tracing::info!(commit = %head, %job_id, "Poller started a reconcile of the head");
+            }
+            // Its plan may still fail; look again next interval.
+            Ok(HeadPlan::InProgress) => {}
+            Ok(HeadPlan::Settled) => last_seen = Some(head),
+            Err(e) => tracing::warn!(error = %e, "Poller could not submit; retrying next interval"),
+        }
+    }
+}
+
+/// Makes sure the head has a plan: submits a reconcile under the commit's key (a duplicate of
+/// whatever the webhook or the workflow step brought), and when that plan failed as a plan
+/// (git, backend or terraform trouble, not an apply), submits it again, one poll interval
+/// apart and at most [`MAX_REPLANS`] times. A failed apply is never followed by a re-plan, so
+/// `auto_apply` cannot turn into a silent apply retry.
+async fn reconcile_head(
+    app: &App,
+    repo_key: &str,
+    branch: &str,
+    head: &str,
+) -> Result<HeadPlan, String> {
+    let base_key = commit_key(repo_key, head);
+    for replan in 0..=MAX_REPLANS {
+        let key = if replan == 0 {
+            base_key.clone()
+        } else {
+            format!("{base_key}.replan-{replan}")
+        };
         let mut params = Map::new();
         params.insert("trigger".into(), json!("poller"));
         params.insert("ref".into(), json!(branch));
@@ -76,20 +109,41 @@ pub async fn poll(app: Arc<App>, shutdown: CancellationToken) {
             params,
             source: Source::Poller,
             requested_by: "poller".into(),
-            idempotency_key: commit_key(&repo_key, &head),
+            idempotency_key: key,
             traceparent: Some(span.in_scope(telemetry::current_traceparent)),
-            commit: Some(head.clone()),
+            commit: Some(head.to_string()),
             created_at: Utc::now(),
         };
-        match app.ingest.submit(envelope).await {
-            Ok(Submitted::Created { job_id }) => {
-                tracing::info!(commit = %head, %job_id, "Poller found a commit no other path brought");
-                last_seen = Some(head);
+        let job_id = match app
+            .ingest
+            .submit(envelope)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Submitted::Created { job_id } => return Ok(HeadPlan::Started(job_id)),
+            Submitted::Duplicate { job_id } => job_id,
+        };
+        let Some((record, _)) = app.records.get(&job_id).await.map_err(|e| e.to_string())? else {
+            // Accepted a moment ago; its record is on its way.
+            return Ok(HeadPlan::InProgress);
+        };
+        match record.state {
+            JobState::Queued | JobState::Waiting | JobState::Running => {
+                return Ok(HeadPlan::InProgress);
             }
-            Ok(Submitted::Duplicate { .. }) => last_seen = Some(head),
-            Err(e) => tracing::warn!(error = %e, "Poller could not submit; retrying next interval"),
+            JobState::Failed
+                if infraflux_handlers::reconcile::plan_record(&record.result).is_none() => {}
+            _ => return Ok(HeadPlan::Settled),
         }
     }
+    tracing::warn!(commit = %head, "The head's plan failed {} times; waiting for a new commit or a `plan`", MAX_REPLANS + 1);
+    Ok(HeadPlan::Settled)
+}
+
+enum HeadPlan {
+    Started(String),
+    InProgress,
+    Settled,
 }
 
 /// Redelivers failed webhook deliveries at start and hourly, until `shutdown`.

@@ -174,6 +174,12 @@ pub struct LastResult {
     pub duration_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_success_at: Option<DateTime<Utc>>,
+    /// What the last success stored (`size_bytes`) and how many items (`items`), so every agent
+    /// exports them, not only the one that ran the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_size_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_items: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -209,11 +215,19 @@ impl Records {
             .ok()
             .flatten()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let last_success_at = if record.state == JobState::Succeeded {
-            Some(record.updated_at)
-        } else {
-            previous.and_then(|p| p.last_success_at)
-        };
+        let field = |name: &str| record.result.get(name).and_then(serde_json::Value::as_u64);
+        let (last_success_at, last_success_size_bytes, last_success_items) =
+            if record.state == JobState::Succeeded {
+                (Some(record.updated_at), field("size_bytes"), field("items"))
+            } else {
+                previous.map_or((None, None, None), |p| {
+                    (
+                        p.last_success_at,
+                        p.last_success_size_bytes,
+                        p.last_success_items,
+                    )
+                })
+            };
         let last = LastResult {
             job_id: record.job_id.clone(),
             state: record.state,
@@ -221,6 +235,8 @@ impl Records {
             message: record.message.clone(),
             duration_seconds,
             last_success_at,
+            last_success_size_bytes,
+            last_success_items,
         };
         if let Ok(bytes) = serde_json::to_vec(&last)
             && let Err(e) = self.state.put(&key, Bytes::from(bytes)).await

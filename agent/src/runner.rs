@@ -596,33 +596,15 @@ impl Delivery {
                         .metrics
                         .job_ended(record.kind.as_str(), record.state.as_str());
                     if record.state == JobState::Succeeded {
-                        let label = crate::metrics::KindLabel {
-                            kind: record.kind.as_str().to_string(),
+                        let field = |name: &str| {
+                            record.result.get(name).and_then(serde_json::Value::as_u64)
                         };
-                        let gauge = |field: &str| {
-                            record.result.get(field).and_then(serde_json::Value::as_u64)
-                        };
-                        if let Some(size) = gauge("size_bytes") {
-                            self.app
-                                .metrics
-                                .last_size
-                                .get_or_create(&label)
-                                .set(size as i64);
-                        }
-                        if let Some(items) = gauge("items") {
-                            self.app
-                                .metrics
-                                .last_items
-                                .get_or_create(&label)
-                                .set(items as i64);
-                        }
-                        self.app
-                            .metrics
-                            .last_success
-                            .get_or_create(&crate::metrics::KindLabel {
-                                kind: record.kind.as_str().to_string(),
-                            })
-                            .set(record.updated_at.timestamp() as f64);
+                        self.app.metrics.last_success_of(
+                            record.kind.as_str(),
+                            Some(record.updated_at),
+                            field("size_bytes"),
+                            field("items"),
+                        );
                     }
                     if let (Some(drift), Some(env)) = (
                         record

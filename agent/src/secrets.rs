@@ -51,7 +51,10 @@ pub async fn resolve(reference: &SecretRef, env: &Environment) -> Result<Secret,
                     "cred:{name} needs $CREDENTIALS_DIRECTORY (set by systemd's LoadCredential=)"
                 ));
             };
-            read_file(&Path::new(dir).join(name))
+            // A credential systemd could not load arrives as the unit's empty SetCredential=.
+            read_file(&Path::new(dir).join(name)).map_err(|e| {
+                format!("credential {name}: {e} (is the file its LoadCredential= names there?)")
+            })
         }
         SecretRef::OnePassword(uri) => op_read(uri, env).await,
     }
@@ -142,6 +145,13 @@ mod tests {
         assert!(e.contains("MISSING"), "{e}");
         let e = get("cred:../x").await.expect_err("traversal");
         assert!(e.contains("not a credential name"), "{e}");
+        // What systemd leaves when a LoadCredential= file is missing: the unit's "\n" fallback.
+        std::fs::write(dir.path().join("webhook"), "\n").expect("write");
+        let e = get("cred:webhook").await.expect_err("empty");
+        assert!(
+            e.contains("credential webhook") && e.contains("is empty"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -72,14 +72,7 @@ impl ApplyHandler {
                 plan.env, config.env
             ));
         }
-        let age = (Utc::now() - plan.planned_at).to_std().unwrap_or_default();
-        if age > config.plan_ttl.get() {
-            return Err(format!(
-                "plan {plan_job} expired: it is {} old and plans may be applied within {}; run `plan` again",
-                humantime::format_duration(Duration::from_secs(age.as_secs())),
-                config.plan_ttl
-            ));
-        }
+        self.unexpired(plan_job, &plan)?;
         let latest = state
             .get(self.reconciler.latest_plan_key())
             .await
@@ -95,6 +88,32 @@ impl ApplyHandler {
                 "two-person rule: {requested_by} requested plan {plan_job} and cannot approve it"
             ));
         }
+        if let Some(moved) = self.moved_since(plan_job, &plan, cancel).await? {
+            return Err(moved);
+        }
+        Ok(plan)
+    }
+
+    fn unexpired(&self, plan_job: &str, plan: &PlanRecord) -> Result<(), String> {
+        let ttl = self.reconciler.config.plan_ttl;
+        let age = (Utc::now() - plan.planned_at).to_std().unwrap_or_default();
+        if age > ttl.get() {
+            return Err(format!(
+                "plan {plan_job} expired: it is {} old and plans may be applied within {ttl}; run `plan` again",
+                humantime::format_duration(Duration::from_secs(age.as_secs())),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why the plan no longer describes its branch, if the branch moved past it; `Err` when the
+    /// head cannot be read.
+    async fn moved_since(
+        &self,
+        plan_job: &str,
+        plan: &PlanRecord,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<String>, String> {
         let branch = plan
             .git_ref
             .clone()
@@ -105,14 +124,13 @@ impl ApplyHandler {
             .resolve(&branch, cancel)
             .await
             .map_err(|e| format!("cannot read the head of {branch}: {e}"))?;
-        if head != plan.commit {
-            return Err(format!(
+        Ok((head != plan.commit).then(|| {
+            format!(
                 "{branch} moved from {} to {} since plan {plan_job}; plan again",
                 short(&plan.commit),
                 short(&head)
-            ));
-        }
-        Ok(plan)
+            )
+        }))
     }
 }
 
@@ -233,6 +251,28 @@ impl Handler for ApplyHandler {
         if latest.as_deref().is_some_and(|l| l != plan_job.as_bytes()) {
             return Err(HandlerError::Failed(format!(
                 "plan {plan_job} was superseded while this apply waited"
+            )));
+        }
+        // The lock wait can be long: the approval holds only for a plan still young and still
+        // describing its branch when terraform is about to run.
+        let stale = match self.unexpired(&plan_job, &plan) {
+            Err(expired) => Some(expired),
+            Ok(()) => self
+                .moved_since(&plan_job, &plan, &ctx.cancel)
+                .await
+                .map_err(HandlerError::Retryable)?,
+        };
+        if let Some(why) = stale {
+            let _ = ctx
+                .jobs
+                .settle_approval(
+                    &plan_job,
+                    false,
+                    &format!("apply {} refused: {why}", ctx.job_id),
+                )
+                .await;
+            return Err(HandlerError::Failed(format!(
+                "refused while this apply waited: {why}"
             )));
         }
         ctx.progress.set_commit(&plan.commit).await;

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::handler::{Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy};
 use crate::job::JobEnvelope;
@@ -137,20 +138,24 @@ impl BackupHandler {
                 }
             )));
         }
-        if let Some(validated) = status["lastValidationTime"]
+        // Available but never validated: Velero has not yet checked it can reach the bucket.
+        let validated = status["lastValidationTime"]
             .as_str()
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        {
-            let age = (Utc::now() - validated.with_timezone(&Utc))
-                .to_std()
-                .unwrap_or_default();
-            if age > cfg.location_max_age.get() {
-                return Err(HandlerError::Failed(format!(
-                    "{what} was last validated {} ago (more than {}): Velero may not be running",
-                    HumanDuration(Duration::from_secs(age.as_secs())),
-                    cfg.location_max_age
-                )));
-            }
+            .ok_or_else(|| {
+                HandlerError::Failed(format!(
+                    "{what} has never been validated by Velero: it may not be running; check the velero deployment"
+                ))
+            })?;
+        let age = (Utc::now() - validated.with_timezone(&Utc))
+            .to_std()
+            .unwrap_or_default();
+        if age > cfg.location_max_age.get() {
+            return Err(HandlerError::Failed(format!(
+                "{what} was last validated {} ago (more than {}): Velero may not be running",
+                HumanDuration(Duration::from_secs(age.as_secs())),
+                cfg.location_max_age
+            )));
         }
         Ok(())
     }
@@ -209,6 +214,7 @@ impl Handler for BackupHandler {
             Ok(found) => found,
             Err(e) => return Err(kube_error(&format!("Backup {name}"), e)),
         };
+        async {
         if existing.is_none() {
             let backup: DynamicObject = serde_json::from_value(json!({
                 "apiVersion": "velero.io/v1",
@@ -237,32 +243,40 @@ impl Handler for BackupHandler {
                 .report(&format!("Velero backup {name} exists; waiting for it"))
                 .await;
         }
+        Ok::<(), HandlerError>(())
+        }
+        .instrument(tracing::info_span!("velero_backup_create", backup = %name))
+        .await?;
 
         let mut last_phase = String::new();
-        let status = loop {
-            tokio::select! {
-                () = ctx.cancel.cancelled() => return Err(HandlerError::Cancelled),
-                () = tokio::time::sleep(POLL) => {}
+        let status = async {
+            loop {
+                tokio::select! {
+                    () = ctx.cancel.cancelled() => return Err(HandlerError::Cancelled),
+                    () = tokio::time::sleep(POLL) => {}
+                }
+                let current = backups
+                    .get(&name)
+                    .await
+                    .map_err(|e| kube_error(&format!("Backup {name}"), e))?;
+                let status = current.data["status"].clone();
+                let phase = status["phase"].as_str().unwrap_or("New").to_string();
+                if phase != last_phase {
+                    ctx.progress
+                        .report(&format!("Velero backup {name}: {phase}"))
+                        .await;
+                    last_phase = phase.clone();
+                }
+                if matches!(
+                    phase.as_str(),
+                    "Completed" | "PartiallyFailed" | "Failed" | "FailedValidation"
+                ) {
+                    break Ok::<Value, HandlerError>(status);
+                }
             }
-            let current = backups
-                .get(&name)
-                .await
-                .map_err(|e| kube_error(&format!("Backup {name}"), e))?;
-            let status = current.data["status"].clone();
-            let phase = status["phase"].as_str().unwrap_or("New").to_string();
-            if phase != last_phase {
-                ctx.progress
-                    .report(&format!("Velero backup {name}: {phase}"))
-                    .await;
-                last_phase = phase.clone();
-            }
-            if matches!(
-                phase.as_str(),
-                "Completed" | "PartiallyFailed" | "Failed" | "FailedValidation"
-            ) {
-                break status;
-            }
-        };
+        }
+        .instrument(tracing::info_span!("velero_backup_wait", backup = %name))
+        .await?;
         let phase = status["phase"].as_str().unwrap_or_default();
         let items = status["progress"]["itemsBackedUp"].as_u64().unwrap_or(0);
         let total = status["progress"]["totalItems"].as_u64().unwrap_or(items);

@@ -477,10 +477,17 @@ impl Handler for EtcdSnapshotHandler {
                 HandlerError::Retryable(message)
             });
         };
-        let pruned = self.prune(&store).await?;
+        // The snapshot is stored: a pruning error must not make the job retry and take another.
+        let (pruned, prune_note) = match self.prune(&store).await {
+            Ok(n) => (n, format!("{n} old snapshot(s) pruned")),
+            Err(e) => {
+                tracing::warn!(error = %e, "Pruning old snapshots failed; the next run tries again");
+                (0, format!("pruning failed, the next run tries again: {e}"))
+            }
+        };
         Ok(Outcome::Succeeded {
             message: format!(
-                "etcd snapshot of {} (Talos {}): {} bytes verified, {} bytes stored{}{}; {} old snapshot(s) pruned",
+                "etcd snapshot of {} (Talos {}): {} bytes verified, {} bytes stored{}{}; {}",
                 manifest.node,
                 manifest.talos_version,
                 manifest.size_bytes,
@@ -495,7 +502,7 @@ impl Handler for EtcdSnapshotHandler {
                 } else {
                     ""
                 },
-                pruned
+                prune_note
             ),
             result: json!({
                 "bucket": self.config.bucket,

@@ -62,6 +62,10 @@ impl Remote {
     ) -> Result<String, HandlerError> {
         let mut cmd = self.command();
         cmd.args(args);
+        // git itself ignores it, but hooks and credential helpers may continue the trace.
+        if let Some(tp) = crate::trace::current_traceparent() {
+            cmd.env("TRACEPARENT", tp);
+        }
         let run = run_cancellable(cmd, cancel, Duration::from_secs(5));
         let out = match tokio::time::timeout(GIT_TIMEOUT, run).await {
             Err(_) => {

@@ -198,6 +198,28 @@ async fn an_etcd_snapshot_is_streamed_verified_encrypted_stored_and_restores_wit
         "{metrics}"
     );
     lab.agent.stop().await;
+
+    // An agent that did not run the job exports the same, from the shared last result.
+    let observer = start_agent(&lab._nats, "observer", "", |_| {}).await;
+    let expected = format!(
+        "infraflux_last_size_bytes{{kind=\"etcd-snapshot\"}} {}",
+        original.len()
+    );
+    wait_for(
+        Duration::from_secs(15),
+        "the observer to export the last snapshot size",
+        || async {
+            let text = reqwest::get(format!("{}/metrics", observer.http))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.contains(&expected).then_some(())
+        },
+    )
+    .await;
+    observer.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,6 +499,27 @@ async fn velero_backups_report_completed_partially_failed_failed_and_an_unavaila
             .unwrap_or_default()
             .contains("was last validated"),
         "{stale}"
+    );
+
+    // Available but never validated: Velero has not checked the bucket yet.
+    let mut fresh = lab
+        .kube
+        .object("backupstoragelocations", "velero", "default")
+        .expect("location");
+    fresh["status"]
+        .as_object_mut()
+        .expect("status")
+        .remove("lastValidationTime");
+    lab.kube
+        .add_object("backupstoragelocations", "velero", "default", fresh);
+    let unvalidated = lab.backup("backup").await;
+    assert_eq!(unvalidated["state"], "failed", "{unvalidated}");
+    assert!(
+        unvalidated["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("never been validated"),
+        "{unvalidated}"
     );
     lab.agent.stop().await;
 }

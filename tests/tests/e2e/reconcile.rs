@@ -565,6 +565,67 @@ async fn the_poller_catches_a_push_that_came_with_no_webhook() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_that_failed_on_an_unreachable_repository_is_planned_again_once_by_the_poller() {
+    let lab = lab(LabOptions {
+        env: vec![("INFRAFLUX_RECONCILE__POLL_INTERVAL", "1s".to_string())],
+        ..Default::default()
+    })
+    .await;
+    let c1 = lab.repo.commit("One");
+    // The repository is unreachable when the push arrives.
+    let away = lab.repo.path.with_extension("away");
+    std::fs::rename(&lab.repo.path, &away).expect("move the repository away");
+    let (status, reply) = post_webhook(
+        &lab.agent.http,
+        "push",
+        "push-unreachable",
+        &push_payload(&c1, "alice"),
+    )
+    .await;
+    // The poller may have seen the commit in the instant before the move: then it is its job.
+    let first = match status {
+        202 => reply["jobs"][0].as_str(),
+        200 => reply["job"].as_str(),
+        other => panic!("unexpected {other}: {reply}"),
+    }
+    .expect("job")
+    .to_string();
+    let failed = lab.settled(&first).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("git"),
+        "{failed}"
+    );
+
+    std::fs::rename(&away, &lab.repo.path).expect("bring it back");
+    let replanned = wait_for(
+        Duration::from_secs(60),
+        "the poller's second plan of the head",
+        || async {
+            all_records(&lab.client).await.into_iter().find(|j| {
+                j["commit"] == c1.as_str()
+                    && j["job_id"] != first.as_str()
+                    && j["state"] == "awaiting_approval"
+            })
+        },
+    )
+    .await;
+    assert_eq!(replanned["source"], "poller", "{replanned}");
+    // Planned now: more poll intervals start nothing more.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let for_c1 = all_records(&lab.client)
+        .await
+        .into_iter()
+        .filter(|j| j["commit"] == c1.as_str())
+        .count();
+    assert_eq!(for_c1, 2, "one failed plan and one good one");
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_delivery_is_redelivered_and_a_successful_one_is_not() {
     let failed_commit = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let remember = failed_commit.clone();
@@ -624,6 +685,63 @@ async fn a_failed_delivery_is_redelivered_and_a_successful_one_is_not() {
         !paths.iter().any(|p| p.ends_with("/deliveries/2/attempts")),
         "a delivered one is left alone: {paths:?}"
     );
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_that_waited_for_the_lock_while_main_moved_is_refused_before_terraform_runs() {
+    let lab = lab(LabOptions::default()).await;
+    let c1 = lab.repo.commit("One");
+    let plan_job = lab.push(&c1, "alice").await;
+    assert_eq!(lab.settled(&plan_job).await["state"], "awaiting_approval");
+
+    // Another job holds the env's terraform lock, so the approved apply queues behind it.
+    let locks = async_nats::jetstream::new(lab.client.clone())
+        .get_key_value("infraflux-locks")
+        .await
+        .expect("locks bucket");
+    let now = Utc::now();
+    let holder = serde_json::json!({"holders": [{
+        "owner": "elsewhere/01holder",
+        "job_id": "01holder",
+        "agent": "elsewhere",
+        "mode": "write",
+        "acquired_at": now.to_rfc3339(),
+        "expires_at": (now + chrono::Duration::minutes(10)).to_rfc3339(),
+    }]});
+    locks
+        .put(
+            "terraform.prod",
+            serde_json::to_vec(&holder).expect("json").into(),
+        )
+        .await
+        .expect("hold the lock");
+    let reply = lab.apply(&plan_job, "bob").await;
+    assert_eq!(
+        reply["ok"], true,
+        "admitted while main is at the plan: {reply}"
+    );
+    let apply_job = reply["job_id"].as_str().expect("id").to_string();
+    wait_state(&lab.client, &apply_job, "waiting").await;
+
+    // main moves on while the apply waits; then the lock is released.
+    lab.repo.write(
+        &format!("{WORKDIR}/main.tf"),
+        &resources(&["cp_1", "cp_2"], 0),
+    );
+    lab.repo.commit("Two");
+    locks.delete("terraform.prod").await.expect("release");
+
+    let refused = lab.settled(&apply_job).await;
+    assert_eq!(refused["state"], "failed", "{refused}");
+    let why = refused["message"].as_str().unwrap_or_default();
+    assert!(why.contains("main moved from"), "{refused}");
+    assert!(
+        lab.s3.keys("tfstate").await.is_empty(),
+        "terraform never applied the stale plan"
+    );
+    let plan = record(&lab.client, &plan_job).await;
+    assert_eq!(plan["state"], "failed", "the stale plan is closed: {plan}");
     lab.agent.stop().await;
 }
 
