@@ -6,9 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 command -v webhook >/dev/null 2>&1 || { echo "bench: installing webhook (the ingest baseline)"; apt-get install -y -qq webhook >/dev/null; }
 command -v aws >/dev/null 2>&1 || { echo "bench: installing awscli (the streaming baseline)"; python3 -m pip install --quiet awscli; }
-# The S3 server for the streaming benchmark: moto keeps every part in memory and is the
-# bottleneck long before either client is.
-export PATH="$HOME/.cargo/bin:$PATH"
-command -v s3s-fs >/dev/null 2>&1 || { echo "bench: installing s3s-fs (the S3 server)"; cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary; }
+# setup.sh installs s3s-fs, the streaming benchmark's S3 server (moto keeps every part in
+# memory and is the bottleneck long before either client is).
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 cargo build --release --locked -p infraflux-agent -p infraflux-tests
 "${CARGO_TARGET_DIR:-target}/release/infraflux-bench" all "$@"

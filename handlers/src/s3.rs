@@ -28,3 +28,28 @@ pub fn bucket(config: &S3Config, secrets: &Secrets, bucket: &str) -> Result<Arc<
         .map(Arc::new)
         .map_err(|e| format!("S3 client for bucket {bucket}: {e}"))
 }
+
+/// An S3 error as a handler error: refused credentials fail at once with what to fix (asking
+/// again will not help); anything else may be a passing outage and is worth another try.
+pub fn error(doing: &str, e: &object_store::Error) -> crate::handler::HandlerError {
+    let text = e.to_string();
+    let refused = matches!(
+        e,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    ) || [
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "AccessDenied",
+        "403 Forbidden",
+        "401 Unauthorized",
+    ]
+    .iter()
+    .any(|code| text.contains(code));
+    if refused {
+        crate::handler::HandlerError::Failed(format!(
+            "S3 refused the agent's credentials while {doing}: check s3.access_key_id and s3.secret_access_key ({text})"
+        ))
+    } else {
+        crate::handler::HandlerError::Retryable(format!("{doing}: {text}"))
+    }
+}

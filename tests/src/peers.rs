@@ -90,6 +90,25 @@ impl S3Server {
         }
     }
 
+    /// Every file an s3s-fs server keeps for `bucket` (objects and parts), read from its disk:
+    /// no request, so no signature needed.
+    pub fn files(&self, bucket: &str) -> Vec<String> {
+        let root = self.root.as_ref().expect("files() needs an s3s-fs server");
+        let mut found = Vec::new();
+        let mut dirs = vec![root.path().join(bucket)];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    found.push(path.display().to_string());
+                }
+            }
+        }
+        found
+    }
+
     /// Every object key in `bucket`.
     pub async fn keys(&self, bucket: &str) -> Vec<String> {
         let body = reqwest::get(format!("{}/{bucket}?list-type=2", self.endpoint))

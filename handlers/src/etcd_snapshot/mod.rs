@@ -156,8 +156,7 @@ impl EtcdSnapshotHandler {
         let mut objects = Vec::new();
         let mut listing = store.list(Some(&prefix));
         while let Some(meta) = listing.next().await {
-            let meta =
-                meta.map_err(|e| HandlerError::Retryable(format!("listing the bucket: {e}")))?;
+            let meta = meta.map_err(|e| crate::s3::error("listing the bucket", &e))?;
             objects.push(meta.location.to_string());
         }
         let mut stored = Vec::new();

@@ -32,8 +32,19 @@ const KEYS: [(&str, &str); 3] = [
 
 async fn snap_lab(extra: &str, dead_endpoint_first: bool) -> SnapLab {
     init();
-    let nats = Nats::start();
     let s3 = S3Server::start("etcd").await;
+    snap_lab_on(s3, "testing-secret", extra, dead_endpoint_first).await
+}
+
+/// The snapshot lab against `s3`, the agent signing with `s3_secret`.
+async fn snap_lab_on(
+    s3: S3Server,
+    s3_secret: &str,
+    extra: &str,
+    dead_endpoint_first: bool,
+) -> SnapLab {
+    init();
+    let nats = Nats::start();
     let dir = tempfile::tempdir().expect("tempdir");
     // A real etcd with real keys, and its real snapshot.
     let snapshot_file = dir.path().join("snapshot.db");
@@ -80,10 +91,7 @@ compression = "zstd"
         &nats,
         "snapshotter",
         &toml,
-        &[
-            ("TEST_S3_KEY", "testing"),
-            ("TEST_S3_SECRET", "testing-secret"),
-        ],
+        &[("TEST_S3_KEY", "testing"), ("TEST_S3_SECRET", s3_secret)],
         |_| {},
     )
     .await;
@@ -220,6 +228,29 @@ async fn an_etcd_snapshot_is_streamed_verified_encrypted_stored_and_restores_wit
     )
     .await;
     observer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_s3_secret_fails_the_snapshot_at_once_naming_the_keys_and_stores_nothing() {
+    // s3s-fs checks SigV4 (moto accepts any signature): the agent signs with a secret the server
+    // does not hold, as with a MinIO credential rotated on one side only.
+    let s3 = S3Server::start_s3s_fs("etcd", "testing", "the-current-secret").await;
+    let lab = snap_lab_on(s3, "a-rotated-away-secret", "", false).await;
+    let done = lab.snapshot().await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(
+        done["attempts"], 1,
+        "refused credentials are not retried: {done}"
+    );
+    let message = done["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("S3 refused the agent's credentials")
+            && message.contains("s3.secret_access_key"),
+        "{message}"
+    );
+    assert!(!message.contains("a-rotated-away-secret"), "{message}");
+    assert!(lab.s3.files("etcd").is_empty(), "nothing stored");
+    lab.agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
