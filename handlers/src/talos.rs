@@ -68,6 +68,29 @@ pub struct TalosClient {
     tls: ClientTlsConfig,
 }
 
+impl TalosClient {
+    /// Whom to ask, and through which endpoint, in order: each of the context's `nodes` through
+    /// each endpoint in turn (as `talosctl --nodes`: the endpoint may be a VIP or a load balancer
+    /// that apid proxies through), or each endpoint as its own node when `nodes` is empty.
+    pub fn targets(&self) -> Vec<(String, String)> {
+        if self.nodes.is_empty() {
+            return self
+                .endpoints
+                .iter()
+                .map(|e| (e.clone(), endpoint_host(e)))
+                .collect();
+        }
+        self.nodes
+            .iter()
+            .flat_map(|node| {
+                self.endpoints
+                    .iter()
+                    .map(move |e| (e.clone(), endpoint_host(node)))
+            })
+            .collect()
+    }
+}
+
 impl std::fmt::Debug for TalosClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "TalosClient({}: {:?})", self.context, self.endpoints)
@@ -222,6 +245,35 @@ mod tests {
         assert_eq!(endpoint_host("10.0.0.11:50000"), "10.0.0.11");
         assert_eq!(endpoint_host("[fd00::1]:50000"), "fd00::1");
         assert_eq!(endpoint_host("cp-1.lab"), "cp-1.lab");
+    }
+
+    #[test]
+    fn nodes_are_asked_through_each_endpoint_in_turn() {
+        let client = |endpoints: &[&str], nodes: &[&str]| TalosClient {
+            context: "lab".into(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            tls: ClientTlsConfig::new(),
+        };
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(e, n)| (e.to_string(), n.to_string()))
+                .collect()
+        };
+        // Behind a VIP: the node metadata names the node, the connection goes to the endpoint.
+        assert_eq!(
+            client(&["vip.lab:50000", "10.0.0.11"], &["10.0.0.21", "10.0.0.22"]).targets(),
+            pairs(&[
+                ("vip.lab:50000", "10.0.0.21"),
+                ("10.0.0.11", "10.0.0.21"),
+                ("vip.lab:50000", "10.0.0.22"),
+                ("10.0.0.11", "10.0.0.22"),
+            ])
+        );
+        assert_eq!(
+            client(&["10.0.0.11:50000", "10.0.0.12"], &[]).targets(),
+            pairs(&[("10.0.0.11:50000", "10.0.0.11"), ("10.0.0.12", "10.0.0.12")])
+        );
     }
 
     #[test]

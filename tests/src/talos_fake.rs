@@ -47,6 +47,10 @@ pub struct Behaviour {
     pub etcd_errors: Vec<String>,
 }
 
+/// The node the fake's talosconfig names, unlike its endpoint's address: as when the endpoint is
+/// a VIP or a load balancer and apid proxies to the node named in the `node` metadata.
+pub const FAKE_NODE: &str = "10.5.0.2";
+
 #[derive(Clone)]
 struct Fake {
     behaviour: Arc<Mutex<Behaviour>>,
@@ -324,7 +328,7 @@ impl FakeTalos {
             .serialize_pem()
             .replace("PRIVATE KEY", "ED25519 PRIVATE KEY");
         let talosconfig = format!(
-            "context: lab\ncontexts:\n  lab:\n    endpoints:\n{}    nodes:\n      - {endpoint}\n    ca: {}\n    crt: {}\n    key: {}\n",
+            "context: lab\ncontexts:\n  lab:\n    endpoints:\n{}    nodes:\n      - {FAKE_NODE}\n    ca: {}\n    crt: {}\n    key: {}\n",
             endpoints
                 .iter()
                 .map(|e| format!("      - {e}\n"))

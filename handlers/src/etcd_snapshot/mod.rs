@@ -33,7 +33,7 @@ use crate::kind::JobKind;
 use crate::registry::Services;
 use crate::settings::HumanDuration;
 use crate::talos::proto::machine::EtcdSnapshotRequest;
-use crate::talos::{TalosClient, endpoint_host, status_message, to_node};
+use crate::talos::{TalosClient, status_message, to_node};
 use pipeline::{PART_SIZE, PartBuffer, PartUploader, Verifier, chain};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -191,22 +191,22 @@ impl EtcdSnapshotHandler {
         Ok((stored, manifest))
     }
 
-    #[tracing::instrument(name = "snapshot_node", skip_all, fields(endpoint = %endpoint))]
+    #[tracing::instrument(name = "snapshot_node", skip_all, fields(endpoint = %endpoint, node = %node))]
     async fn snapshot_from(
         &self,
         ctx: &JobContext,
         talos: &TalosClient,
         endpoint: &str,
+        node: &str,
         store: &AmazonS3,
         previous: Option<&Manifest>,
     ) -> Result<Manifest, Attempt> {
-        let node = endpoint_host(endpoint);
         let mut client = talos
             .machine(endpoint)
             .await
             .map_err(|e| Attempt::Next(e.to_string()))?;
         let status = client
-            .etcd_status(to_node((), &node))
+            .etcd_status(to_node((), node))
             .await
             .map_err(|s| Attempt::Next(format!("{node}: etcd status: {}", status_message(&s))))?
             .into_inner();
@@ -233,7 +233,7 @@ impl EtcdSnapshotHandler {
             return Err(Attempt::Next(reason));
         }
         let version = client
-            .version(to_node((), &node))
+            .version(to_node((), node))
             .await
             .ok()
             .and_then(|r| r.into_inner().messages.into_iter().next())
@@ -246,7 +246,7 @@ impl EtcdSnapshotHandler {
             ))
             .await;
         let mut stream = client
-            .etcd_snapshot(to_node(EtcdSnapshotRequest {}, &node))
+            .etcd_snapshot(to_node(EtcdSnapshotRequest {}, node))
             .await
             .map_err(|s| Attempt::Next(format!("{node}: etcd snapshot: {}", status_message(&s))))?
             .into_inner();
@@ -272,7 +272,7 @@ impl EtcdSnapshotHandler {
         let mut attributes = Attributes::new();
         for (k, v) in [
             ("cluster", self.talos.cluster.clone()),
-            ("node", node.clone()),
+            ("node", node.to_string()),
             ("talos-version", version.clone()),
             ("compression", compression.to_string()),
             (
@@ -368,7 +368,7 @@ impl EtcdSnapshotHandler {
         let manifest = Manifest {
             key: key.clone(),
             cluster: self.talos.cluster.clone(),
-            node,
+            node: node.to_string(),
             talos_version: version,
             created_at,
             size_bytes: verified.size,
@@ -441,9 +441,9 @@ impl Handler for EtcdSnapshotHandler {
         let (_, previous) = self.inventory(&store).await?;
         let mut failures = Vec::new();
         let mut done = None;
-        for endpoint in &talos.endpoints {
+        for (endpoint, node) in talos.targets() {
             match self
-                .snapshot_from(ctx, &talos, endpoint, &store, previous.as_ref())
+                .snapshot_from(ctx, &talos, &endpoint, &node, &store, previous.as_ref())
                 .await
             {
                 Ok(m) => {

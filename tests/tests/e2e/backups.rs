@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use infraflux_tests::fakes::FakeKube;
 use infraflux_tests::peers::{Etcd, S3Server, restore_snapshot};
-use infraflux_tests::talos_fake::{FakeTalos, SnapshotSource};
+use infraflux_tests::talos_fake::{FAKE_NODE, FakeTalos, SnapshotSource};
 use infraflux_tests::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -140,8 +140,8 @@ async fn an_etcd_snapshot_is_streamed_verified_encrypted_stored_and_restores_wit
     let message = done["message"].as_str().unwrap_or_default();
     assert!(message.contains("Talos v1.13.9"), "{message}");
     assert!(message.contains("zstd, age-encrypted"), "{message}");
-    // The first endpoint answered nothing; the second node served the snapshot.
-    assert_eq!(lab.talos.snapshot_nodes(), ["127.0.0.1"]);
+    // The first endpoint answered nothing; through the second, the talosconfig's node served it.
+    assert_eq!(lab.talos.snapshot_nodes(), [FAKE_NODE]);
 
     let objects = lab.objects().await;
     assert_eq!(
@@ -154,7 +154,7 @@ async fn an_etcd_snapshot_is_streamed_verified_encrypted_stored_and_restores_wit
         .expect("object key")
         .to_string();
     assert!(
-        key.starts_with("prod/lab/") && key.ends_with("-127.0.0.1.db.zst.age"),
+        key.starts_with("prod/lab/") && key.ends_with(&format!("-{FAKE_NODE}.db.zst.age")),
         "{key}"
     );
     assert!(objects.contains(&format!("{key}.json")), "{objects:?}");
