@@ -704,6 +704,9 @@ async fn kube_collection(
             let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
                 return kube_status(422, "Invalid", "metadata.name: Required value");
             };
+            if let Some(problem) = schema_problem(&group, &plural, &object) {
+                return kube_status(422, "Invalid", &problem);
+            }
             let key = object_key(&plural, &ns, &name);
             if st.objects.contains_key(&key) {
                 return kube_status(
@@ -771,7 +774,12 @@ async fn kube_object(
                 );
             }
             let patch: Value = serde_json::from_slice(&body).unwrap_or_default();
-            merge(object, &patch);
+            let mut patched = object.clone();
+            merge(&mut patched, &patch);
+            if let Some(problem) = schema_problem(&group, &plural, &patched) {
+                return kube_status(422, "Invalid", &problem);
+            }
+            *object = patched;
             let rv = object["metadata"]["resourceVersion"]
                 .as_str()
                 .and_then(|v| v.parse::<u64>().ok())
@@ -785,6 +793,88 @@ async fn kube_object(
             axum::Json(removed.unwrap_or(Value::Null)).into_response()
         }
         _ => kube_status(405, "MethodNotAllowed", "method not allowed"),
+    }
+}
+
+/// The custom resource's schema from the real CRD in `../shared/fixtures`, for the kinds the
+/// agent writes (Velero, Argo CD).
+fn crd_schema(group: &str, plural: &str) -> Option<Value> {
+    let file = match (group, plural) {
+        ("velero.io", _) => format!("velero-crds/{group}_{plural}.yaml"),
+        ("argoproj.io", "applications") => "argocd/application-crd.yaml".to_string(),
+        _ => return None,
+    };
+    let text = String::from_utf8(crate::fixture(&file)).ok()?;
+    let crd: Value = serde_saphyr::from_str(&text).ok()?;
+    crd["spec"]["versions"]
+        .as_array()?
+        .iter()
+        .find(|v| v["served"] == true)
+        .map(|v| v["schema"]["openAPIV3Schema"].clone())
+}
+
+/// What a strict API server (`fieldValidation=Strict`) would refuse in `object`: a field the CRD
+/// does not declare, or a value of the wrong type. A real server with the default validation
+/// drops unknown fields with a warning, so a misspelt field would vanish silently; the fake
+/// refuses it so that a test fails.
+fn schema_problem(group: &str, plural: &str, object: &Value) -> Option<String> {
+    let schema = crd_schema(group, plural)?;
+    let mut body = object.clone();
+    if let Some(map) = body.as_object_mut() {
+        // Server-owned or generic parts: metadata is ObjectMeta, status is the controller's.
+        for generic in ["apiVersion", "kind", "metadata", "status"] {
+            map.remove(generic);
+        }
+    }
+    check_schema(&schema, &body, "")
+}
+
+fn check_schema(schema: &Value, value: &Value, at: &str) -> Option<String> {
+    if schema["x-kubernetes-preserve-unknown-fields"] == true || value.is_null() {
+        return None;
+    }
+    let expected = schema["type"].as_str().unwrap_or_default();
+    let fits = match expected {
+        "string" => value.is_string(),
+        "integer" => value.is_i64() || value.is_u64(),
+        "number" => value.is_number(),
+        "boolean" => value.is_boolean(),
+        "array" => value.is_array(),
+        "object" => value.is_object(),
+        _ => true,
+    };
+    // int-or-string fields (durations in some CRDs) accept both.
+    if !fits && schema["x-kubernetes-int-or-string"] != true {
+        return Some(format!("{at}: expected {expected}, got {value}"));
+    }
+    match value {
+        Value::Object(map) => {
+            let properties = schema["properties"].as_object();
+            for (key, item) in map {
+                let path = if at.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{at}.{key}")
+                };
+                let item_schema = match properties.and_then(|p| p.get(key)) {
+                    Some(s) => s,
+                    None if schema["additionalProperties"].is_object() => {
+                        &schema["additionalProperties"]
+                    }
+                    None if properties.is_none() => continue,
+                    None => return Some(format!("unknown field \"{path}\"")),
+                };
+                if let Some(problem) = check_schema(item_schema, item, &path) {
+                    return Some(problem);
+                }
+            }
+            None
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| check_schema(&schema["items"], item, &format!("{at}[{i}]"))),
+        _ => None,
     }
 }
 
@@ -802,4 +892,30 @@ async fn kube_not_found(uri: Uri) -> Response {
         "NotFound",
         &format!("the server could not find the requested resource ({uri})"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fake_api_refuses_what_the_crd_does_not_declare() {
+        let backup = |spec: Value| json!({"apiVersion": "velero.io/v1", "kind": "Backup", "metadata": {"name": "b"}, "spec": spec});
+        let good = backup(
+            json!({"includedNamespaces": ["*"], "ttl": "72h0m0s", "storageLocation": "default"}),
+        );
+        assert_eq!(schema_problem("velero.io", "backups", &good), None);
+        let typo = backup(json!({"includeNamespaces": ["*"]}));
+        assert_eq!(
+            schema_problem("velero.io", "backups", &typo).as_deref(),
+            Some("unknown field \"spec.includeNamespaces\"")
+        );
+        let wrong_type = backup(json!({"includedNamespaces": "media"}));
+        assert!(
+            schema_problem("velero.io", "backups", &wrong_type)
+                .is_some_and(|p| p.starts_with("spec.includedNamespaces: expected array")),
+        );
+        let sync = json!({"metadata": {"name": "root"}, "operation": {"sync": {"revision": "HEAD"}, "initiatedBy": {"username": "infraflux"}}});
+        assert_eq!(schema_problem("argoproj.io", "applications", &sync), None);
+    }
 }
