@@ -607,24 +607,95 @@ fn set<T>(slot: &mut T, value: Option<T>) {
 /// Deserializes one section, reporting every unknown key in it and its first type error.
 fn section<T: DeserializeOwned>(
     name: &str,
-    value: config::Value,
+    mut value: config::Value,
     problems: &mut Problems,
 ) -> Option<T> {
-    let mut unknown: Vec<String> = Vec::new();
-    let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
-    let de = serde_ignored::Deserializer::new(value, &mut on_unknown);
-    let result: Result<T, _> = serde_path_to_error::deserialize(de);
-    for path in unknown {
-        problems.push(join_key(name, &path), "unknown key");
-    }
-    match result {
-        Ok(v) => Some(v),
-        Err(e) => {
-            let inner = e.inner().to_string();
-            problems.push(join_key(name, &e.path().to_string()), clean_error(&inner));
-            None
+    // serde stops at the first bad value; to report every one at once, each bad value is taken
+    // out and the section read again, a bounded number of times.
+    let mut unknown: BTreeSet<String> = BTreeSet::new();
+    let mut removed: Vec<String> = Vec::new();
+    let mut failed = false;
+    for _ in 0..MAX_PROBLEMS_PER_SECTION {
+        let mut on_unknown = |path: serde_ignored::Path<'_>| {
+            unknown.insert(path.to_string());
+        };
+        let de = serde_ignored::Deserializer::new(value.clone(), &mut on_unknown);
+        let result: Result<T, _> = serde_path_to_error::deserialize(de);
+        match result {
+            Ok(v) => {
+                report_unknown(name, &unknown, problems);
+                return (!failed).then_some(v);
+            }
+            Err(e) => {
+                let inner = clean_error(&e.inner().to_string());
+                // A value taken out for being bad now reads as missing: already reported.
+                let missing = missing_name(&inner);
+                let echo = !missing.is_empty()
+                    && inner.starts_with("missing field")
+                    && removed.iter().any(|r| r.ends_with(&missing));
+                if !echo {
+                    problems.push(join_key(name, &e.path().to_string()), inner.clone());
+                }
+                failed = true;
+                let segments: Vec<String> = e.path().iter().map(ToString::to_string).collect();
+                if echo || inner.starts_with("missing field") || !remove_at(&mut value, &segments) {
+                    break;
+                }
+                removed.push(e.path().to_string());
+            }
         }
     }
+    report_unknown(name, &unknown, problems);
+    None
+}
+
+/// Enough for any real config; bounds the re-reads of a section full of mistakes.
+const MAX_PROBLEMS_PER_SECTION: usize = 32;
+
+fn report_unknown(section: &str, unknown: &BTreeSet<String>, problems: &mut Problems) {
+    for path in unknown {
+        problems.push(join_key(section, path), "unknown key");
+    }
+}
+
+/// `x` in serde's "missing field `x`".
+fn missing_name(message: &str) -> String {
+    message.split('`').nth(1).unwrap_or_default().to_string()
+}
+
+/// Takes the value at `segments` (table keys and `[i]` indices, as serde_path_to_error prints
+/// them) out of its table in `value`; false when there is no such table key.
+fn remove_at(value: &mut config::Value, segments: &[String]) -> bool {
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut at = value;
+    for segment in parents {
+        at = match (&mut at.kind, index_of(segment)) {
+            (config::ValueKind::Table(t), None) => match t.get_mut(segment.as_str()) {
+                Some(v) => v,
+                None => return false,
+            },
+            (config::ValueKind::Array(a), Some(i)) => match a.get_mut(i) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    // Only table keys: taking an element out of an array would shift the indices of the rest.
+    match (&mut at.kind, index_of(last)) {
+        (config::ValueKind::Table(t), None) => t.remove(last.as_str()).is_some(),
+        _ => false,
+    }
+}
+
+/// `3` from serde_path_to_error's `[3]` segment.
+fn index_of(segment: &str) -> Option<usize> {
+    segment
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .and_then(|s| s.parse().ok())
 }
 
 fn join_key(section: &str, path: &str) -> String {
@@ -804,6 +875,38 @@ webhook_secret = ["env:A", "env:B"]
                 .expect("section")
                 .bucket,
             "b"
+        );
+    }
+
+    #[test]
+    fn every_bad_value_of_a_section_is_reported_not_only_the_first() {
+        let toml = r#"
+[agent]
+concurrency = "four"
+shutdown_timeout = 5
+ack_wait = "soon"
+[github]
+repo = 7
+webhook_secret = "env:A"
+"#;
+        let problems = load(toml, &[]).expect_err("invalid");
+        let keys: Vec<&str> = problems.0.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "agent.concurrency",
+            "agent.shutdown_timeout",
+            "agent.ack_wait",
+            "github.repo",
+        ] {
+            assert!(
+                keys.contains(&expected),
+                "{expected} missing from {problems}"
+            );
+        }
+        // A required value taken out for being bad is not reported a second time as missing.
+        assert_eq!(
+            keys.iter().filter(|k| k.starts_with("github")).count(),
+            1,
+            "{problems}"
         );
     }
 
