@@ -209,19 +209,18 @@ async fn run(
 
 async fn check_config(path: PathBuf) -> ExitCode {
     let env = process_env();
-    let loaded = match Config::load(&path, env.clone()) {
-        Ok(l) => l,
-        Err(problems) => {
-            eprintln!("{}: {} problem(s)", path.display(), problems.0.len());
-            for p in &problems.0 {
-                eprintln!("error: {p}");
-            }
-            return ExitCode::from(2);
+    // Everything that can be checked is, so one run names every problem: secret references
+    // too, in the sections that could be read.
+    let (loaded, shape) = Config::load_all(&path, env.clone());
+    let mut failed = !shape.is_empty();
+    if failed {
+        eprintln!("{}: {} problem(s)", path.display(), shape.0.len());
+        for p in &shape.0 {
+            eprintln!("error: {p}");
         }
-    };
-    let mut failed = false;
+    }
     match secrets::resolve_all(&loaded.config, &env).await {
-        Ok(resolved) => {
+        Ok(resolved) if !failed => {
             if let Err(problems) = crate::services::build(&loaded.config, &resolved, &env).await {
                 failed = true;
                 for p in &problems.0 {
@@ -229,6 +228,7 @@ async fn check_config(path: PathBuf) -> ExitCode {
                 }
             }
         }
+        Ok(_) => {}
         Err(problems) => {
             failed = true;
             for p in &problems.0 {

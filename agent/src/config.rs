@@ -304,7 +304,31 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Loaded, Problems> {
+        let (loaded, problems) = Self::load_all(path, env);
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Like [`Config::load`], but also returns what could be read when there are problems
+    /// (sections that failed are left at their defaults), so that `check-config` can go on
+    /// checking the rest, such as secret references.
+    pub fn load_all(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Loaded, Problems) {
         let mut problems = Problems::default();
+        let unread = |problems: Problems| {
+            (
+                Loaded {
+                    config: Config::default(),
+                    warnings: Problems::default(),
+                },
+                problems,
+            )
+        };
         let env: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
@@ -326,14 +350,14 @@ impl Config {
             Ok(v) => v,
             Err(e) => {
                 problems.push(path.display().to_string(), e.to_string());
-                return Err(problems);
+                return unread(problems);
             }
         };
         let table = match root.into_table() {
             Ok(t) => t,
             Err(e) => {
                 problems.push(path.display().to_string(), e.to_string());
-                return Err(problems);
+                return unread(problems);
             }
         };
         let mut config = Config::default();
@@ -395,13 +419,9 @@ impl Config {
             }
         }
         let warnings = config.validate(&present, &mut problems);
-        if problems.is_empty() {
-            Ok(Loaded { config, warnings })
-        } else {
-            problems.0.sort();
-            problems.0.dedup();
-            Err(problems)
-        }
+        problems.0.sort();
+        problems.0.dedup();
+        (Loaded { config, warnings }, problems)
     }
 
     /// Semantic checks; returns warnings, pushes errors.

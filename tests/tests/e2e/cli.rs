@@ -72,6 +72,11 @@ command = "backup"
     ] {
         assert!(err.contains(key), "{key} not reported:\n{err}");
     }
+    // Secret references are checked in the same run, in the sections that could be read.
+    assert!(
+        err.contains("github.webhook_secret.0: environment variable MISSING_SECRET_VAR is not set"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2-literal"));
 
     // Valid shape, but a secret reference that does not resolve.
