@@ -137,7 +137,29 @@ async fn run(
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
     });
-    let telemetry = match telemetry::init(&loaded.config.telemetry, format, &env) {
+    // Secrets first: the trace exporter's headers may be among them. Logging is not set up
+    // yet, so these problems go to stderr (the journal under systemd) as plain lines.
+    let secrets = match secrets::resolve_all(&loaded.config, &env).await {
+        Ok(s) => s,
+        Err(problems) => {
+            for p in &problems.0 {
+                eprintln!("error: secret not resolved: {p}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let otlp_headers: HashMap<String, String> = loaded
+        .config
+        .telemetry
+        .otlp_headers
+        .keys()
+        .filter_map(|name| {
+            secrets
+                .get(&format!("telemetry.otlp_headers.{name}"))
+                .map(|v| (name.clone(), v.expose().to_string()))
+        })
+        .collect();
+    let telemetry = match telemetry::init(&loaded.config.telemetry, &otlp_headers, format, &env) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
@@ -147,15 +169,6 @@ async fn run(
     for w in &loaded.warnings.0 {
         tracing::warn!(key = %w.key, "{}", w.message);
     }
-    let secrets = match secrets::resolve_all(&loaded.config, &env).await {
-        Ok(s) => s,
-        Err(problems) => {
-            for p in &problems.0 {
-                tracing::error!(key = %p.key, "Secret not resolved: {}", p.message);
-            }
-            return ExitCode::from(2);
-        }
-    };
     let services = match crate::services::build(&loaded.config, &secrets, &env).await {
         Ok(s) => s,
         Err(problems) => {

@@ -5,7 +5,7 @@
 //! semantic errors (cron, time zones, commands, addresses) are all collected, each with the key
 //! it concerns, so `check-config` can report them at once.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -233,8 +233,14 @@ pub struct TelemetrySection {
     /// Absent: no trace export (trace ids are still made and shown).
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// Absent: `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc`, `http/protobuf`), else gRPC.
     #[serde(default)]
-    pub otlp_protocol: OtlpProtocol,
+    pub otlp_protocol: Option<OtlpProtocol>,
+    /// Headers for a hosted collector (an API key): secret references, resolved at start and
+    /// sent as headers or gRPC metadata; added to `OTEL_EXPORTER_OTLP_HEADERS`, winning on a
+    /// clash.
+    #[serde(default)]
+    pub otlp_headers: BTreeMap<String, SecretRef>,
     #[serde(default)]
     pub log_format: Option<LogFormat>,
     /// A `tracing` filter such as `info,infraflux_agent=debug`; `RUST_LOG` wins.
@@ -604,6 +610,9 @@ impl Config {
             if let Some(r) = &talos.talosconfig_ref {
                 refs.push(("talos.talosconfig".into(), r));
             }
+        }
+        for (name, r) in &self.telemetry.otlp_headers {
+            refs.push((format!("telemetry.otlp_headers.{name}"), r));
         }
         if let Some(s3) = &self.handlers.s3 {
             refs.push(("s3.access_key_id".into(), &s3.access_key_id));

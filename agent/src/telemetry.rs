@@ -33,9 +33,11 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber and tracer provider.
+/// Installs the global subscriber and tracer provider. `headers` are the resolved values of
+/// `telemetry.otlp_headers`.
 pub fn init(
     section: &TelemetrySection,
+    headers: &HashMap<String, String>,
     format: Option<LogFormat>,
     env: &HashMap<String, String>,
 ) -> Result<Telemetry, String> {
@@ -44,7 +46,7 @@ pub fn init(
         None => EnvFilter::try_new(section.log_filter.as_deref().unwrap_or("info"))
             .map_err(|e| format!("telemetry.log_filter: {e}"))?,
     };
-    let provider = provider(section, env)?;
+    let provider = provider(section, headers, env)?;
     let tracer = provider.tracer("infraflux-agent");
     let format = format.or(section.log_format).unwrap_or_default();
     let journald = env.contains_key("JOURNAL_STREAM");
@@ -75,28 +77,54 @@ pub fn init(
 
 fn provider(
     section: &TelemetrySection,
+    configured_headers: &HashMap<String, String>,
     env: &HashMap<String, String>,
 ) -> Result<SdkTracerProvider, String> {
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name("infraflux-agent")
         .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
-    // The config wins; the standard variables work too, as every OTel SDK honours them.
-    let endpoint = section
-        .otlp_endpoint
-        .clone()
-        .or_else(|| env.get("OTEL_EXPORTER_OTLP_ENDPOINT").cloned());
-    if let Some(endpoint) = endpoint {
-        let exporter = match section.otlp_protocol {
+    // The config wins; the standard variables work too, as every OTel SDK honours them. The
+    // traces-only endpoint is a full URL; the general one gets the signal's path.
+    let endpoint = match (
+        &section.otlp_endpoint,
+        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    ) {
+        (Some(e), _, _) => Some((e.clone(), false)),
+        (None, Some(e), _) => Some((e.clone(), true)),
+        (None, None, Some(e)) => Some((e.clone(), false)),
+        (None, None, None) => None,
+    };
+    let protocol = match section.otlp_protocol {
+        Some(p) => p,
+        None => match env.get("OTEL_EXPORTER_OTLP_PROTOCOL").map(String::as_str) {
+            None | Some("grpc") => OtlpProtocol::Grpc,
+            Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+            Some(other) => {
+                return Err(format!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL: {other:?} is not supported; use grpc or http/protobuf"
+                ));
+            }
+        },
+    };
+    let mut headers = otlp_headers(env);
+    headers.extend(configured_headers.clone());
+    if let Some((endpoint, signal_specific)) = endpoint {
+        let exporter = match protocol {
             OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint)
-                .with_metadata(grpc_metadata(&otlp_headers(env)))
+                .with_metadata(grpc_metadata(&headers))
                 .build(),
             OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
-                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
-                .with_headers(otlp_headers(env))
+                .with_endpoint(if signal_specific {
+                    endpoint
+                } else {
+                    format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+                })
+                .with_headers(headers)
                 .build(),
         }
         .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;

@@ -27,6 +27,8 @@ pub struct ReceivedSpan {
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    /// The `authorization` metadata of each export, as a hosted collector would check it.
+    authorizations: Arc<Mutex<Vec<String>>>,
 }
 
 fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
@@ -46,6 +48,16 @@ impl TraceService for Receiver {
         &self,
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        if let Some(auth) = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+        {
+            self.authorizations
+                .lock()
+                .map_err(|_| Status::internal("lock"))?
+                .push(auth.to_string());
+        }
         let mut out = Vec::new();
         for rs in request.into_inner().resource_spans {
             let service = rs
@@ -84,6 +96,7 @@ impl TraceService for Receiver {
 pub struct OtlpReceiver {
     pub endpoint: String,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    authorizations: Arc<Mutex<Vec<String>>>,
 }
 
 impl OtlpReceiver {
@@ -94,6 +107,7 @@ impl OtlpReceiver {
         let addr: SocketAddr = listener.local_addr().expect("addr");
         let receiver = Receiver::default();
         let spans = receiver.spans.clone();
+        let authorizations = receiver.authorizations.clone();
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(TraceServiceServer::new(receiver))
@@ -103,7 +117,16 @@ impl OtlpReceiver {
         OtlpReceiver {
             endpoint: format!("http://{addr}"),
             spans,
+            authorizations,
         }
+    }
+
+    /// The `authorization` metadata of every export so far.
+    pub fn authorizations(&self) -> Vec<String> {
+        self.authorizations
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {

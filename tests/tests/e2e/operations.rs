@@ -13,6 +13,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 const GITHUB_TOKEN: &str = "ghp_traceTestToken0123456789abcdefABCDEF";
+/// A hosted collector's API key, configured as `telemetry.otlp_headers.authorization`.
+const OTLP_AUTH: &str = "Bearer otlp-key-5521-collector";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_run_is_one_trace_from_ingress_through_the_queue_to_the_handler_without_secrets()
@@ -34,6 +36,7 @@ redeliver = false
 
 [telemetry]
 otlp_endpoint = "{}"
+otlp_headers = {{ authorization = "env:TEST_OTLP_AUTH" }}
 "#,
         receiver.endpoint
     );
@@ -48,6 +51,7 @@ otlp_endpoint = "{}"
         ("IFX_TEST_SLEEP_MS", "200".to_string()),
         ("IFX_TEST_RECONCILE", "1".to_string()),
         ("TEST_GITHUB_TOKEN", GITHUB_TOKEN.to_string()),
+        ("TEST_OTLP_AUTH", OTLP_AUTH.to_string()),
         ("INFRAFLUX_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
         ("OTEL_BSP_SCHEDULE_DELAY", "200".to_string()),
     ];
@@ -118,7 +122,7 @@ otlp_endpoint = "{}"
     // No configured secret in any attribute of any span the agent exported.
     for span in receiver.spans() {
         for (key, value) in &span.attributes {
-            for secret in [WEBHOOK_SECRET, GITHUB_TOKEN] {
+            for secret in [WEBHOOK_SECRET, GITHUB_TOKEN, OTLP_AUTH] {
                 assert!(
                     !value.contains(secret),
                     "span {} attribute {key} holds a secret",
@@ -127,6 +131,14 @@ otlp_endpoint = "{}"
             }
         }
     }
+    // The configured header reached the collector with every export, and only there.
+    let auths = receiver.authorizations();
+    assert!(
+        !auths.is_empty() && auths.iter().all(|a| a == OTLP_AUTH),
+        "authorization metadata: {} exports, all with the configured key: {}",
+        auths.len(),
+        auths.iter().all(|a| a == OTLP_AUTH)
+    );
 }
 
 /// A Prometheus text sample: `name{labels} value`.
