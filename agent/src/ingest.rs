@@ -22,6 +22,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use infraflux_handlers::JobEnvelope;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::records::{JobRecord, Records};
 use crate::store::{Store, kv_key};
@@ -146,6 +147,27 @@ impl Ingestor {
     }
 
     async fn enqueue(
+        &self,
+        mut envelope: JobEnvelope,
+        key: &str,
+        revision: u64,
+        takeover: bool,
+    ) -> Result<Submitted, IngestError> {
+        // The queue hop is its own span, the producer side: the runner's job span becomes its
+        // child, so a trace reads ingress → enqueue → job → handler steps.
+        let span = tracing::info_span!("enqueue", kind = envelope.kind.as_str(), job_id = %envelope.job_id);
+        if let Some(tp) = envelope.traceparent.as_deref() {
+            telemetry::set_parent(&span, tp);
+        }
+        if let Some(tp) = telemetry::traceparent_of(&span) {
+            envelope.traceparent = Some(tp);
+        }
+        self.publish(envelope, key, revision, takeover)
+            .instrument(span)
+            .await
+    }
+
+    async fn publish(
         &self,
         envelope: JobEnvelope,
         key: &str,

@@ -83,7 +83,7 @@ otlp_headers = {{ authorization = "env:TEST_OTLP_AUTH" }}
                 .filter(|s| s.trace_id == trace_id)
                 .collect();
             // The job span ends last, after the record is settled.
-            ["webhook", "job", "handler", "marker_step"]
+            ["webhook", "enqueue", "job", "handler", "marker_step"]
                 .iter()
                 .all(|name| spans.iter().any(|s| s.name == *name))
                 .then_some(spans)
@@ -93,7 +93,7 @@ otlp_headers = {{ authorization = "env:TEST_OTLP_AUTH" }}
     drop(agent);
     let by_name: BTreeMap<&str, &infraflux_tests::otlp::ReceivedSpan> =
         spans.iter().map(|s| (s.name.as_str(), s)).collect();
-    for name in ["webhook", "job", "handler", "marker_step"] {
+    for name in ["webhook", "enqueue", "job", "handler", "marker_step"] {
         assert!(
             by_name.contains_key(name),
             "{name} missing from the trace: {:?}",
@@ -102,8 +102,12 @@ otlp_headers = {{ authorization = "env:TEST_OTLP_AUTH" }}
     }
     // Ingress → queue → runner → handler: one chain of parents.
     assert_eq!(
-        by_name["job"].parent_span_id, by_name["webhook"].span_id,
-        "the job continues the webhook's span"
+        by_name["enqueue"].parent_span_id, by_name["webhook"].span_id,
+        "the queue hop continues the webhook's span"
+    );
+    assert_eq!(
+        by_name["job"].parent_span_id, by_name["enqueue"].span_id,
+        "the job, on whichever agent, continues the queue hop"
     );
     assert_eq!(by_name["handler"].parent_span_id, by_name["job"].span_id);
     assert_eq!(
