@@ -14,6 +14,7 @@ use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -64,10 +65,15 @@ pub fn init(
             .with_writer(std::io::stderr)
             .boxed(),
     };
+    // The log filter quiets logs only: spans are traced at `info` whatever it says, so a quiet
+    // `warn` log still gives every job its trace, and its child processes their TRACEPARENT.
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_layer)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(fmt_layer.with_filter(filter))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(LevelFilter::INFO),
+        )
         .try_init()
         .map_err(|e| format!("logging already initialized: {e}"))?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -167,9 +173,16 @@ pub fn init_for_tests() {
         let provider = SdkTracerProvider::builder().build();
         let tracer = provider.tracer("infraflux-agent-test");
         let _ = tracing_subscriber::registry()
-            .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_test_writer())
-            .with(tracing_opentelemetry::layer().with_tracer(tracer))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_test_writer()
+                    .with_filter(filter),
+            )
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(LevelFilter::INFO),
+            )
             .try_init();
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     });

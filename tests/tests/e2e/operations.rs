@@ -54,6 +54,8 @@ otlp_headers = {{ authorization = "env:TEST_OTLP_AUTH" }}
         ("TEST_OTLP_AUTH", OTLP_AUTH.to_string()),
         ("INFRAFLUX_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
         ("OTEL_BSP_SCHEDULE_DELAY", "200".to_string()),
+        // A quiet log must not quiet the trace.
+        ("RUST_LOG", "warn".to_string()),
     ];
     let agent = crate::crash::AgentProcess::spawn(&config, &env, &dir.path().join("agent.log"));
     let http = format!("http://127.0.0.1:{http_port}");

@@ -746,6 +746,35 @@ async fn an_apply_that_waited_for_the_lock_while_main_moved_is_refused_before_te
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terraform_and_what_it_runs_continue_the_apply_jobs_trace() {
+    let lab = lab(LabOptions::default()).await;
+    // A provisioner writes down the TRACEPARENT it inherits from terraform.
+    let seen = lab._dir.path().join("traceparent-seen");
+    let mut tf = resources(&["cp_1"], 0);
+    tf.push_str(&format!(
+        "\nresource \"terraform_data\" \"trace\" {{\n  provisioner \"local-exec\" {{\n    command = \"printf %s \\\"$TRACEPARENT\\\" > {}\"\n  }}\n}}\n",
+        seen.display()
+    ));
+    lab.repo.write(&format!("{WORKDIR}/main.tf"), &tf);
+    let c1 = lab.repo.commit("A provisioner that reports its trace");
+    let plan_job = lab.push(&c1, "alice").await;
+    assert_eq!(lab.settled(&plan_job).await["state"], "awaiting_approval");
+    let reply = lab.apply(&plan_job, "bob").await;
+    let apply_job = reply["job_id"].as_str().expect("id").to_string();
+    let applied = lab.settled(&apply_job).await;
+    assert_eq!(applied["state"], "succeeded", "{applied}");
+    let traceparent = std::fs::read_to_string(&seen).expect("the provisioner ran");
+    let parts: Vec<&str> = traceparent.trim().split('-').collect();
+    assert_eq!(parts.len(), 4, "a W3C traceparent: {traceparent:?}");
+    assert_eq!(
+        parts[1],
+        applied["trace_id"].as_str().expect("trace id"),
+        "terraform's children are in the apply job's trace"
+    );
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_slow_apply_interrupts_terraform_and_leaves_no_lock_behind() {
     let lab = lab(LabOptions {
         slow_seconds: 60,
