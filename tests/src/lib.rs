@@ -352,6 +352,16 @@ pub async fn command_as(client: &async_nats::Client, text: &str, who: &str) -> V
 }
 
 /// A job's record, read from the records bucket (so it works while no agent runs).
+/// The agent's `/metrics` text at `http` (its base URL).
+pub async fn metrics_text(http: &str) -> String {
+    reqwest::get(format!("{http}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 pub async fn record(client: &async_nats::Client, job_id: &str) -> Value {
     let kv = async_nats::jetstream::new(client.clone())
         .get_key_value("infraflux-jobs")

@@ -188,12 +188,7 @@ async fn an_etcd_snapshot_is_streamed_verified_encrypted_stored_and_restores_wit
         assert_eq!(etcd.get(k).as_deref(), Some(v), "{k} after restore");
     }
     assert_eq!(lab.s3.pending_uploads("etcd").await, 0);
-    let metrics = reqwest::get(format!("{}/metrics", lab.agent.http))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&lab.agent.http).await;
     assert!(
         metrics.contains("infraflux_last_success_timestamp_seconds{kind=\"etcd-snapshot\"}"),
         "{metrics}"
@@ -217,13 +212,10 @@ async fn an_etcd_snapshot_is_streamed_verified_encrypted_stored_and_restores_wit
         Duration::from_secs(15),
         "the observer to export the last snapshot size",
         || async {
-            let text = reqwest::get(format!("{}/metrics", observer.http))
+            metrics_text(&observer.http)
                 .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            text.contains(&expected).then_some(())
+                .contains(&expected)
+                .then_some(())
         },
     )
     .await;

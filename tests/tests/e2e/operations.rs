@@ -193,12 +193,7 @@ async fn metrics_after_jobs_are_valid_exposition_with_the_expected_counts() {
     )
     .await;
 
-    let text = reqwest::get(format!("{}/metrics", agent.http))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = metrics_text(&agent.http).await;
     // Prometheus' own parser and linter accept it.
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])

@@ -865,12 +865,7 @@ async fn a_plan_with_changes_and_no_new_commit_is_reported_as_drift() {
             .unwrap_or_default()
             .contains("Drift detected in prod")
     );
-    let metrics = reqwest::get(format!("{}/metrics", lab.agent.http))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&lab.agent.http).await;
     assert!(
         metrics.contains("infraflux_drift_detected{env=\"prod\"} 1"),
         "{metrics}"

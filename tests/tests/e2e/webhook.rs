@@ -197,12 +197,7 @@ async fn refusals_store_nothing() {
         serde_json::json!([]),
         "nothing was stored: {jobs}"
     );
-    let metrics = reqwest::get(format!("{}/metrics", agent.http))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&agent.http).await;
     assert!(
         metrics.contains("infraflux_webhook_requests_total{result=\"unauthorized\"} 2"),
         "{metrics}"
