@@ -108,35 +108,32 @@ pub fn agent_bin() -> PathBuf {
         })
 }
 
-/// Resident set size now and at its peak (`VmRSS`, `VmHWM`), in KiB.
-pub fn rss_kib(pid: u32) -> (u64, u64) {
+/// Fields of `/proc/<pid>/status` given in KiB (`VmRSS:`, ...); 0 for any not found.
+fn status_kib<const N: usize>(pid: u32, names: [&str; N]) -> [u64; N] {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
+    names.map(|name| {
         status
             .lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    })
+}
+
+/// Resident set size now and at its peak (`VmRSS`, `VmHWM`), in KiB.
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let [now, peak] = status_kib(pid, ["VmRSS:", "VmHWM:"]);
+    (now, peak)
+}
+
+/// `RssAnon` and `RssFile` in KiB.
+pub fn rss_parts_kib(pid: u32) -> (u64, u64) {
+    let [anon, file] = status_kib(pid, ["RssAnon:", "RssFile:"]);
+    (anon, file)
 }
 
 /// CPU time used by a process so far (user + system), from `/proc/<pid>/stat`.
-/// `RssAnon` and `RssFile` in KiB.
-pub fn rss_parts_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("RssAnon:"), field("RssFile:"))
-}
-
 pub fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.

@@ -180,10 +180,10 @@ impl EtcdSnapshotHandler {
                 let bytes = store
                     .get(&ObjectPath::from(format!("{}.json", s.key)))
                     .await
-                    .map_err(|e| HandlerError::Retryable(format!("reading a manifest: {e}")))?
+                    .map_err(|e| crate::s3::error("reading a manifest", &e))?
                     .bytes()
                     .await
-                    .map_err(|e| HandlerError::Retryable(format!("reading a manifest: {e}")))?;
+                    .map_err(|e| crate::s3::error("reading a manifest", &e))?;
                 serde_json::from_slice(&bytes).ok()
             }
             None => None,
@@ -326,7 +326,7 @@ impl EtcdSnapshotHandler {
                         stage.write_all(&data.bytes).map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
                         upload.flush(&buffer, PART_SIZE)
                             .await
-                            .map_err(|e| Attempt::Stop(HandlerError::Retryable(format!("uploading a part: {e}"))))?;
+                            .map_err(|e| Attempt::Stop(crate::s3::error("uploading a part", &e)))?;
                     }
                     Ok(None) => break,
                     Err(s) => return Err(Attempt::Next(format!("{node}: the stream broke: {}", status_message(&s)))),
@@ -335,7 +335,7 @@ impl EtcdSnapshotHandler {
             stage.finish().map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
             upload.flush(&buffer, 1)
                 .await
-                .map_err(|e| Attempt::Stop(HandlerError::Retryable(format!("uploading a part: {e}"))))?;
+                .map_err(|e| Attempt::Stop(crate::s3::error("uploading a part", &e)))?;
             let verified = verifier.verify().map_err(|e| Attempt::Next(format!("{node}: {e}")))?;
             if let Some(prev) = previous {
                 let floor = prev.size_bytes as f64 * self.config.min_size_ratio;
