@@ -796,7 +796,7 @@ async fn kube_object(
     }
 }
 
-/// The custom resource's schema from the real CRD in `../shared/fixtures`, for the kinds the
+/// The custom resource's schema from the real CRD in `tests/fixtures`, for the kinds the
 /// agent writes (Velero, Argo CD).
 fn crd_schema(group: &str, plural: &str) -> Option<Value> {
     let file = match (group, plural) {

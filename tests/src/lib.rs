@@ -36,28 +36,16 @@ pub fn init() {
     infraflux_agent::telemetry::init_for_tests();
 }
 
-/// `$IFX_FIXTURES`, else the nearest `shared/fixtures` beside the repository or one of its
-/// parents (the repository is checked out next to `shared/`).
+/// `tests/fixtures` of this repository: upstream data copied in unchanged, with its sources in
+/// `tests/fixtures/SOURCES.md`, so a clone alone runs the suite.
 pub fn fixtures_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("IFX_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .ancestors()
-        .map(|a| a.join("shared/fixtures"))
-        .find(|candidate| candidate.is_dir())
-        .unwrap_or_else(|| manifest.join("../../shared/fixtures"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
 pub fn fixture(path: &str) -> Vec<u8> {
     let file = fixtures_dir().join(path);
-    std::fs::read(&file).unwrap_or_else(|e| {
-        panic!(
-            "fixture {} is missing ({e}); the tests read ../shared/fixtures or $IFX_FIXTURES",
-            file.display()
-        )
-    })
+    std::fs::read(&file)
+        .unwrap_or_else(|e| panic!("fixture {} is missing ({e})", file.display()))
 }
 
 pub fn free_port() -> u16 {

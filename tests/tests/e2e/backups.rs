@@ -311,6 +311,18 @@ async fn a_snapshot_of_many_parts_is_stored_in_order_and_a_late_corruption_abort
 }
 
 /// A stored snapshot from earlier runs: data object and, for good ones, its manifest.
+fn stamp(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.format("%Y%m%dT%H%M%SZ").to_string()
+}
+
+fn month_start_of(at: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    use chrono::{Datelike, TimeZone};
+    chrono::Utc
+        .with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)
+        .single()
+        .expect("a month's first second")
+}
+
 async fn seed(lab: &SnapLab, stamp: &str, size: u64, good: bool) -> String {
     let key = format!("prod/lab/{stamp}-127.0.0.1.db.zst.age");
     lab.s3.put("etcd", &key, b"old".to_vec()).await;
@@ -339,11 +351,18 @@ async fn retention_after_a_good_upload_leaves_exactly_the_expected_objects() {
         false,
     )
     .await;
-    let oldest = seed(&lab, "20260915T030000Z", 1000, true).await;
-    let october = seed(&lab, "20261030T030000Z", 1000, true).await;
-    let debris = seed(&lab, "20261101T030000Z", 1000, false).await;
-    let nov27 = seed(&lab, "20261127T030000Z", 1000, true).await;
-    let nov28 = seed(&lab, "20261128T030000Z", 1000, true).await;
+    // Retention counts months from now, so the seeds are placed relative to now: two in this
+    // month just before the new snapshot, one in the previous month, one two months back.
+    let now = chrono::Utc::now();
+    let month_start = month_start_of(now);
+    let recent = |minutes: i64| (now - chrono::Duration::minutes(minutes)).max(month_start);
+    let previous_month = month_start - chrono::Duration::days(2);
+    let two_months_back = month_start_of(previous_month) - chrono::Duration::days(15);
+    let oldest = seed(&lab, &stamp(two_months_back), 1000, true).await;
+    let last_month = seed(&lab, &stamp(previous_month), 1000, true).await;
+    let debris = seed(&lab, &stamp(recent(3)), 1000, false).await;
+    let earlier_this_month = seed(&lab, &stamp(recent(4)), 1000, true).await;
+    let latest_this_month = seed(&lab, &stamp(recent(2)), 1000, true).await;
     let done = lab.snapshot().await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert!(
@@ -354,15 +373,16 @@ async fn retention_after_a_good_upload_leaves_exactly_the_expected_objects() {
         "{done}"
     );
     let new = done["result"]["object"].as_str().expect("key").to_string();
-    let mut expected: Vec<String> = [&new, &nov28, &october]
+    let mut expected: Vec<String> = [&new, &latest_this_month, &last_month]
         .iter()
         .flat_map(|k| [k.to_string(), format!("{k}.json")])
         .collect();
     expected.sort();
-    // keep_last = 2: the new one and Nov 28. monthly = 2: the newest of November (the new one)
-    // and of October. September's, Nov 27's and the incomplete debris go.
+    // keep_last = 2: the new one and the latest of this month. monthly = 2: the newest of this
+    // month (the new one) and of last month. The oldest, the earlier one of this month and the
+    // incomplete debris go.
     assert_eq!(lab.objects().await, expected);
-    for gone in [oldest, debris, nov27] {
+    for gone in [oldest, debris, earlier_this_month] {
         assert!(!lab.objects().await.contains(&gone));
     }
     lab.agent.stop().await;
@@ -372,7 +392,13 @@ async fn retention_after_a_good_upload_leaves_exactly_the_expected_objects() {
 async fn a_snapshot_far_smaller_than_the_previous_one_fails_and_is_not_stored() {
     let lab = snap_lab("min_size_ratio = 0.5", false).await;
     let size = std::fs::metadata(&lab.snapshot_file).expect("size").len();
-    let previous = seed(&lab, "20261129T030000Z", size * 10, true).await;
+    let previous = seed(
+        &lab,
+        &stamp(chrono::Utc::now() - chrono::Duration::hours(1)),
+        size * 10,
+        true,
+    )
+    .await;
     let done = lab.snapshot().await;
     assert_eq!(done["state"], "failed", "{done}");
     assert!(
