@@ -7,11 +7,14 @@
 //!    acks: once the job's ack is in, the job is durable, and only now is the caller told so;
 //! 3. mark the claim `enqueued`, in the background.
 //!
-//! If the job is not stored, the claim and record are withdrawn and the caller gets
-//! "unavailable" (a webhook answers 503, so GitHub can redeliver). If the agent dies before 3,
+//! If the job's acknowledgement does not come, the job may be stored all the same (the ack was
+//! lost, or came after the timeout): the caller gets "unavailable" (a webhook answers 503, so
+//! GitHub can redeliver), and the claim is marked `unconfirmed` with the job id. The sender's
+//! retry takes it over at once and publishes again with the same job id as `Nats-Msg-Id`, so
+//! JetStream stores it once, and the sender is told that same id. If the agent dies before 3,
 //! the claim stays `pending`; a later submission of the same key takes it over after
-//! [`STALE_CLAIM`] and republishes with the same job id, and the runner runs a job id at most
-//! once (its record is checked first).
+//! [`STALE_CLAIM`], the same way. The runner runs a job id at most once (its record is checked
+//! first), also if a message carrying it were stored twice outside the duplicate window.
 
 use std::time::Duration;
 
@@ -58,6 +61,8 @@ pub enum IngestError {
 enum ClaimStatus {
     Pending,
     Enqueued,
+    /// Published, but JetStream's acknowledgement never came: stored or not, nobody knows.
+    Unconfirmed,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,7 +116,7 @@ impl Ingestor {
                 });
             }
             let age = (Utc::now() - existing.at).to_std().unwrap_or_default();
-            if age >= STALE_CLAIM {
+            if existing.status == ClaimStatus::Unconfirmed || age >= STALE_CLAIM {
                 // Take over with the same job id, so a job that did reach the queue is not
                 // queued under a second id.
                 envelope.job_id = existing.job_id.clone();
@@ -216,10 +221,9 @@ impl Ingestor {
             tracing::warn!(%job_id, error = %e, "Job `queued` event not stored");
         }
         if let Err(e) = queued {
-            self.withdraw(key, revision).await;
-            if recorded == Ok(true) {
-                let _ = self.store.records.delete(&job_id).await;
-            }
+            // The job may be stored although its ack is missing, and a runner may already hold
+            // its record: keep both, and let a retry publish the same job id again.
+            self.mark_unconfirmed(key, revision, &job_id).await;
             return Err(IngestError::Unavailable(e));
         }
         match recorded {
@@ -249,14 +253,18 @@ impl Ingestor {
         Ok(Submitted::Created { job_id })
     }
 
-    /// Withdraws a claim so a retry can succeed; if even that fails, the claim goes stale and
-    /// the next submission of the key takes it over.
-    async fn withdraw(&self, key: &str, revision: u64) {
-        let _ = self
-            .store
-            .dedup
-            .delete_expect_revision(key, Some(revision))
-            .await;
+    /// Marks a claim whose job may or may not be stored, so the next submission of the key
+    /// takes it over at once with the same job id; if even that fails, the claim goes stale and
+    /// is taken over later, also with the same job id.
+    async fn mark_unconfirmed(&self, key: &str, revision: u64, job_id: &str) {
+        let claim = Claim {
+            job_id: job_id.to_string(),
+            status: ClaimStatus::Unconfirmed,
+            at: Utc::now(),
+        };
+        if let Err(e) = self.store.dedup.update(key, encode(&claim), revision).await {
+            tracing::warn!(%job_id, error = %e, "Unconfirmed job's claim not marked; a retry waits for it to go stale");
+        }
     }
 
     async fn start_publish_job(

@@ -79,6 +79,16 @@ pub enum LockError {
     InvalidResource(String),
 }
 
+/// How often a release re-reads an entry that changed under it before giving up (the lease
+/// expires anyway).
+const MAX_RELEASE_RACES: u32 = 5;
+
+/// How long an untouched lock entry is kept: far longer than any lease, since a holder rewrites
+/// its entry every third of the lease; what this removes is the markers of released locks.
+pub fn bucket_max_age(lease_ttl: std::time::Duration) -> std::time::Duration {
+    (lease_ttl * 20).max(std::time::Duration::from_secs(3600))
+}
+
 #[derive(Clone)]
 pub struct LockManager {
     kv: kv::Store,
@@ -196,14 +206,35 @@ impl LockManager {
 
     async fn release(&self, resource: &str, owner_token: &str) -> Result<(), LockError> {
         let key = resource_key(resource)?;
+        let mut lost_races = 0;
         loop {
             let (mut entry, revision) = self.read(&key).await?;
             let before = entry.holders.len();
+            if before == 0 {
+                return Ok(());
+            }
             let now = Utc::now();
             entry
                 .holders
                 .retain(|h| h.owner != owner_token && h.expires_at > now);
-            if entry.holders.len() == before && revision == 0 {
+            if entry.holders.is_empty() {
+                // Nobody holds it any more: remove the key, so finished jobs leave no entry
+                // behind for every agent's status cache to replay. Compare-and-set, like a
+                // write: a holder that came in meanwhile keeps its entry.
+                match self.kv.purge_expect_revision(&key, Some(revision)).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        // The purge error does not say whether the revision moved; read again,
+                        // a bounded number of times.
+                        lost_races += 1;
+                        if lost_races >= MAX_RELEASE_RACES {
+                            return Err(LockError::Unavailable(e.to_string()));
+                        }
+                        continue;
+                    }
+                }
+            }
+            if entry.holders.len() == before {
                 return Ok(());
             }
             if self.write(&key, &entry, revision).await? {

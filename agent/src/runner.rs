@@ -10,6 +10,7 @@
 //! - a job id runs at most once to an end: a delivery of a settled job is only acknowledged;
 //! - a terminal failure is recorded and published once, then acknowledged, never retried.
 
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,13 +18,13 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
 use chrono::Utc;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use infraflux_handlers::{
     Handler, HandlerError, Interruption, JobContext, JobEnvelope, LockRequest, Outcome, Progress,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::Instrument;
 
 use crate::app::{App, CancelReason, RunningJob};
@@ -208,17 +209,18 @@ impl Delivery {
             running.insert(self.job_id().to_string(), self.job.clone());
         }
         self.app.metrics.jobs_running.inc();
-        let keepalive = tokio::spawn(keepalive(
+        // Aborted when dropped: whatever ends this delivery, its leases stop being renewed.
+        let keepalive = AbortOnDropHandle::new(tokio::spawn(keepalive(
             self.app.clone(),
             self.message.clone(),
             self.owner.clone(),
             self.held.clone(),
             self.job.clone(),
-        ));
+        )));
 
         let settle = self.execute().await;
 
-        keepalive.abort();
+        drop(keepalive);
         match settle {
             Settle::Ack => {
                 // A confirmed ack: a lost one would only cause a harmless redelivery, but the
@@ -461,9 +463,12 @@ impl Delivery {
         let timeout = handler.timeout();
         let started = Instant::now();
         let result = {
+            // A panicking handler is a bug in one job, not in the agent: its job fails, its
+            // locks are released below, and the runner goes on.
             let mut run = pin!(
-                handler
-                    .run(&ctx, &self.envelope)
+                AssertUnwindSafe(handler.run(&ctx, &self.envelope))
+                    .catch_unwind()
+                    .map(|caught| caught.unwrap_or_else(|panic| Err(panicked(panic.as_ref()))))
                     .instrument(tracing::info_span!("handler"))
             );
             let early = tokio::select! {
@@ -685,6 +690,16 @@ impl Delivery {
             .map(|(r, _)| r)
             .ok_or_else(|| RecordError::NotFound(self.job_id().to_string()))
     }
+}
+
+/// The error of a handler that panicked; the panic's text goes to the log only.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    HandlerError::Internal(format!("handler panicked: {text}"))
 }
 
 /// Keeps one delivery alive: in-progress acks so JetStream does not redeliver, lease renewals

@@ -242,7 +242,7 @@ pub async fn bootstrap(client: Client, config: &Config) -> Result<Store, StoreEr
         &names.bucket_locks,
         "infraflux locks and job leases",
         1,
-        Duration::ZERO,
+        crate::locks::bucket_max_age(config.agent.lease_ttl.get()),
         replicas,
     )
     .await?;

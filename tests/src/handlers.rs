@@ -71,6 +71,8 @@ pub enum Behaviour {
     Child(String),
     /// Fail with a retryable error until the given attempt, then succeed.
     FlakyUntil(u32),
+    /// Panic with this message (a bug in a handler).
+    Panic(String),
 }
 
 /// A handler for any kind, with optional locks.
@@ -147,6 +149,7 @@ impl Handler for TestHandler {
                     Err(e) => Err(HandlerError::Internal(e.to_string())),
                 }
             }
+            Behaviour::Panic(message) => panic!("{message}"),
             Behaviour::FlakyUntil(n) => {
                 if ctx.attempt < *n {
                     Err(HandlerError::Retryable(format!(

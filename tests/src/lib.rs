@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod fakes;
 pub mod handlers;
+pub mod nats_proxy;
 pub mod otlp;
 pub mod peers;
 pub mod talos_fake;
@@ -195,8 +196,19 @@ pub async fn start_agent_with_env(
     extra_env: &[(&str, &str)],
     customize: impl FnOnce(&mut Registry),
 ) -> TestAgent {
+    start_agent_at(&nats.url, agent_id, extra, extra_env, customize).await
+}
+
+/// [`start_agent_with_env`] connecting to `nats_url` (a proxy in front of the test server).
+pub async fn start_agent_at(
+    nats_url: &str,
+    agent_id: &str,
+    extra: &str,
+    extra_env: &[(&str, &str)],
+    customize: impl FnOnce(&mut Registry),
+) -> TestAgent {
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = agent_config(&nats.url, agent_id, dir.path(), extra);
+    let toml = agent_config(nats_url, agent_id, dir.path(), extra);
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, toml).expect("write config");
     let mut env = test_env();

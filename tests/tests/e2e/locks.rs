@@ -96,3 +96,67 @@ async fn read_locks_share_a_resource() {
     assert!(overlap, "two readers ran at the same time");
     a.stop().await;
 }
+
+/// The keys of the locks bucket that hold a value (deleted and purged keys are not listed).
+async fn lock_keys(client: &async_nats::Client) -> Vec<String> {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(client.clone());
+    let kv = js.get_key_value("infraflux-locks").await.expect("locks bucket");
+    let mut keys = kv.keys().await.expect("keys");
+    let mut out = Vec::new();
+    while let Some(key) = keys.next().await {
+        out.push(key.expect("key"));
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_its_job_releases_its_locks_and_the_agent_goes_on() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let l = log.clone();
+    let agent = start_agent(&nats, "panic-a", "[backup]\n[upgrade]\n", move |r| {
+        r.register(Arc::new(
+            TestHandler::new(
+                JobKind::Backup,
+                Behaviour::Panic("a bug in the backup handler".into()),
+                l.clone(),
+            )
+            .with_locks(vec![LockRequest::write("cluster:lab")]),
+        ));
+        r.register(Arc::new(
+            TestHandler::new(
+                JobKind::Upgrade,
+                Behaviour::Sleep(Duration::from_millis(100)),
+                l,
+            )
+            .with_locks(vec![LockRequest::write("cluster:lab")]),
+        ));
+    })
+    .await;
+    let client = nats.client().await;
+    let panicked = submit(&client, "backup").await;
+    let failed = wait_settled(&client, &panicked, Duration::from_secs(20)).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let message = failed["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("internal error"), "{failed}");
+    assert!(!message.contains("a bug in"), "panic detail is for the logs: {failed}");
+
+    // The lock is free: a job on the same resource runs, on the same (still running) agent.
+    let next = submit(&client, "upgrade talos v1.13.0").await;
+    let done = wait_settled(&client, &next, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(log.runs_of(&next)[0].agent, "panic-a");
+    // Nothing is left behind in the lock bucket: no entry per finished job or resource.
+    wait_for(Duration::from_secs(10), "the lock bucket to be empty", || async {
+        let keys = lock_keys(&client).await;
+        keys.is_empty().then_some(()).or_else(|| {
+            eprintln!("lock keys still present: {keys:?}");
+            None
+        })
+    })
+    .await;
+    agent.stop().await;
+}

@@ -295,3 +295,61 @@ async fn a_push_for_an_unconfigured_handler_still_becomes_a_visible_failed_job()
     );
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_publish_ack_and_the_senders_retry_make_one_job_with_one_id() {
+    init();
+    let nats = Nats::start();
+    let proxy = infraflux_tests::nats_proxy::NatsProxy::start(nats.port, "INFRAFLUX_JOBS").await;
+    let log = RunLog::default();
+    let agent = start_agent_at(
+        &proxy.url,
+        "a1",
+        "",
+        &[],
+        TestHandler::new(
+            JobKind::Reconcile,
+            Behaviour::Sleep(Duration::from_millis(100)),
+            log.clone(),
+        )
+        .install(),
+    )
+    .await;
+    let client = nats.client().await;
+    let body = fixture("github/push/push.json");
+
+    // The server stores the job; its acknowledgement never reaches the agent.
+    proxy.drop_next_acks(1);
+    let (status, reply) = post_webhook(&agent.http, "push", "delivery-lost-ack", &body).await;
+    assert_eq!(status, 503, "{reply}");
+    assert_eq!(proxy.dropped(), 1, "the ack was not dropped");
+
+    // GitHub redelivers the same delivery: the job already stored keeps its id.
+    let (status, reply) = post_webhook(&agent.http, "push", "delivery-lost-ack", &body).await;
+    assert!(status == 202 || status == 200, "{status} {reply}");
+    let job_id = reply["jobs"][0]
+        .as_str()
+        .or_else(|| reply["job"].as_str())
+        .unwrap_or_else(|| panic!("no job id in {reply}"))
+        .to_string();
+    let done = wait_settled(&client, &job_id, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+
+    let reconciles: Vec<Value> = all_records(&client)
+        .await
+        .into_iter()
+        .filter(|r| r["kind"] == "reconcile")
+        .collect();
+    assert_eq!(reconciles.len(), 1, "{reconciles:?}");
+    assert_eq!(reconciles[0]["job_id"], job_id.as_str());
+    // Once more after a moment: a second job would have run by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(log.runs().len(), 1, "{:?}", log.runs());
+    let stream = client
+        .request("$JS.API.STREAM.INFO.INFRAFLUX_JOBS", "".into())
+        .await
+        .expect("stream info");
+    let info: Value = serde_json::from_slice(&stream.payload).expect("json");
+    assert_eq!(info["state"]["last_seq"], 1, "{info}");
+    agent.stop().await;
+}
