@@ -273,9 +273,10 @@ async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
 }
 
 async fn refresh_shared_metrics(app: &App) {
-    for (kind, last) in app.records.last_results().await {
+    for (kind, last) in app.records.last_target_results().await {
         app.metrics.last_success_of(
             kind.as_str(),
+            last.target.as_deref().unwrap_or_default(),
             last.last_success_at,
             last.last_success_size_bytes,
             last.last_success_items,

@@ -21,6 +21,14 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// A kind and one of its targets (a namespace set, a cluster, a node; empty for a kind whose
+/// jobs name none).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindTarget {
+    pub kind: String,
+    pub target: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EnvLabel {
     pub env: String,
@@ -42,28 +50,30 @@ pub struct Metrics {
     pub jobs: Family<KindOutcome, Counter>,
     pub job_duration: Family<KindLabel, Histogram>,
     pub lock_wait: Family<KindLabel, Histogram>,
-    pub last_success: Family<KindLabel, Gauge<f64, AtomicU64>>,
+    pub last_success: Family<KindTarget, Gauge<f64, AtomicU64>>,
     pub webhook_requests: Family<ResultLabel, Counter>,
     pub commands: Family<VerbResult, Counter>,
     pub drift: Family<EnvLabel, Gauge>,
-    pub last_size: Family<KindLabel, Gauge>,
-    pub last_items: Family<KindLabel, Gauge>,
+    pub last_size: Family<KindTarget, Gauge>,
+    pub last_items: Family<KindTarget, Gauge>,
     pub nats_connected: Gauge,
     pub queue_pending: Gauge,
     pub jobs_running: Gauge,
 }
 
 impl Metrics {
-    /// The last success of a kind: when, and what it stored, where the job said so.
+    /// The last success of a kind's target: when, and what it stored, where the job said so.
     pub fn last_success_of(
         &self,
         kind: &str,
+        target: &str,
         at: Option<chrono::DateTime<chrono::Utc>>,
         size_bytes: Option<u64>,
         items: Option<u64>,
     ) {
-        let label = KindLabel {
+        let label = KindTarget {
             kind: kind.to_string(),
+            target: target.to_string(),
         };
         if let Some(at) = at {
             self.last_success
@@ -102,10 +112,10 @@ impl Metrics {
             "Time jobs waited for their locks, by kind",
             lock_wait.clone(),
         );
-        let last_success = Family::<KindLabel, Gauge<f64, AtomicU64>>::default();
+        let last_success = Family::<KindTarget, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "last_success_timestamp_seconds",
-            "Unix time of the last successful job, by kind",
+            "Unix time of the last successful job, by kind and target",
             last_success.clone(),
         );
         let webhook_requests = Family::<ResultLabel, Counter>::default();
@@ -126,16 +136,16 @@ impl Metrics {
             "1 while the last drift check of an environment found changes with no new commit",
             drift.clone(),
         );
-        let last_size = Family::<KindLabel, Gauge>::default();
+        let last_size = Family::<KindTarget, Gauge>::default();
         registry.register(
             "last_size_bytes",
-            "Size of the newest successful backup artifact (etcd snapshot bytes), by kind",
+            "Size of the newest successful backup artifact (etcd snapshot bytes), by kind and target",
             last_size.clone(),
         );
-        let last_items = Family::<KindLabel, Gauge>::default();
+        let last_items = Family::<KindTarget, Gauge>::default();
         registry.register(
             "last_items",
-            "Items in the newest successful backup (Velero items backed up), by kind",
+            "Items in the newest successful backup (Velero items backed up), by kind and target",
             last_items.clone(),
         );
         let nats_connected = Gauge::default();

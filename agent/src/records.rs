@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use infraflux_handlers::{Interruption, JobEnvelope, JobKind, Source};
+use infraflux_handlers::{Interruption, JobEnvelope, JobKind, Source, TargetResult};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -89,6 +89,9 @@ pub struct JobRecord {
     /// The handler's structured result (a plan summary, a backup's size).
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub result: Value,
+    /// The job found nothing to do: `succeeded`, but no success of its targets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 impl JobRecord {
@@ -113,6 +116,7 @@ impl JobRecord {
             interruptions: Vec::new(),
             cancel_requested_by: None,
             result: Value::Null,
+            skipped: false,
         }
     }
 }
@@ -163,9 +167,12 @@ pub enum Change {
     Keep,
 }
 
-/// The last result of a job kind, kept for `status` and metrics.
+/// The last result of a job kind, or of one target of a kind, kept for `status` and metrics.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LastResult {
+    /// Absent for the kind's own entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     pub job_id: String,
     pub state: JobState,
     pub at: DateTime<Utc>,
@@ -180,6 +187,65 @@ pub struct LastResult {
     pub last_success_size_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_success_items: Option<u64>,
+}
+
+/// What one finished job says about one of its targets' last success.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetFigures {
+    pub target: String,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_success_size_bytes: Option<u64>,
+    pub last_success_items: Option<u64>,
+}
+
+/// The targets a job's result names; a job that names none has one unnamed target (`""`).
+pub fn targets_of(record: &JobRecord) -> Vec<String> {
+    let named: Vec<String> = TargetResult::all_in(&record.result)
+        .into_iter()
+        .map(|t| t.target)
+        .collect();
+    if named.is_empty() {
+        vec![String::new()]
+    } else {
+        named
+    }
+}
+
+/// The targets a finished job succeeded on, with what it stored: none for a skipped job or a
+/// failed one without per-target results; a job without targets counts as one unnamed target
+/// whose figures are the result's own `size_bytes` and `items`.
+pub fn target_figures(record: &JobRecord) -> Vec<TargetFigures> {
+    if record.skipped || !matches!(record.state, JobState::Succeeded | JobState::Failed) {
+        return Vec::new();
+    }
+    let targets = TargetResult::all_in(&record.result);
+    if targets.is_empty() {
+        if record.state != JobState::Succeeded {
+            return Vec::new();
+        }
+        let field = |name: &str| record.result.get(name).and_then(Value::as_u64);
+        return vec![TargetFigures {
+            target: String::new(),
+            last_success_at: Some(record.updated_at),
+            last_success_size_bytes: field("size_bytes"),
+            last_success_items: field("items"),
+        }];
+    }
+    targets
+        .into_iter()
+        .filter(|t| t.ok && !t.skipped)
+        .map(|t| TargetFigures {
+            target: t.target,
+            last_success_at: Some(record.updated_at),
+            last_success_size_bytes: t.size_bytes,
+            last_success_items: t.items,
+        })
+        .collect()
+}
+
+/// `last.<kind>.<target>`: the target's own last result.
+pub fn last_target_key(kind: JobKind, target: &str) -> String {
+    format!("last.{}.{}", kind.as_str(), TargetResult::state_key(target))
 }
 
 #[derive(Clone)]
@@ -205,30 +271,71 @@ impl Records {
         }
     }
 
-    /// Records a job's end for `status` (the newest result per kind).
+    /// Records a job's end for `status` (the newest result per kind) and for each of its
+    /// targets (what metrics export, and what the next run of that target compares with).
     pub async fn record_last_result(&self, record: &JobRecord, duration_seconds: Option<f64>) {
-        let key = format!("last.{}", record.kind.as_str());
+        let kind_success = (record.state == JobState::Succeeded && !record.skipped)
+            .then(|| TargetFigures {
+                target: String::new(),
+                last_success_at: Some(record.updated_at),
+                last_success_size_bytes: None,
+                last_success_items: None,
+            });
+        self.put_last(
+            &format!("last.{}", record.kind.as_str()),
+            None,
+            record,
+            duration_seconds,
+            kind_success,
+        )
+        .await;
+        let succeeded: Vec<TargetFigures> = target_figures(record);
+        for target in targets_of(record) {
+            let success = succeeded.iter().find(|f| f.target == target).cloned();
+            self.put_last(
+                &last_target_key(record.kind, &target),
+                Some(target),
+                record,
+                duration_seconds,
+                success,
+            )
+            .await;
+        }
+    }
+
+    /// Writes one last-result entry; what the last success was is carried over from the
+    /// previous entry unless this job is one.
+    async fn put_last(
+        &self,
+        key: &str,
+        target: Option<String>,
+        record: &JobRecord,
+        duration_seconds: Option<f64>,
+        success: Option<TargetFigures>,
+    ) {
         let previous: Option<LastResult> = self
             .state
-            .get(&key)
+            .get(key)
             .await
             .ok()
             .flatten()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let field = |name: &str| record.result.get(name).and_then(serde_json::Value::as_u64);
-        let (last_success_at, last_success_size_bytes, last_success_items) =
-            if record.state == JobState::Succeeded {
-                (Some(record.updated_at), field("size_bytes"), field("items"))
-            } else {
-                previous.map_or((None, None, None), |p| {
-                    (
-                        p.last_success_at,
-                        p.last_success_size_bytes,
-                        p.last_success_items,
-                    )
-                })
-            };
+        let (last_success_at, last_success_size_bytes, last_success_items) = match success {
+            Some(s) => (
+                s.last_success_at,
+                s.last_success_size_bytes,
+                s.last_success_items,
+            ),
+            None => previous.map_or((None, None, None), |p| {
+                (
+                    p.last_success_at,
+                    p.last_success_size_bytes,
+                    p.last_success_items,
+                )
+            }),
+        };
         let last = LastResult {
+            target,
             job_id: record.job_id.clone(),
             state: record.state,
             at: record.updated_at,
@@ -239,17 +346,42 @@ impl Records {
             last_success_items,
         };
         if let Ok(bytes) = serde_json::to_vec(&last)
-            && let Err(e) = self.state.put(&key, Bytes::from(bytes)).await
+            && let Err(e) = self.state.put(key, Bytes::from(bytes)).await
         {
             tracing::warn!(error = %e, "Last result not stored");
         }
     }
 
-    /// The newest result of every kind.
+    /// The newest result of every kind (for `status`).
     pub async fn last_results(&self) -> Vec<(JobKind, LastResult)> {
         let mut out = Vec::new();
         for kind in JobKind::ALL {
             let key = format!("last.{}", kind.as_str());
+            if let Ok(Some(bytes)) = self.state.get(&key).await
+                && let Ok(last) = serde_json::from_slice::<LastResult>(&bytes)
+            {
+                out.push((kind, last));
+            }
+        }
+        out
+    }
+
+    /// The newest result of every target of every kind (what metrics export).
+    pub async fn last_target_results(&self) -> Vec<(JobKind, LastResult)> {
+        let mut out = Vec::new();
+        let Ok(mut keys) = self.state.keys().await else {
+            return out;
+        };
+        while let Some(Ok(key)) = keys.next().await {
+            let Some((kind, _)) = key
+                .strip_prefix("last.")
+                .and_then(|rest| rest.split_once('.'))
+            else {
+                continue;
+            };
+            let Ok(kind) = kind.parse::<JobKind>() else {
+                continue;
+            };
             if let Ok(Some(bytes)) = self.state.get(&key).await
                 && let Ok(last) = serde_json::from_slice::<LastResult>(&bytes)
             {

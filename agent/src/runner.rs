@@ -334,10 +334,8 @@ impl Delivery {
         let handler = match self.app.registry.get(self.envelope.kind) {
             Ok(h) => h,
             Err(e) => {
+                // `finish` counts the failure: once.
                 let message = e.user_message(&record.trace_id);
-                self.app
-                    .metrics
-                    .job_ended(self.envelope.kind.as_str(), "failed");
                 return self.finish(JobState::Failed, message, None, None).await;
             }
         };
@@ -490,52 +488,34 @@ impl Delivery {
             }
         };
         let elapsed = started.elapsed();
-        let reason = self.job.reason();
         let kind_label = kind.as_str();
-
-        if reason == Some(CancelReason::LeaseLost) {
-            tracing::error!("Job lease lost while running; leaving the job to its new owner");
-            return Settle::Nothing;
-        }
-        if reason == Some(CancelReason::Shutdown) && result.is_err() {
-            let me = self.app.agent_id.clone();
-            let _ = self
-                .transition(|r| {
-                    r.message =
-                        format!("interrupted: {me} is shutting down; the job will be redelivered");
-                })
-                .await;
-            return Settle::Nak(None);
-        }
-        let (state, message, value) = match result {
-            Ok(Outcome::Succeeded { message, result }) => (JobState::Succeeded, message, result),
-            Ok(Outcome::AwaitingApproval { message, result }) => {
-                (JobState::AwaitingApproval, message, result)
+        let redactor = self.app.secrets.redactor().clone();
+        let ending = conclude(
+            result,
+            self.job.reason(),
+            record.attempts,
+            handler.retry_policy(),
+            timeout,
+            &record.trace_id,
+            &|text| redactor.redact(text),
+        );
+        let (state, message, value, skipped) = match ending {
+            Ending::Abandon => {
+                tracing::error!("Job lease lost while running; leaving the job to its new owner");
+                return Settle::Nothing;
             }
-            Err(_) if reason == Some(CancelReason::User) => {
-                let by = match self.app.records.get(self.job_id()).await {
-                    Ok(Some((r, _))) => r.cancel_requested_by.unwrap_or_else(|| "a user".into()),
-                    _ => "a user".into(),
-                };
-                (
-                    JobState::Cancelled,
-                    format!("cancelled by {by}"),
-                    serde_json::Value::Null,
-                )
+            Ending::Requeue => {
+                let me = self.app.agent_id.clone();
+                let _ = self
+                    .transition(|r| {
+                        r.message = format!(
+                            "interrupted: {me} is shutting down; the job will be redelivered"
+                        );
+                    })
+                    .await;
+                return Settle::Nak(None);
             }
-            Err(_) if reason == Some(CancelReason::Timeout) => (
-                JobState::Failed,
-                format!("timed out after {}", humantime::format_duration(timeout)),
-                serde_json::Value::Null,
-            ),
-            Err(e) if e.is_retryable() && record.attempts < handler.retry_policy().max_attempts => {
-                let delay = handler.retry_policy().backoff(record.attempts + 1);
-                let message = format!(
-                    "attempt {} failed: {}; retrying in {}",
-                    record.attempts,
-                    self.app.secrets.redactor().redact(&e.to_string()),
-                    humantime::format_duration(delay)
-                );
+            Ending::Retry { delay, message } => {
                 self.app.metrics.job_ended(kind_label, "retried");
                 let _ = self
                     .transition(|r| {
@@ -545,21 +525,29 @@ impl Delivery {
                     .await;
                 return Settle::Nak(Some(delay));
             }
-            Err(HandlerError::Cancelled) => (
-                JobState::Cancelled,
-                "cancelled".into(),
-                serde_json::Value::Null,
-            ),
-            Err(e) => {
-                if let HandlerError::Internal(detail) = &e {
-                    tracing::error!(error = %self.app.secrets.redactor().redact(detail), "Job failed with an internal error");
+            Ending::CancelledByUser => {
+                let by = match self.app.records.get(self.job_id()).await {
+                    Ok(Some((r, _))) => r.cancel_requested_by.unwrap_or_else(|| "a user".into()),
+                    _ => "a user".into(),
+                };
+                (
+                    JobState::Cancelled,
+                    format!("cancelled by {by}"),
+                    serde_json::Value::Null,
+                    false,
+                )
+            }
+            Ending::Finish {
+                state,
+                message,
+                result,
+                skipped,
+                internal,
+            } => {
+                if let Some(detail) = internal {
+                    tracing::error!(error = %detail, "Job failed with an internal error");
                 }
-                let message = self
-                    .app
-                    .secrets
-                    .redactor()
-                    .redact(&e.user_message(&record.trace_id));
-                (JobState::Failed, message, serde_json::Value::Null)
+                (state, message, result, skipped)
             }
         };
         self.app
@@ -569,17 +557,35 @@ impl Delivery {
                 kind: kind_label.to_string(),
             })
             .observe(elapsed.as_secs_f64());
-        self.finish(state, message, Some(value), Some(elapsed.as_secs_f64()))
-            .await
+        self.finish_with(
+            state,
+            message,
+            Some(value),
+            Some(elapsed.as_secs_f64()),
+            skipped,
+        )
+        .await
     }
 
-    /// Writes the job's end (retrying while the store is unreachable) and says how to settle.
     async fn finish(
         &self,
         state: JobState,
         message: String,
         result: Option<serde_json::Value>,
         duration: Option<f64>,
+    ) -> Settle {
+        self.finish_with(state, message, result, duration, false)
+            .await
+    }
+
+    /// Writes the job's end (retrying while the store is unreachable) and says how to settle.
+    async fn finish_with(
+        &self,
+        state: JobState,
+        message: String,
+        result: Option<serde_json::Value>,
+        duration: Option<f64>,
+        skipped: bool,
     ) -> Settle {
         let message = self.app.secrets.redactor().redact(&message);
         let mut backoff = Duration::from_millis(200);
@@ -589,6 +595,7 @@ impl Delivery {
                     r.state = state;
                     r.message = message.clone();
                     r.finished_at = Some(Utc::now());
+                    r.skipped = skipped;
                     if let Some(v) = &result {
                         r.result = v.clone();
                     }
@@ -597,18 +604,19 @@ impl Delivery {
             match written {
                 Ok(record) => {
                     tracing::info!(state = record.state.as_str(), message = %record.message, "Job ended");
-                    self.app
-                        .metrics
-                        .job_ended(record.kind.as_str(), record.state.as_str());
-                    if record.state == JobState::Succeeded {
-                        let field = |name: &str| {
-                            record.result.get(name).and_then(serde_json::Value::as_u64)
-                        };
+                    let outcome = if record.skipped {
+                        "skipped"
+                    } else {
+                        record.state.as_str()
+                    };
+                    self.app.metrics.job_ended(record.kind.as_str(), outcome);
+                    for figures in crate::records::target_figures(&record) {
                         self.app.metrics.last_success_of(
                             record.kind.as_str(),
-                            Some(record.updated_at),
-                            field("size_bytes"),
-                            field("items"),
+                            &figures.target,
+                            figures.last_success_at,
+                            figures.last_success_size_bytes,
+                            figures.last_success_items,
                         );
                     }
                     if let (Some(drift), Some(env)) = (
@@ -689,6 +697,103 @@ impl Delivery {
             .await?
             .map(|(r, _)| r)
             .ok_or_else(|| RecordError::NotFound(self.job_id().to_string()))
+    }
+}
+
+/// How one attempt of a job ends.
+#[derive(Debug, Clone, PartialEq)]
+enum Ending {
+    /// Record this end and acknowledge the message.
+    Finish {
+        state: JobState,
+        message: String,
+        result: serde_json::Value,
+        skipped: bool,
+        /// An internal error's detail, for the log only (already redacted).
+        internal: Option<String>,
+    },
+    /// `cancel <id>`: ends `cancelled`, naming who asked.
+    CancelledByUser,
+    /// Worth another attempt after `delay`.
+    Retry { delay: Duration, message: String },
+    /// Another agent owns the job now: touch nothing.
+    Abandon,
+    /// This agent is stopping: give the job back for redelivery.
+    Requeue,
+}
+
+/// Decides how an attempt ends from what happened alone: the handler's result, why its token
+/// was cancelled, how many attempts were made and the kind's retry policy. Pure, so every
+/// combination is tested in a table; the runner only carries the decision out.
+fn conclude(
+    result: Result<Outcome, HandlerError>,
+    reason: Option<CancelReason>,
+    attempts: u32,
+    policy: infraflux_handlers::RetryPolicy,
+    timeout: Duration,
+    trace_id: &str,
+    redact: &dyn Fn(&str) -> String,
+) -> Ending {
+    let finish = |state, message: String, result, skipped| Ending::Finish {
+        state,
+        message,
+        result,
+        skipped,
+        internal: None,
+    };
+    if reason == Some(CancelReason::LeaseLost) {
+        return Ending::Abandon;
+    }
+    if reason == Some(CancelReason::Shutdown) && result.is_err() {
+        return Ending::Requeue;
+    }
+    match result {
+        Ok(Outcome::Succeeded { message, result }) => {
+            finish(JobState::Succeeded, message, result, false)
+        }
+        Ok(Outcome::AwaitingApproval { message, result }) => {
+            finish(JobState::AwaitingApproval, message, result, false)
+        }
+        Ok(Outcome::Skipped { message, result }) => {
+            finish(JobState::Succeeded, message, result, true)
+        }
+        Ok(Outcome::Failed { message, result }) => {
+            finish(JobState::Failed, redact(&message), result, false)
+        }
+        Err(_) if reason == Some(CancelReason::User) => Ending::CancelledByUser,
+        Err(_) if reason == Some(CancelReason::Timeout) => finish(
+            JobState::Failed,
+            format!("timed out after {}", humantime::format_duration(timeout)),
+            serde_json::Value::Null,
+            false,
+        ),
+        Err(e) if e.is_retryable() && attempts < policy.max_attempts => {
+            let delay = policy.backoff(attempts + 1);
+            Ending::Retry {
+                delay,
+                message: format!(
+                    "attempt {attempts} failed: {}; retrying in {}",
+                    redact(&e.to_string()),
+                    humantime::format_duration(delay)
+                ),
+            }
+        }
+        Err(HandlerError::Cancelled) => finish(
+            JobState::Cancelled,
+            "cancelled".into(),
+            serde_json::Value::Null,
+            false,
+        ),
+        Err(e) => Ending::Finish {
+            state: JobState::Failed,
+            message: redact(&e.user_message(trace_id)),
+            result: serde_json::Value::Null,
+            skipped: false,
+            internal: match &e {
+                HandlerError::Internal(detail) => Some(redact(detail)),
+                _ => None,
+            },
+        },
     }
 }
 
@@ -790,6 +895,114 @@ impl Progress for RecordProgress {
             .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "Commit not recorded");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infraflux_handlers::RetryPolicy;
+    use serde_json::json;
+
+    fn decide(
+        result: Result<Outcome, HandlerError>,
+        reason: Option<CancelReason>,
+        attempts: u32,
+    ) -> Ending {
+        let policy = RetryPolicy::exponential(3, Duration::from_secs(2), Duration::from_secs(60));
+        conclude(
+            result,
+            reason,
+            attempts,
+            policy,
+            Duration::from_secs(90),
+            "trace-1",
+            &|t: &str| t.replace("hunter2", "[redacted]"),
+        )
+    }
+
+    fn finished(state: JobState, message: &str, skipped: bool) -> Ending {
+        Ending::Finish {
+            state,
+            message: message.into(),
+            result: serde_json::Value::Null,
+            skipped,
+            internal: None,
+        }
+    }
+
+    #[test]
+    fn how_an_attempt_ends() {
+        use CancelReason::*;
+        let ok = || Ok(Outcome::succeeded("done"));
+        let retryable = || Err(HandlerError::Retryable("busy with hunter2".into()));
+        let failed = || Err(HandlerError::Failed("bad".into()));
+        let cases: Vec<(&str, Ending, Ending)> = vec![
+            ("success", decide(ok(), None, 1), finished(JobState::Succeeded, "done", false)),
+            (
+                "a success that raced a shutdown still counts",
+                decide(ok(), Some(Shutdown), 1),
+                finished(JobState::Succeeded, "done", false),
+            ),
+            (
+                "skipped is no failure, and marked",
+                decide(
+                    Ok(Outcome::Skipped { message: "newer".into(), result: json!(null) }),
+                    None,
+                    1,
+                ),
+                finished(JobState::Succeeded, "newer", true),
+            ),
+            (
+                "a failed outcome keeps its result",
+                decide(
+                    Ok(Outcome::Failed { message: "media: hunter2".into(), result: json!(null) }),
+                    None,
+                    1,
+                ),
+                finished(JobState::Failed, "media: [redacted]", false),
+            ),
+            ("lease lost wins over anything", decide(ok(), Some(LeaseLost), 1), Ending::Abandon),
+            ("stopping requeues an error", decide(failed(), Some(Shutdown), 1), Ending::Requeue),
+            ("user cancel", decide(failed(), Some(User), 1), Ending::CancelledByUser),
+            (
+                "timeout",
+                decide(failed(), Some(Timeout), 1),
+                finished(JobState::Failed, "timed out after 1m 30s", false),
+            ),
+            (
+                "retryable within the policy",
+                decide(retryable(), None, 1),
+                Ending::Retry {
+                    delay: Duration::from_secs(2),
+                    message: "attempt 1 failed: busy with [redacted]; retrying in 2s".into(),
+                },
+            ),
+            (
+                "retryable on the last attempt fails",
+                decide(retryable(), None, 3),
+                finished(JobState::Failed, "busy with [redacted]", false),
+            ),
+            (
+                "a handler's own cancel",
+                decide(Err(HandlerError::Cancelled), None, 1),
+                finished(JobState::Cancelled, "cancelled", false),
+            ),
+            (
+                "internal detail goes to the log only",
+                decide(Err(HandlerError::Internal("hunter2 at 10.0.0.5".into())), None, 1),
+                Ending::Finish {
+                    state: JobState::Failed,
+                    message: "internal error; see the agent's logs for trace trace-1".into(),
+                    result: serde_json::Value::Null,
+                    skipped: false,
+                    internal: Some("[redacted] at 10.0.0.5".into()),
+                },
+            ),
+        ];
+        for (name, got, want) in cases {
+            assert_eq!(got, want, "{name}");
         }
     }
 }

@@ -17,7 +17,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use crate::handler::{Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy};
+use crate::handler::{
+    Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy, TargetResult,
+};
 use crate::job::JobEnvelope;
 use crate::kind::JobKind;
 use crate::registry::Services;
@@ -75,7 +77,26 @@ fn default_timeout() -> HumanDuration {
 }
 
 const POLL: Duration = Duration::from_secs(2);
-const LAST_ITEMS_KEY: &str = "backup.last-items";
+/// Where the item count of the last good backup of a target is kept.
+fn last_items_key(target: &str) -> String {
+    format!("backup.last-items.{}", TargetResult::state_key(target))
+}
+
+/// A backup's target: its namespaces, sorted, or `all`.
+pub fn target_of(namespaces: &[Value]) -> String {
+    let mut names: Vec<&str> = namespaces
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|n| *n != "*")
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        "all".into()
+    } else {
+        names.join(",")
+    }
+}
 
 fn velero(client: kube::Client, namespace: &str, kind: &str, plural: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("velero.io", "v1", kind);
@@ -160,8 +181,16 @@ impl BackupHandler {
         Ok(())
     }
 
-    async fn previous_items(&self, ctx: &JobContext) -> Option<u64> {
-        let bytes = ctx.store.state.get(LAST_ITEMS_KEY).await.ok().flatten()?;
+    /// The item count of the previous good backup of the same namespaces: a backup of one
+    /// small namespace is not compared with a full one.
+    async fn previous_items(&self, ctx: &JobContext, target: &str) -> Option<u64> {
+        let bytes = ctx
+            .store
+            .state
+            .get(last_items_key(target))
+            .await
+            .ok()
+            .flatten()?;
         String::from_utf8_lossy(&bytes).parse().ok()
     }
 }
@@ -321,7 +350,8 @@ impl Handler for BackupHandler {
                 "Velero backup {name} is empty: 0 items backed up"
             )));
         }
-        if let Some(previous) = self.previous_items(ctx).await
+        let target = target_of(&namespaces);
+        if let Some(previous) = self.previous_items(ctx, &target).await
             && (items as f64) < previous as f64 * cfg.min_items_ratio
         {
             return Err(HandlerError::Failed(format!(
@@ -332,7 +362,7 @@ impl Handler for BackupHandler {
         if let Err(e) = ctx
             .store
             .state
-            .put(LAST_ITEMS_KEY, Bytes::from(items.to_string()))
+            .put(last_items_key(&target), Bytes::from(items.to_string()))
             .await
         {
             tracing::warn!(error = %e, "Backup size not recorded for the next comparison");
@@ -342,9 +372,13 @@ impl Handler for BackupHandler {
         } else {
             ""
         };
+        let figures = TargetResult {
+            items: Some(items),
+            ..TargetResult::ok(target)
+        };
         Ok(Outcome::Succeeded {
             message: format!("Velero backup {name} {phase}{warned}: {counts}"),
-            result,
+            result: TargetResult::put_into(&[figures], result),
         })
     }
 }

@@ -172,7 +172,7 @@ pub struct JobContext {
     pub kill_grace: Duration,
 }
 
-/// How a job ended well.
+/// How a job ended without an error.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Succeeded {
@@ -184,6 +184,18 @@ pub enum Outcome {
         message: String,
         result: Value,
     },
+    /// Nothing was done because nothing needed doing (a newer success of the same target
+    /// exists). The job does not fail, but it is no success either: no "last success" moves.
+    Skipped {
+        message: String,
+        result: Value,
+    },
+    /// The job ran to its end and found a target bad (a drill that did not restore): it
+    /// fails, and its result still carries every target's figures.
+    Failed {
+        message: String,
+        result: Value,
+    },
 }
 
 impl Outcome {
@@ -192,6 +204,79 @@ impl Outcome {
             message: message.into(),
             result: Value::Null,
         }
+    }
+
+    pub fn result(&self) -> &Value {
+        match self {
+            Outcome::Succeeded { result, .. }
+            | Outcome::AwaitingApproval { result, .. }
+            | Outcome::Skipped { result, .. }
+            | Outcome::Failed { result, .. } => result,
+        }
+    }
+}
+
+/// What a job did to one target: a namespace set, a cluster, a node. A job's `result` lists
+/// them under `targets`; "last success", last size and items, and the comparisons with the
+/// previous run are kept per kind and target. A target name comes from config or from validated
+/// command words, so metric labels stay bounded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetResult {
+    pub target: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<u64>,
+    /// The kind's own fields (a drill's RTO, a snapshot's object key).
+    #[serde(flatten)]
+    pub details: serde_json::Map<String, Value>,
+}
+
+impl TargetResult {
+    pub fn ok(target: impl Into<String>) -> Self {
+        Self {
+            target: target.into(),
+            ok: true,
+            skipped: false,
+            size_bytes: None,
+            items: None,
+            details: serde_json::Map::new(),
+        }
+    }
+
+    /// The targets a job's `result` lists; none when it lists none or an unreadable one.
+    pub fn all_in(result: &Value) -> Vec<TargetResult> {
+        result
+            .get("targets")
+            .cloned()
+            .and_then(|t| serde_json::from_value(t).ok())
+            .unwrap_or_default()
+    }
+
+    /// `result` with `targets` set to these.
+    pub fn put_into(targets: &[TargetResult], mut result: Value) -> Value {
+        if !result.is_object() {
+            result = Value::Object(serde_json::Map::new());
+        }
+        if let (Some(map), Ok(list)) = (result.as_object_mut(), serde_json::to_value(targets)) {
+            map.insert("targets".into(), list);
+        }
+        result
+    }
+
+    /// A key for per-target state: KV keys take no commas or stars.
+    pub fn state_key(target: &str) -> String {
+        let key: String = target
+            .chars()
+            .map(|c| match c {
+                'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' => c,
+                _ => '_',
+            })
+            .collect();
+        if key.is_empty() { "_".into() } else { key }
     }
 }
 
@@ -284,6 +369,7 @@ pub trait Handler: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn backoff_doubles_and_caps() {
@@ -293,6 +379,26 @@ mod tests {
         assert_eq!(p.backoff(4), Duration::from_secs(8));
         assert_eq!(p.backoff(5), Duration::from_secs(10));
         assert_eq!(p.backoff(60), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn targets_round_trip_through_a_result_with_the_kinds_own_fields() {
+        let mut home = TargetResult::ok("home");
+        home.items = Some(12);
+        home.details.insert("rto_seconds".into(), json!(252));
+        let failed = TargetResult {
+            ok: false,
+            ..TargetResult::ok("media")
+        };
+        let result = TargetResult::put_into(&[home.clone(), failed.clone()], json!({"x": 1}));
+        assert_eq!(result["x"], 1);
+        assert_eq!(result["targets"][0]["rto_seconds"], 252);
+        assert_eq!(result["targets"][1]["ok"], false);
+        assert_eq!(TargetResult::all_in(&result), vec![home, failed]);
+        assert!(TargetResult::all_in(&json!({"targets": "nope"})).is_empty());
+        assert!(TargetResult::all_in(&Value::Null).is_empty());
+        assert_eq!(TargetResult::state_key("home,media"), "home_media");
+        assert_eq!(TargetResult::state_key(""), "_");
     }
 
     #[test]

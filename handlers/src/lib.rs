@@ -29,7 +29,7 @@ pub mod upgrade;
 
 pub use handler::{
     Admission, Handler, HandlerError, HandlerStore, Interruption, JobBook, JobContext, JobView,
-    LockMode, LockRequest, Outcome, Progress, RetryPolicy,
+    LockMode, LockRequest, Outcome, Progress, RetryPolicy, TargetResult,
 };
 pub use job::{JobEnvelope, Source, new_job_id};
 pub use kind::JobKind;

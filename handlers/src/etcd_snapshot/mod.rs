@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::clients::{S3Config, TalosConfig};
-use crate::handler::{Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy};
+use crate::handler::{
+    Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy, TargetResult,
+};
 use crate::job::JobEnvelope;
 use crate::kind::JobKind;
 use crate::registry::Services;
@@ -503,7 +505,10 @@ impl Handler for EtcdSnapshotHandler {
                 },
                 prune_note
             ),
-            result: json!({
+            result: TargetResult::put_into(&[TargetResult {
+                size_bytes: Some(manifest.size_bytes),
+                ..TargetResult::ok(self.services.cluster.clone())
+            }], json!({
                 "bucket": self.config.bucket,
                 "object": manifest.key,
                 "node": manifest.node,
@@ -514,7 +519,7 @@ impl Handler for EtcdSnapshotHandler {
                 "db_sha256": manifest.db_sha256,
                 "pruned": pruned,
                 "duration_seconds": started.elapsed().as_secs_f64(),
-            }),
+            })),
         })
     }
 }

@@ -190,12 +190,14 @@ async fn an_etcd_snapshot_is_streamed_verified_encrypted_stored_and_restores_wit
     assert_eq!(lab.s3.pending_uploads("etcd").await, 0);
     let metrics = metrics_text(&lab.agent.http).await;
     assert!(
-        metrics.contains("infraflux_last_success_timestamp_seconds{kind=\"etcd-snapshot\"}"),
+        metrics.contains(
+            "infraflux_last_success_timestamp_seconds{kind=\"etcd-snapshot\",target=\"lab\"}"
+        ),
         "{metrics}"
     );
     assert!(
         metrics.contains(&format!(
-            "infraflux_last_size_bytes{{kind=\"etcd-snapshot\"}} {}",
+            "infraflux_last_size_bytes{{kind=\"etcd-snapshot\",target=\"lab\"}} {}",
             original.len()
         )),
         "{metrics}"
@@ -205,7 +207,7 @@ async fn an_etcd_snapshot_is_streamed_verified_encrypted_stored_and_restores_wit
     // An agent that did not run the job exports the same, from the shared last result.
     let observer = start_agent(&lab._nats, "observer", "", |_| {}).await;
     let expected = format!(
-        "infraflux_last_size_bytes{{kind=\"etcd-snapshot\"}} {}",
+        "infraflux_last_size_bytes{{kind=\"etcd-snapshot\",target=\"lab\"}} {}",
         original.len()
     );
     wait_for(
@@ -599,6 +601,32 @@ async fn partially_failed_may_count_as_a_warning_and_empty_or_shrunken_backups_f
             .contains("less than 50% of the previous backup's 100"),
         "{shrunk}"
     );
+
+    // A backup of one small namespace is compared with the last backup of that namespace, not
+    // with the full one.
+    let small = lab.backup("backup ns=small").await;
+    assert_eq!(small["state"], "succeeded", "{small}");
+    assert_eq!(small["result"]["targets"][0]["target"], "small", "{small}");
+    assert_eq!(small["result"]["targets"][0]["items"], 30, "{small}");
+    lab.kube.set_backup_outcome(
+        json!({"phase": "Completed", "progress": {"itemsBackedUp": 10, "totalItems": 10}}),
+    );
+    let small_shrunk = lab.backup("backup ns=small").await;
+    assert_eq!(small_shrunk["state"], "failed", "{small_shrunk}");
+    assert!(
+        small_shrunk["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("less than 50% of the previous backup's 30"),
+        "{small_shrunk}"
+    );
+    let metrics = metrics_text(&lab.agent.http).await;
+    for line in [
+        r#"infraflux_last_items{kind="backup",target="all"} 100"#,
+        r#"infraflux_last_items{kind="backup",target="small"} 30"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 
     lab.kube.set_backup_outcome(
         json!({"phase": "Completed", "progress": {"itemsBackedUp": 0, "totalItems": 0}}),

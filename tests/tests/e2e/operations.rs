@@ -249,9 +249,9 @@ async fn metrics_after_jobs_are_valid_exposition_with_the_expected_counts() {
     );
     assert_eq!(get("infraflux_nats_connected"), 1.0);
     assert_eq!(get("infraflux_jobs_running"), 0.0);
-    assert!(get(r#"infraflux_last_success_timestamp_seconds{kind="backup"}"#) > 1.7e9);
+    assert!(get(r#"infraflux_last_success_timestamp_seconds{kind="backup",target=""}"#) > 1.7e9);
     assert!(
-        !s.contains_key(r#"infraflux_last_success_timestamp_seconds{kind="acceptance"}"#),
+        !s.contains_key(r#"infraflux_last_success_timestamp_seconds{kind="acceptance",target=""}"#),
         "a kind that never succeeded has no last success"
     );
     // Prometheus asks for OpenMetrics and gets it.

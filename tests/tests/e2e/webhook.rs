@@ -293,6 +293,14 @@ async fn a_push_for_an_unconfigured_handler_still_becomes_a_visible_failed_job()
             .contains("[reconcile]"),
         "{done}"
     );
+    // Counted once, as failed.
+    let metrics = metrics_text(&agent.http).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"infraflux_jobs_total{kind="reconcile",outcome="failed"} 1"#),
+        "{metrics}"
+    );
     agent.stop().await;
 }
 
