@@ -53,6 +53,27 @@ pub struct Holder {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct LockEntry {
     holders: Vec<Holder>,
+    /// Writers waiting for the readers to leave. While one waits, no new reader comes in, so a
+    /// stream of overlapping readers cannot starve a writer. A waiter renews its place each
+    /// time it tries again; a writer that gave up or died drops out when its place expires.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    waiting: Vec<Holder>,
+}
+
+/// Who stands in the way of `owner` taking `mode` on a resource with `entry`, at `now`: a
+/// writer blocks everyone, a reader blocks writers, and a writer waiting for readers blocks
+/// new readers. Expired holders and waiters block nobody.
+fn conflict<'a>(entry: &'a LockEntry, mode: LockMode, owner: &str, now: DateTime<Utc>) -> Option<&'a Holder> {
+    let live = |h: &&Holder| h.owner != owner && h.expires_at > now;
+    entry
+        .holders
+        .iter()
+        .filter(live)
+        .find(|h| mode == LockMode::Write || h.mode == LockMode::Write)
+        .or_else(|| match mode {
+            LockMode::Read => entry.waiting.iter().find(live),
+            LockMode::Write => None,
+        })
 }
 
 /// A held lock as `status` shows it.
@@ -127,10 +148,31 @@ impl LockManager {
         Ok(Acquire::Acquired)
     }
 
+    /// Takes one lock; a writer that finds readers takes a place in the line (see
+    /// [`LockEntry::waiting`]) and is told `Busy`.
     pub async fn try_acquire(
         &self,
         request: &LockRequest,
         owner: &Owner,
+    ) -> Result<Acquire, LockError> {
+        self.acquire(request, owner, true).await
+    }
+
+    /// Takes a job's lease, or says who holds it; nobody lines up for a lease (a redelivery
+    /// finding it held is put back to the queue instead).
+    pub async fn try_lease(
+        &self,
+        request: &LockRequest,
+        owner: &Owner,
+    ) -> Result<Acquire, LockError> {
+        self.acquire(request, owner, false).await
+    }
+
+    async fn acquire(
+        &self,
+        request: &LockRequest,
+        owner: &Owner,
+        line_up: bool,
     ) -> Result<Acquire, LockError> {
         let key = resource_key(&request.resource)?;
         loop {
@@ -139,25 +181,32 @@ impl LockManager {
             entry
                 .holders
                 .retain(|h| h.expires_at > now || h.owner == owner.token);
-            let conflict = entry.holders.iter().find(|h| {
-                h.owner != owner.token
-                    && (request.mode == LockMode::Write || h.mode == LockMode::Write)
-            });
-            if let Some(holder) = conflict {
-                return Ok(Acquire::Busy {
-                    resource: request.resource.clone(),
-                    holder: holder.clone(),
-                });
-            }
-            entry.holders.retain(|h| h.owner != owner.token);
-            entry.holders.push(Holder {
+            entry.waiting.retain(|h| h.expires_at > now);
+            let me = Holder {
                 owner: owner.token.clone(),
                 job_id: owner.job_id.clone(),
                 agent: self.agent_id.clone(),
                 mode: request.mode,
                 acquired_at: now,
                 expires_at: now + chrono::Duration::from_std(self.ttl).unwrap_or_default(),
-            });
+            };
+            if let Some(holder) = conflict(&entry, request.mode, &owner.token, now).cloned() {
+                if line_up && request.mode == LockMode::Write {
+                    // Take (or keep) a place in the line, so that no new reader comes in.
+                    entry.waiting.retain(|h| h.owner != owner.token);
+                    entry.waiting.push(me);
+                    if !self.write(&key, &entry, revision).await? {
+                        continue;
+                    }
+                }
+                return Ok(Acquire::Busy {
+                    resource: request.resource.clone(),
+                    holder,
+                });
+            }
+            entry.holders.retain(|h| h.owner != owner.token);
+            entry.waiting.retain(|h| h.owner != owner.token);
+            entry.holders.push(me);
             if self.write(&key, &entry, revision).await? {
                 return Ok(Acquire::Acquired);
             }
@@ -209,7 +258,7 @@ impl LockManager {
         let mut lost_races = 0;
         loop {
             let (mut entry, revision) = self.read(&key).await?;
-            let before = entry.holders.len();
+            let before = entry.holders.len() + entry.waiting.len();
             if before == 0 {
                 return Ok(());
             }
@@ -217,7 +266,10 @@ impl LockManager {
             entry
                 .holders
                 .retain(|h| h.owner != owner_token && h.expires_at > now);
-            if entry.holders.is_empty() {
+            entry
+                .waiting
+                .retain(|h| h.owner != owner_token && h.expires_at > now);
+            if entry.holders.is_empty() && entry.waiting.is_empty() {
                 // Nobody holds it any more: remove the key, so finished jobs leave no entry
                 // behind for every agent's status cache to replay. Compare-and-set, like a
                 // write: a holder that came in meanwhile keeps its entry.
@@ -234,7 +286,7 @@ impl LockManager {
                     }
                 }
             }
-            if entry.holders.len() == before {
+            if entry.holders.len() + entry.waiting.len() == before {
                 return Ok(());
             }
             if self.write(&key, &entry, revision).await? {
@@ -337,6 +389,67 @@ pub fn job_lease(job_id: &str) -> LockRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn holder(owner: &str, mode: LockMode, expires_in: i64) -> Holder {
+        let now = Utc::now();
+        Holder {
+            owner: owner.into(),
+            job_id: format!("job-{owner}"),
+            agent: "a".into(),
+            mode,
+            acquired_at: now,
+            expires_at: now + chrono::Duration::seconds(expires_in),
+        }
+    }
+
+    #[test]
+    fn who_stands_in_the_way() {
+        use LockMode::{Read, Write};
+        let now = Utc::now();
+        let entry = |holders: Vec<Holder>, waiting: Vec<Holder>| LockEntry { holders, waiting };
+        // (what is there, who asks, for what, who blocks them)
+        let cases = [
+            ("free", entry(vec![], vec![]), "me", Read, None),
+            ("readers share", entry(vec![holder("r1", Read, 30)], vec![]), "me", Read, None),
+            ("a reader blocks a writer", entry(vec![holder("r1", Read, 30)], vec![]), "me", Write, Some("r1")),
+            ("a writer blocks a reader", entry(vec![holder("w1", Write, 30)], vec![]), "me", Read, Some("w1")),
+            ("a writer blocks a writer", entry(vec![holder("w1", Write, 30)], vec![]), "me", Write, Some("w1")),
+            ("my own hold is no conflict", entry(vec![holder("me", Write, 30)], vec![]), "me", Write, None),
+            ("an expired holder blocks nobody", entry(vec![holder("w1", Write, -1)], vec![]), "me", Write, None),
+            (
+                "a waiting writer keeps new readers out",
+                entry(vec![holder("r1", Read, 30)], vec![holder("w1", Write, 30)]),
+                "me",
+                Read,
+                Some("w1"),
+            ),
+            (
+                "a waiting writer does not block the next writer's check against holders",
+                entry(vec![], vec![holder("w1", Write, 30)]),
+                "me",
+                Write,
+                None,
+            ),
+            (
+                "a waiter that gave up blocks nobody",
+                entry(vec![holder("r1", Read, 30)], vec![holder("w1", Write, -1)]),
+                "me",
+                Read,
+                None,
+            ),
+            (
+                "my own waiting place does not block me",
+                entry(vec![], vec![holder("me", Write, 30)]),
+                "me",
+                Write,
+                None,
+            ),
+        ];
+        for (name, entry, who, mode, expected) in cases {
+            let got = conflict(&entry, mode, who, now).map(|h| h.owner.as_str());
+            assert_eq!(got, expected, "{name}");
+        }
+    }
 
     #[test]
     fn resource_names_map_to_keys_and_back() {

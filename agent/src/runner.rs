@@ -187,7 +187,7 @@ impl Delivery {
 
     async fn run(self) {
         let lease = locks::job_lease(self.job_id());
-        match self.app.locks.try_acquire(&lease, &self.owner).await {
+        match self.app.locks.try_lease(&lease, &self.owner).await {
             Ok(Acquire::Acquired) => {}
             Ok(Acquire::Busy { holder, .. }) => {
                 tracing::info!(agent = %holder.agent, "Job is still leased by another attempt; delivery deferred");

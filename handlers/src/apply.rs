@@ -140,8 +140,13 @@ impl Handler for ApplyHandler {
         JobKind::Apply
     }
 
+    /// The state lock, and a read lock on the cluster: an apply changes what runs on it, so a
+    /// rolling upgrade (which writes the cluster lock) and an apply never overlap.
     fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {
-        vec![self.reconciler.lock()]
+        vec![
+            self.reconciler.lock(),
+            LockRequest::read(format!("cluster:{}", self.reconciler.services.cluster)),
+        ]
     }
 
     fn timeout(&self) -> Duration {

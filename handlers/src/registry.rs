@@ -241,6 +241,15 @@ mod tests {
                 "{kind}"
             );
         }
+        // An apply writes the state and reads the cluster, so an upgrade excludes it.
+        let locks = registry.get(JobKind::Apply).expect("enabled").locks(&job);
+        assert_eq!(
+            locks,
+            vec![
+                crate::LockRequest::write("terraform:prod"),
+                crate::LockRequest::read("cluster:lab")
+            ]
+        );
     }
 
     #[test]

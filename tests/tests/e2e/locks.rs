@@ -160,3 +160,42 @@ async fn a_panicking_handler_fails_its_job_releases_its_locks_and_the_agent_goes
     .await;
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_writer_is_not_starved_by_readers_that_keep_coming() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let l = log.clone();
+    let agent = start_agent(&nats, "fair-a", "[backup]\n[upgrade]\n", move |r| {
+        r.register(Arc::new(
+            TestHandler::new(JobKind::Backup, Behaviour::Sleep(Duration::from_secs(2)), l.clone())
+                .with_locks(vec![LockRequest::read("cluster:lab")]),
+        ));
+        r.register(Arc::new(
+            TestHandler::new(JobKind::Upgrade, Behaviour::Sleep(Duration::from_millis(500)), l)
+                .with_locks(vec![LockRequest::write("cluster:lab")]),
+        ));
+    })
+    .await;
+    let client = nats.client().await;
+    let first_reader = submit(&client, "backup ns=a").await;
+    wait_state(&client, &first_reader, "running").await;
+    let writer = submit(&client, "upgrade talos v1.13.0").await;
+    wait_state(&client, &writer, "waiting").await;
+    // A reader that comes while the writer waits would share the lock with the first reader;
+    // it must wait for the writer instead.
+    let late_reader = submit(&client, "backup ns=b").await;
+    for job in [&first_reader, &writer, &late_reader] {
+        let done = wait_settled(&client, job, Duration::from_secs(30)).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+    let (w, late) = (&log.runs_of(&writer)[0], &log.runs_of(&late_reader)[0]);
+    assert!(
+        late.started >= w.ended.expect("writer ended"),
+        "the late reader started before the waiting writer ran"
+    );
+    let first = &log.runs_of(&first_reader)[0];
+    assert!(w.started >= first.ended.expect("first reader ended"));
+    agent.stop().await;
+}
