@@ -213,6 +213,7 @@ async fn run(
     // Spawned after READY so systemd hears READY first.
     background.spawn(watchdog(app.clone(), housekeeping_stop.clone()));
 
+    runner::remove_stale_job_dirs(&app.config.agent.state_dir);
     runner::run(app.clone(), shutdown.clone()).await;
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

@@ -151,6 +151,14 @@ impl App {
         std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
     }
 
+    /// How handlers see other jobs.
+    pub(crate) fn job_book(&self) -> crate::job_book::Book {
+        crate::job_book::Book {
+            records: self.records.clone(),
+            ingest: self.ingest.clone(),
+        }
+    }
+
     /// The storage handlers may use.
     pub fn handler_store(&self) -> infraflux_handlers::HandlerStore {
         infraflux_handlers::HandlerStore {

@@ -245,10 +245,11 @@ async fn submit(
     let job_id = new_job_id();
     // The kind's own checks (an apply's plan must be current): a refusal is a rejected command.
     let store = app.handler_store();
+    let book = app.job_book();
     let admission = infraflux_handlers::Admission {
         job_id: &job_id,
         requested_by: &requested_by,
-        jobs: &app.records,
+        jobs: &book,
         store: &store,
     };
     if let Err(reason) = handler.admit(&admission, &mut params).await {
@@ -302,9 +303,11 @@ async fn cancel(app: &Arc<App>, id: &str, by: &str) -> Reply {
                 return Change::Keep;
             }
             r.cancel_requested_by = Some(by.clone());
-            // Nobody holds a queued or approval-pending job: end it here. Waiting and running
-            // jobs are ended by the agent that holds them, once their handler has stopped.
-            if matches!(r.state, JobState::Queued | JobState::AwaitingApproval) {
+            // Nobody holds a queued, approval-pending or deferred job (one waiting for a time,
+            // not a lock): end it here. Jobs waiting for locks and running jobs are ended by
+            // the agent that holds them, once their handler has stopped.
+            let deferred = r.state == JobState::Waiting && r.not_before.is_some();
+            if deferred || matches!(r.state, JobState::Queued | JobState::AwaitingApproval) {
                 r.state = JobState::Cancelled;
                 r.message = format!("cancelled by {by}");
                 r.finished_at = Some(Utc::now());
@@ -318,6 +321,9 @@ async fn cancel(app: &Arc<App>, id: &str, by: &str) -> Reply {
         Ok(r) => r,
         Err(e) => return Reply::Err(e.to_string()),
     };
+    if record.state.is_terminal() && before.not_before.is_some() {
+        let _ = app.records.forget_deferral(id).await;
+    }
     if !record.state.is_terminal() {
         let notice = json!({"job_id": id, "by": by});
         if let Err(e) = app
@@ -450,6 +456,12 @@ async fn status(app: &Arc<App>) -> Reply {
                 l.holder.expires_at.format("%H:%M:%S")
             ));
         }
+    }
+    for d in &snapshot.deferred {
+        text.push(format!(
+            "deferred: {} job {}: {}",
+            d.kind, d.job_id, d.message
+        ));
     }
     if last.is_empty() {
         text.push("last results: none yet".into());

@@ -14,6 +14,7 @@ pub mod ctl;
 pub mod github;
 pub mod http;
 pub mod ingest;
+mod job_book;
 pub mod locks;
 pub mod metrics;
 pub mod poller;

@@ -63,7 +63,12 @@ struct LockEntry {
 /// Who stands in the way of `owner` taking `mode` on a resource with `entry`, at `now`: a
 /// writer blocks everyone, a reader blocks writers, and a writer waiting for readers blocks
 /// new readers. Expired holders and waiters block nobody.
-fn conflict<'a>(entry: &'a LockEntry, mode: LockMode, owner: &str, now: DateTime<Utc>) -> Option<&'a Holder> {
+fn conflict<'a>(
+    entry: &'a LockEntry,
+    mode: LockMode,
+    owner: &str,
+    now: DateTime<Utc>,
+) -> Option<&'a Holder> {
     let live = |h: &&Holder| h.owner != owner && h.expires_at > now;
     entry
         .holders
@@ -410,12 +415,48 @@ mod tests {
         // (what is there, who asks, for what, who blocks them)
         let cases = [
             ("free", entry(vec![], vec![]), "me", Read, None),
-            ("readers share", entry(vec![holder("r1", Read, 30)], vec![]), "me", Read, None),
-            ("a reader blocks a writer", entry(vec![holder("r1", Read, 30)], vec![]), "me", Write, Some("r1")),
-            ("a writer blocks a reader", entry(vec![holder("w1", Write, 30)], vec![]), "me", Read, Some("w1")),
-            ("a writer blocks a writer", entry(vec![holder("w1", Write, 30)], vec![]), "me", Write, Some("w1")),
-            ("my own hold is no conflict", entry(vec![holder("me", Write, 30)], vec![]), "me", Write, None),
-            ("an expired holder blocks nobody", entry(vec![holder("w1", Write, -1)], vec![]), "me", Write, None),
+            (
+                "readers share",
+                entry(vec![holder("r1", Read, 30)], vec![]),
+                "me",
+                Read,
+                None,
+            ),
+            (
+                "a reader blocks a writer",
+                entry(vec![holder("r1", Read, 30)], vec![]),
+                "me",
+                Write,
+                Some("r1"),
+            ),
+            (
+                "a writer blocks a reader",
+                entry(vec![holder("w1", Write, 30)], vec![]),
+                "me",
+                Read,
+                Some("w1"),
+            ),
+            (
+                "a writer blocks a writer",
+                entry(vec![holder("w1", Write, 30)], vec![]),
+                "me",
+                Write,
+                Some("w1"),
+            ),
+            (
+                "my own hold is no conflict",
+                entry(vec![holder("me", Write, 30)], vec![]),
+                "me",
+                Write,
+                None,
+            ),
+            (
+                "an expired holder blocks nobody",
+                entry(vec![holder("w1", Write, -1)], vec![]),
+                "me",
+                Write,
+                None,
+            ),
             (
                 "a waiting writer keeps new readers out",
                 entry(vec![holder("r1", Read, 30)], vec![holder("w1", Write, 30)]),

@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use infraflux_handlers::{Interruption, JobEnvelope, JobKind, Source, TargetResult};
+use infraflux_handlers::{Interruption, JobEnvelope, JobKind, JobQuery, Source, TargetResult};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -92,6 +92,12 @@ pub struct JobRecord {
     /// The job found nothing to do: `succeeded`, but no success of its targets.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// Set while the job is `waiting` for a time (a maintenance window), not for a lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
+    /// What the handler saved of its progress, for an attempt that resumes the job.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub checkpoint: Value,
 }
 
 impl JobRecord {
@@ -117,6 +123,8 @@ impl JobRecord {
             cancel_requested_by: None,
             result: Value::Null,
             skipped: false,
+            not_before: None,
+            checkpoint: Value::Null,
         }
     }
 }
@@ -243,6 +251,19 @@ pub fn target_figures(record: &JobRecord) -> Vec<TargetFigures> {
         .collect()
 }
 
+/// A job waiting for a time, as `status` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deferred {
+    pub job_id: String,
+    pub kind: JobKind,
+    pub until: DateTime<Utc>,
+    pub message: String,
+}
+
+pub fn deferred_key(job_id: &str) -> String {
+    format!("deferred.{job_id}")
+}
+
 /// `last.<kind>.<target>`: the target's own last result.
 pub fn last_target_key(kind: JobKind, target: &str) -> String {
     format!("last.{}.{}", kind.as_str(), TargetResult::state_key(target))
@@ -274,8 +295,8 @@ impl Records {
     /// Records a job's end for `status` (the newest result per kind) and for each of its
     /// targets (what metrics export, and what the next run of that target compares with).
     pub async fn record_last_result(&self, record: &JobRecord, duration_seconds: Option<f64>) {
-        let kind_success = (record.state == JobState::Succeeded && !record.skipped)
-            .then(|| TargetFigures {
+        let kind_success =
+            (record.state == JobState::Succeeded && !record.skipped).then(|| TargetFigures {
                 target: String::new(),
                 last_success_at: Some(record.updated_at),
                 last_success_size_bytes: None,
@@ -512,11 +533,102 @@ impl Records {
         }
     }
 
+    /// Notes a job deferred to a time, for `status` (key `deferred.<job id>`).
+    pub async fn note_deferral(&self, record: &JobRecord) {
+        let Some(until) = record.not_before else {
+            return;
+        };
+        let note = Deferred {
+            job_id: record.job_id.clone(),
+            kind: record.kind,
+            until,
+            message: record.message.clone(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&note)
+            && let Err(e) = self
+                .state
+                .put(deferred_key(&record.job_id), Bytes::from(bytes))
+                .await
+        {
+            tracing::warn!(job_id = %record.job_id, error = %e, "Deferral not noted for status");
+        }
+    }
+
+    /// Drops the note of a deferral once the job goes on (or ends).
+    pub async fn forget_deferral(&self, job_id: &str) -> Result<(), RecordError> {
+        self.state
+            .purge(deferred_key(job_id))
+            .await
+            .map_err(|e| RecordError::Unavailable(e.to_string()))
+    }
+
+    /// Ends a job that awaits approval: its plan was applied (`succeeded`) or its apply failed.
+    pub async fn settle_approval(
+        &self,
+        job_id: &str,
+        succeeded: bool,
+        message: &str,
+    ) -> Result<(), RecordError> {
+        let mut settled = false;
+        let record = self
+            .transition(job_id, |r| {
+                if r.state != JobState::AwaitingApproval {
+                    return Change::Keep;
+                }
+                r.state = if succeeded {
+                    JobState::Succeeded
+                } else {
+                    JobState::Failed
+                };
+                r.message = message.to_string();
+                r.finished_at = Some(Utc::now());
+                settled = true;
+                Change::Write
+            })
+            .await?;
+        if settled {
+            self.record_last_result(&record, None).await;
+        }
+        Ok(())
+    }
+
+    /// The newest job matching `query` (scanned like `jobs`, newest first).
+    pub async fn newest(&self, query: &JobQuery) -> Result<Option<JobRecord>, RecordError> {
+        let found = self
+            .scan(
+                |r| {
+                    query.kind.is_none_or(|k| k == r.kind)
+                        && query.state.as_deref().is_none_or(|s| s == r.state.as_str())
+                        && query.target.as_deref().is_none_or(|t| {
+                            TargetResult::all_in(&r.result)
+                                .iter()
+                                .any(|found| found.target == t)
+                        })
+                },
+                1,
+            )
+            .await?;
+        Ok(found.into_iter().next())
+    }
+
     /// Jobs newest first (job ids sort by creation time), optionally filtered.
     pub async fn list(
         &self,
         kind: Option<JobKind>,
         state: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, RecordError> {
+        self.scan(
+            |r| kind.is_none_or(|k| k == r.kind) && state.is_none_or(|s| s == r.state.as_str()),
+            limit,
+        )
+        .await
+    }
+
+    /// Up to `limit` records that `keep`, newest first, among the newest [`MAX_SCAN`].
+    async fn scan(
+        &self,
+        keep: impl Fn(&JobRecord) -> bool,
         limit: usize,
     ) -> Result<Vec<JobRecord>, RecordError> {
         let mut keys: Vec<String> = Vec::new();
@@ -537,63 +649,11 @@ impl Records {
             let Some((record, _)) = self.get(key).await? else {
                 continue;
             };
-            if kind.is_some_and(|k| k != record.kind) {
-                continue;
+            if keep(&record) {
+                out.push(record);
             }
-            if state.is_some_and(|s| s != record.state.as_str()) {
-                continue;
-            }
-            out.push(record);
         }
         Ok(out)
-    }
-}
-
-/// Handlers see other jobs through this (an apply reads its plan, and ends it when applied).
-#[async_trait::async_trait]
-impl infraflux_handlers::JobBook for Records {
-    async fn job(&self, job_id: &str) -> Result<Option<infraflux_handlers::JobView>, String> {
-        let found = self.get(job_id).await.map_err(|e| e.to_string())?;
-        Ok(found.map(|(r, _)| infraflux_handlers::JobView {
-            job_id: r.job_id,
-            kind: r.kind,
-            state: r.state.as_str().to_string(),
-            requested_by: r.requested_by,
-            commit: r.commit,
-            params: r.params,
-            result: r.result,
-            created_at: r.created_at,
-        }))
-    }
-
-    async fn settle_approval(
-        &self,
-        job_id: &str,
-        succeeded: bool,
-        message: &str,
-    ) -> Result<(), String> {
-        let mut settled = false;
-        let record = self
-            .transition(job_id, |r| {
-                if r.state != JobState::AwaitingApproval {
-                    return Change::Keep;
-                }
-                r.state = if succeeded {
-                    JobState::Succeeded
-                } else {
-                    JobState::Failed
-                };
-                r.message = message.to_string();
-                r.finished_at = Some(Utc::now());
-                settled = true;
-                Change::Write
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        if settled {
-            self.record_last_result(&record, None).await;
-        }
-        Ok(())
     }
 }
 

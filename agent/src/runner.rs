@@ -20,7 +20,8 @@ use async_trait::async_trait;
 use chrono::Utc;
 use futures::{FutureExt, StreamExt};
 use infraflux_handlers::{
-    Handler, HandlerError, Interruption, JobContext, JobEnvelope, LockRequest, Outcome, Progress,
+    Deferral, Handler, HandlerError, Interruption, JobContext, JobEnvelope, LockRequest, Outcome,
+    Progress,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +39,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 const LOCK_RETRY: Duration = Duration::from_millis(500);
 /// How often the runner loop proves it is alive (for the systemd watchdog).
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A deferred job is looked at again at least this often, however far its time is.
+const DEFER_RECHECK: Duration = Duration::from_secs(3600);
 /// A handler gets this long after its token fires before it is dropped.
 const HANDLER_GRACE_EXTRA: Duration = Duration::from_secs(5);
 
@@ -278,7 +281,10 @@ impl Delivery {
                 )
                 .await;
         }
-        let interrupted = if matches!(record.state, JobState::Running | JobState::Waiting) {
+        // A job deferred to a time was held by nobody: its redelivery is no interruption.
+        let held_by_an_agent = matches!(record.state, JobState::Running | JobState::Waiting)
+            && record.not_before.is_none();
+        let interrupted = if held_by_an_agent {
             Some(Interruption {
                 attempt: record.attempts,
                 agent: record.agent.clone(),
@@ -340,6 +346,13 @@ impl Delivery {
             }
         };
 
+        if let Some(deferral) = handler.not_before(&self.envelope, Utc::now()) {
+            return self.defer(deferral).await;
+        }
+        if record.not_before.is_some() {
+            let _ = self.app.records.forget_deferral(self.job_id()).await;
+        }
+
         if let Some(settle) = self.acquire_locks(handler.as_ref()).await {
             return settle;
         }
@@ -349,6 +362,7 @@ impl Delivery {
             .transition(|r| {
                 r.attempts += 1;
                 r.state = JobState::Running;
+                r.not_before = None;
                 r.agent = Some(me.clone());
                 r.started_at = Some(Utc::now());
                 r.message = format!("running on {me} (attempt {})", r.attempts);
@@ -360,6 +374,36 @@ impl Delivery {
             Err(_) => return Settle::Nak(Some(Duration::from_secs(1))),
         };
         self.run_handler(handler, record, interrupted).await
+    }
+
+    /// The job may not start before `deferral.until`: it waits holding nothing, and its message
+    /// comes back then (at most [`DEFER_RECHECK`] later, so a changed window is seen), to
+    /// whichever agent pulls it.
+    async fn defer(&self, deferral: Deferral) -> Settle {
+        let message = format!(
+            "waiting until {}: {}",
+            deferral
+                .until
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            deferral.reason
+        );
+        let written = self
+            .transition(|r| {
+                r.state = JobState::Waiting;
+                r.not_before = Some(deferral.until);
+                r.message = message.clone();
+            })
+            .await;
+        match written {
+            Ok(r) if r.state.is_terminal() => return Settle::Ack,
+            Ok(r) => self.app.records.note_deferral(&r).await,
+            Err(_) => return Settle::Nak(Some(Duration::from_secs(1))),
+        }
+        let wait = (deferral.until - Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .clamp(Duration::from_millis(100), DEFER_RECHECK);
+        Settle::Nak(Some(wait))
     }
 
     /// Returns a settle decision if the job must not go on (cancelled, stopping).
@@ -397,6 +441,7 @@ impl Delivery {
                         match self
                             .transition(|r| {
                                 r.state = JobState::Waiting;
+                                r.not_before = None;
                                 r.message = message.clone();
                             })
                             .await
@@ -437,13 +482,28 @@ impl Delivery {
         interrupted: Option<Interruption>,
     ) -> Settle {
         let kind = self.envelope.kind;
-        let work_dir = self.app.config.agent.state_dir.join(kind.as_str());
+        let work_dir = match JobDir::create(&self.app.config.agent.state_dir, self.job_id()) {
+            Ok(dir) => dir,
+            Err(e) => {
+                return self
+                    .finish(
+                        JobState::Failed,
+                        format!("cannot create the job's working directory: {e}"),
+                        None,
+                        None,
+                    )
+                    .await;
+            }
+        };
+        let hard_stop = CancellationToken::new();
         let ctx = JobContext {
             job_id: record.job_id.clone(),
             kind,
             attempt: record.attempts,
             interrupted,
-            cancel: self.job.token.clone(),
+            cancel: hard_stop.clone(),
+            stop_requested: self.job.token.clone(),
+            checkpoint: Some(record.checkpoint.clone()).filter(|c| !c.is_null()),
             progress: Arc::new(RecordProgress {
                 app: self.app.clone(),
                 job_id: record.job_id.clone(),
@@ -452,10 +512,10 @@ impl Delivery {
             traceparent: telemetry::traceparent_of(&tracing::Span::current())
                 .or_else(|| self.envelope.traceparent.clone()),
             agent_id: self.app.agent_id.clone(),
-            work_dir,
+            work_dir: work_dir.path.clone(),
             redactor: self.app.secrets.redactor().clone(),
             store: self.app.handler_store(),
-            jobs: Arc::new(self.app.records.clone()),
+            jobs: Arc::new(self.app.job_book()),
             kill_grace: self.app.config.agent.kill_grace.get(),
         };
         let timeout = handler.timeout();
@@ -469,17 +529,30 @@ impl Delivery {
                     .map(|caught| caught.unwrap_or_else(|panic| Err(panicked(panic.as_ref()))))
                     .instrument(tracing::info_span!("handler"))
             );
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
             let early = tokio::select! {
                 result = &mut run => Some(result),
-                () = tokio::time::sleep(timeout) => {
+                () = &mut deadline => {
                     self.job.cancel(CancelReason::Timeout);
                     None
                 }
                 () = self.job.token.cancelled() => None,
             };
+            // A `cancel` first lets the handler stop at a safe point, within the kind's grace
+            // (and the timeout); anything else stops it at once.
+            let early = match early {
+                None if self.job.reason() == Some(CancelReason::User) => tokio::select! {
+                    result = &mut run => Some(result),
+                    () = tokio::time::sleep(handler.cancel_grace()) => None,
+                    () = &mut deadline => None,
+                },
+                other => other,
+            };
             match early {
                 Some(result) => result,
                 None => {
+                    hard_stop.cancel();
                     let grace = self.app.config.agent.kill_grace.get() + HANDLER_GRACE_EXTRA;
                     tokio::time::timeout(grace, &mut run)
                         .await
@@ -487,6 +560,8 @@ impl Delivery {
                 }
             }
         };
+        drop(ctx);
+        drop(work_dir);
         let elapsed = started.elapsed();
         let kind_label = kind.as_str();
         let redactor = self.app.secrets.redactor().clone();
@@ -700,6 +775,29 @@ impl Delivery {
     }
 }
 
+/// A value with every string in it scrubbed of secrets: records are shown to users.
+fn redact_value(
+    redactor: &infraflux_handlers::secret::Redactor,
+    value: serde_json::Value,
+) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(redactor.redact(&s)),
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|v| redact_value(redactor, v))
+                .collect(),
+        ),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, redact_value(redactor, v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 /// How one attempt of a job ends.
 #[derive(Debug, Clone, PartialEq)]
 enum Ending {
@@ -853,6 +951,54 @@ async fn keepalive(
     }
 }
 
+/// A job's own working directory, `<state_dir>/jobs/<job id>`: made empty for each attempt
+/// and removed when the attempt ends, whatever ends it. What an attempt must hand on to the
+/// next goes in a checkpoint, since the next attempt may run on another agent.
+struct JobDir {
+    path: std::path::PathBuf,
+}
+
+impl JobDir {
+    fn create(state_dir: &std::path::Path, job_id: &str) -> std::io::Result<Self> {
+        let path = jobs_dir(state_dir).join(job_id);
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for JobDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "Job directory not removed");
+        }
+    }
+}
+
+/// Where the jobs' own directories live.
+pub fn jobs_dir(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("jobs")
+}
+
+/// Removes what attempts of an earlier run of this agent left behind (it was killed): no job
+/// runs yet when this is called.
+pub fn remove_stale_job_dirs(state_dir: &std::path::Path) {
+    let dir = jobs_dir(state_dir);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {
+            tracing::info!(path = %dir.display(), "Removed job directories of an earlier run")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %dir.display(), error = %e, "Job directories of an earlier run not removed")
+        }
+    }
+}
+
 /// Progress reports become the record's message and a job event.
 struct RecordProgress {
     app: Arc<App>,
@@ -878,6 +1024,23 @@ impl Progress for RecordProgress {
         if let Err(e) = result {
             tracing::warn!(error = %e, "Progress not recorded");
         }
+    }
+
+    async fn save_checkpoint(&self, value: serde_json::Value) -> Result<(), String> {
+        let value = redact_value(self.app.secrets.redactor(), value);
+        self.app
+            .records
+            .transition(&self.job_id, |r| {
+                if r.state.is_terminal() {
+                    Change::Keep
+                } else {
+                    r.checkpoint = value.clone();
+                    Change::Write
+                }
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("checkpoint not saved: {e}"))
     }
 
     async fn set_commit(&self, sha: &str) {
@@ -939,7 +1102,11 @@ mod tests {
         let retryable = || Err(HandlerError::Retryable("busy with hunter2".into()));
         let failed = || Err(HandlerError::Failed("bad".into()));
         let cases: Vec<(&str, Ending, Ending)> = vec![
-            ("success", decide(ok(), None, 1), finished(JobState::Succeeded, "done", false)),
+            (
+                "success",
+                decide(ok(), None, 1),
+                finished(JobState::Succeeded, "done", false),
+            ),
             (
                 "a success that raced a shutdown still counts",
                 decide(ok(), Some(Shutdown), 1),
@@ -948,7 +1115,10 @@ mod tests {
             (
                 "skipped is no failure, and marked",
                 decide(
-                    Ok(Outcome::Skipped { message: "newer".into(), result: json!(null) }),
+                    Ok(Outcome::Skipped {
+                        message: "newer".into(),
+                        result: json!(null),
+                    }),
                     None,
                     1,
                 ),
@@ -957,15 +1127,30 @@ mod tests {
             (
                 "a failed outcome keeps its result",
                 decide(
-                    Ok(Outcome::Failed { message: "media: hunter2".into(), result: json!(null) }),
+                    Ok(Outcome::Failed {
+                        message: "media: hunter2".into(),
+                        result: json!(null),
+                    }),
                     None,
                     1,
                 ),
                 finished(JobState::Failed, "media: [redacted]", false),
             ),
-            ("lease lost wins over anything", decide(ok(), Some(LeaseLost), 1), Ending::Abandon),
-            ("stopping requeues an error", decide(failed(), Some(Shutdown), 1), Ending::Requeue),
-            ("user cancel", decide(failed(), Some(User), 1), Ending::CancelledByUser),
+            (
+                "lease lost wins over anything",
+                decide(ok(), Some(LeaseLost), 1),
+                Ending::Abandon,
+            ),
+            (
+                "stopping requeues an error",
+                decide(failed(), Some(Shutdown), 1),
+                Ending::Requeue,
+            ),
+            (
+                "user cancel",
+                decide(failed(), Some(User), 1),
+                Ending::CancelledByUser,
+            ),
             (
                 "timeout",
                 decide(failed(), Some(Timeout), 1),
@@ -991,7 +1176,11 @@ mod tests {
             ),
             (
                 "internal detail goes to the log only",
-                decide(Err(HandlerError::Internal("hunter2 at 10.0.0.5".into())), None, 1),
+                decide(
+                    Err(HandlerError::Internal("hunter2 at 10.0.0.5".into())),
+                    None,
+                    1,
+                ),
                 Ending::Finish {
                     state: JobState::Failed,
                     message: "internal error; see the agent's logs for trace trace-1".into(),

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, Presence};
 use crate::locks::{self, HeldLock};
-use crate::records::LastResult;
+use crate::records::{Deferred, LastResult};
 use crate::store::PRESENCE_TTL;
 
 #[derive(Default)]
@@ -23,6 +23,8 @@ struct Inner {
     /// Raw lock entries by KV key; expiry is judged when read.
     locks: BTreeMap<String, Vec<u8>>,
     last: BTreeMap<JobKind, LastResult>,
+    /// Jobs waiting for a time (a maintenance window), by job id.
+    deferred: BTreeMap<String, Deferred>,
     queue: Option<(u64, u64)>,
 }
 
@@ -31,6 +33,7 @@ pub struct Snapshot {
     pub agents: Vec<Presence>,
     pub locks: Vec<HeldLock>,
     pub last: Vec<(JobKind, LastResult)>,
+    pub deferred: Vec<Deferred>,
     pub queue: Option<(u64, u64)>,
 }
 
@@ -46,6 +49,7 @@ impl StatusCache {
                 agents: vec![],
                 locks: vec![],
                 last: vec![],
+                deferred: vec![],
                 queue: None,
             };
         };
@@ -63,10 +67,12 @@ impl StatusCache {
             .flat_map(|(key, value)| locks::held_in(key, value, now))
             .collect();
         let last = inner.last.iter().map(|(k, l)| (*k, l.clone())).collect();
+        let deferred = inner.deferred.values().cloned().collect();
         Snapshot {
             agents,
             locks,
             last,
+            deferred,
             queue: inner.queue,
         }
     }
@@ -125,6 +131,22 @@ pub async fn run(app: Arc<App>, cache: StatusCache, stop: CancellationToken) {
             "state",
             stop.clone(),
             move |entry| {
+                if let Some(job_id) = entry.key.strip_prefix("deferred.") {
+                    let job_id = job_id.to_string();
+                    match entry.operation {
+                        kv::Operation::Put => {
+                            if let Ok(d) = serde_json::from_slice::<Deferred>(&entry.value) {
+                                cache.update(|i| {
+                                    i.deferred.insert(job_id, d);
+                                });
+                            }
+                        }
+                        _ => cache.update(|i| {
+                            i.deferred.remove(&job_id);
+                        }),
+                    }
+                    return;
+                }
                 let Some(kind) = entry
                     .key
                     .strip_prefix("last.")

@@ -99,6 +99,34 @@ pub trait Progress: Send + Sync {
 
     /// Records the full commit sha the job works on (reconcile and apply jobs).
     async fn set_commit(&self, _sha: &str) {}
+
+    /// Saves how far the job got in its record, for an attempt that resumes it.
+    async fn save_checkpoint(&self, value: Value) -> Result<(), String>;
+}
+
+/// "Not before `until`, because `reason`": a job that may not start yet (outside a maintenance
+/// window). It waits holding no lock, its timeout not started, and is looked at again at
+/// `until` by whichever agent gets it then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deferral {
+    pub until: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// What a look-up for another job asks: the newest job of `kind`, optionally in `state` and
+/// naming `target` among its result's targets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobQuery {
+    pub kind: Option<JobKind>,
+    pub state: Option<String>,
+    pub target: Option<String>,
+}
+
+/// A job a handler asks for once it is done with its own (acceptance after an apply).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FollowUp {
+    pub kind: JobKind,
+    pub params: serde_json::Map<String, Value>,
 }
 
 /// Another job, as a handler may see it.
@@ -127,6 +155,17 @@ pub trait JobBook: Send + Sync {
         succeeded: bool,
         message: &str,
     ) -> Result<(), String>;
+
+    /// The newest job that matches (a drill needs the newest good snapshot).
+    async fn newest(&self, query: &JobQuery) -> Result<Option<JobView>, String>;
+
+    /// Queues `follow_up` on behalf of job `parent`; once per parent and kind, so a retried
+    /// parent does not queue it twice. Returns the follow-up's job id.
+    async fn submit_follow_up(
+        &self,
+        parent: &JobEnvelope,
+        follow_up: FollowUp,
+    ) -> Result<String, String>;
 }
 
 /// NATS storage a handler may use: the state bucket (small keys) and the artifact object store
@@ -156,13 +195,21 @@ pub struct JobContext {
     pub attempt: u32,
     /// Set when an earlier attempt was interrupted: resume or clean up before starting over.
     pub interrupted: Option<Interruption>,
-    /// Triggered by `cancel`, a timeout, or agent shutdown. Long steps must watch it.
+    /// Stop now: triggered by a timeout, agent shutdown, or a `cancel` once the kind's
+    /// [`Handler::cancel_grace`] has passed. Long steps must watch it.
     pub cancel: CancellationToken,
+    /// `cancel` was asked for: stop at the next safe point (finish the node being upgraded,
+    /// clean up the scratch namespace) and return [`HandlerError::Cancelled`]. Triggered before
+    /// `cancel`, and also by whatever triggers `cancel`.
+    pub stop_requested: CancellationToken,
+    /// What an earlier, interrupted attempt saved with [`JobContext::checkpoint`].
+    pub checkpoint: Option<Value>,
     pub progress: Arc<dyn Progress>,
     pub trace_id: String,
     pub traceparent: Option<String>,
     pub agent_id: String,
-    /// A directory for this kind's working files, under the agent's state_dir.
+    /// This job's own directory under the agent's state_dir, empty at the start of each
+    /// attempt and removed when the attempt ends, however it ends.
     pub work_dir: PathBuf,
     /// Scrubs secret values from anything the handler sends out.
     pub redactor: Redactor,
@@ -170,6 +217,17 @@ pub struct JobContext {
     pub jobs: Arc<dyn JobBook>,
     /// Grace between SIGINT and SIGKILL for a cancelled child process.
     pub kill_grace: Duration,
+}
+
+impl JobContext {
+    /// Saves progress in the job's record; an attempt that resumes the job after an
+    /// interruption finds it in [`JobContext::checkpoint`].
+    pub async fn checkpoint(&self, value: Value) -> Result<(), HandlerError> {
+        self.progress
+            .save_checkpoint(value)
+            .await
+            .map_err(HandlerError::Retryable)
+    }
 }
 
 /// How a job ended without an error.
@@ -352,6 +410,17 @@ pub trait Handler: Send + Sync + 'static {
 
     fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy::never()
+    }
+
+    /// Asked before any lock is taken, at every delivery: `Some` makes the job wait until then.
+    fn not_before(&self, _job: &JobEnvelope, _now: DateTime<Utc>) -> Option<Deferral> {
+        None
+    }
+
+    /// How long a `cancel` waits for the handler to stop at a safe point (it watches
+    /// [`JobContext::stop_requested`]) before stopping it hard. Zero: at once.
+    fn cancel_grace(&self) -> Duration {
+        Duration::ZERO
     }
 
     /// Checks a ChatOps request before it becomes a job; may add parameters.

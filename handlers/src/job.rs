@@ -21,6 +21,8 @@ pub enum Source {
     Schedule,
     /// the agent's own polling of GitHub
     Poller,
+    /// queued by another job's handler once it was done (acceptance after an apply)
+    FollowUp,
 }
 
 impl Source {
@@ -31,6 +33,7 @@ impl Source {
             Source::Chatops => "chatops",
             Source::Schedule => "schedule",
             Source::Poller => "poller",
+            Source::FollowUp => "follow-up",
         }
     }
 }
@@ -61,6 +64,24 @@ impl JobEnvelope {
     /// A parameter as a string, if present.
     pub fn param_str(&self, key: &str) -> Option<&str> {
         self.params.get(key).and_then(Value::as_str)
+    }
+}
+
+impl JobEnvelope {
+    /// The follow-up `kind` of job `parent`: one per parent and kind (its idempotency key), in
+    /// the parent's trace, requested by the parent.
+    pub fn follow_up_of(parent: &JobEnvelope, kind: JobKind, params: Map<String, Value>) -> Self {
+        Self {
+            job_id: new_job_id(),
+            kind,
+            params,
+            source: Source::FollowUp,
+            requested_by: format!("{} {}", parent.kind, parent.job_id),
+            idempotency_key: format!("follow-up/{}/{}", parent.job_id, kind),
+            traceparent: parent.traceparent.clone(),
+            commit: parent.commit.clone(),
+            created_at: Utc::now(),
+        }
     }
 }
 

@@ -28,8 +28,9 @@ pub mod restore_drill;
 pub mod upgrade;
 
 pub use handler::{
-    Admission, Handler, HandlerError, HandlerStore, Interruption, JobBook, JobContext, JobView,
-    LockMode, LockRequest, Outcome, Progress, RetryPolicy, TargetResult,
+    Admission, Deferral, FollowUp, Handler, HandlerError, HandlerStore, Interruption, JobBook,
+    JobContext, JobQuery, JobView, LockMode, LockRequest, Outcome, Progress, RetryPolicy,
+    TargetResult,
 };
 pub use job::{JobEnvelope, Source, new_job_id};
 pub use kind::JobKind;

@@ -21,6 +21,15 @@ pub struct Run {
     pub started: Instant,
     pub ended: Option<Instant>,
     pub cancelled: bool,
+    /// The job's own directory, and whether it existed (and took a file) while the job ran.
+    pub work_dir: PathBuf,
+    pub work_dir_usable: bool,
+    /// What an earlier attempt saved.
+    pub checkpoint: Option<serde_json::Value>,
+    /// The handler stopped at a safe point after `stop_requested`, before a hard stop.
+    pub stopped_softly: bool,
+    /// Follow-up job ids this attempt was given.
+    pub follow_ups: Vec<String>,
 }
 
 /// Shared by every agent of a test (in process), so "each job ran once in total" is checkable.
@@ -40,6 +49,8 @@ impl RunLog {
     }
 
     fn start(&self, ctx: &JobContext) -> usize {
+        let marker = ctx.work_dir.join("marker");
+        let work_dir_usable = ctx.work_dir.is_dir() && std::fs::write(&marker, "x").is_ok();
         let mut runs = self.0.lock().unwrap_or_else(|p| p.into_inner());
         runs.push(Run {
             job_id: ctx.job_id.clone(),
@@ -49,8 +60,20 @@ impl RunLog {
             started: Instant::now(),
             ended: None,
             cancelled: false,
+            work_dir: ctx.work_dir.clone(),
+            work_dir_usable,
+            checkpoint: ctx.checkpoint.clone(),
+            stopped_softly: false,
+            follow_ups: Vec::new(),
         });
         runs.len() - 1
+    }
+
+    fn update(&self, index: usize, change: impl FnOnce(&mut Run)) {
+        let mut runs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(run) = runs.get_mut(index) {
+            change(run);
+        }
     }
 
     fn end(&self, index: usize, cancelled: bool) {
@@ -73,6 +96,15 @@ pub enum Behaviour {
     FlakyUntil(u32),
     /// Panic with this message (a bug in a handler).
     Panic(String),
+    /// Without a checkpoint: save `{"step": 1}` and wait to be stopped. With one: succeed,
+    /// naming it.
+    Checkpointed,
+    /// Steps of this length, looking at `stop_requested` between two: a cancel ends the job
+    /// at the next step boundary.
+    SafePoints(Duration),
+    /// Look up the newest succeeded job of `look_for`, queue a follow-up of `follow`; fail
+    /// (retryably) on the first attempt, so the second queues it again.
+    FollowUp { look_for: JobKind, follow: JobKind },
 }
 
 /// A handler for any kind, with optional locks.
@@ -82,6 +114,9 @@ pub struct TestHandler {
     pub locks: Vec<LockRequest>,
     pub log: RunLog,
     pub timeout: Duration,
+    /// Not before the job's creation plus this, for this reason.
+    pub defer: Option<(Duration, String)>,
+    pub cancel_grace: Duration,
 }
 
 impl TestHandler {
@@ -92,7 +127,19 @@ impl TestHandler {
             locks: Vec::new(),
             log,
             timeout: Duration::from_secs(120),
+            defer: None,
+            cancel_grace: Duration::ZERO,
         }
+    }
+
+    pub fn deferred(mut self, after_creation: Duration, reason: &str) -> Self {
+        self.defer = Some((after_creation, reason.to_string()));
+        self
+    }
+
+    pub fn with_cancel_grace(mut self, grace: Duration) -> Self {
+        self.cancel_grace = grace;
+        self
     }
 
     pub fn with_locks(mut self, locks: Vec<LockRequest>) -> Self {
@@ -129,7 +176,24 @@ impl Handler for TestHandler {
         RetryPolicy::exponential(5, Duration::from_millis(200), Duration::from_secs(1))
     }
 
-    async fn run(&self, ctx: &JobContext, _job: &JobEnvelope) -> Result<Outcome, HandlerError> {
+    fn not_before(
+        &self,
+        job: &JobEnvelope,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<infraflux_handlers::Deferral> {
+        let (after, reason) = self.defer.as_ref()?;
+        let until = job.created_at + chrono::Duration::from_std(*after).ok()?;
+        (now < until).then(|| infraflux_handlers::Deferral {
+            until,
+            reason: reason.clone(),
+        })
+    }
+
+    fn cancel_grace(&self) -> Duration {
+        self.cancel_grace
+    }
+
+    async fn run(&self, ctx: &JobContext, job: &JobEnvelope) -> Result<Outcome, HandlerError> {
         let index = self.log.start(ctx);
         let result = match &self.behaviour {
             Behaviour::Sleep(d) => {
@@ -150,6 +214,61 @@ impl Handler for TestHandler {
                 }
             }
             Behaviour::Panic(message) => panic!("{message}"),
+            Behaviour::Checkpointed => match &ctx.checkpoint {
+                Some(saved) => Ok(Outcome::succeeded(format!("resumed from {saved}"))),
+                None => {
+                    ctx.checkpoint(serde_json::json!({"step": 1})).await?;
+                    ctx.cancel.cancelled().await;
+                    Err(HandlerError::Cancelled)
+                }
+            },
+            Behaviour::SafePoints(step) => loop {
+                tokio::select! {
+                    () = tokio::time::sleep(*step) => {}
+                    () = ctx.cancel.cancelled() => break Err(HandlerError::Cancelled),
+                }
+                if ctx.stop_requested.is_cancelled() {
+                    self.log.update(index, |r| r.stopped_softly = true);
+                    break Err(HandlerError::Cancelled);
+                }
+            },
+            Behaviour::FollowUp { look_for, follow } => {
+                let found = ctx
+                    .jobs
+                    .newest(&infraflux_handlers::JobQuery {
+                        kind: Some(*look_for),
+                        state: Some("succeeded".into()),
+                        target: None,
+                    })
+                    .await
+                    .map_err(HandlerError::Retryable)?;
+                let follow_up = ctx
+                    .jobs
+                    .submit_follow_up(
+                        job,
+                        infraflux_handlers::FollowUp {
+                            kind: *follow,
+                            params: Default::default(),
+                        },
+                    )
+                    .await
+                    .map_err(HandlerError::Retryable)?;
+                self.log
+                    .update(index, |r| r.follow_ups.push(follow_up.clone()));
+                if ctx.attempt < 2 {
+                    Err(HandlerError::Retryable(
+                        "first attempt fails on purpose".into(),
+                    ))
+                } else {
+                    Ok(Outcome::Succeeded {
+                        message: "followed up".into(),
+                        result: serde_json::json!({
+                            "found": found.map(|j| j.job_id),
+                            "follow_up": follow_up,
+                        }),
+                    })
+                }
+            }
             Behaviour::FlakyUntil(n) => {
                 if ctx.attempt < *n {
                     Err(HandlerError::Retryable(format!(

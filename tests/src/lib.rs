@@ -45,8 +45,7 @@ pub fn fixtures_dir() -> PathBuf {
 
 pub fn fixture(path: &str) -> Vec<u8> {
     let file = fixtures_dir().join(path);
-    std::fs::read(&file)
-        .unwrap_or_else(|e| panic!("fixture {} is missing ({e})", file.display()))
+    std::fs::read(&file).unwrap_or_else(|e| panic!("fixture {} is missing ({e})", file.display()))
 }
 
 pub fn free_port() -> u16 {

@@ -505,21 +505,24 @@ impl Handler for EtcdSnapshotHandler {
                 },
                 prune_note
             ),
-            result: TargetResult::put_into(&[TargetResult {
-                size_bytes: Some(manifest.size_bytes),
-                ..TargetResult::ok(self.services.cluster.clone())
-            }], json!({
-                "bucket": self.config.bucket,
-                "object": manifest.key,
-                "node": manifest.node,
-                "talos_version": manifest.talos_version,
-                "size_bytes": manifest.size_bytes,
-                "stored_bytes": manifest.stored_bytes,
-                "sha256": manifest.sha256,
-                "db_sha256": manifest.db_sha256,
-                "pruned": pruned,
-                "duration_seconds": started.elapsed().as_secs_f64(),
-            })),
+            result: TargetResult::put_into(
+                &[TargetResult {
+                    size_bytes: Some(manifest.size_bytes),
+                    ..TargetResult::ok(self.services.cluster.clone())
+                }],
+                json!({
+                    "bucket": self.config.bucket,
+                    "object": manifest.key,
+                    "node": manifest.node,
+                    "talos_version": manifest.talos_version,
+                    "size_bytes": manifest.size_bytes,
+                    "stored_bytes": manifest.stored_bytes,
+                    "sha256": manifest.sha256,
+                    "db_sha256": manifest.db_sha256,
+                    "pruned": pruned,
+                    "duration_seconds": started.elapsed().as_secs_f64(),
+                }),
+            ),
         })
     }
 }

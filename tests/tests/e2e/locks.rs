@@ -101,7 +101,10 @@ async fn read_locks_share_a_resource() {
 async fn lock_keys(client: &async_nats::Client) -> Vec<String> {
     use futures::StreamExt;
     let js = async_nats::jetstream::new(client.clone());
-    let kv = js.get_key_value("infraflux-locks").await.expect("locks bucket");
+    let kv = js
+        .get_key_value("infraflux-locks")
+        .await
+        .expect("locks bucket");
     let mut keys = kv.keys().await.expect("keys");
     let mut out = Vec::new();
     while let Some(key) = keys.next().await {
@@ -142,7 +145,10 @@ async fn a_panicking_handler_fails_its_job_releases_its_locks_and_the_agent_goes
     assert_eq!(failed["state"], "failed", "{failed}");
     let message = failed["message"].as_str().unwrap_or_default();
     assert!(message.starts_with("internal error"), "{failed}");
-    assert!(!message.contains("a bug in"), "panic detail is for the logs: {failed}");
+    assert!(
+        !message.contains("a bug in"),
+        "panic detail is for the logs: {failed}"
+    );
 
     // The lock is free: a job on the same resource runs, on the same (still running) agent.
     let next = submit(&client, "upgrade talos v1.13.0").await;
@@ -150,13 +156,17 @@ async fn a_panicking_handler_fails_its_job_releases_its_locks_and_the_agent_goes
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(log.runs_of(&next)[0].agent, "panic-a");
     // Nothing is left behind in the lock bucket: no entry per finished job or resource.
-    wait_for(Duration::from_secs(10), "the lock bucket to be empty", || async {
-        let keys = lock_keys(&client).await;
-        keys.is_empty().then_some(()).or_else(|| {
-            eprintln!("lock keys still present: {keys:?}");
-            None
-        })
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "the lock bucket to be empty",
+        || async {
+            let keys = lock_keys(&client).await;
+            keys.is_empty().then_some(()).or_else(|| {
+                eprintln!("lock keys still present: {keys:?}");
+                None
+            })
+        },
+    )
     .await;
     agent.stop().await;
 }
@@ -169,12 +179,20 @@ async fn a_waiting_writer_is_not_starved_by_readers_that_keep_coming() {
     let l = log.clone();
     let agent = start_agent(&nats, "fair-a", "[backup]\n[upgrade]\n", move |r| {
         r.register(Arc::new(
-            TestHandler::new(JobKind::Backup, Behaviour::Sleep(Duration::from_secs(2)), l.clone())
-                .with_locks(vec![LockRequest::read("cluster:lab")]),
+            TestHandler::new(
+                JobKind::Backup,
+                Behaviour::Sleep(Duration::from_secs(2)),
+                l.clone(),
+            )
+            .with_locks(vec![LockRequest::read("cluster:lab")]),
         ));
         r.register(Arc::new(
-            TestHandler::new(JobKind::Upgrade, Behaviour::Sleep(Duration::from_millis(500)), l)
-                .with_locks(vec![LockRequest::write("cluster:lab")]),
+            TestHandler::new(
+                JobKind::Upgrade,
+                Behaviour::Sleep(Duration::from_millis(500)),
+                l,
+            )
+            .with_locks(vec![LockRequest::write("cluster:lab")]),
         ));
     })
     .await;

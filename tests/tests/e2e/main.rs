@@ -10,6 +10,7 @@ mod mapping;
 mod multi_agent;
 mod nats_outage;
 mod operations;
+mod platform;
 mod reconcile;
 mod schedules;
 mod shutdown;
