@@ -21,7 +21,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{App, Presence};
+use crate::app::App;
+use crate::status::Presence;
 use crate::config::Config;
 use crate::http::{self, HttpState, Readiness};
 use crate::metrics::Metrics;
@@ -196,7 +197,7 @@ async fn run(
     let housekeeping_stop = CancellationToken::new();
     background.spawn(heartbeat(app.clone(), housekeeping_stop.clone()));
     background.spawn(crate::status::run(
-        app.clone(),
+        app.store.clone(),
         app.status.clone(),
         housekeeping_stop.clone(),
     ));

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use infraflux_handlers::Registry;
 use infraflux_handlers::secret::Secrets;
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -63,17 +62,6 @@ impl Default for RunningJob {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// An agent's presence entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Presence {
-    pub agent: String,
-    pub version: String,
-    pub started_at: DateTime<Utc>,
-    pub seen_at: DateTime<Utc>,
-    pub concurrency: usize,
-    pub running: Vec<String>,
 }
 
 pub struct App {

@@ -7,15 +7,26 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use infraflux_handlers::JobKind;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{App, Presence};
 use crate::locks::{self, HeldLock};
 use crate::records::{Deferred, LastResult};
-use crate::store::PRESENCE_TTL;
+use crate::store::{PRESENCE_TTL, Store};
+
+/// An agent's presence entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Presence {
+    pub agent: String,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub seen_at: DateTime<Utc>,
+    pub concurrency: usize,
+    pub running: Vec<String>,
+}
 
 #[derive(Default)]
 struct Inner {
@@ -85,11 +96,11 @@ impl StatusCache {
 }
 
 /// Keeps `cache` current until `stop`.
-pub async fn run(app: Arc<App>, cache: StatusCache, stop: CancellationToken) {
+pub async fn run(store: Store, cache: StatusCache, stop: CancellationToken) {
     let agents = {
         let cache = cache.clone();
         watch(
-            app.store.agents.clone(),
+            store.agents.clone(),
             "agents",
             stop.clone(),
             move |entry| {
@@ -109,7 +120,7 @@ pub async fn run(app: Arc<App>, cache: StatusCache, stop: CancellationToken) {
     let locks = {
         let cache = cache.clone();
         watch(
-            app.store.locks.clone(),
+            store.locks.clone(),
             "locks",
             stop.clone(),
             move |entry| {
@@ -127,7 +138,7 @@ pub async fn run(app: Arc<App>, cache: StatusCache, stop: CancellationToken) {
     let last = {
         let cache = cache.clone();
         watch(
-            app.store.state.clone(),
+            store.state.clone(),
             "state",
             stop.clone(),
             move |entry| {
@@ -164,7 +175,7 @@ pub async fn run(app: Arc<App>, cache: StatusCache, stop: CancellationToken) {
     };
     let queue = async {
         loop {
-            if let Ok(info) = app.store.consumer.get_info().await {
+            if let Ok(info) = store.consumer.get_info().await {
                 cache.update(|i| i.queue = Some((info.num_pending, info.num_ack_pending as u64)));
             }
             tokio::select! {
