@@ -22,10 +22,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::status::Presence;
 use crate::config::Config;
 use crate::http::{self, HttpState, Readiness};
 use crate::metrics::Metrics;
+use crate::status::Presence;
 use crate::store::{self, HEARTBEAT_EVERY};
 use crate::{chatops, github, poller, runner, scheduler};
 

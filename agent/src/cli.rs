@@ -255,9 +255,8 @@ async fn check_config(path: PathBuf) -> ExitCode {
     if failed {
         return ExitCode::from(2);
     }
-    let enabled: Vec<&str> = infraflux_handlers::JobKind::ALL
-        .iter()
-        .filter(|k| loaded.config.handlers.enables(**k))
+    let enabled: Vec<&str> = infraflux_handlers::JobKind::all()
+        .filter(|k| loaded.config.handlers.enables(*k))
         .map(|k| k.as_str())
         .collect();
     println!(

@@ -878,7 +878,7 @@ webhook_secret = ["env:A", "env:B"]
         let gh = c.github.expect("github");
         assert_eq!(gh.default_branch, "main");
         assert_eq!(gh.webhook_secret.0.len(), 2);
-        assert!(!c.handlers.enables(infraflux_handlers::JobKind::Backup));
+        assert!(!c.handlers.enables(infraflux_handlers::JobKind::BACKUP));
     }
 
     #[test]
@@ -1027,7 +1027,7 @@ a = 1
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
         let loaded = Config::load(&path, std::iter::empty()).unwrap_or_else(|p| panic!("{p}"));
         let c = loaded.config;
-        for kind in infraflux_handlers::JobKind::ALL {
+        for kind in infraflux_handlers::JobKind::all() {
             assert!(c.handlers.enables(kind), "the example enables {kind}");
         }
         let names: Vec<&str> = c.schedules.iter().map(|s| s.name.as_str()).collect();

@@ -193,7 +193,7 @@ fn map_push(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadP
         params.insert("forced".into(), json!(true));
     }
     Ok(Mapping::Job {
-        kind: JobKind::Reconcile,
+        kind: JobKind::RECONCILE,
         params,
         commit: commit.to_string(),
         idempotency_key: commit_key(&github.repo, commit),
@@ -239,7 +239,7 @@ fn map_pull_request(payload: &EventView, github: &GithubSection) -> Result<Mappi
     params.insert("pull_request".into(), json!(number));
     params.insert("ref".into(), json!(head_ref));
     Ok(Mapping::Job {
-        kind: JobKind::Reconcile,
+        kind: JobKind::RECONCILE,
         params,
         commit: head.to_string(),
         idempotency_key: format!("pr.{}.{number}.{head}", github.repo.to_ascii_lowercase()),

@@ -105,7 +105,7 @@ async fn reconcile_head(
         let span = tracing::info_span!("poller", commit = %head);
         let envelope = JobEnvelope {
             job_id: new_job_id(),
-            kind: JobKind::Reconcile,
+            kind: JobKind::RECONCILE,
             params,
             source: Source::Poller,
             requested_by: "poller".into(),

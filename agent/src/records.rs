@@ -376,7 +376,7 @@ impl Records {
     /// The newest result of every kind (for `status`).
     pub async fn last_results(&self) -> Vec<(JobKind, LastResult)> {
         let mut out = Vec::new();
-        for kind in JobKind::ALL {
+        for kind in JobKind::all() {
             let key = format!("last.{}", kind.as_str());
             if let Ok(Some(bytes)) = self.state.get(&key).await
                 && let Ok(last) = serde_json::from_slice::<LastResult>(&bytes)

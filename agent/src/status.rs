@@ -99,79 +99,64 @@ impl StatusCache {
 pub async fn run(store: Store, cache: StatusCache, stop: CancellationToken) {
     let agents = {
         let cache = cache.clone();
-        watch(
-            store.agents.clone(),
-            "agents",
-            stop.clone(),
-            move |entry| {
-                cache.update(|i| match entry.operation {
-                    kv::Operation::Put => {
-                        if let Ok(p) = serde_json::from_slice::<Presence>(&entry.value) {
-                            i.agents.insert(entry.key.clone(), p);
-                        }
+        watch(store.agents.clone(), "agents", stop.clone(), move |entry| {
+            cache.update(|i| match entry.operation {
+                kv::Operation::Put => {
+                    if let Ok(p) = serde_json::from_slice::<Presence>(&entry.value) {
+                        i.agents.insert(entry.key.clone(), p);
                     }
-                    _ => {
-                        i.agents.remove(&entry.key);
-                    }
-                })
-            },
-        )
+                }
+                _ => {
+                    i.agents.remove(&entry.key);
+                }
+            })
+        })
     };
     let locks = {
         let cache = cache.clone();
-        watch(
-            store.locks.clone(),
-            "locks",
-            stop.clone(),
-            move |entry| {
-                cache.update(|i| match entry.operation {
-                    kv::Operation::Put => {
-                        i.locks.insert(entry.key.clone(), entry.value.to_vec());
-                    }
-                    _ => {
-                        i.locks.remove(&entry.key);
-                    }
-                })
-            },
-        )
+        watch(store.locks.clone(), "locks", stop.clone(), move |entry| {
+            cache.update(|i| match entry.operation {
+                kv::Operation::Put => {
+                    i.locks.insert(entry.key.clone(), entry.value.to_vec());
+                }
+                _ => {
+                    i.locks.remove(&entry.key);
+                }
+            })
+        })
     };
     let last = {
         let cache = cache.clone();
-        watch(
-            store.state.clone(),
-            "state",
-            stop.clone(),
-            move |entry| {
-                if let Some(job_id) = entry.key.strip_prefix("deferred.") {
-                    let job_id = job_id.to_string();
-                    match entry.operation {
-                        kv::Operation::Put => {
-                            if let Ok(d) = serde_json::from_slice::<Deferred>(&entry.value) {
-                                cache.update(|i| {
-                                    i.deferred.insert(job_id, d);
-                                });
-                            }
+        watch(store.state.clone(), "state", stop.clone(), move |entry| {
+            if let Some(job_id) = entry.key.strip_prefix("deferred.") {
+                let job_id = job_id.to_string();
+                match entry.operation {
+                    kv::Operation::Put => {
+                        if let Ok(d) = serde_json::from_slice::<Deferred>(&entry.value) {
+                            cache.update(|i| {
+                                i.deferred.insert(job_id, d);
+                            });
                         }
-                        _ => cache.update(|i| {
-                            i.deferred.remove(&job_id);
-                        }),
                     }
-                    return;
+                    _ => cache.update(|i| {
+                        i.deferred.remove(&job_id);
+                    }),
                 }
-                let Some(kind) = entry
-                    .key
-                    .strip_prefix("last.")
-                    .and_then(|k| k.parse::<JobKind>().ok())
-                else {
-                    return;
-                };
-                if let Ok(l) = serde_json::from_slice::<LastResult>(&entry.value) {
-                    cache.update(|i| {
-                        i.last.insert(kind, l);
-                    });
-                }
-            },
-        )
+                return;
+            }
+            let Some(kind) = entry
+                .key
+                .strip_prefix("last.")
+                .and_then(|k| k.parse::<JobKind>().ok())
+            else {
+                return;
+            };
+            if let Ok(l) = serde_json::from_slice::<LastResult>(&entry.value) {
+                cache.update(|i| {
+                    i.last.insert(kind, l);
+                });
+            }
+        })
     };
     let queue = async {
         loop {

@@ -2,6 +2,9 @@
 
 use serde::Deserialize;
 
+use crate::command::{Args, CommandError, Verb};
+use crate::descriptor::KindDescriptor;
+use crate::kind::JobKind;
 use crate::settings::HumanDuration;
 
 /// `[acceptance]`
@@ -13,4 +16,32 @@ pub struct Config {
 
 fn default_timeout() -> HumanDuration {
     HumanDuration::from_secs(1800)
+}
+
+pub const KIND: JobKind = JobKind::named("acceptance");
+
+/// Not implemented yet: a job fails with "not available yet" (see [`crate::unavailable`]).
+pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
+    kind: KIND,
+    verbs: &[Verb {
+        name: "acceptance",
+        aliases: &[],
+        usage: "acceptance",
+        summary: "platform acceptance checks",
+        kind: Some(KIND),
+        params: Some(params),
+    }],
+    section: "acceptance",
+    requires: &[],
+    build: |configs, _| {
+        configs.acceptance.as_ref()?;
+        Some(std::sync::Arc::new(crate::unavailable::Unavailable {
+            kind: KIND,
+        }))
+    },
+};
+
+/// `acceptance`: no arguments.
+fn params(_: &mut Args) -> Result<serde_json::Map<String, serde_json::Value>, CommandError> {
+    Ok(serde_json::Map::new())
 }

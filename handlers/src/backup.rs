@@ -17,6 +17,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
+use crate::command::{self, Args, CommandError, Verb};
+use crate::descriptor::KindDescriptor;
 use crate::handler::{
     Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy, TargetResult,
 };
@@ -124,6 +126,43 @@ fn go_duration(d: Duration) -> String {
     format!("{}h{}m{}s", s / 3600, (s % 3600) / 60, s % 60)
 }
 
+pub const KIND: JobKind = JobKind::named("backup");
+
+pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
+    kind: KIND,
+    verbs: &[Verb {
+        name: "backup",
+        aliases: &[],
+        usage: "backup [ns=a,b] [ttl=72h]",
+        summary: "Velero backup of namespaces (default: all)",
+        kind: Some(KIND),
+        params: Some(params),
+    }],
+    section: "backup",
+    requires: &["kubernetes"],
+    build: |configs, services| {
+        Some(std::sync::Arc::new(BackupHandler {
+            config: configs.backup.clone()?,
+            services: services.clone(),
+        }))
+    },
+};
+
+/// `backup [ns=a,b] [ttl=72h]`.
+fn params(args: &mut Args) -> Result<serde_json::Map<String, Value>, CommandError> {
+    let mut params = serde_json::Map::new();
+    if let Some(ns) = args.take("ns") {
+        params.insert("namespaces".into(), command::names_list("ns", &ns)?);
+    }
+    if let Some(ttl) = args.take("ttl") {
+        params.insert(
+            "ttl_seconds".into(),
+            Value::from(command::duration("ttl", &ttl)?.as_secs()),
+        );
+    }
+    Ok(params)
+}
+
 pub struct BackupHandler {
     pub config: Config,
     pub services: Services,
@@ -198,7 +237,7 @@ impl BackupHandler {
 #[async_trait]
 impl Handler for BackupHandler {
     fn kind(&self) -> JobKind {
-        JobKind::Backup
+        JobKind::BACKUP
     }
 
     fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {

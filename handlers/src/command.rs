@@ -91,98 +91,76 @@ pub enum Request {
     },
 }
 
-/// One verb: its name, its usage line, what it does and, for job verbs, the kind it starts.
+/// Reads a job verb's words into the job's validated parameters.
+pub type ParamParser = fn(&mut Args) -> Result<Map<String, Value>, CommandError>;
+
+/// One verb: its name, its usage line, what it does and, for job verbs, the kind it starts
+/// and how its words become parameters. Job verbs are declared by their kind's descriptor.
 #[derive(Debug, Clone, Copy)]
 pub struct Verb {
     pub name: &'static str,
+    /// Other names that mean the same.
+    pub aliases: &'static [&'static str],
     pub usage: &'static str,
     pub summary: &'static str,
     pub kind: Option<JobKind>,
+    pub params: Option<ParamParser>,
 }
 
-pub const VERBS: &[Verb] = &[
+/// The verbs that are no job: they answer from the agent's state.
+const BUILTIN_VERBS: &[Verb] = &[
     Verb {
         name: "help",
+        aliases: &[],
         usage: "help [verb]",
         summary: "list the commands, or explain one",
         kind: None,
+        params: None,
     },
     Verb {
         name: "status",
+        aliases: &[],
         usage: "status",
-        summary: "agents alive, queue depth, locks held, last result per job kind",
+        summary: "agents alive, queue depth, locks held, deferred jobs, last result per job kind",
         kind: None,
+        params: None,
     },
     Verb {
         name: "jobs",
+        aliases: &[],
         usage: "jobs [kind=K] [state=S] [limit=N]",
         summary: "recent jobs, newest first",
         kind: None,
+        params: None,
     },
     Verb {
         name: "job",
+        aliases: &[],
         usage: "job <id>",
         summary: "one job's record",
         kind: None,
+        params: None,
     },
     Verb {
         name: "cancel",
+        aliases: &[],
         usage: "cancel <id>",
         summary: "cancel a queued, waiting, running or approval-pending job",
         kind: None,
-    },
-    Verb {
-        name: "plan",
-        usage: "plan [ref] [env=E]",
-        summary: "terraform plan of a ref (default: the default branch); apply needs approval",
-        kind: Some(JobKind::Reconcile),
-    },
-    Verb {
-        name: "apply",
-        usage: "apply <job-id>",
-        summary: "apply the saved plan of a reconcile job awaiting approval",
-        kind: Some(JobKind::Apply),
-    },
-    Verb {
-        name: "reconcile",
-        usage: "reconcile [env=E]",
-        summary: "plan the default branch's head, apply after approval, sync Argo CD",
-        kind: Some(JobKind::Reconcile),
-    },
-    Verb {
-        name: "backup",
-        usage: "backup [ns=a,b] [ttl=72h]",
-        summary: "Velero backup of namespaces (default: all)",
-        kind: Some(JobKind::Backup),
-    },
-    Verb {
-        name: "snapshot",
-        usage: "snapshot",
-        summary: "Talos etcd snapshot to S3",
-        kind: Some(JobKind::EtcdSnapshot),
-    },
-    Verb {
-        name: "drill",
-        usage: "drill [ns=a] [etcd]",
-        summary: "restore drill: prove that backups restore",
-        kind: Some(JobKind::RestoreDrill),
-    },
-    Verb {
-        name: "upgrade",
-        usage: "upgrade talos <version> [nodes=a,b]",
-        summary: "rolling Talos upgrade with drain and health gates",
-        kind: Some(JobKind::Upgrade),
-    },
-    Verb {
-        name: "acceptance",
-        usage: "acceptance",
-        summary: "platform acceptance checks",
-        kind: Some(JobKind::Acceptance),
+        params: None,
     },
 ];
 
+/// Every verb: the built-in ones, then each kind's, in the order of the kinds.
+pub fn verbs() -> impl Iterator<Item = &'static Verb> {
+    BUILTIN_VERBS
+        .iter()
+        .chain(crate::descriptor::KINDS.iter().flat_map(|d| d.verbs.iter()))
+}
+
+/// The verb called `name` or one of its aliases.
 pub fn verb(name: &str) -> Option<&'static Verb> {
-    VERBS.iter().find(|v| v.name == name)
+    verbs().find(|v| v.name == name || v.aliases.contains(&name))
 }
 
 fn is_allowed(ch: char) -> bool {
@@ -190,7 +168,7 @@ fn is_allowed(ch: char) -> bool {
 }
 
 /// Shortens a user-supplied word for an error message.
-fn clip(word: &str) -> String {
+pub fn clip(word: &str) -> String {
     if word.chars().count() > 64 {
         let mut s: String = word.chars().take(61).collect();
         s.push_str("...");
@@ -306,110 +284,36 @@ pub fn parse(text: &str) -> Result<Request, CommandError> {
         "cancel" => Request::Cancel {
             id: validate_job_id(&args.required_positional("a job id")?)?,
         },
-        "plan" | "reconcile" => {
-            let mut params = Map::new();
-            params.insert("trigger".into(), Value::from(verb.name));
-            if verb.name == "plan"
-                && let Some(r) = args.optional_positional()?
-            {
-                params.insert("ref".into(), Value::from(validate_git_ref(&r)?));
-            }
-            // An explicit environment must be the one this agent reconciles.
-            if let Some(env) = args.take("env") {
-                params.insert("env".into(), Value::from(validate_label("env", &env)?));
-            }
-            submit(JobKind::Reconcile, params)
-        }
-        "apply" => {
-            let id = validate_job_id(&args.required_positional("the job id of a plan")?)?;
-            let mut params = Map::new();
-            params.insert("plan_job".into(), Value::from(id));
-            submit(JobKind::Apply, params)
-        }
-        "backup" => {
-            let mut params = Map::new();
-            if let Some(ns) = args.take("ns") {
-                params.insert("namespaces".into(), names_list("ns", &ns)?);
-            }
-            if let Some(ttl) = args.take("ttl") {
-                params.insert(
-                    "ttl_seconds".into(),
-                    Value::from(duration("ttl", &ttl)?.as_secs()),
-                );
-            }
-            submit(JobKind::Backup, params)
-        }
-        "snapshot" => submit(JobKind::EtcdSnapshot, Map::new()),
-        "drill" => {
-            let mut params = Map::new();
-            if let Some(ns) = args.take("ns") {
-                params.insert("namespaces".into(), names_list("ns", &ns)?);
-            }
-            let mut etcd = false;
-            while let Some(word) = args.optional_positional()? {
-                if word == "etcd" {
-                    etcd = true;
-                } else {
-                    return Err(CommandError::Unexpected {
-                        verb: verb.name,
-                        word: clip(&word),
-                        usage: verb.usage,
-                    });
-                }
-            }
-            params.insert("etcd".into(), Value::from(etcd));
-            submit(JobKind::RestoreDrill, params)
-        }
-        "upgrade" => {
-            let component = args.required_positional("a component (talos)")?;
-            if component != "talos" {
-                return Err(CommandError::Invalid {
-                    name: "component".into(),
-                    value: clip(&component),
-                    reason: "only `talos` can be upgraded".into(),
+        other => match (verb.kind, verb.params) {
+            (Some(kind), Some(params)) => Request::Submit {
+                kind,
+                params: params(&mut args)?,
+            },
+            _ => {
+                return Err(CommandError::UnknownVerb {
+                    verb: other.to_string(),
+                    hint: String::new(),
                 });
             }
-            let version = validate_version(&args.required_positional("a version")?)?;
-            let mut params = Map::new();
-            params.insert("component".into(), Value::from(component));
-            params.insert("version".into(), Value::from(version));
-            if let Some(nodes) = args.take("nodes") {
-                let list = nodes
-                    .split(',')
-                    .map(|n| validate_node(n).map(Value::from))
-                    .collect::<Result<Vec<_>, _>>()?;
-                params.insert("nodes".into(), Value::Array(list));
-            }
-            submit(JobKind::Upgrade, params)
-        }
-        "acceptance" => submit(JobKind::Acceptance, Map::new()),
-        other => {
-            return Err(CommandError::UnknownVerb {
-                verb: other.to_string(),
-                hint: String::new(),
-            });
-        }
+        },
     };
     args.finish()?;
     Ok(request)
 }
 
-fn submit(kind: JobKind, params: Map<String, Value>) -> Request {
-    Request::Submit { kind, params }
-}
-
-/// Tracks which words a verb consumed, so leftovers are reported, not ignored.
-struct Args {
+/// A verb's words as its parser consumes them, so leftovers are reported, not ignored.
+pub struct Args {
     verb: &'static Verb,
     line: CommandLine,
 }
 
 impl Args {
-    fn take(&mut self, key: &str) -> Option<String> {
+    /// The value of `key=value`, taken.
+    pub fn take(&mut self, key: &str) -> Option<String> {
         self.line.named.remove(key)
     }
 
-    fn optional_positional(&mut self) -> Result<Option<String>, CommandError> {
+    pub fn optional_positional(&mut self) -> Result<Option<String>, CommandError> {
         if self.line.positional.is_empty() {
             Ok(None)
         } else {
@@ -417,7 +321,20 @@ impl Args {
         }
     }
 
-    fn required_positional(&mut self, what: &'static str) -> Result<String, CommandError> {
+    /// A positional word that is not what the verb takes.
+    pub fn unexpected(&self, word: &str) -> CommandError {
+        CommandError::Unexpected {
+            verb: self.verb.name,
+            word: clip(word),
+            usage: self.verb.usage,
+        }
+    }
+
+    pub fn verb_name(&self) -> &'static str {
+        self.verb.name
+    }
+
+    pub fn required_positional(&mut self, what: &'static str) -> Result<String, CommandError> {
         self.optional_positional()?.ok_or(CommandError::Missing {
             verb: self.verb.name,
             what,
@@ -445,8 +362,7 @@ impl Args {
 }
 
 fn suggest(word: &str) -> Option<&'static str> {
-    VERBS
-        .iter()
+    verbs()
         .map(|v| (v.name, edit_distance(word, v.name)))
         .filter(|(_, d)| *d <= 2)
         .min_by_key(|(_, d)| *d)
@@ -489,7 +405,8 @@ pub fn validate_label(name: &str, value: &str) -> Result<String, CommandError> {
     }
 }
 
-fn names_list(name: &str, value: &str) -> Result<Value, CommandError> {
+/// A comma-separated list of RFC 1123 labels, duplicates dropped.
+pub fn names_list(name: &str, value: &str) -> Result<Value, CommandError> {
     let mut out = Vec::new();
     for part in value.split(',') {
         let v = validate_label(name, part)?;
@@ -614,11 +531,16 @@ fn validate_state(value: String) -> Result<String, CommandError> {
 /// The help text: every verb, or one verb in detail.
 pub fn help(topic: Option<&str>) -> String {
     match topic.and_then(verb) {
-        Some(v) => format!("{}\n  {}", v.usage, v.summary),
+        Some(v) if v.aliases.is_empty() => format!("{}\n  {}", v.usage, v.summary),
+        Some(v) => format!(
+            "{}\n  {} (also: {})",
+            v.usage,
+            v.summary,
+            v.aliases.join(", ")
+        ),
         None => {
-            let width = VERBS.iter().map(|v| v.usage.len()).max().unwrap_or(0);
-            VERBS
-                .iter()
+            let width = verbs().map(|v| v.usage.len()).max().unwrap_or(0);
+            verbs()
                 .map(|v| format!("{:width$}  {}", v.usage, v.summary))
                 .collect::<Vec<_>>()
                 .join("\n")
@@ -640,29 +562,29 @@ mod tests {
     #[test]
     fn every_verb_with_its_arguments() {
         let (k, p) = params(parse("backup ns=media,home ttl=72h").expect("backup"));
-        assert_eq!(k, JobKind::Backup);
+        assert_eq!(k, JobKind::BACKUP);
         assert_eq!(p["namespaces"], serde_json::json!(["media", "home"]));
         assert_eq!(p["ttl_seconds"], 72 * 3600);
         let (k, p) = params(parse("upgrade talos 1.13.2 nodes=cp-1,10.0.0.12").expect("up"));
-        assert_eq!(k, JobKind::Upgrade);
+        assert_eq!(k, JobKind::UPGRADE);
         assert_eq!(p["version"], "v1.13.2");
         assert_eq!(p["nodes"], serde_json::json!(["cp-1", "10.0.0.12"]));
         let (k, p) = params(parse("drill ns=media etcd").expect("drill"));
-        assert_eq!(k, JobKind::RestoreDrill);
+        assert_eq!(k, JobKind::RESTORE_DRILL);
         assert_eq!(p["etcd"], true);
         let (k, p) = params(parse("plan feature/x").expect("plan"));
-        assert_eq!(k, JobKind::Reconcile);
+        assert_eq!(k, JobKind::RECONCILE);
         assert_eq!(p["ref"], "feature/x");
         let (k, _) = params(parse("snapshot").expect("snapshot"));
-        assert_eq!(k, JobKind::EtcdSnapshot);
+        assert_eq!(k, JobKind::ETCD_SNAPSHOT);
         let (k, p) = params(parse("apply 01jd0000000000000000000000").expect("apply"));
-        assert_eq!(k, JobKind::Apply);
+        assert_eq!(k, JobKind::APPLY);
         assert_eq!(p["plan_job"], "01jd0000000000000000000000");
         assert_eq!(parse("STATUS").expect("status"), Request::Status);
         assert_eq!(
             parse("jobs kind=backup limit=5").expect("jobs"),
             Request::Jobs {
-                kind: Some(JobKind::Backup),
+                kind: Some(JobKind::BACKUP),
                 state: None,
                 limit: 5
             }
@@ -721,7 +643,7 @@ mod tests {
     #[test]
     fn help_lists_every_verb() {
         let h = help(None);
-        for v in VERBS {
+        for v in verbs() {
             assert!(h.contains(v.usage), "{}", v.name);
         }
         assert!(help(Some("backup")).starts_with("backup [ns=a,b]"));
@@ -729,9 +651,9 @@ mod tests {
 
     #[test]
     fn every_job_kind_has_a_verb() {
-        for kind in JobKind::ALL {
+        for kind in JobKind::all() {
             assert!(
-                VERBS.iter().any(|v| v.kind == Some(kind)),
+                verbs().any(|v| v.kind == Some(kind)),
                 "no verb starts {kind}"
             );
         }

@@ -477,7 +477,7 @@ mod tests {
         assert!(!shown.contains("10.0.0.5"));
         assert!(shown.contains("abc123"));
         let e = HandlerError::NotConfigured {
-            kind: JobKind::Backup,
+            kind: JobKind::BACKUP,
             section: "backup",
         };
         assert!(e.user_message("t").contains("[backup]"));

@@ -1,63 +1,63 @@
 //! Job kinds. One name per concept: a kind is also its handler module, its config section
 //! (with `-` written `_`), its metric label and the `kind` field of every record and event.
+//!
+//! A kind is a name declared by its module's [`crate::descriptor::KindDescriptor`]; the list
+//! of descriptors ([`crate::descriptor::KINDS`]) is the list of kinds, so a new kind is one
+//! module plus one line there.
 
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum JobKind {
-    Reconcile,
-    Apply,
-    Backup,
-    EtcdSnapshot,
-    RestoreDrill,
-    Upgrade,
-    Acceptance,
-}
+use crate::descriptor::{self, KindDescriptor};
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobKind(&'static str);
 
 impl JobKind {
-    pub const ALL: [JobKind; 7] = [
-        JobKind::Reconcile,
-        JobKind::Apply,
-        JobKind::Backup,
-        JobKind::EtcdSnapshot,
-        JobKind::RestoreDrill,
-        JobKind::Upgrade,
-        JobKind::Acceptance,
-    ];
+    /// For a kind module's `KIND` constant; the name is also listed in [`descriptor::KINDS`].
+    pub const fn named(name: &'static str) -> Self {
+        Self(name)
+    }
+
+    pub const RECONCILE: JobKind = crate::reconcile::KIND;
+    pub const APPLY: JobKind = crate::reconcile::apply::KIND;
+    pub const BACKUP: JobKind = crate::backup::KIND;
+    pub const ETCD_SNAPSHOT: JobKind = crate::etcd_snapshot::KIND;
+    pub const RESTORE_DRILL: JobKind = crate::restore_drill::KIND;
+    pub const UPGRADE: JobKind = crate::upgrade::KIND;
+    pub const ACCEPTANCE: JobKind = crate::acceptance::KIND;
+
+    /// Every kind, in the order of [`descriptor::KINDS`].
+    pub fn all() -> impl Iterator<Item = JobKind> {
+        descriptor::KINDS.iter().map(|d| d.kind)
+    }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Reconcile => "reconcile",
-            JobKind::Apply => "apply",
-            JobKind::Backup => "backup",
-            JobKind::EtcdSnapshot => "etcd-snapshot",
-            JobKind::RestoreDrill => "restore-drill",
-            JobKind::Upgrade => "upgrade",
-            JobKind::Acceptance => "acceptance",
-        }
+        self.0
+    }
+
+    pub fn descriptor(self) -> Option<&'static KindDescriptor> {
+        descriptor::KINDS.iter().copied().find(|d| d.kind == self)
     }
 
     /// The config section that enables this kind. `apply` runs saved reconcile plans, so the
     /// `[reconcile]` section enables both.
     pub fn config_section(self) -> &'static str {
-        match self {
-            JobKind::Reconcile | JobKind::Apply => "reconcile",
-            JobKind::Backup => "backup",
-            JobKind::EtcdSnapshot => "etcd_snapshot",
-            JobKind::RestoreDrill => "restore_drill",
-            JobKind::Upgrade => "upgrade",
-            JobKind::Acceptance => "acceptance",
-        }
+        self.descriptor().map_or(self.0, |d| d.section)
     }
 }
 
 impl fmt::Display for JobKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JobKind({})", self.0)
     }
 }
 
@@ -65,13 +65,23 @@ impl FromStr for JobKind {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
-                format!("unknown job kind {s:?} (one of {})", names.join(", "))
-            })
+        JobKind::all().find(|k| k.as_str() == s).ok_or_else(|| {
+            let names: Vec<_> = JobKind::all().map(JobKind::as_str).collect();
+            format!("unknown job kind {s:?} (one of {})", names.join(", "))
+        })
+    }
+}
+
+impl Serialize for JobKind {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for JobKind {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -81,11 +91,13 @@ mod tests {
 
     #[test]
     fn names_round_trip_through_text_and_json() {
-        for kind in JobKind::ALL {
+        assert!(JobKind::all().count() >= 7);
+        for kind in JobKind::all() {
             assert_eq!(kind.as_str().parse::<JobKind>(), Ok(kind));
             let json = serde_json::to_string(&kind).expect("serialize");
             assert_eq!(json, format!("\"{}\"", kind.as_str()));
-            let expected = if kind == JobKind::Apply {
+            assert_eq!(serde_json::from_str::<JobKind>(&json).expect("back"), kind);
+            let expected = if kind == JobKind::APPLY {
                 "reconcile".to_string()
             } else {
                 kind.as_str().replace('-', "_")
@@ -98,5 +110,6 @@ mod tests {
                 .expect_err("an error")
                 .contains("etcd-snapshot")
         );
+        assert!(serde_json::from_str::<JobKind>("\"nope\"").is_err());
     }
 }

@@ -4,9 +4,9 @@
 //! A handler receives a [`JobEnvelope`] and a [`JobContext`] and returns an [`Outcome`] or a
 //! [`HandlerError`]; the runner owns queueing, locks, retries, timeouts and records.
 
-pub mod apply;
 pub mod clients;
 pub mod command;
+pub mod descriptor;
 pub mod github;
 pub mod handler;
 pub mod job;

@@ -5,13 +5,11 @@ use std::sync::Arc;
 
 use std::path::PathBuf;
 
-use crate::apply::ApplyHandler;
+use crate::descriptor::KINDS;
 use crate::github::GitHub;
 use crate::handler::{Handler, HandlerError};
 use crate::kind::JobKind;
-use crate::reconcile::{ReconcileHandler, Reconciler};
 use crate::secret::Secrets;
-use crate::unavailable::Unavailable;
 use crate::{acceptance, backup, clients, etcd_snapshot, reconcile, restore_drill, upgrade};
 
 /// What handlers are built with: resolved secrets and the clients shared by several kinds.
@@ -46,22 +44,43 @@ pub struct HandlerConfigs {
 }
 
 impl HandlerConfigs {
+    /// Whether the section called `name` is present.
+    pub fn has_section(&self, name: &str) -> bool {
+        match name {
+            "kubernetes" => self.kubernetes.is_some(),
+            "talos" => self.talos.is_some(),
+            "s3" => self.s3.is_some(),
+            "reconcile" => self.reconcile.is_some(),
+            "backup" => self.backup.is_some(),
+            "etcd_snapshot" => self.etcd_snapshot.is_some(),
+            "restore_drill" => self.restore_drill.is_some(),
+            "upgrade" => self.upgrade.is_some(),
+            "acceptance" => self.acceptance.is_some(),
+            _ => false,
+        }
+    }
+
     /// Whether the section that enables `kind` is present.
     pub fn enables(&self, kind: JobKind) -> bool {
-        match kind {
-            JobKind::Reconcile | JobKind::Apply => self.reconcile.is_some(),
-            JobKind::Backup => self.backup.is_some(),
-            JobKind::EtcdSnapshot => self.etcd_snapshot.is_some(),
-            JobKind::RestoreDrill => self.restore_drill.is_some(),
-            JobKind::Upgrade => self.upgrade.is_some(),
-            JobKind::Acceptance => self.acceptance.is_some(),
-        }
+        self.has_section(kind.config_section())
+    }
+
+    /// Every kind that is enabled but lacks a section it needs, with the missing sections.
+    pub fn missing_sections(&self) -> Vec<(JobKind, Vec<&'static str>)> {
+        KINDS
+            .iter()
+            .filter(|d| self.has_section(d.section))
+            .map(|d| (d.kind, d.missing_sections(self)))
+            .filter(|(_, missing)| !missing.is_empty())
+            .collect()
     }
 }
 
 #[derive(Clone)]
 enum Slot {
     Enabled(Arc<dyn Handler>),
+    /// Enabled, but sections it needs are missing (`check-config` reports it too).
+    Incomplete(Vec<&'static str>),
     Disabled,
 }
 
@@ -81,45 +100,27 @@ impl Registry {
     /// Every kind disabled.
     pub fn empty() -> Self {
         Self {
-            slots: JobKind::ALL.iter().map(|k| (*k, Slot::Disabled)).collect(),
+            slots: JobKind::all().map(|k| (k, Slot::Disabled)).collect(),
         }
     }
 
-    /// The product's handlers for the sections that are present.
+    /// The product's handlers for the sections that are present, one per kind descriptor.
     pub fn from_sections(configs: &HandlerConfigs, services: &Services) -> Self {
         let mut registry = Self::empty();
-        for kind in JobKind::ALL {
-            if configs.enables(kind) {
-                // Kinds whose implementation lands in a later release fail honestly.
-                registry.register(Arc::new(Unavailable { kind }));
+        for descriptor in KINDS {
+            if !configs.has_section(descriptor.section) {
+                continue;
             }
-        }
-        if let Some(config) = &configs.reconcile {
-            let reconciler = Arc::new(Reconciler {
-                config: config.clone(),
-                services: services.clone(),
-            });
-            registry.register(Arc::new(ReconcileHandler {
-                reconciler: reconciler.clone(),
-            }));
-            registry.register(Arc::new(ApplyHandler { reconciler }));
-        }
-        if let Some(config) = &configs.backup {
-            registry.register(Arc::new(crate::backup::BackupHandler {
-                config: config.clone(),
-                services: services.clone(),
-            }));
-        }
-        // Without its clients the kind stays "not available": check-config says why.
-        if let (Some(config), Some(talos), Some(s3)) =
-            (&configs.etcd_snapshot, &configs.talos, &configs.s3)
-        {
-            registry.register(Arc::new(crate::etcd_snapshot::EtcdSnapshotHandler {
-                config: config.clone(),
-                talos: talos.clone(),
-                s3: s3.clone(),
-                services: services.clone(),
-            }));
+            let missing = descriptor.missing_sections(configs);
+            let slot = if !missing.is_empty() {
+                Slot::Incomplete(missing)
+            } else {
+                match (descriptor.build)(configs, services) {
+                    Some(handler) => Slot::Enabled(handler),
+                    None => Slot::Disabled,
+                }
+            };
+            registry.slots.insert(descriptor.kind, slot);
         }
         registry
     }
@@ -132,6 +133,10 @@ impl Registry {
     pub fn get(&self, kind: JobKind) -> Result<Arc<dyn Handler>, HandlerError> {
         match self.slots.get(&kind) {
             Some(Slot::Enabled(h)) => Ok(h.clone()),
+            Some(Slot::Incomplete(missing)) => Err(HandlerError::Failed(format!(
+                "{kind} needs the [{}] section(s) of the agent config",
+                missing.join("], [")
+            ))),
             _ => Err(HandlerError::NotConfigured {
                 kind,
                 section: kind.config_section(),
@@ -155,7 +160,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::{self, Request, VERBS};
+    use crate::command::{self, Request};
     use crate::settings::HumanDuration;
 
     fn all_sections() -> HandlerConfigs {
@@ -177,19 +182,70 @@ mod tests {
                 serde_json::from_str(r#"{"repo_url":"file:///r","workdir":"tf","env":"prod"}"#)
                     .expect("reconcile"),
             ),
-            ..Default::default()
+            kubernetes: Some(serde_json::from_str("{}").expect("kubernetes")),
+            talos: Some(
+                serde_json::from_str(r#"{"talosconfig":"/etc/t","cluster":"lab"}"#)
+                    .expect("talos"),
+            ),
+            s3: Some(
+                serde_json::from_str(
+                    r#"{"endpoint":"http://s3","access_key_id":"env:A","secret_access_key":"env:B"}"#,
+                )
+                .expect("s3"),
+            ),
         }
+    }
+
+    #[test]
+    fn a_kind_without_the_sections_it_needs_is_named_with_them() {
+        let mut configs = all_sections();
+        configs.talos = None;
+        configs.s3 = None;
+        configs.kubernetes = None;
+        let mut missing = configs.missing_sections();
+        missing.sort();
+        assert_eq!(
+            missing,
+            vec![
+                (JobKind::BACKUP, vec!["kubernetes"]),
+                (JobKind::ETCD_SNAPSHOT, vec!["talos", "s3"]),
+            ]
+        );
+        let registry = Registry::from_sections(&configs, &Services::default());
+        let err = registry
+            .get(JobKind::ETCD_SNAPSHOT)
+            .err()
+            .expect("incomplete")
+            .to_string();
+        assert!(err.contains("[talos], [s3]"), "{err}");
+        assert!(registry.get(JobKind::RECONCILE).is_ok());
+    }
+
+    #[test]
+    fn aliases_start_the_same_kind() {
+        for (text, kind) in [
+            ("snapshot", JobKind::ETCD_SNAPSHOT),
+            ("etcd-snapshot", JobKind::ETCD_SNAPSHOT),
+            ("plan", JobKind::RECONCILE),
+            ("reconcile", JobKind::RECONCILE),
+        ] {
+            match command::parse(text).expect(text) {
+                Request::Submit { kind: k, .. } => assert_eq!(k, kind, "{text}"),
+                other => panic!("{text} -> {other:?}"),
+            }
+        }
+        assert!(command::help(Some("etcd-snapshot")).contains("also: etcd-snapshot"));
     }
 
     #[test]
     fn every_kind_resolves_from_its_verb_and_its_section() {
         let registry = Registry::from_sections(&all_sections(), &Services::default());
-        for kind in JobKind::ALL {
+        for kind in JobKind::all() {
             let handler = registry.get(kind).expect("enabled");
             assert_eq!(handler.kind(), kind);
         }
         // Every job verb parses to a kind that the registry knows.
-        for verb in VERBS.iter().filter(|v| v.kind.is_some()) {
+        for verb in command::verbs().filter(|v| v.kind.is_some()) {
             let example = match verb.name {
                 "apply" => "apply 01jd0000000000000000000000".to_string(),
                 "upgrade" => "upgrade talos v1.13.0".to_string(),
@@ -207,16 +263,7 @@ mod tests {
 
     #[test]
     fn backups_and_snapshots_share_the_cluster_through_read_locks() {
-        let mut configs = all_sections();
-        configs.talos = Some(
-            serde_json::from_str(r#"{"talosconfig":"/etc/t","cluster":"lab"}"#).expect("talos"),
-        );
-        configs.s3 = Some(
-            serde_json::from_str(
-                r#"{"endpoint":"http://s3","access_key_id":"env:A","secret_access_key":"env:B"}"#,
-            )
-            .expect("s3"),
-        );
+        let configs = all_sections();
         let services = Services {
             cluster: "lab".into(),
             ..Default::default()
@@ -224,7 +271,7 @@ mod tests {
         let registry = Registry::from_sections(&configs, &services);
         let job = crate::job::JobEnvelope {
             job_id: "01jd0000000000000000000000".into(),
-            kind: JobKind::Backup,
+            kind: JobKind::BACKUP,
             params: Default::default(),
             source: crate::job::Source::Chatops,
             requested_by: "t".into(),
@@ -233,7 +280,7 @@ mod tests {
             commit: None,
             created_at: chrono::Utc::now(),
         };
-        for kind in [JobKind::Backup, JobKind::EtcdSnapshot] {
+        for kind in [JobKind::BACKUP, JobKind::ETCD_SNAPSHOT] {
             let locks = registry.get(kind).expect("enabled").locks(&job);
             assert_eq!(
                 locks,
@@ -242,7 +289,7 @@ mod tests {
             );
         }
         // An apply writes the state and reads the cluster, so an upgrade excludes it.
-        let locks = registry.get(JobKind::Apply).expect("enabled").locks(&job);
+        let locks = registry.get(JobKind::APPLY).expect("enabled").locks(&job);
         assert_eq!(
             locks,
             vec![
@@ -255,7 +302,7 @@ mod tests {
     #[test]
     fn an_absent_section_disables_its_kind_with_a_message() {
         let registry = Registry::from_sections(&HandlerConfigs::default(), &Services::default());
-        for kind in JobKind::ALL {
+        for kind in JobKind::all() {
             let err = registry.get(kind).err().expect("disabled");
             let msg = err.to_string();
             assert!(msg.contains(kind.config_section()), "{msg}");

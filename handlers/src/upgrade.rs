@@ -2,6 +2,9 @@
 
 use serde::Deserialize;
 
+use crate::command::{self, Args, CommandError, Verb};
+use crate::descriptor::KindDescriptor;
+use crate::kind::JobKind;
 use crate::settings::HumanDuration;
 
 /// `[upgrade]`
@@ -13,4 +16,52 @@ pub struct Config {
 
 fn default_timeout() -> HumanDuration {
     HumanDuration::from_secs(14400)
+}
+
+pub const KIND: JobKind = JobKind::named("upgrade");
+
+/// Not implemented yet: a job fails with "not available yet" (see [`crate::unavailable`]).
+pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
+    kind: KIND,
+    verbs: &[Verb {
+        name: "upgrade",
+        aliases: &[],
+        usage: "upgrade talos <version> [nodes=a,b]",
+        summary: "rolling Talos upgrade with drain and health gates",
+        kind: Some(KIND),
+        params: Some(params),
+    }],
+    section: "upgrade",
+    requires: &[],
+    build: |configs, _| {
+        configs.upgrade.as_ref()?;
+        Some(std::sync::Arc::new(crate::unavailable::Unavailable {
+            kind: KIND,
+        }))
+    },
+};
+
+/// `upgrade talos <version> [nodes=a,b]`.
+fn params(args: &mut Args) -> Result<serde_json::Map<String, serde_json::Value>, CommandError> {
+    use serde_json::Value;
+    let component = args.required_positional("a component (talos)")?;
+    if component != "talos" {
+        return Err(CommandError::Invalid {
+            name: "component".into(),
+            value: command::clip(&component),
+            reason: "only `talos` can be upgraded".into(),
+        });
+    }
+    let version = command::validate_version(&args.required_positional("a version")?)?;
+    let mut params = serde_json::Map::new();
+    params.insert("component".into(), Value::from(component));
+    params.insert("version".into(), Value::from(version));
+    if let Some(nodes) = args.take("nodes") {
+        let list = nodes
+            .split(',')
+            .map(|n| command::validate_node(n).map(Value::from))
+            .collect::<Result<Vec<_>, _>>()?;
+        params.insert("nodes".into(), Value::Array(list));
+    }
+    Ok(params)
 }

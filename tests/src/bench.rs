@@ -701,7 +701,7 @@ pub async fn bench_growth(
             async move {
                 let envelope = infraflux_handlers::JobEnvelope {
                     job_id: infraflux_handlers::new_job_id(),
-                    kind: infraflux_handlers::JobKind::Acceptance,
+                    kind: infraflux_handlers::JobKind::ACCEPTANCE,
                     params: Default::default(),
                     source: infraflux_handlers::Source::Chatops,
                     requested_by: "bench".into(),

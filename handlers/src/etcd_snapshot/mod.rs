@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::clients::{S3Config, TalosConfig};
+use crate::command::Verb;
+use crate::descriptor::KindDescriptor;
 use crate::handler::{
     Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy, TargetResult,
 };
@@ -110,6 +112,30 @@ pub struct Manifest {
     pub encrypted: bool,
     pub job_id: String,
 }
+
+pub const KIND: JobKind = JobKind::named("etcd-snapshot");
+
+pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
+    kind: KIND,
+    verbs: &[Verb {
+        name: "snapshot",
+        aliases: &["etcd-snapshot"],
+        usage: "snapshot",
+        summary: "Talos etcd snapshot to S3",
+        kind: Some(KIND),
+        params: Some(|_| Ok(serde_json::Map::new())),
+    }],
+    section: "etcd_snapshot",
+    requires: &["talos", "s3"],
+    build: |configs, services| {
+        Some(std::sync::Arc::new(EtcdSnapshotHandler {
+            config: configs.etcd_snapshot.clone()?,
+            talos: configs.talos.clone()?,
+            s3: configs.s3.clone()?,
+            services: services.clone(),
+        }))
+    },
+};
 
 pub struct EtcdSnapshotHandler {
     pub config: Config,
@@ -420,7 +446,7 @@ impl EtcdSnapshotHandler {
 #[async_trait]
 impl Handler for EtcdSnapshotHandler {
     fn kind(&self) -> JobKind {
-        JobKind::EtcdSnapshot
+        JobKind::ETCD_SNAPSHOT
     }
 
     /// A read lock: snapshots and backups run together; an upgrade's write lock excludes them.

@@ -4,6 +4,7 @@
 //! CD sync of the root Application. Pull requests get a speculative plan as a comment, never an
 //! apply. The commit status `infraflux/reconcile` tells GitHub where each commit stands.
 
+pub mod apply;
 pub mod argocd;
 pub mod preflight;
 pub mod report;
@@ -20,6 +21,8 @@ use chrono::Utc;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::command::{self, Args, CommandError, Verb};
+use crate::descriptor::KindDescriptor;
 use crate::github::StatusState;
 use crate::handler::{Handler, HandlerError, JobContext, LockRequest, Outcome};
 use crate::job::JobEnvelope;
@@ -89,6 +92,61 @@ fn default_timeout() -> HumanDuration {
 }
 
 /// What reconcile and apply share: the repository, terraform, GitHub feedback, Argo CD.
+pub const KIND: JobKind = JobKind::named("reconcile");
+
+pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
+    kind: KIND,
+    verbs: &[
+        Verb {
+            name: "plan",
+            aliases: &[],
+            usage: "plan [ref] [env=E]",
+            summary: "terraform plan of a ref (default: the default branch); apply needs approval",
+            kind: Some(KIND),
+            params: Some(params),
+        },
+        Verb {
+            name: "reconcile",
+            aliases: &[],
+            usage: "reconcile [env=E]",
+            summary: "plan the default branch's head, apply after approval, sync Argo CD",
+            kind: Some(KIND),
+            params: Some(params),
+        },
+    ],
+    section: "reconcile",
+    requires: &[],
+    build: |configs, services| {
+        let config = configs.reconcile.clone()?;
+        Some(std::sync::Arc::new(ReconcileHandler {
+            reconciler: std::sync::Arc::new(Reconciler {
+                config,
+                services: services.clone(),
+            }),
+        }))
+    },
+};
+
+/// `plan [ref] [env=E]` and `reconcile [env=E]`.
+fn params(args: &mut Args) -> Result<serde_json::Map<String, Value>, CommandError> {
+    let mut params = serde_json::Map::new();
+    let verb = args.verb_name();
+    params.insert("trigger".into(), Value::from(verb));
+    if verb == "plan"
+        && let Some(r) = args.optional_positional()?
+    {
+        params.insert("ref".into(), Value::from(command::validate_git_ref(&r)?));
+    }
+    // An explicit environment must be the one this agent reconciles.
+    if let Some(env) = args.take("env") {
+        params.insert(
+            "env".into(),
+            Value::from(command::validate_label("env", &env)?),
+        );
+    }
+    Ok(params)
+}
+
 pub struct Reconciler {
     pub config: Config,
     pub services: Services,
@@ -580,7 +638,7 @@ pub struct ReconcileHandler {
 #[async_trait]
 impl Handler for ReconcileHandler {
     fn kind(&self) -> JobKind {
-        JobKind::Reconcile
+        JobKind::RECONCILE
     }
 
     fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {

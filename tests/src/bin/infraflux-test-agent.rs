@@ -20,14 +20,14 @@ fn register(registry: &mut infraflux_handlers::Registry) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3_000);
     registry.register(Arc::new(MarkerHandler {
-        kind: JobKind::Acceptance,
+        kind: JobKind::ACCEPTANCE,
         dir: PathBuf::from(&dir),
         sleep: Duration::from_millis(sleep_ms),
     }));
     // Reconcile jobs (a webhook's push) run the same markers when asked to.
     if std::env::var_os("IFX_TEST_RECONCILE").is_some() {
         registry.register(Arc::new(MarkerHandler {
-            kind: JobKind::Reconcile,
+            kind: JobKind::RECONCILE,
             dir: PathBuf::from(&dir),
             sleep: Duration::from_millis(sleep_ms),
         }));

@@ -24,7 +24,7 @@ async fn cancelling_a_running_job_sends_sigint_to_its_child_and_ends_it_cancelle
     let mk = |log: RunLog, script: String| {
         move |r: &mut infraflux_handlers::Registry| {
             r.register(Arc::new(TestHandler::new(
-                JobKind::Acceptance,
+                JobKind::ACCEPTANCE,
                 Behaviour::Child(script),
                 log,
             )))
@@ -68,7 +68,7 @@ async fn cancelling_a_job_that_waits_for_a_lock_ends_it_without_running_it() {
     let l = log.clone();
     let agent = start_agent(&nats, "cancel-w", "[backup]\n", move |r| {
         r.register(Arc::new(
-            TestHandler::new(JobKind::Backup, Behaviour::Sleep(Duration::from_secs(3)), l)
+            TestHandler::new(JobKind::BACKUP, Behaviour::Sleep(Duration::from_secs(3)), l)
                 .with_locks(vec![LockRequest::write("cluster:lab")]),
         ))
     })
@@ -109,7 +109,7 @@ async fn a_job_past_its_kinds_timeout_is_cancelled_and_fails() {
     let agent = start_agent(&nats, "timeout-1", "[acceptance]\n", move |r| {
         r.register(Arc::new(
             TestHandler::new(
-                JobKind::Acceptance,
+                JobKind::ACCEPTANCE,
                 Behaviour::Sleep(Duration::from_secs(30)),
                 l,
             )

@@ -18,7 +18,7 @@ async fn every_builtin_answers() {
         "chat-1",
         "[backup]\n",
         TestHandler::new(
-            JobKind::Backup,
+            JobKind::BACKUP,
             Behaviour::Sleep(Duration::from_millis(100)),
             l,
         )
@@ -190,7 +190,7 @@ async fn a_retryable_failure_is_retried_with_backoff_and_recorded() {
         &nats,
         "retry-1",
         "[acceptance]\n",
-        TestHandler::new(JobKind::Acceptance, Behaviour::FlakyUntil(3), l).install(),
+        TestHandler::new(JobKind::ACCEPTANCE, Behaviour::FlakyUntil(3), l).install(),
     )
     .await;
     let client = nats.client().await;

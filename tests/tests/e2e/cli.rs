@@ -168,7 +168,7 @@ async fn ctl_exit_codes_and_github_event_forwarding() {
         "ctl-1",
         "[acceptance]\n",
         TestHandler::new(
-            JobKind::Acceptance,
+            JobKind::ACCEPTANCE,
             Behaviour::Sleep(Duration::from_millis(300)),
             l,
         )

@@ -17,7 +17,7 @@ async fn two_jobs_on_one_resource_run_one_after_the_other_and_the_second_waits_v
         move |r: &mut infraflux_handlers::Registry| {
             r.register(Arc::new(
                 TestHandler::new(
-                    JobKind::Upgrade,
+                    JobKind::UPGRADE,
                     Behaviour::Sleep(Duration::from_secs(2)),
                     log.clone(),
                 )
@@ -25,7 +25,7 @@ async fn two_jobs_on_one_resource_run_one_after_the_other_and_the_second_waits_v
             ));
             r.register(Arc::new(
                 TestHandler::new(
-                    JobKind::Backup,
+                    JobKind::BACKUP,
                     Behaviour::Sleep(Duration::from_millis(300)),
                     log,
                 )
@@ -81,7 +81,7 @@ async fn read_locks_share_a_resource() {
     let l = log.clone();
     let a = start_agent(&nats, "read-a", "[backup]\n", move |r| {
         r.register(Arc::new(
-            TestHandler::new(JobKind::Backup, Behaviour::Sleep(Duration::from_secs(1)), l)
+            TestHandler::new(JobKind::BACKUP, Behaviour::Sleep(Duration::from_secs(1)), l)
                 .with_locks(vec![LockRequest::read("cluster:lab")]),
         ))
     })
@@ -123,7 +123,7 @@ async fn a_panicking_handler_fails_its_job_releases_its_locks_and_the_agent_goes
     let agent = start_agent(&nats, "panic-a", "[backup]\n[upgrade]\n", move |r| {
         r.register(Arc::new(
             TestHandler::new(
-                JobKind::Backup,
+                JobKind::BACKUP,
                 Behaviour::Panic("a bug in the backup handler".into()),
                 l.clone(),
             )
@@ -131,7 +131,7 @@ async fn a_panicking_handler_fails_its_job_releases_its_locks_and_the_agent_goes
         ));
         r.register(Arc::new(
             TestHandler::new(
-                JobKind::Upgrade,
+                JobKind::UPGRADE,
                 Behaviour::Sleep(Duration::from_millis(100)),
                 l,
             )
@@ -180,7 +180,7 @@ async fn a_waiting_writer_is_not_starved_by_readers_that_keep_coming() {
     let agent = start_agent(&nats, "fair-a", "[backup]\n[upgrade]\n", move |r| {
         r.register(Arc::new(
             TestHandler::new(
-                JobKind::Backup,
+                JobKind::BACKUP,
                 Behaviour::Sleep(Duration::from_secs(2)),
                 l.clone(),
             )
@@ -188,7 +188,7 @@ async fn a_waiting_writer_is_not_starved_by_readers_that_keep_coming() {
         ));
         r.register(Arc::new(
             TestHandler::new(
-                JobKind::Upgrade,
+                JobKind::UPGRADE,
                 Behaviour::Sleep(Duration::from_millis(500)),
                 l,
             )

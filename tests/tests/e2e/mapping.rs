@@ -51,7 +51,7 @@ fn push_to_the_payloads_default_branch_is_a_reconcile_of_its_commit() {
         else {
             panic!("{file}: {mapping:?}");
         };
-        assert_eq!(kind, JobKind::Reconcile, "{file}");
+        assert_eq!(kind, JobKind::RECONCILE, "{file}");
         assert_eq!(commit, p["after"].as_str().expect("after"), "{file}");
         assert_eq!(idempotency_key, commit_key(&repo_of(&p), &commit));
     }

@@ -16,7 +16,7 @@ async fn two_hundred_commands_on_two_agents_run_exactly_once_each() {
     let handler = |log: RunLog| {
         move |r: &mut infraflux_handlers::Registry| {
             r.register(Arc::new(TestHandler::new(
-                JobKind::Backup,
+                JobKind::BACKUP,
                 Behaviour::Sleep(Duration::from_millis(5)),
                 log,
             )))
@@ -91,7 +91,7 @@ command = "acceptance"
     let handler = |log: RunLog| {
         move |r: &mut infraflux_handlers::Registry| {
             r.register(Arc::new(TestHandler::new(
-                JobKind::Acceptance,
+                JobKind::ACCEPTANCE,
                 Behaviour::Sleep(Duration::from_millis(10)),
                 log,
             )))

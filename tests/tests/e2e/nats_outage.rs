@@ -40,7 +40,7 @@ async fn deliveries_during_a_nats_restart_are_refused_or_kept_never_lost() {
         "outage",
         "",
         TestHandler::new(
-            JobKind::Reconcile,
+            JobKind::RECONCILE,
             Behaviour::Sleep(Duration::from_millis(20)),
             l,
         )

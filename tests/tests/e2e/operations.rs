@@ -166,12 +166,12 @@ async fn metrics_after_jobs_are_valid_exposition_with_the_expected_counts() {
     let (a, b) = (log.clone(), log.clone());
     let agent = start_agent(&nats, "metrics", "[backup]\n[acceptance]\n", move |r| {
         r.register(std::sync::Arc::new(TestHandler::new(
-            JobKind::Backup,
+            JobKind::BACKUP,
             Behaviour::Sleep(Duration::from_millis(50)),
             a,
         )));
         r.register(std::sync::Arc::new(TestHandler::new(
-            JobKind::Acceptance,
+            JobKind::ACCEPTANCE,
             Behaviour::Child("exit 3".into()),
             b,
         )));

@@ -17,7 +17,7 @@ async fn each_job_has_its_own_directory_removed_when_it_ends() {
     let l = log.clone();
     let agent = start_agent(&nats, "dir-a", "[backup]\n", move |r| {
         r.register(Arc::new(TestHandler::new(
-            JobKind::Backup,
+            JobKind::BACKUP,
             Behaviour::FlakyUntil(2),
             l,
         )))
@@ -51,7 +51,7 @@ async fn a_deferred_job_waits_holding_nothing_and_runs_at_its_time() {
     let agent = start_agent(&nats, "defer-a", sections, move |r| {
         r.register(Arc::new(
             TestHandler::new(
-                JobKind::Upgrade,
+                JobKind::UPGRADE,
                 Behaviour::Sleep(Duration::from_millis(100)),
                 l1,
             )
@@ -60,7 +60,7 @@ async fn a_deferred_job_waits_holding_nothing_and_runs_at_its_time() {
         ));
         r.register(Arc::new(
             TestHandler::new(
-                JobKind::Backup,
+                JobKind::BACKUP,
                 Behaviour::Sleep(Duration::from_millis(100)),
                 l2,
             )
@@ -135,7 +135,7 @@ async fn a_checkpoint_lets_another_agent_resume_an_interrupted_job() {
     let handler = |log: RunLog| {
         move |r: &mut infraflux_handlers::Registry| {
             r.register(Arc::new(TestHandler::new(
-                JobKind::Upgrade,
+                JobKind::UPGRADE,
                 Behaviour::Checkpointed,
                 log,
             )))
@@ -172,7 +172,7 @@ async fn cancel_lets_a_handler_stop_at_a_safe_point_then_stops_it_hard() {
         // Stops at its next step boundary, well within its grace.
         r.register(Arc::new(
             TestHandler::new(
-                JobKind::Upgrade,
+                JobKind::UPGRADE,
                 Behaviour::SafePoints(Duration::from_millis(300)),
                 l1,
             )
@@ -181,7 +181,7 @@ async fn cancel_lets_a_handler_stop_at_a_safe_point_then_stops_it_hard() {
         // Never looks at the soft request: stopped hard once its grace is over.
         r.register(Arc::new(
             TestHandler::new(
-                JobKind::Backup,
+                JobKind::BACKUP,
                 Behaviour::Sleep(Duration::from_secs(120)),
                 l2,
             )
@@ -221,20 +221,20 @@ async fn a_handler_looks_up_the_newest_job_and_queues_one_follow_up_across_retri
     let sections = "[backup]\n[upgrade]\n[acceptance]\n";
     let agent = start_agent(&nats, "follow-a", sections, move |r| {
         r.register(Arc::new(TestHandler::new(
-            JobKind::Backup,
+            JobKind::BACKUP,
             Behaviour::Sleep(Duration::from_millis(50)),
             l1,
         )));
         r.register(Arc::new(TestHandler::new(
-            JobKind::Upgrade,
+            JobKind::UPGRADE,
             Behaviour::FollowUp {
-                look_for: JobKind::Backup,
-                follow: JobKind::Acceptance,
+                look_for: JobKind::BACKUP,
+                follow: JobKind::ACCEPTANCE,
             },
             l2,
         )));
         r.register(Arc::new(TestHandler::new(
-            JobKind::Acceptance,
+            JobKind::ACCEPTANCE,
             Behaviour::Sleep(Duration::from_millis(50)),
             l3,
         )));

@@ -9,7 +9,7 @@ use infraflux_tests::*;
 
 fn handler(log: RunLog) -> impl FnOnce(&mut infraflux_handlers::Registry) {
     TestHandler::new(
-        JobKind::Acceptance,
+        JobKind::ACCEPTANCE,
         Behaviour::Sleep(Duration::from_millis(10)),
         log,
     )

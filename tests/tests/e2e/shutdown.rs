@@ -18,7 +18,7 @@ async fn a_job_that_outlives_the_shutdown_deadline_is_redelivered_and_finishes_e
         "stop-a",
         "[acceptance]\n",
         TestHandler::new(
-            JobKind::Acceptance,
+            JobKind::ACCEPTANCE,
             Behaviour::Sleep(Duration::from_secs(60)),
             l,
         )
@@ -53,7 +53,7 @@ async fn a_job_that_outlives_the_shutdown_deadline_is_redelivered_and_finishes_e
         "stop-b",
         "[acceptance]\n",
         TestHandler::new(
-            JobKind::Acceptance,
+            JobKind::ACCEPTANCE,
             Behaviour::Sleep(Duration::from_millis(50)),
             l,
         )
@@ -81,7 +81,7 @@ async fn a_job_that_finishes_within_the_deadline_completes_during_shutdown() {
         "drain-a",
         "[acceptance]\n",
         TestHandler::new(
-            JobKind::Acceptance,
+            JobKind::ACCEPTANCE,
             Behaviour::Sleep(Duration::from_millis(800)),
             l,
         )

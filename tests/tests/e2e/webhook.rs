@@ -18,7 +18,7 @@ async fn signed_push_becomes_one_job_that_runs_to_success_and_duplicates_start_n
         "a1",
         "",
         TestHandler::new(
-            JobKind::Reconcile,
+            JobKind::RECONCILE,
             Behaviour::Sleep(Duration::from_millis(200)),
             handler_log,
         )
@@ -316,7 +316,7 @@ async fn a_lost_publish_ack_and_the_senders_retry_make_one_job_with_one_id() {
         "",
         &[],
         TestHandler::new(
-            JobKind::Reconcile,
+            JobKind::RECONCILE,
             Behaviour::Sleep(Duration::from_millis(100)),
             log.clone(),
         )

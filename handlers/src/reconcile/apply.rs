@@ -17,11 +17,47 @@ use chrono::Utc;
 use serde_json::{Map, Value, json};
 use tokio::io::AsyncReadExt;
 
+use crate::command::{self, Args, CommandError, Verb};
+use crate::descriptor::KindDescriptor;
 use crate::github::StatusState;
 use crate::handler::{Admission, Handler, HandlerError, JobContext, LockRequest, Outcome};
 use crate::job::JobEnvelope;
 use crate::kind::JobKind;
 use crate::reconcile::{PlanRecord, Reconciler, plan_record, short};
+
+pub const KIND: JobKind = JobKind::named("apply");
+
+pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
+    kind: KIND,
+    verbs: &[Verb {
+        name: "apply",
+        aliases: &[],
+        usage: "apply <job-id>",
+        summary: "apply the saved plan of a reconcile job awaiting approval",
+        kind: Some(KIND),
+        params: Some(params),
+    }],
+    // It runs reconcile's saved plans: the same section enables both.
+    section: "reconcile",
+    requires: &[],
+    build: |configs, services| {
+        let config = configs.reconcile.clone()?;
+        Some(Arc::new(ApplyHandler {
+            reconciler: Arc::new(Reconciler {
+                config,
+                services: services.clone(),
+            }),
+        }))
+    },
+};
+
+/// `apply <job-id>`.
+fn params(args: &mut Args) -> Result<Map<String, Value>, CommandError> {
+    let id = command::validate_job_id(&args.required_positional("the job id of a plan")?)?;
+    let mut params = Map::new();
+    params.insert("plan_job".into(), Value::from(id));
+    Ok(params)
+}
 
 pub struct ApplyHandler {
     pub reconciler: Arc<Reconciler>,
@@ -50,7 +86,7 @@ impl ApplyHandler {
             .job(plan_job)
             .await?
             .ok_or_else(|| format!("job {plan_job} not found"))?;
-        if view.kind != JobKind::Reconcile {
+        if view.kind != JobKind::RECONCILE {
             return Err(format!("job {plan_job} is a {} job, not a plan", view.kind));
         }
         let plan = plan_record(&view.result);
@@ -137,7 +173,7 @@ impl ApplyHandler {
 #[async_trait]
 impl Handler for ApplyHandler {
     fn kind(&self) -> JobKind {
-        JobKind::Apply
+        JobKind::APPLY
     }
 
     /// The state lock, and a read lock on the cluster: an apply changes what runs on it, so a

@@ -1,0 +1,80 @@
+//! One descriptor per job kind: its name, its verbs, its config section and the sections it
+//! cannot work without, and how its handler is built. The registry, config checks, the command
+//! parser, `help` and metrics all iterate [`KINDS`]; adding a kind is one module that declares
+//! a [`KindDescriptor`], plus one line here.
+
+use std::sync::Arc;
+
+use crate::command::Verb;
+use crate::handler::Handler;
+use crate::kind::JobKind;
+use crate::registry::{HandlerConfigs, Services};
+
+pub struct KindDescriptor {
+    pub kind: JobKind,
+    /// The verbs that start a job of this kind, each with its parameter parser.
+    pub verbs: &'static [Verb],
+    /// The config section that enables the kind.
+    pub section: &'static str,
+    /// Sections the kind cannot work without: their absence is a config error naming them.
+    pub requires: &'static [&'static str],
+    /// The handler, from the config's sections and the shared clients; called only when the
+    /// kind's section and every required one are present.
+    pub build: fn(&HandlerConfigs, &Services) -> Option<Arc<dyn Handler>>,
+}
+
+impl KindDescriptor {
+    /// The required sections that `configs` lacks.
+    pub fn missing_sections(&self, configs: &HandlerConfigs) -> Vec<&'static str> {
+        self.requires
+            .iter()
+            .copied()
+            .filter(|s| !configs.has_section(s))
+            .collect()
+    }
+}
+
+/// Every kind, in the order `help` lists their verbs.
+pub static KINDS: &[&KindDescriptor] = &[
+    &crate::reconcile::DESCRIPTOR,
+    &crate::reconcile::apply::DESCRIPTOR,
+    &crate::backup::DESCRIPTOR,
+    &crate::etcd_snapshot::DESCRIPTOR,
+    &crate::restore_drill::DESCRIPTOR,
+    &crate::upgrade::DESCRIPTOR,
+    &crate::acceptance::DESCRIPTOR,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_sections_and_verbs_are_unique_and_well_formed() {
+        let mut names: Vec<&str> = KINDS.iter().map(|d| d.kind.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), KINDS.len(), "a kind is declared twice");
+        let mut verbs: Vec<&str> = crate::command::verbs()
+            .flat_map(|v| std::iter::once(v.name).chain(v.aliases.iter().copied()))
+            .collect();
+        let count = verbs.len();
+        verbs.sort_unstable();
+        verbs.dedup();
+        assert_eq!(verbs.len(), count, "a verb or alias is declared twice");
+        for d in KINDS {
+            // One name per concept: the section is the kind's name with `_`, except apply,
+            // which runs reconcile's plans.
+            if d.kind != JobKind::APPLY {
+                assert_eq!(d.section, d.kind.as_str().replace('-', "_"));
+            }
+            assert!(!d.verbs.is_empty(), "{} has no verb", d.kind);
+            for v in d.verbs {
+                assert_eq!(v.kind, Some(d.kind), "{} in {}", v.name, d.kind);
+                assert!(v.params.is_some(), "{} has no parameter parser", v.name);
+                assert!(v.usage.starts_with(v.name), "{}", v.usage);
+            }
+            assert!(!d.requires.contains(&d.section));
+        }
+    }
+}
