@@ -139,6 +139,7 @@ async fn run(
         metrics: metrics.clone(),
         github: config.github.clone(),
         webhook_secrets: Arc::new(webhook_secrets),
+        limits: http::Limits::new(&config.http),
     };
     // HTTP outlives everything else so health checks answer during shutdown.
     let http_stop = CancellationToken::new();

@@ -181,15 +181,27 @@ impl Default for NatsSection {
 pub struct HttpSection {
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Webhook requests handled at once; one more is answered 503 at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// A request's head, and a webhook's body, must each arrive within this; it is also how
+    /// long an idle kept-alive connection stays open.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: HumanDuration,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            max_in_flight: default_max_in_flight(),
+            read_timeout: default_read_timeout(),
         }
     }
 }
+
+/// Far above any real need, and within what a semaphore can count.
+pub const MAX_HTTP_IN_FLIGHT: usize = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct GithubSection {
@@ -487,6 +499,15 @@ impl Config {
                 "http.listen",
                 format!("{:?} is not host:port ({e})", self.http.listen),
             );
+        }
+        if !(1..=MAX_HTTP_IN_FLIGHT).contains(&self.http.max_in_flight) {
+            problems.push(
+                "http.max_in_flight",
+                format!("must be from 1 to {MAX_HTTP_IN_FLIGHT}"),
+            );
+        }
+        if self.http.read_timeout.get() < Duration::from_secs(1) {
+            problems.push("http.read_timeout", "must be at least 1s");
         }
         if let Some(gh) = &self.github {
             let parts: Vec<_> = gh.repo.split('/').collect();
@@ -789,6 +810,12 @@ fn default_dedup_window() -> HumanDuration {
 fn default_listen() -> String {
     "127.0.0.1:8080".to_string()
 }
+fn default_max_in_flight() -> usize {
+    16
+}
+fn default_read_timeout() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
 fn default_branch() -> String {
     "main".to_string()
 }
@@ -875,6 +902,8 @@ webhook_secret = ["env:A", "env:B"]
         assert_eq!(c.agent.concurrency, 4);
         assert_eq!(c.nats.subject_prefix, "infraflux");
         assert_eq!(c.http.listen, "127.0.0.1:8080");
+        assert_eq!(c.http.max_in_flight, 16);
+        assert_eq!(c.http.read_timeout.get(), Duration::from_secs(30));
         let gh = c.github.expect("github");
         assert_eq!(gh.default_branch, "main");
         assert_eq!(gh.webhook_secret.0.len(), 2);
@@ -951,6 +980,8 @@ url = "http://x"
 dedup_window = "2m"
 [http]
 listen = "nowhere"
+max_in_flight = 0
+read_timeout = "10ms"
 [github]
 repo = "infra"
 webhook_secret = "env:A"
@@ -979,6 +1010,8 @@ a = 1
             "nats.dedup_window",
             "nats.bogus",
             "http.listen",
+            "http.max_in_flight",
+            "http.read_timeout",
             "github.repo",
             "github.typo_key",
             "backup.ttl",

@@ -3,24 +3,29 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hmac::{Hmac, KeyInit, Mac};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use infraflux_handlers::Source;
 use infraflux_handlers::secret::Secret;
 use serde_json::json;
 use sha2::Sha256;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::App;
-use crate::config::GithubSection;
+use crate::config::{GithubSection, HttpSection};
 use crate::github::{self, Accepted};
 use crate::metrics::Metrics;
 
@@ -60,6 +65,42 @@ impl Readiness {
     }
 }
 
+/// After shutdown, how long open requests may take to finish before their connections are
+/// dropped: the rest of the agent has stopped by then, and a stalled client must not keep the
+/// process from exiting.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// What keeps slow or too many clients from exhausting the listener (`[http]`).
+#[derive(Clone)]
+pub struct Limits {
+    /// Webhooks handled at once; one more is refused with 503.
+    pub max_in_flight: usize,
+    /// A request's head must arrive within this (from the connection's start, or from the end
+    /// of the previous response: the idle timeout of a kept-alive connection), and a webhook's
+    /// body within this again.
+    pub read_timeout: Duration,
+    /// One permit per webhook being handled. Webhooks are what hold memory (bodies up to
+    /// [`MAX_WEBHOOK_BYTES`]) and wait on JetStream; health and metrics answer from memory at
+    /// once, so they stay answerable while webhooks are refused.
+    pub webhook_slots: Arc<Semaphore>,
+}
+
+impl Limits {
+    pub fn new(http: &HttpSection) -> Self {
+        let max_in_flight = http.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            max_in_flight,
+            read_timeout: http.read_timeout.get(),
+            webhook_slots: Arc::new(Semaphore::new(max_in_flight)),
+        }
+    }
+
+    pub fn webhooks_in_flight(&self) -> usize {
+        self.max_in_flight
+            .saturating_sub(self.webhook_slots.available_permits())
+    }
+}
+
 #[derive(Clone)]
 pub struct HttpState {
     pub app: Arc<OnceLock<Arc<App>>>,
@@ -67,6 +108,7 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub github: Option<GithubSection>,
     pub webhook_secrets: Arc<Vec<Secret>>,
+    pub limits: Limits,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -79,15 +121,82 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` fires; in-flight requests finish first.
+/// Serves HTTP/1.1 until `shutdown` fires; open requests then get [`DRAIN_GRACE`] to finish.
+///
+/// Each connection is its own task, so clients that connect and send nothing (or half a
+/// request) hold only their socket, and hyper closes them after `read_timeout`. axum::serve
+/// cannot set that timeout, hence the loop here. HTTP/2 is not offered: GitHub, Prometheus and
+/// probes speak HTTP/1.1, and an HTTP/2 connection has no head timeout to close it when idle.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.limits.read_timeout);
+    let service = TowerToHyperService::new(router(state));
+    let mut connections = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            // Reaps finished connections so the set holds only open ones.
+            Some(_) = connections.join_next() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors, most likely: connections closing will free some.
+                    tracing::warn!(error = %e, "Accepting an HTTP connection failed; retrying in 1s");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        let connection = builder.serve_connection(TokioIo::new(stream), service.clone());
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stop.cancelled() => {
+                    // Closes an idle connection now, a busy one after its response.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                // Timeouts and clients going away: routine, and one per connection.
+                tracing::debug!(error = %e, "HTTP connection ended");
+            }
+        });
+    }
+    // New connections are refused rather than left waiting in the backlog.
+    drop(listener);
+    let drained = tokio::time::timeout(DRAIN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "HTTP connections still open {DRAIN_GRACE:?} after shutdown; closing them"
+        );
+    }
+}
+
+/// An error about one incoming connection (it went away before it was accepted), not about
+/// the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 pub async fn bind(listen: &str) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
@@ -112,8 +221,11 @@ async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> Response {
         .get()
         .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
     s.metrics.nats_connected.set(i64::from(connected));
+    s.metrics
+        .webhooks_in_flight
+        .set(i64::try_from(s.limits.webhooks_in_flight()).unwrap_or(i64::MAX));
     let openmetrics = headers
-        .get(axum::http::header::ACCEPT)
+        .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/openmetrics-text"));
     let (content_type, body) = if openmetrics {
@@ -127,7 +239,7 @@ async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> Response {
             crate::metrics::to_classic_text(&s.metrics.encode()),
         )
     };
-    ([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response()
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// `true` when `header` is `sha256=<hex>` of an HMAC-SHA256 of `body` under any of `secrets`.
@@ -153,11 +265,39 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn webhook(
-    State(s): State<HttpState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn webhook(State(s): State<HttpState>, headers: HeaderMap, request: Request) -> Response {
+    // Taken before the body is read: buffered bodies are what the limit bounds. Refused at
+    // once rather than queued: GitHub waits 10 s for an answer, and the deliveries it shows as
+    // failed are redelivered.
+    let Ok(_slot) = s.limits.webhook_slots.clone().try_acquire_owned() else {
+        s.metrics.webhook("overloaded");
+        let mut response = reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "too many webhook requests at once; retry later"}),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return response;
+    };
+    let read_timeout = s.limits.read_timeout;
+    let Ok(body) = tokio::time::timeout(read_timeout, Bytes::from_request(request, &s)).await
+    else {
+        s.metrics.webhook("timeout");
+        let mut response = reply(
+            StatusCode::REQUEST_TIMEOUT,
+            json!({"error": format!(
+                "request body not received within {}",
+                humantime::format_duration(read_timeout)
+            )}),
+        );
+        // The rest of the body may still come; the connection cannot carry another request.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return response;
+    };
     let (status, result, body) = webhook_inner(&s, &headers, body).await;
     s.metrics.webhook(result);
     reply(status, body)

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub nats_connected: Gauge,
     pub queue_pending: Gauge,
     pub jobs_running: Gauge,
+    pub webhooks_in_flight: Gauge,
 }
 
 impl Metrics {
@@ -166,6 +167,12 @@ impl Metrics {
             "Jobs this agent runs or holds waiting for locks",
             jobs_running.clone(),
         );
+        let webhooks_in_flight = Gauge::default();
+        registry.register(
+            "webhooks_in_flight",
+            "Webhook requests being handled now; at http.max_in_flight, more are refused",
+            webhooks_in_flight.clone(),
+        );
         Self {
             registry,
             jobs,
@@ -180,6 +187,7 @@ impl Metrics {
             nats_connected,
             queue_pending,
             jobs_running,
+            webhooks_in_flight,
         }
     }
 

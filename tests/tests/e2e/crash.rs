@@ -47,6 +47,19 @@ impl AgentProcess {
         self.child.wait().ok().and_then(|s| s.code())
     }
 
+    /// Its exit code once it exits; `None` if it is still running after `limit`.
+    pub fn exit_within(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.code(),
+                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
     pub fn kill9(&mut self) {
         // Child::kill is SIGKILL: no shutdown code runs, exactly like a crash.
         self.child.kill().expect("kill -9");

@@ -148,7 +148,7 @@ otlp_headers = {{ authorization = "env:TEST_OTLP_AUTH" }}
 }
 
 /// A Prometheus text sample: `name{labels} value`.
-fn samples(text: &str) -> BTreeMap<String, f64> {
+pub(crate) fn samples(text: &str) -> BTreeMap<String, f64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| {
