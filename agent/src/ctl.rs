@@ -241,7 +241,7 @@ async fn forward_github_event(
         eprintln!("usage: infraflux-agent ctl github-event <event> <payload-file> [delivery-id]");
         return EXIT_REJECTED;
     };
-    if !crate::http::valid_event_name(event) {
+    if !crate::github::valid_event_name(event) {
         eprintln!("error: {event:?} is not a GitHub event name");
         return EXIT_REJECTED;
     }

@@ -347,7 +347,7 @@ async fn nats_event(app: &crate::app::App, message: &async_nats::Message) -> Val
         .unwrap_or_default()
         .to_string();
     let event = header("X-GitHub-Event").unwrap_or(subject_event);
-    if !crate::http::valid_event_name(&event) {
+    if !valid_event_name(&event) {
         return json!({"ok": false, "error": format!("{event:?} is not a GitHub event name")});
     }
     let Some(delivery) = header("X-GitHub-Delivery").or_else(|| header("Nats-Msg-Id")) else {
@@ -375,4 +375,11 @@ async fn nats_event(app: &crate::app::App, message: &async_nats::Message) -> Val
         Ok(Err(bad)) => json!({"ok": false, "error": bad.to_string()}),
         Err(e) => json!({"ok": false, "error": e.to_string()}),
     }
+}
+
+/// GitHub event names are lower-case words with underscores.
+pub fn valid_event_name(event: &str) -> bool {
+    !event.is_empty()
+        && event.len() <= 64
+        && event.chars().all(|c| c.is_ascii_lowercase() || c == '_')
 }

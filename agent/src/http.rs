@@ -355,7 +355,7 @@ async fn webhook_inner(
             json!({"error": "missing X-GitHub-Event or X-GitHub-Delivery header"}),
         );
     };
-    if !valid_event_name(event) {
+    if !github::valid_event_name(event) {
         return (
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -404,12 +404,6 @@ async fn webhook_inner(
     }
 }
 
-/// GitHub event names are lower-case words with underscores.
-pub fn valid_event_name(event: &str) -> bool {
-    !event.is_empty()
-        && event.len() <= 64
-        && event.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-}
 
 #[cfg(test)]
 mod tests {
