@@ -129,10 +129,7 @@ async fn run(
     let readiness = Arc::new(Readiness::default());
     let app_cell = Arc::new(std::sync::OnceLock::new());
     let secrets = services.secrets.clone();
-    let webhook_secrets: Vec<_> = secrets
-        .with_prefix("github.webhook_secret.")
-        .map(|(_, s)| s.clone())
-        .collect();
+    let webhook_secrets: Vec<_> = secrets.webhook_secrets().cloned().collect();
     let http_state = HttpState {
         app: app_cell.clone(),
         readiness: readiness.clone(),

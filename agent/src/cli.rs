@@ -155,7 +155,9 @@ async fn run(
         .keys()
         .filter_map(|name| {
             secrets
-                .get(&format!("telemetry.otlp_headers.{name}"))
+                .of(&infraflux_handlers::secret::SecretKey::OtlpHeader(
+                    name.clone(),
+                ))
                 .map(|v| (name.clone(), v.expose().to_string()))
         })
         .collect();

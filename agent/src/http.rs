@@ -404,7 +404,6 @@ async fn webhook_inner(
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,7 @@ use crate::github::commit_key;
 use crate::ingest::Submitted;
 use crate::records::JobState;
 use crate::telemetry;
+use infraflux_handlers::secret::SecretKey;
 
 /// GitHub keeps deliveries, and lets them be redelivered, for three days.
 const REDELIVERY_WINDOW: chrono::Duration = chrono::Duration::days(3);
@@ -42,7 +43,7 @@ pub async fn poll(app: Arc<App>, shutdown: CancellationToken) {
     };
     let remote = Remote {
         url: rc.repo_url.clone(),
-        token: app.secrets.get("github.token").cloned(),
+        token: app.secrets.of(&SecretKey::GithubToken).cloned(),
         env: app.services.tool_env.clone(),
     };
     let branch = app.services.default_branch.clone();

@@ -8,6 +8,7 @@ use infraflux_handlers::github::GitHub;
 use infraflux_handlers::secret::Secrets;
 
 use crate::config::{Config, Problems};
+use infraflux_handlers::secret::SecretKey;
 
 /// Variables of the agent's environment that git and terraform may see; nothing else of it
 /// (credentials of the agent's own, unrelated settings) reaches a child process.
@@ -41,7 +42,7 @@ pub async fn build(
 ) -> Result<Services, Problems> {
     let mut problems = Problems::default();
     let github = match &config.github {
-        Some(gh) => match GitHub::new(&gh.api_url, secrets.get("github.token"), &gh.repo) {
+        Some(gh) => match GitHub::new(&gh.api_url, secrets.of(&SecretKey::GithubToken), &gh.repo) {
             Ok(client) => Some(client),
             Err(e) => {
                 problems.push("github.api_url", e.to_string());

@@ -16,6 +16,7 @@ use infraflux_handlers::JobKind;
 use infraflux_handlers::secret::Secrets;
 
 use crate::config::{Config, NatsSection};
+use infraflux_handlers::secret::SecretKey;
 
 /// How long one JetStream request may take before the store counts as unreachable.
 pub const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -142,7 +143,7 @@ pub async fn connect(
         url: nats.url.clone(),
         reason,
     };
-    if let Some(creds) = secrets.get("nats.creds") {
+    if let Some(creds) = secrets.of(&SecretKey::NatsCreds) {
         options = options.credentials(creds.expose()).map_err(|e| {
             err(format!(
                 "nats.creds is not a valid .creds file ({})",
@@ -150,13 +151,13 @@ pub async fn connect(
             ))
         })?;
     }
-    if let Some(seed) = secrets.get("nats.nkey") {
+    if let Some(seed) = secrets.of(&SecretKey::NatsNkey) {
         options = options.nkey(seed.expose().trim().to_string());
     }
-    if let Some(token) = secrets.get("nats.token") {
+    if let Some(token) = secrets.of(&SecretKey::NatsToken) {
         options = options.token(token.expose().to_string());
     }
-    if let (Some(user), Some(password)) = (&nats.user, secrets.get("nats.password")) {
+    if let (Some(user), Some(password)) = (&nats.user, secrets.of(&SecretKey::NatsPassword)) {
         options = options.user_and_password(user.clone(), password.expose().to_string());
     }
     if let Some(ca) = &nats.tls_ca {

@@ -6,15 +6,16 @@ use std::sync::Arc;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 
 use crate::clients::S3Config;
+use crate::secret::SecretKey;
 use crate::secret::Secrets;
 
 /// A client for one bucket.
 pub fn bucket(config: &S3Config, secrets: &Secrets, bucket: &str) -> Result<Arc<AmazonS3>, String> {
     let id = secrets
-        .get("s3.access_key_id")
+        .of(&SecretKey::S3AccessKeyId)
         .ok_or("s3.access_key_id is not resolved")?;
     let key = secrets
-        .get("s3.secret_access_key")
+        .of(&SecretKey::S3SecretAccessKey)
         .ok_or("s3.secret_access_key is not resolved")?;
     AmazonS3Builder::new()
         .with_endpoint(&config.endpoint)

@@ -193,6 +193,45 @@ pub fn redact_credentials(text: &str) -> String {
     out
 }
 
+/// A secret the agent's own code reads, named by what it is for: a misspelt name is a compile
+/// error, not a silent "absent". Its [`SecretKey::path`] is the config key that references it,
+/// which is also how `check-config` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretKey {
+    GithubToken,
+    /// The `n`-th of `[github] webhook_secret` (a list, for rotation).
+    WebhookSecret(usize),
+    NatsCreds,
+    NatsNkey,
+    NatsToken,
+    NatsPassword,
+    Talosconfig,
+    S3AccessKeyId,
+    S3SecretAccessKey,
+    /// A value of `[reconcile.env_vars]`.
+    ReconcileEnvVar(String),
+    /// A header of `[telemetry] otlp_headers`.
+    OtlpHeader(String),
+}
+
+impl SecretKey {
+    pub fn path(&self) -> String {
+        match self {
+            SecretKey::GithubToken => "github.token".into(),
+            SecretKey::WebhookSecret(n) => format!("github.webhook_secret.{n}"),
+            SecretKey::NatsCreds => "nats.creds".into(),
+            SecretKey::NatsNkey => "nats.nkey".into(),
+            SecretKey::NatsToken => "nats.token".into(),
+            SecretKey::NatsPassword => "nats.password".into(),
+            SecretKey::Talosconfig => "talos.talosconfig".into(),
+            SecretKey::S3AccessKeyId => "s3.access_key_id".into(),
+            SecretKey::S3SecretAccessKey => "s3.secret_access_key".into(),
+            SecretKey::ReconcileEnvVar(name) => format!("reconcile.env_vars.{name}"),
+            SecretKey::OtlpHeader(name) => format!("telemetry.otlp_headers.{name}"),
+        }
+    }
+}
+
 /// Every resolved secret, by the config key that referenced it (`github.token`,
 /// `reconcile.env_vars.AWS_ACCESS_KEY_ID`). Every value is also registered with the redactor.
 #[derive(Clone, Default)]
@@ -215,6 +254,16 @@ impl Secrets {
 
     pub fn get(&self, key: &str) -> Option<&Secret> {
         self.by_key.get(key)
+    }
+
+    /// A secret by what it is for.
+    pub fn of(&self, key: &SecretKey) -> Option<&Secret> {
+        self.by_key.get(&key.path())
+    }
+
+    /// Every configured webhook secret, in order (more than one while rotating).
+    pub fn webhook_secrets(&self) -> impl Iterator<Item = &Secret> {
+        self.with_prefix("github.webhook_secret.").map(|(_, s)| s)
     }
 
     /// Every secret whose key starts with `prefix` (a list such as `github.webhook_secret.0`,

@@ -35,6 +35,7 @@ use crate::handler::{
 use crate::job::JobEnvelope;
 use crate::kind::JobKind;
 use crate::registry::Services;
+use crate::secret::SecretKey;
 use crate::settings::HumanDuration;
 use crate::talos::proto::machine::EtcdSnapshotRequest;
 use crate::talos::{TalosClient, status_message, to_node};
@@ -160,7 +161,7 @@ impl EtcdSnapshotHandler {
 
     fn talos_client(&self) -> Result<TalosClient, HandlerError> {
         // A reference was resolved at start; a path is read now, so renewed certificates work.
-        let text = match self.services.secrets.get("talos.talosconfig") {
+        let text = match self.services.secrets.of(&SecretKey::Talosconfig) {
             Some(secret) => secret.expose().to_string(),
             None => std::fs::read_to_string(&self.talos.talosconfig).map_err(|e| {
                 HandlerError::Failed(format!("cannot read {}: {e}", self.talos.talosconfig))

@@ -28,6 +28,7 @@ use crate::handler::{Handler, HandlerError, JobContext, LockRequest, Outcome};
 use crate::job::JobEnvelope;
 use crate::kind::JobKind;
 use crate::registry::Services;
+use crate::secret::SecretKey;
 use crate::secret::SecretRef;
 use crate::settings::HumanDuration;
 use terraform::{PlanSummary, Terraform};
@@ -180,7 +181,7 @@ impl Reconciler {
     pub fn remote(&self) -> Remote {
         Remote {
             url: self.config.repo_url.clone(),
-            token: self.services.secrets.get("github.token").cloned(),
+            token: self.services.secrets.of(&SecretKey::GithubToken).cloned(),
             env: self.services.tool_env.clone(),
         }
     }
@@ -220,7 +221,7 @@ impl Reconciler {
             if let Some(secret) = self
                 .services
                 .secrets
-                .get(&format!("reconcile.env_vars.{name}"))
+                .of(&SecretKey::ReconcileEnvVar(name.clone()))
             {
                 env.push((name.clone(), secret.expose().to_string()));
             }
@@ -275,16 +276,18 @@ impl Reconciler {
             ))
         })?;
         // The credentials terraform will use: its env_vars, else the [s3] section's.
-        let secret = |names: [&str; 2]| {
-            names
-                .iter()
-                .find_map(|n| self.services.secrets.get(n))
+        let secret = |keys: [SecretKey; 2]| {
+            keys.iter()
+                .find_map(|k| self.services.secrets.of(k))
                 .map(|s| s.expose().to_string())
         };
-        let id = secret(["reconcile.env_vars.AWS_ACCESS_KEY_ID", "s3.access_key_id"]);
+        let id = secret([
+            SecretKey::ReconcileEnvVar("AWS_ACCESS_KEY_ID".into()),
+            SecretKey::S3AccessKeyId,
+        ]);
         let key = secret([
-            "reconcile.env_vars.AWS_SECRET_ACCESS_KEY",
-            "s3.secret_access_key",
+            SecretKey::ReconcileEnvVar("AWS_SECRET_ACCESS_KEY".into()),
+            SecretKey::S3SecretAccessKey,
         ]);
         preflight::reach_bucket(&target, id.as_deref(), key.as_deref())
             .await
