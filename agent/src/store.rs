@@ -319,6 +319,26 @@ async fn ensure_object_store(
     replicas: usize,
 ) -> Result<async_nats::jetstream::object_store::ObjectStore, StoreError> {
     if let Ok(store) = js.get_object_store(bucket).await {
+        // Its backing stream takes a changed replica count like every other stream does.
+        let name = format!("OBJ_{bucket}");
+        let mut stream = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| setup(&format!("object store {bucket}"), e.to_string()))?;
+        let config = stream
+            .info()
+            .await
+            .map_err(|e| setup(&format!("object store {bucket}"), e.to_string()))?
+            .config
+            .clone();
+        if config.num_replicas != replicas {
+            js.update_stream(stream::Config {
+                num_replicas: replicas,
+                ..config
+            })
+            .await
+            .map_err(|e| setup(&format!("object store {bucket}"), e.to_string()))?;
+        }
         return Ok(store);
     }
     js.create_object_store(async_nats::jetstream::object_store::Config {
