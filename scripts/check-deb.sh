@@ -15,6 +15,10 @@ echo "built $deb"
 trap '"${sudo_cmd[@]}" dpkg --purge infraflux-agent >/dev/null' EXIT
 
 infraflux-agent --version
+for f in nats-1.conf nats-2.conf nats-3.conf nats-authorization.conf README.md; do
+  [ -f "/usr/share/doc/infraflux-agent/examples/nats-cluster/$f" ] || {
+    echo "the package lacks examples/nats-cluster/$f" >&2; exit 1; }
+done
 getent passwd infraflux >/dev/null || { echo "the service user was not created" >&2; exit 1; }
 [ "$(stat -c '%a %G' /etc/infraflux/agent.toml)" = "640 infraflux" ] || {
   echo "/etc/infraflux/agent.toml: $(stat -c '%a %U:%G' /etc/infraflux/agent.toml)" >&2; exit 1; }
