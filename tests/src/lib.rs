@@ -44,8 +44,7 @@ pub fn fixtures_dir() -> PathBuf {
 
 pub fn fixture(path: &str) -> Vec<u8> {
     let file = fixtures_dir().join(path);
-    std::fs::read(&file)
-        .unwrap_or_else(|e| panic!("fixture {} is missing ({e})", file.display()))
+    std::fs::read(&file).unwrap_or_else(|e| panic!("fixture {} is missing ({e})", file.display()))
 }
 
 pub fn free_port() -> u16 {
@@ -146,6 +145,7 @@ listen = "127.0.0.1:0"
 
 [github]
 repo = "Codertocat/Hello-World"
+default_branch = "master"
 webhook_secret = "env:TEST_WEBHOOK_SECRET"
 "#,
         state = state_dir.display()
