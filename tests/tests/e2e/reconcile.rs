@@ -914,6 +914,44 @@ async fn a_sync_that_leaves_a_child_app_degraded_fails_and_names_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_status_descriptions_are_scrubbed_of_secrets_like_comments() {
+    let lab = lab(LabOptions::default()).await;
+    // Argo CD's error quotes a credential, as a repository URL with a token in it does.
+    const CLOUD_KEY: &str = "AKIAIOSFODNN7EXAMPLE";
+    lab.kube.set_sync_outcome(
+        "Failed",
+        &format!(
+            "rpc error: key {CLOUD_KEY} refused fetching https://x:{API_TOKEN}@git.lab/infra.git"
+        ),
+    );
+    lab.repo
+        .write(&format!("{WORKDIR}/main.tf"), &resources(&[], 0));
+    let sha = lab.repo.commit("No resources");
+    let job = lab.push(&sha, "alice").await;
+    let done = lab.settled(&job).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let statuses = lab.gh.statuses(&sha);
+    let last = statuses.last().cloned().expect("status");
+    assert_eq!(last["state"], "failure", "{last}");
+    let description = last["description"].as_str().unwrap_or_default();
+    assert!(
+        description.contains("Argo CD sync of root ended Failed"),
+        "{description}"
+    );
+    assert!(description.contains("[REDACTED]"), "{description}");
+    for status in &statuses {
+        let description = status["description"].as_str().unwrap_or_default();
+        for secret in [API_TOKEN, CLOUD_KEY] {
+            assert!(
+                !description.contains(secret),
+                "{secret} leaked into a commit status: {description}"
+            );
+        }
+    }
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_apply_whose_agent_dies_fails_with_what_to_check_and_is_never_retried() {
     let p = peers(60, "Healthy").await;
     let http_port = free_port();
