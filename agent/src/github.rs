@@ -150,14 +150,6 @@ fn repo_matches(
 
 fn map_push(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadPayload> {
     let git_ref = need(payload.git_ref.as_ref(), "ref", "push")?;
-    let default_branch = need(
-        payload
-            .repository
-            .as_ref()
-            .and_then(|r| r.default_branch.as_ref()),
-        "repository.default_branch",
-        "push",
-    )?;
     if let Some(reason) = repo_matches(payload, github, "push")? {
         return Ok(Mapping::Ignored(reason));
     }
@@ -167,12 +159,22 @@ fn map_push(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadP
     let Some(branch) = git_ref.strip_prefix("refs/heads/") else {
         return Ok(Mapping::Ignored(format!("{git_ref} is not a branch")));
     };
-    // The payload's own default branch, never a hard-coded name: repositories use main,
-    // master, or anything else.
-    if branch != default_branch {
-        return Ok(Mapping::Ignored(format!(
-            "push to {branch}, not to the default branch {default_branch}"
-        )));
+    // The configured branch decides, as it does for the poller and for `plan`: the payload's
+    // default branch may differ (a rename the config has not followed yet), and reconciling
+    // two branches of one repository would make them fight over the same state.
+    let configured = github.default_branch.as_str();
+    if branch != configured {
+        let payload_default = payload
+            .repository
+            .as_ref()
+            .and_then(|r| r.default_branch.as_deref());
+        return Ok(Mapping::Ignored(if payload_default == Some(branch) {
+            format!(
+                "push to {branch}, the repository's default branch on GitHub, but the agent reconciles [github] default_branch {configured}"
+            )
+        } else {
+            format!("push to {branch}, not to the default branch {configured}")
+        }));
     }
     let commit = need(payload.after.as_ref(), "after", "push")?;
     if !is_sha(commit) {

@@ -16,6 +16,7 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use chrono::Utc;
 use infraflux_handlers::github::{Delivery, GitHub};
+use infraflux_handlers::reconcile::auto_apply_holder;
 use infraflux_handlers::reconcile::workspace::Remote;
 use infraflux_handlers::{JobEnvelope, JobKind, Source, new_job_id};
 use serde_json::{Map, json};
@@ -70,7 +71,7 @@ pub async fn poll(app: Arc<App>, shutdown: CancellationToken) {
         if last_seen.as_deref() == Some(head.as_str()) {
             continue;
         }
-        match reconcile_head(&app, &repo_key, &branch, &head).await {
+        match reconcile_head(&app, &repo_key, &rc.env, &branch, &head).await {
             Ok(HeadPlan::Started(job_id)) => {
                 tracing::info!(commit = %head, %job_id, "Poller started a reconcile of the head");
             }
@@ -85,11 +86,12 @@ pub async fn poll(app: Arc<App>, shutdown: CancellationToken) {
 /// Makes sure the head has a plan: submits a reconcile under the commit's key (a duplicate of
 /// whatever the webhook or the workflow step brought), and when that plan failed as a plan
 /// (git, backend or terraform trouble, not an apply), submits it again, one poll interval
-/// apart and at most [`MAX_REPLANS`] times. A failed apply is never followed by a re-plan, so
-/// `auto_apply` cannot turn into a silent apply retry.
+/// apart and at most [`MAX_REPLANS`] times. A failed automatic apply (the head is held for a
+/// person) is never followed by a re-plan, so `auto_apply` cannot turn into a silent apply retry.
 async fn reconcile_head(
     app: &App,
     repo_key: &str,
+    env: &str,
     branch: &str,
     head: &str,
 ) -> Result<HeadPlan, String> {
@@ -133,7 +135,16 @@ async fn reconcile_head(
                 return Ok(HeadPlan::InProgress);
             }
             JobState::Failed
-                if infraflux_handlers::reconcile::plan_record(&record.result).is_none() => {}
+                if infraflux_handlers::reconcile::plan_record(&record.result).is_none() =>
+            {
+                let held = auto_apply_holder(&app.store.state, env, head)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(holder) = held {
+                    tracing::info!(commit = %head, %holder, "The head's automatic apply failed; it waits for a person");
+                    return Ok(HeadPlan::Settled);
+                }
+            }
             _ => return Ok(HeadPlan::Settled),
         }
     }

@@ -42,7 +42,12 @@ pub async fn build(
 ) -> Result<Services, Problems> {
     let mut problems = Problems::default();
     let github = match &config.github {
-        Some(gh) => match GitHub::new(&gh.api_url, secrets.of(&SecretKey::GithubToken), &gh.repo) {
+        Some(gh) => match GitHub::new(
+            &gh.api_url,
+            secrets.of(&SecretKey::GithubToken),
+            &gh.repo,
+            secrets.redactor().clone(),
+        ) {
             Ok(client) => Some(client),
             Err(e) => {
                 problems.push("github.api_url", e.to_string());

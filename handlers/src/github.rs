@@ -9,7 +9,7 @@ use octocrab::Octocrab;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::secret::Secret;
+use crate::secret::{Redactor, Secret, redact_credentials};
 
 /// GitHub refuses a comment body longer than this many characters.
 pub const MAX_COMMENT_CHARS: usize = 65_536;
@@ -95,6 +95,9 @@ pub struct GitHub {
     octo: Octocrab,
     owner: String,
     repo: String,
+    /// Scrubs what this client writes where everyone with read access sees it: commit status
+    /// descriptions and issues (plan comments are scrubbed as they are rendered).
+    redactor: Redactor,
 }
 
 impl std::fmt::Debug for GitHub {
@@ -104,7 +107,12 @@ impl std::fmt::Debug for GitHub {
 }
 
 impl GitHub {
-    pub fn new(api_url: &str, token: Option<&Secret>, repo: &str) -> Result<Self, GitHubError> {
+    pub fn new(
+        api_url: &str,
+        token: Option<&Secret>,
+        repo: &str,
+        redactor: Redactor,
+    ) -> Result<Self, GitHubError> {
         let (owner, name) = repo
             .split_once('/')
             .ok_or_else(|| GitHubError::Setup(format!("{repo:?} is not owner/name")))?;
@@ -123,6 +131,7 @@ impl GitHub {
             octo,
             owner: owner.to_string(),
             repo: name.to_string(),
+            redactor,
         })
     }
 
@@ -138,7 +147,7 @@ impl GitHub {
         state: StatusState,
         description: &str,
     ) -> Result<(), GitHubError> {
-        let description: String = description.chars().take(MAX_STATUS_DESCRIPTION).collect();
+        let description = status_description(&scrub(&self.redactor, description));
         let body = json!({"state": state.as_str(), "context": context, "description": description});
         self.octo
             .post::<_, Value>(self.route(&format!("statuses/{sha}")), Some(&body))
@@ -244,7 +253,8 @@ impl GitHub {
             )
             .await
             .map_err(|e| map_err("list issues", e))?;
-        let full = format!("<!-- {marker} -->\n{body}");
+        let title = scrub(&self.redactor, title);
+        let full = format!("<!-- {marker} -->\n{}", scrub(&self.redactor, body));
         let found = issues.iter().find(|i| {
             i.get("body")
                 .and_then(Value::as_str)
@@ -371,6 +381,17 @@ impl GitHub {
     }
 }
 
+/// `text` without any secret the agent knows or any string shaped like a credential.
+fn scrub(redactor: &Redactor, text: &str) -> String {
+    redactor.redact(&redact_credentials(text))
+}
+
+/// A scrubbed description cut to GitHub's limit. Cut after scrubbing, never before: a cut
+/// through a secret would leave a prefix that no longer matches and so is not replaced.
+fn status_description(scrubbed: &str) -> String {
+    scrubbed.chars().take(MAX_STATUS_DESCRIPTION).collect()
+}
+
 fn query(params: &Value) -> String {
     params
         .as_object()
@@ -470,6 +491,20 @@ mod tests {
                 .iter()
                 .all(|p| p.chars().count() <= MAX_COMMENT_CHARS - 500)
         );
+    }
+
+    #[test]
+    fn status_descriptions_are_scrubbed_before_they_are_cut() {
+        let redactor = Redactor::default();
+        redactor.register(&Secret::new("api-token-value-7731"));
+        // The secret straddles the 140-character cut.
+        let text = format!("{}api-token-value-7731 and more", "x".repeat(130));
+        let description = status_description(&scrub(&redactor, &text));
+        assert_eq!(description.chars().count(), MAX_STATUS_DESCRIPTION);
+        assert!(!description.contains("api-token"), "{description}");
+        assert!(description.ends_with("[REDACTED]"), "{description}");
+        let shaped = status_description(&scrub(&redactor, "key AKIAIOSFODNN7EXAMPLE refused"));
+        assert_eq!(shaped, "key [REDACTED] refused");
     }
 
     #[test]

@@ -454,8 +454,9 @@ struct KubeState {
     /// `plural/namespace/name` → object.
     objects: BTreeMap<String, Value>,
     requests: Vec<Recorded>,
-    /// How the fake Argo CD controller ends a sync.
+    /// How the fake Argo CD controller ends a sync, and the message it records.
     controller_phase: String,
+    controller_message: String,
     /// The `status` the fake Velero controller gives a backup when it ends.
     backup_outcome: Value,
     next_uid: u64,
@@ -479,6 +480,7 @@ impl FakeKube {
     pub async fn start(namespace: &str) -> FakeKube {
         let state = Arc::new(Mutex::new(KubeState {
             controller_phase: "Succeeded".into(),
+            controller_message: "successfully synced (all tasks run)".into(),
             backup_outcome: json!({"phase": "Completed", "progress": {"itemsBackedUp": 42, "totalItems": 42}, "warnings": 0, "errors": 0}),
             ..Default::default()
         }));
@@ -500,6 +502,7 @@ impl FakeKube {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let mut st = controller.lock().unwrap_or_else(|p| p.into_inner());
                 let phase = st.controller_phase.clone();
+                let message = st.controller_message.clone();
                 let outcome = st.backup_outcome.clone();
                 for (key, obj) in st.objects.iter_mut() {
                     if key.starts_with("applications/")
@@ -508,7 +511,7 @@ impl FakeKube {
                         let op = obj["operation"].clone();
                         obj["operation"] = Value::Null;
                         obj["status"]["operationState"] = json!({
-                            "phase": phase, "message": "successfully synced (all tasks run)",
+                            "phase": phase, "message": message,
                             "operation": op, "startedAt": Utc::now().to_rfc3339(), "finishedAt": Utc::now().to_rfc3339(),
                         });
                         if phase == "Succeeded" {
@@ -566,6 +569,13 @@ impl FakeKube {
             .filter(|(k, _)| k.starts_with(&prefix))
             .map(|(_, v)| v.clone())
             .collect()
+    }
+
+    /// How the next Argo CD syncs end: their `operationState` phase and message.
+    pub fn set_sync_outcome(&self, phase: &str, message: &str) {
+        let mut st = self.lock();
+        st.controller_phase = phase.to_string();
+        st.controller_message = message.to_string();
     }
 
     /// The `status` the next backups end with.

@@ -146,6 +146,7 @@ listen = "127.0.0.1:0"
 
 [github]
 repo = "Codertocat/Hello-World"
+default_branch = "master"
 webhook_secret = "env:TEST_WEBHOOK_SECRET"
 "#,
         state = state_dir.display()

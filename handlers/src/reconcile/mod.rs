@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
@@ -206,6 +207,63 @@ impl Reconciler {
         format!("reconcile.apply-claim.{plan_job}")
     }
 
+    /// Takes the hold on `commit` before its automatic apply starts: `Ok(None)` when taken,
+    /// `Ok(Some(job))` when an earlier automatic apply by `job` holds it.
+    async fn hold_for_auto_apply(
+        &self,
+        ctx: &JobContext,
+        commit: &str,
+    ) -> Result<Option<String>, HandlerError> {
+        let key = auto_apply_hold_key(&self.config.env, commit);
+        let state = &ctx.store.state;
+        let unavailable = |e: &dyn std::fmt::Display| {
+            HandlerError::Retryable(format!("job store unavailable, nothing applied: {e}"))
+        };
+        match state.create(&key, Bytes::from(ctx.job_id.clone())).await {
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let holder = auto_apply_holder(state, &self.config.env, commit)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                // Released in between: still not ours to apply without a second look.
+                Ok(Some(holder.unwrap_or_else(|| "another job".into())))
+            }
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    /// Releases the hold on `commit`: infrastructure now matches it.
+    async fn release_auto_apply_hold(&self, ctx: &JobContext, commit: &str) {
+        if let Err(e) = ctx
+            .store
+            .state
+            .delete(auto_apply_hold_key(&self.config.env, commit))
+            .await
+        {
+            tracing::warn!(error = %e, "Automatic-apply hold not released; later plans of this commit wait for approval");
+        }
+    }
+
+    /// Why this job must stop: an earlier attempt of it started an automatic apply (it holds
+    /// the commit it recorded), which must not run again without a person.
+    async fn earlier_auto_apply(&self, ctx: &JobContext) -> Result<Option<String>, HandlerError> {
+        let Some(commit) = ctx
+            .jobs
+            .job(&ctx.job_id)
+            .await
+            .map_err(HandlerError::Retryable)?
+            .and_then(|view| view.commit)
+        else {
+            return Ok(None);
+        };
+        let holder = auto_apply_holder(&ctx.store.state, &self.config.env, &commit)
+            .await
+            .map_err(|e| {
+                HandlerError::Retryable(format!("job store unavailable, nothing applied: {e}"))
+            })?;
+        Ok((holder.as_deref() == Some(ctx.job_id.as_str())).then_some(commit))
+    }
+
     fn terraform_env(&self) -> Vec<(String, String)> {
         let mut env = self.services.tool_env.clone();
         let plugin_cache = self.base_dir().join("plugin-cache");
@@ -359,10 +417,39 @@ impl Reconciler {
         {
             tracing::warn!(error = %e, "Applied commit not recorded; drift detection may misreport");
         }
+        self.release_auto_apply_hold(ctx, commit).await;
         Ok(())
     }
 
     async fn plan(&self, ctx: &JobContext, job: &JobEnvelope) -> Result<Outcome, HandlerError> {
+        // Checked before anything else, against the commit the earlier attempt recorded: the
+        // branch may have moved since.
+        if (ctx.interrupted.is_some() || ctx.attempt > 1)
+            && let Some(held) = self.earlier_auto_apply(ctx).await?
+        {
+            let why = match &ctx.interrupted {
+                Some(i) => format!(
+                    "was interrupted (attempt {} on {} at {})",
+                    i.attempt,
+                    i.agent.as_deref().unwrap_or("an agent"),
+                    i.at.to_rfc3339()
+                ),
+                None => "did not finish in an earlier attempt".to_string(),
+            };
+            let message = format!(
+                "automatic apply of {} {why} and waits for a person: `plan {}`, then `apply <job-id>`. terraform may have changed infrastructure and left its state lock; it is never applied again on its own. Check with `terraform plan` and release a stale lock with `terraform force-unlock`",
+                short(&held),
+                held
+            );
+            self.status(
+                &held,
+                StatusState::Failure,
+                "automatic apply interrupted; waits for a person",
+            )
+            .await;
+            self.cleanup(&ctx.job_id);
+            return Err(HandlerError::Failed(message));
+        }
         let plan_only = job.params.get("plan_only").and_then(Value::as_bool) == Some(true);
         let trigger = job.param_str("trigger").unwrap_or("push").to_string();
         let git_ref = job.param_str("ref").map(str::to_string);
@@ -469,6 +556,9 @@ impl Reconciler {
 
         if !changes {
             record.drift = Some(false);
+            if self.config.auto_apply {
+                self.release_auto_apply_hold(ctx, commit).await;
+            }
             self.report_drift(ctx, &record, false).await;
             let synced = self.sync_argocd(ctx).await?;
             self.status(commit, StatusState::Success, "no changes")
@@ -506,12 +596,22 @@ impl Reconciler {
             self.report_drift(ctx, &record, drift).await;
         }
 
-        if self.config.auto_apply {
+        // An automatic apply runs once per commit: the hold is taken before terraform starts
+        // and stays if the apply fails or is interrupted, so a redelivery, a re-plan or a retry
+        // of this job never applies it again; then it waits for `apply <job-id>` like any plan.
+        let held_by = if self.config.auto_apply {
+            self.hold_for_auto_apply(ctx, commit).await?
+        } else {
+            None
+        };
+        if self.config.auto_apply && held_by.is_none() {
             self.status(commit, StatusState::Pending, "applying (auto_apply)")
                 .await;
             let applied = self.apply_plan(ctx, &tf, &plan_path, commit).await;
             self.cleanup(&ctx.job_id);
-            applied?;
+            if let Err(e) = applied {
+                return Err(auto_apply_failed(ctx, commit, e));
+            }
             let synced = self.sync_argocd(ctx).await?;
             self.status(
                 commit,
@@ -554,9 +654,17 @@ impl Reconciler {
             &format!("awaiting approval: apply {}", ctx.job_id),
         )
         .await;
+        let not_automatic = held_by
+            .map(|holder| {
+                format!(
+                    "; not applied automatically: the automatic apply of {} by job {holder} failed or was interrupted",
+                    short(commit)
+                )
+            })
+            .unwrap_or_default();
         Ok(Outcome::AwaitingApproval {
             message: format!(
-                "plan: {}; approve with `apply {}` within {}",
+                "plan: {}{not_automatic}; approve with `apply {}` within {}",
                 summary.headline(),
                 ctx.job_id,
                 self.config.plan_ttl
@@ -623,6 +731,41 @@ impl Reconciler {
             tracing::warn!(error = %e, "Drift issue not updated");
         }
     }
+}
+
+/// The state-bucket key that holds `commit` once its automatic apply started: while it is set,
+/// the commit is applied only by `apply <job-id>`. Cleared when an apply of it succeeds or a
+/// plan of it finds no changes.
+pub fn auto_apply_hold_key(env: &str, commit: &str) -> String {
+    format!("reconcile.auto-apply.{env}.{commit}")
+}
+
+/// The job whose automatic apply of `commit` failed or was interrupted (or is running), if any.
+pub async fn auto_apply_holder(
+    state: &kv::Store,
+    env: &str,
+    commit: &str,
+) -> Result<Option<String>, kv::EntryError> {
+    Ok(state
+        .get(auto_apply_hold_key(env, commit))
+        .await?
+        .map(|b| String::from_utf8_lossy(&b).into_owned()))
+}
+
+/// A failed automatic apply ends the job `failed`, saying that it waits for a person; one that
+/// was cancelled stays cancelled. Never retryable: the runner must not run it again.
+fn auto_apply_failed(ctx: &JobContext, commit: &str, e: HandlerError) -> HandlerError {
+    if matches!(e, HandlerError::Cancelled) {
+        return e;
+    }
+    if let HandlerError::Internal(detail) = &e {
+        tracing::error!(error = %ctx.redactor.redact(detail), "Automatic apply failed with an internal error");
+    }
+    HandlerError::Failed(format!(
+        "automatic apply of {} failed and waits for a person: `plan {commit}`, then `apply <job-id>`. {}",
+        short(commit),
+        e.user_message(&ctx.trace_id)
+    ))
 }
 
 fn to_value(record: &PlanRecord) -> Value {

@@ -14,10 +14,15 @@ fn bytes(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).expect("json")
 }
 
+/// The `[github]` section for `repo`, whose default branch is `master` as in go-scm's fixtures.
 fn gh(repo: &str) -> GithubSection {
+    gh_on(repo, "master")
+}
+
+fn gh_on(repo: &str, default_branch: &str) -> GithubSection {
     GithubSection {
         repo: repo.to_string(),
-        default_branch: "main".into(),
+        default_branch: default_branch.into(),
         api_url: "https://api.github.com".into(),
         token: None,
         webhook_secret: infraflux_handlers::secret::SecretRefs(vec![]),
@@ -34,7 +39,7 @@ fn repo_of(payload: &Value) -> String {
 }
 
 #[test]
-fn push_to_the_payloads_default_branch_is_a_reconcile_of_its_commit() {
+fn push_to_the_configured_default_branch_is_a_reconcile_of_its_commit() {
     for file in [
         "push/push.json",
         "push/with-new-branch.payload.json",
@@ -55,6 +60,43 @@ fn push_to_the_payloads_default_branch_is_a_reconcile_of_its_commit() {
         assert_eq!(commit, p["after"].as_str().expect("after"), "{file}");
         assert_eq!(idempotency_key, commit_key(&repo_of(&p), &commit));
     }
+}
+
+#[test]
+fn the_configured_default_branch_decides_not_the_payloads() {
+    // The repository's default branch was renamed to main in the config before GitHub's payload
+    // caught up (or the agent follows another branch on purpose): the config counts.
+    let mut p = fixture("push/push.json");
+    p["ref"] = "refs/heads/main".into();
+    let mapping = map_event("push", &bytes(&p), &gh_on(&repo_of(&p), "main")).expect("push");
+    let Mapping::Job { commit, params, .. } = mapping else {
+        panic!("{mapping:?}");
+    };
+    assert_eq!(commit, p["after"].as_str().expect("after"));
+    assert_eq!(params["ref"], "main");
+
+    // A push to the payload's default branch that is not the configured one starts nothing.
+    let p = fixture("push/push.json");
+    match map_event("push", &bytes(&p), &gh_on(&repo_of(&p), "main")).expect("push") {
+        Mapping::Ignored(reason) => {
+            assert!(
+                reason.contains("push to master") && reason.contains("default_branch main"),
+                "names both branches: {reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The payload's default branch is not needed at all.
+    let mut p = fixture("push/push.json");
+    p["repository"]
+        .as_object_mut()
+        .expect("repository")
+        .remove("default_branch");
+    assert!(matches!(
+        map_event("push", &bytes(&p), &gh(&repo_of(&p))),
+        Ok(Mapping::Job { .. })
+    ));
 }
 
 #[test]
@@ -127,7 +169,7 @@ fn incomplete_payloads_are_bad_requests() {
         &gh("a/b"),
     )
     .expect_err("an error");
-    assert!(e.0.contains("repository.default_branch"), "{e}");
+    assert!(e.0.contains("repository.full_name"), "{e}");
     let e = map_event("push", b"[1, 2]", &gh("a/b")).expect_err("not an object");
     assert!(
         e.0.contains("not a JSON object") || e.0.contains("malformed"),

@@ -30,6 +30,7 @@ async fn a_webhook_run_is_one_trace_from_ingress_through_the_queue_to_the_handle
         r#"
 [github]
 repo = "Codertocat/Hello-World"
+default_branch = "master"
 token = "env:TEST_GITHUB_TOKEN"
 webhook_secret = "env:TEST_WEBHOOK_SECRET"
 redeliver = false

@@ -22,6 +22,9 @@ struct Lab {
     kube: FakeKube,
     agent: TestAgent,
     client: async_nats::Client,
+    /// The agent's config sections and environment, for starting another agent like it.
+    extra: String,
+    env: Vec<(&'static str, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -31,7 +34,7 @@ type BeforeStart<'a> = Box<dyn FnOnce(&FakeGithub, &InfraRepo, &str) + 'a>;
 struct LabOptions<'a> {
     reconcile: &'a str,
     github: &'a str,
-    env: Vec<(&'a str, String)>,
+    env: Vec<(&'static str, String)>,
     slow_seconds: u32,
     before_start: Option<BeforeStart<'a>>,
 }
@@ -159,8 +162,7 @@ async fn lab_with(options: LabOptions<'_>, child_health: &str) -> Lab {
     let extra = lab_toml(&p, options.github, options.reconcile);
     let mut env = lab_env(http_port);
     env.extend(options.env);
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let agent = start_agent_with_env(&p.nats, "reconciler", &extra, &env_refs, |_| {}).await;
+    let agent = start_reconciler(&p.nats, "reconciler", &extra, &env).await;
     let client = p.nats.client().await;
     Lab {
         nats: p.nats,
@@ -170,8 +172,20 @@ async fn lab_with(options: LabOptions<'_>, child_health: &str) -> Lab {
         kube: p.kube,
         agent,
         client,
+        extra,
+        env,
         _dir: p.dir,
     }
+}
+
+async fn start_reconciler(
+    nats: &Nats,
+    id: &str,
+    extra: &str,
+    env: &[(&'static str, String)],
+) -> TestAgent {
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    start_agent_with_env(nats, id, extra, &env_refs, |_| {}).await
 }
 
 /// GitHub's push payload, for our repository's main branch at `sha`, pushed by `pusher`.
@@ -900,6 +914,44 @@ async fn a_sync_that_leaves_a_child_app_degraded_fails_and_names_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_status_descriptions_are_scrubbed_of_secrets_like_comments() {
+    let lab = lab(LabOptions::default()).await;
+    // Argo CD's error quotes a credential, as a repository URL with a token in it does.
+    const CLOUD_KEY: &str = "AKIAIOSFODNN7EXAMPLE";
+    lab.kube.set_sync_outcome(
+        "Failed",
+        &format!(
+            "rpc error: key {CLOUD_KEY} refused fetching https://x:{API_TOKEN}@git.lab/infra.git"
+        ),
+    );
+    lab.repo
+        .write(&format!("{WORKDIR}/main.tf"), &resources(&[], 0));
+    let sha = lab.repo.commit("No resources");
+    let job = lab.push(&sha, "alice").await;
+    let done = lab.settled(&job).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let statuses = lab.gh.statuses(&sha);
+    let last = statuses.last().cloned().expect("status");
+    assert_eq!(last["state"], "failure", "{last}");
+    let description = last["description"].as_str().unwrap_or_default();
+    assert!(
+        description.contains("Argo CD sync of root ended Failed"),
+        "{description}"
+    );
+    assert!(description.contains("[REDACTED]"), "{description}");
+    for status in &statuses {
+        let description = status["description"].as_str().unwrap_or_default();
+        for secret in [API_TOKEN, CLOUD_KEY] {
+            assert!(
+                !description.contains(secret),
+                "{secret} leaked into a commit status: {description}"
+            );
+        }
+    }
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_apply_whose_agent_dies_fails_with_what_to_check_and_is_never_retried() {
     let p = peers(60, "Healthy").await;
     let http_port = free_port();
@@ -977,4 +1029,228 @@ async fn an_apply_whose_agent_dies_fails_with_what_to_check_and_is_never_retried
             .iter()
             .any(|k| k.ends_with(".tflock"))
     );
+}
+
+/// `resources` plus one resource whose provisioner appends a line to `runs` each time terraform
+/// creates it, then runs `then` (which decides whether the apply fails or takes its time).
+fn counted_resources(runs: &std::path::Path, then: &str) -> String {
+    let mut tf = resources(&["cp_1"], 0);
+    tf.push_str(&format!(
+        "\nresource \"terraform_data\" \"counted\" {{\n  provisioner \"local-exec\" {{\n    command = \"echo run >> {}; {then}\"\n  }}\n}}\n",
+        runs.display()
+    ));
+    tf
+}
+
+/// How many times the counted resource's provisioner ran, i.e. how many applies reached it.
+fn provisioner_runs(runs: &std::path::Path) -> usize {
+    std::fs::read_to_string(runs)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_apply_applies_a_plan_with_changes_without_approval() {
+    let lab = lab(LabOptions {
+        reconcile: "auto_apply = true",
+        ..Default::default()
+    })
+    .await;
+    let c1 = lab.repo.commit("Add the control plane");
+    let job = lab.push(&c1, "alice").await;
+    let done = lab.settled(&job).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let message = done["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("applied without approval (auto_apply): 1 to add"),
+        "{message}"
+    );
+    assert!(
+        message.contains("Argo CD root is Synced/Healthy"),
+        "{message}"
+    );
+    let keys = lab.s3.keys("tfstate").await;
+    assert!(
+        keys.contains(&"prod/terraform.tfstate".to_string()),
+        "state object in S3: {keys:?}"
+    );
+    assert!(
+        !keys.iter().any(|k| k.ends_with(".tflock")),
+        "lock released: {keys:?}"
+    );
+    let last = lab.gh.statuses(&c1).last().cloned().expect("status");
+    assert_eq!(last["state"], "success", "{last}");
+    // What was applied is what main describes: planning it again finds nothing to do.
+    let again = submit(&lab.client, "plan main").await;
+    let again = lab.settled(&again).await;
+    assert_eq!(again["state"], "succeeded", "{again}");
+    assert_eq!(again["result"]["changes"], false, "{again}");
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_automatic_apply_is_not_applied_again_by_a_redelivery_or_the_poller() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = dir.path().join("runs");
+    let allow = dir.path().join("allow");
+    let head = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (r, a, h) = (runs.clone(), allow.clone(), head.clone());
+    let lab = lab(LabOptions {
+        reconcile: "auto_apply = true",
+        env: vec![("INFRAFLUX_RECONCILE__POLL_INTERVAL", "1s".to_string())],
+        // main's head fails to apply from the start, so the poller sees no other commit.
+        before_start: Some(Box::new(move |_, repo, _| {
+            repo.write(
+                &format!("{WORKDIR}/main.tf"),
+                &counted_resources(&r, &format!("test -e {}", a.display())),
+            );
+            *h.lock().expect("lock") = repo.commit("A resource whose provisioner fails");
+        })),
+        ..Default::default()
+    })
+    .await;
+    let c1 = head.lock().expect("lock").clone();
+    let (status, reply) = post_webhook(
+        &lab.agent.http,
+        "push",
+        "push-1",
+        &push_payload(&c1, "alice"),
+    )
+    .await;
+    // The poller may have seen the commit first: then the push is its duplicate.
+    let job = match status {
+        202 => reply["jobs"][0].as_str(),
+        200 => reply["job"].as_str(),
+        other => panic!("unexpected {other}: {reply}"),
+    }
+    .expect("job")
+    .to_string();
+    let failed = lab.settled(&job).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let message = failed["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("automatic apply") && message.contains("waits for a person"),
+        "{message}"
+    );
+    assert!(
+        message.contains("local-exec"),
+        "terraform's reason: {message}"
+    );
+    assert_eq!(provisioner_runs(&runs), 1);
+    let last = lab.gh.statuses(&c1).last().cloned().expect("status");
+    assert_eq!(last["state"], "failure", "{last}");
+    assert!(
+        last["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("waits for a person"),
+        "{last}"
+    );
+
+    // GitHub redelivers the push, and the workflow step forwards it over NATS.
+    let (status, reply) = post_webhook(
+        &lab.agent.http,
+        "push",
+        "push-1",
+        &push_payload(&c1, "alice"),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["job"], job.as_str(), "{reply}");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("X-GitHub-Event", "push");
+    headers.insert("Nats-Msg-Id", "actions-1-1");
+    let forwarded = lab
+        .client
+        .request_with_headers(
+            "infraflux.github.push",
+            headers,
+            push_payload(&c1, "alice").into(),
+        )
+        .await
+        .expect("nats github reply");
+    let forwarded: Value = serde_json::from_slice(&forwarded.payload).expect("json");
+    assert_eq!(forwarded["job"], job.as_str(), "{forwarded}");
+
+    // The poller looks at the head every second; a failed plan would be planned again.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let for_c1: Vec<Value> = all_records(&lab.client)
+        .await
+        .into_iter()
+        .filter(|j| j["commit"] == c1.as_str())
+        .collect();
+    assert_eq!(for_c1.len(), 1, "nothing planned it again: {for_c1:?}");
+    assert_eq!(provisioner_runs(&runs), 1, "nothing applied it again");
+
+    // A person plans it again: the plan waits for approval instead of applying itself.
+    std::fs::write(&allow, "").expect("let the provisioner succeed");
+    let replan = submit(&lab.client, &format!("plan {c1}")).await;
+    let replanned = lab.settled(&replan).await;
+    assert_eq!(replanned["state"], "awaiting_approval", "{replanned}");
+    let message = replanned["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&job), "names the failed job: {message}");
+    assert!(message.contains(&format!("apply {replan}")), "{message}");
+    assert_eq!(provisioner_runs(&runs), 1);
+    let reply = lab.apply(&replan, "bob").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let applied = lab.settled(reply["job_id"].as_str().expect("id")).await;
+    assert_eq!(applied["state"], "succeeded", "{applied}");
+    assert_eq!(provisioner_runs(&runs), 2);
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_apply_interrupted_by_its_agent_stopping_is_not_applied_again_when_redelivered()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = dir.path().join("runs");
+    let lab = lab(LabOptions {
+        reconcile: "auto_apply = true",
+        // terraform gets the time to stop gracefully and release its state lock.
+        env: vec![("INFRAFLUX_AGENT__KILL_GRACE", "20s".to_string())],
+        ..Default::default()
+    })
+    .await;
+    lab.repo.write(
+        &format!("{WORKDIR}/main.tf"),
+        &counted_resources(&runs, "sleep 60"),
+    );
+    let c1 = lab.repo.commit("A slow resource");
+    let job = lab.push(&c1, "alice").await;
+    wait_for(
+        Duration::from_secs(60),
+        "the automatic apply to reach the slow provisioner",
+        || async { (provisioner_runs(&runs) > 0).then_some(()) },
+    )
+    .await;
+    // The agent stops mid-apply: the job is left for redelivery to the next agent.
+    lab.agent.stop().await;
+    let left = record(&lab.client, &job).await;
+    assert_eq!(left["state"], "running", "left for redelivery: {left}");
+
+    let mut env = lab.env.clone();
+    env.retain(|(k, _)| *k != "INFRAFLUX_HTTP__LISTEN");
+    env.push((
+        "INFRAFLUX_HTTP__LISTEN",
+        format!("127.0.0.1:{}", free_port()),
+    ));
+    let second = start_reconciler(&lab.nats, "reconciler-2", &lab.extra, &env).await;
+    let done = wait_settled(&lab.client, &job, Duration::from_secs(90)).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["agent"], "reconciler-2", "{done}");
+    assert_eq!(done["interruptions"][0]["agent"], "reconciler", "{done}");
+    let message = done["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("automatic apply") && message.contains("was interrupted"),
+        "{message}"
+    );
+    assert!(message.contains("waits for a person"), "{message}");
+    assert!(
+        message.contains("force-unlock"),
+        "it says what to check: {message}"
+    );
+    assert_eq!(provisioner_runs(&runs), 1, "terraform apply ran once");
+    let last = lab.gh.statuses(&c1).last().cloned().expect("status");
+    assert_eq!(last["state"], "failure", "{last}");
+    second.stop().await;
 }
