@@ -87,6 +87,7 @@ async fn op_read(uri: &str, env: &Environment) -> Result<Secret, String> {
                 .filter(|(k, _)| k.starts_with("OP_") || *k == "HOME" || *k == "PATH"),
         )
         .kill_on_drop(true);
+    infraflux_handlers::process::die_with_parent(&mut cmd);
     let out = tokio::time::timeout(OP_TIMEOUT, cmd.output())
         .await
         .map_err(|_| {
