@@ -283,6 +283,8 @@ pub struct Config {
 pub struct Loaded {
     pub config: Config,
     pub warnings: Problems,
+    /// The sections the file and the environment have, including those that failed to read.
+    pub sections: BTreeSet<String>,
 }
 
 const SECTIONS: &[&str] = &[
@@ -331,6 +333,7 @@ impl Config {
                 Loaded {
                     config: Config::default(),
                     warnings: Problems::default(),
+                    sections: BTreeSet::new(),
                 },
                 problems,
             )
@@ -448,7 +451,14 @@ impl Config {
         }
         problems.0.sort();
         problems.0.dedup();
-        (Loaded { config, warnings }, problems)
+        (
+            Loaded {
+                config,
+                warnings,
+                sections: present,
+            },
+            problems,
+        )
     }
 
     /// Semantic checks; returns warnings, pushes errors.

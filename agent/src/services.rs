@@ -4,10 +4,12 @@
 use std::collections::HashMap;
 
 use infraflux_handlers::Services;
+use infraflux_handlers::clients::TalosConfig;
 use infraflux_handlers::github::GitHub;
 use infraflux_handlers::secret::Secrets;
+use infraflux_handlers::talos::{TalosClient, TalosError};
 
-use crate::config::{Config, Problems};
+use crate::config::{Config, Loaded, Problems};
 
 /// Variables of the agent's environment that git and terraform may see; nothing else of it
 /// (credentials of the agent's own, unrelated settings) reaches a child process.
@@ -60,6 +62,11 @@ pub async fn build(
         },
         None => None,
     };
+    if let Some(talos) = &config.handlers.talos
+        && let Err(e) = check_talosconfig(talos, secrets)
+    {
+        problems.push("talos.talosconfig", e);
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -107,8 +114,15 @@ async fn kube_client(
         .or_else(|| env.get("KUBECONFIG").cloned());
     let config = match path {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(&path)
-                .map_err(|e| format!("cannot read {path}: {e}"))?;
+            let file = kube::config::Kubeconfig::read_from(&path).map_err(|e| {
+                // The YAML parser quotes the lines around an error, and they may hold a token:
+                // only the position and the reason are kept.
+                let message = e.to_string();
+                format!(
+                    "cannot read {path}: {}",
+                    message.lines().next().unwrap_or_default()
+                )
+            })?;
             let options = kube::config::KubeConfigOptions {
                 context: section.context.clone(),
                 ..Default::default()
@@ -121,4 +135,142 @@ async fn kube_client(
             .map_err(|e| format!("no kubeconfig given and not in a cluster: {e}"))?,
     };
     kube::Client::try_from(config).map_err(|e| e.to_string())
+}
+
+/// Reads and parses the talosconfig once at start, so a missing or broken one stops the agent
+/// instead of failing every snapshot. Jobs read a path again each time (renewed certificates).
+fn check_talosconfig(talos: &TalosConfig, secrets: &Secrets) -> Result<(), String> {
+    let (source, text) = match (&talos.talosconfig_ref, secrets.get("talos.talosconfig")) {
+        (None, _) => (
+            talos.talosconfig.clone(),
+            std::fs::read_to_string(&talos.talosconfig)
+                .map_err(|e| format!("cannot read {}: {e}", talos.talosconfig))?,
+        ),
+        (Some(reference), Some(secret)) => (reference.describe(), secret.expose().to_string()),
+        // Not resolved: reported with the other secrets.
+        (Some(_), None) => return Ok(()),
+    };
+    match TalosClient::from_talosconfig(&text, talos.context.as_deref()) {
+        Ok(_) => Ok(()),
+        Err(TalosError::Config(reason)) => Err(format!("{source}: {reason}")),
+        Err(e) => Err(format!("{source}: {e}")),
+    }
+}
+
+/// A section that a handler section, or one of its keys, cannot work without.
+struct Requirement {
+    key: &'static str,
+    applies: fn(&Config) -> bool,
+    section: &'static str,
+    why: &'static str,
+}
+
+/// What each handler needs of the other sections: without it every job of the kind would fail
+/// (or, for a stub kind, never run). One table, so that it can move to a per-kind descriptor.
+const REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        key: "backup",
+        applies: |c| c.handlers.backup.is_some(),
+        section: "kubernetes",
+        why: "Velero backups go through the Kubernetes API",
+    },
+    Requirement {
+        key: "etcd_snapshot",
+        applies: |c| c.handlers.etcd_snapshot.is_some(),
+        section: "talos",
+        why: "snapshots are taken through the Talos API",
+    },
+    Requirement {
+        key: "etcd_snapshot",
+        applies: |c| c.handlers.etcd_snapshot.is_some(),
+        section: "s3",
+        why: "snapshots are stored in S3",
+    },
+    Requirement {
+        key: "reconcile.argocd_app",
+        applies: |c| {
+            c.handlers
+                .reconcile
+                .as_ref()
+                .is_some_and(|r| r.argocd_app.is_some())
+        },
+        section: "kubernetes",
+        why: "Argo CD is synced through the Kubernetes API",
+    },
+    Requirement {
+        key: "reconcile.drift_issue",
+        applies: |c| c.handlers.reconcile.as_ref().is_some_and(|r| r.drift_issue),
+        section: "github",
+        why: "the drift issue is kept on GitHub",
+    },
+];
+
+/// Every requirement of [`REQUIREMENTS`] whose section is absent. A section that is present but
+/// could not be read is not reported again. `run` and `check-config` check this, not [`build`]:
+/// tests and embedders may replace a kind's handler with one that needs none of it.
+pub fn missing_sections(loaded: &Loaded) -> Problems {
+    let mut problems = Problems::default();
+    for r in REQUIREMENTS {
+        if (r.applies)(&loaded.config) && !loaded.sections.contains(r.section) {
+            problems.push(
+                r.key,
+                format!("needs the [{}] section: {}", r.section, r.why),
+            );
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded(toml: &str) -> Loaded {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, toml).expect("write");
+        Config::load_all(&path, std::iter::empty()).0
+    }
+
+    #[test]
+    fn a_handler_section_without_what_it_needs_names_the_missing_section() {
+        let problems = missing_sections(&loaded(
+            r#"
+[backup]
+[etcd_snapshot]
+bucket = "b"
+[talos]
+talosconfig = 7
+[reconcile]
+repo_url = "file:///r"
+workdir = "tf"
+env = "prod"
+argocd_app = "root"
+drift_issue = true
+"#,
+        ));
+        let found: Vec<String> = problems
+            .0
+            .iter()
+            .map(|p| format!("{} {}", p.key, p.message))
+            .collect();
+        for expected in [
+            "backup needs the [kubernetes] section",
+            "etcd_snapshot needs the [s3] section",
+            "reconcile.argocd_app needs the [kubernetes] section",
+            "reconcile.drift_issue needs the [github] section",
+        ] {
+            assert!(
+                found.iter().any(|f| f.starts_with(expected)),
+                "{expected} missing from {found:?}"
+            );
+        }
+        // [talos] is there, only unreadable: that is reported where it is read.
+        assert_eq!(found.len(), 4, "{found:?}");
+
+        let problems = missing_sections(&loaded(
+            "[reconcile]\nrepo_url = \"file:///r\"\nworkdir = \"tf\"\nenv = \"prod\"\n[acceptance]\n",
+        ));
+        assert!(problems.is_empty(), "{problems}");
+    }
 }
