@@ -2,14 +2,15 @@
 //! and embedders can do the same with their own handlers registered.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use infraflux_handlers::Registry;
+use infraflux_handlers::secret::Secrets;
+use infraflux_handlers::{Registry, Services};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::{self, Config, LogFormat};
+use crate::config::{self, Config, LogFormat, Problems};
 use crate::{agent, ctl, secrets, telemetry};
 
 const LONG_VERSION: &str = concat!(
@@ -117,19 +118,52 @@ fn process_env() -> HashMap<String, String> {
     std::env::vars().collect()
 }
 
+/// The config, and what the daemon is built from or every problem that stops it: the config's
+/// shape, sections a handler cannot work without, secret references, and the clients built from
+/// them (kubeconfig, talosconfig). `run` and `check-config` share it, so one run of either names
+/// every problem and check-config passes exactly the configs the daemon starts with.
+async fn prepare(
+    path: &Path,
+    env: &HashMap<String, String>,
+) -> (config::Loaded, Result<(Secrets, Services), Problems>) {
+    let (loaded, mut problems) = Config::load_all(path, env.clone());
+    problems
+        .0
+        .extend(crate::services::missing_sections(&loaded).0);
+    // Sections that could not be read are left out of these checks; their problem is reported.
+    let (secrets, unresolved) = secrets::resolve_each(&loaded.config, env).await;
+    problems.0.extend(unresolved.0);
+    let prepared = match crate::services::build(&loaded.config, &secrets, env).await {
+        Ok(services) if problems.is_empty() => Ok((secrets, services)),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            problems.0.extend(more.0);
+            Err(problems)
+        }
+    };
+    (loaded, prepared)
+}
+
+/// Plain lines on stderr: logging is not set up yet (under systemd they go to the journal).
+fn report_problems(path: &Path, problems: &Problems) {
+    eprintln!("{}: {} problem(s)", path.display(), problems.0.len());
+    for p in &problems.0 {
+        eprintln!("error: {p}");
+    }
+}
+
 async fn run(
     path: PathBuf,
     log_format: Option<LogFormatArg>,
     customize: fn(&mut Registry),
 ) -> ExitCode {
     let env = process_env();
-    let loaded = match Config::load(&path, env.clone()) {
-        Ok(l) => l,
+    // Everything is checked before logging starts: the trace exporter's headers are secrets.
+    let (loaded, prepared) = prepare(&path, &env).await;
+    let (secrets, services) = match prepared {
+        Ok(p) => p,
         Err(problems) => {
-            eprintln!("error: invalid configuration in {}:", path.display());
-            for p in &problems.0 {
-                eprintln!("  {p}");
-            }
+            report_problems(&path, &problems);
             return ExitCode::from(2);
         }
     };
@@ -137,17 +171,6 @@ async fn run(
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
     });
-    // Secrets first: the trace exporter's headers may be among them. Logging is not set up
-    // yet, so these problems go to stderr (the journal under systemd) as plain lines.
-    let secrets = match secrets::resolve_all(&loaded.config, &env).await {
-        Ok(s) => s,
-        Err(problems) => {
-            for p in &problems.0 {
-                eprintln!("error: secret not resolved: {p}");
-            }
-            return ExitCode::from(2);
-        }
-    };
     let otlp_headers: HashMap<String, String> = loaded
         .config
         .telemetry
@@ -171,15 +194,6 @@ async fn run(
     for w in &loaded.warnings.0 {
         tracing::warn!(key = %w.key, "{}", w.message);
     }
-    let services = match crate::services::build(&loaded.config, &secrets, &env).await {
-        Ok(s) => s,
-        Err(problems) => {
-            for p in &problems.0 {
-                tracing::error!(key = %p.key, "{}", p.message);
-            }
-            return ExitCode::from(2);
-        }
-    };
     let mut registry = Registry::from_sections(&loaded.config.handlers, &services);
     customize(&mut registry);
     let handle = match agent::start(loaded.config, services, registry).await {
@@ -224,37 +238,14 @@ async fn run(
 
 async fn check_config(path: PathBuf) -> ExitCode {
     let env = process_env();
-    // Everything that can be checked is, so one run names every problem: secret references
-    // too, in the sections that could be read.
-    let (loaded, shape) = Config::load_all(&path, env.clone());
-    let mut failed = !shape.is_empty();
-    if failed {
-        eprintln!("{}: {} problem(s)", path.display(), shape.0.len());
-        for p in &shape.0 {
-            eprintln!("error: {p}");
-        }
-    }
-    match secrets::resolve_all(&loaded.config, &env).await {
-        Ok(resolved) if !failed => {
-            if let Err(problems) = crate::services::build(&loaded.config, &resolved, &env).await {
-                failed = true;
-                for p in &problems.0 {
-                    eprintln!("error: {p}");
-                }
-            }
-        }
-        Ok(_) => {}
-        Err(problems) => {
-            failed = true;
-            for p in &problems.0 {
-                eprintln!("error: {p}");
-            }
-        }
+    let (loaded, prepared) = prepare(&path, &env).await;
+    if let Err(problems) = &prepared {
+        report_problems(&path, problems);
     }
     for w in &loaded.warnings.0 {
         eprintln!("warning: {w}");
     }
-    if failed {
+    if prepared.is_err() {
         return ExitCode::from(2);
     }
     let enabled: Vec<&str> = infraflux_handlers::JobKind::all()

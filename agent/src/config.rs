@@ -295,6 +295,8 @@ pub struct Config {
 pub struct Loaded {
     pub config: Config,
     pub warnings: Problems,
+    /// The sections the file and the environment have, including those that failed to read.
+    pub sections: BTreeSet<String>,
 }
 
 const SECTIONS: &[&str] = &[
@@ -343,13 +345,18 @@ impl Config {
                 Loaded {
                     config: Config::default(),
                     warnings: Problems::default(),
+                    sections: BTreeSet::new(),
                 },
                 problems,
             )
         };
         let env: config::Map<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+            .filter(|(k, _)| override_key(k).is_some())
+            .collect();
+        let overrides: Vec<(String, String)> = env
+            .keys()
+            .filter_map(|name| Some((override_key(name)?, name.clone())))
             .collect();
         let built = config::Config::builder()
             .add_source(
@@ -437,9 +444,33 @@ impl Config {
             }
         }
         let warnings = config.validate(&present, &mut problems);
+        for problem in &mut problems.0 {
+            // A key the file does not have is hard to find: say where it came from.
+            let from: Vec<&str> = overrides
+                .iter()
+                .filter(|(key, _)| {
+                    key == &problem.key || key.starts_with(&format!("{}.", problem.key))
+                })
+                .map(|(_, name)| name.as_str())
+                .collect();
+            if !from.is_empty() {
+                problem.message = format!(
+                    "{} (set by environment variable {})",
+                    problem.message,
+                    from.join(", ")
+                );
+            }
+        }
         problems.0.sort();
         problems.0.dedup();
-        (Loaded { config, warnings }, problems)
+        (
+            Loaded {
+                config,
+                warnings,
+                sections: present,
+            },
+            problems,
+        )
     }
 
     /// Semantic checks; returns warnings, pushes errors.
@@ -646,6 +677,18 @@ impl Config {
         }
         refs
     }
+}
+
+/// The key an environment variable overrides (`nats.url` for `INFRAFLUX_NATS__URL`), if it is an
+/// override at all: only `INFRAFLUX_<SECTION>__<KEY>` is. Other `INFRAFLUX_*` variables belong to
+/// other programs (the shipped nats-server.conf reads `INFRAFLUX_NATS_AGENT_PASSWORD`).
+fn override_key(name: &str) -> Option<String> {
+    let (section, key) = name
+        .strip_prefix(ENV_PREFIX)?
+        .strip_prefix('_')?
+        .split_once("__")?;
+    (!section.is_empty() && !key.is_empty())
+        .then(|| format!("{section}.{}", key.replace("__", ".")).to_lowercase())
 }
 
 fn set<T>(slot: &mut T, value: Option<T>) {
@@ -934,6 +977,37 @@ webhook_secret = ["env:A", "env:B"]
                 .bucket,
             "b"
         );
+    }
+
+    #[test]
+    fn only_section_double_underscore_key_variables_are_overrides() {
+        // What deploy/nats-server.conf reads: another program's variables, not overrides.
+        let loaded = load(
+            MINIMAL,
+            &[
+                ("INFRAFLUX_NATS_AGENT_PASSWORD", "p1"),
+                ("INFRAFLUX_NATS_CHAT_PASSWORD", "p2"),
+                ("INFRAFLUX_DEBUG", "1"),
+                ("INFRAFLUX_AGENT__CONCURRENCY", "3"),
+            ],
+        )
+        .unwrap_or_else(|p| panic!("{p}"));
+        assert_eq!(loaded.config.agent.concurrency, 3);
+
+        // An unknown key in a real override is an error that names the key and the variable.
+        let problems = load(MINIMAL, &[("INFRAFLUX_NATS__BOGUS", "v4lue-not-shown")])
+            .expect_err("unknown key");
+        let bogus = problems
+            .0
+            .iter()
+            .find(|p| p.key == "nats.bogus")
+            .unwrap_or_else(|| panic!("nats.bogus not reported: {problems}"));
+        assert!(
+            bogus.message.contains("unknown key")
+                && bogus.message.contains("INFRAFLUX_NATS__BOGUS"),
+            "{bogus}"
+        );
+        assert!(!problems.to_string().contains("v4lue-not-shown"));
     }
 
     #[test]

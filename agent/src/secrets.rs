@@ -17,6 +17,17 @@ pub type Environment = HashMap<String, String>;
 
 /// Resolves every reference in the config; all failures are reported together.
 pub async fn resolve_all(config: &Config, env: &Environment) -> Result<Secrets, Problems> {
+    let (secrets, problems) = resolve_each(config, env).await;
+    if problems.is_empty() {
+        Ok(secrets)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Resolves every reference it can: the secrets that resolved, and a problem for each that did
+/// not, so that what depends on the resolved ones can still be checked.
+pub async fn resolve_each(config: &Config, env: &Environment) -> (Secrets, Problems) {
     let mut secrets = Secrets::default();
     let mut problems = Problems::default();
     for (key, reference) in config.secret_refs() {
@@ -25,15 +36,23 @@ pub async fn resolve_all(config: &Config, env: &Environment) -> Result<Secrets, 
             Err(e) => problems.push(key, e),
         }
     }
-    if problems.is_empty() {
-        Ok(secrets)
-    } else {
-        Err(problems)
-    }
+    (secrets, problems)
 }
 
 /// Resolves one reference. The error says which source failed and why, never what it held.
 pub async fn resolve(reference: &SecretRef, env: &Environment) -> Result<Secret, String> {
+    let secret = resolve_source(reference, env).await?;
+    // An empty secret is none: an empty webhook secret would make any signature valid.
+    if secret.expose().trim().is_empty() {
+        return Err(match reference {
+            SecretRef::Literal(_) => "is empty or only white space".to_string(),
+            other => format!("{} holds only white space", other.describe()),
+        });
+    }
+    Ok(secret)
+}
+
+async fn resolve_source(reference: &SecretRef, env: &Environment) -> Result<Secret, String> {
     match reference {
         SecretRef::Literal(v) => Ok(Secret::new(v.clone())),
         SecretRef::Env(name) => match env.get(name) {
@@ -87,6 +106,7 @@ async fn op_read(uri: &str, env: &Environment) -> Result<Secret, String> {
                 .filter(|(k, _)| k.starts_with("OP_") || *k == "HOME" || *k == "PATH"),
         )
         .kill_on_drop(true);
+    infraflux_handlers::process::die_with_parent(&mut cmd);
     let out = tokio::time::timeout(OP_TIMEOUT, cmd.output())
         .await
         .map_err(|_| {
@@ -152,6 +172,29 @@ mod tests {
             e.contains("credential webhook") && e.contains("is empty"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_empty_or_blank_secret_is_refused_whatever_its_source() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("blank"), " \n").expect("write");
+        let env: Environment = [
+            ("EMPTY".to_string(), String::new()),
+            ("BLANK".to_string(), "  ".to_string()),
+        ]
+        .into();
+        let blank_file = format!("file:{}", dir.path().join("blank").display());
+        for (reference, expected) in [
+            ("", "is empty"),
+            ("env:EMPTY", "environment variable EMPTY is empty"),
+            ("env:BLANK", "env:BLANK holds only white space"),
+            (blank_file.as_str(), "holds only white space"),
+        ] {
+            let e = resolve(&SecretRef::parse(reference), &env)
+                .await
+                .expect_err(reference);
+            assert!(e.contains(expected), "{reference}: {e}");
+        }
     }
 
     #[tokio::test]

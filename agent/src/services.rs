@@ -4,11 +4,14 @@
 use std::collections::HashMap;
 
 use infraflux_handlers::Services;
+use infraflux_handlers::clients::TalosConfig;
 use infraflux_handlers::github::GitHub;
 use infraflux_handlers::secret::Secrets;
+use infraflux_handlers::talos::{TalosClient, TalosError};
 
-use crate::config::{Config, Problems};
 use infraflux_handlers::secret::SecretKey;
+
+use crate::config::{Config, Loaded, Problems};
 
 /// Variables of the agent's environment that git and terraform may see; nothing else of it
 /// (credentials of the agent's own, unrelated settings) reaches a child process.
@@ -66,6 +69,11 @@ pub async fn build(
         },
         None => None,
     };
+    if let Some(talos) = &config.handlers.talos
+        && let Err(e) = check_talosconfig(talos, secrets)
+    {
+        problems.push("talos.talosconfig", e);
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -113,8 +121,15 @@ async fn kube_client(
         .or_else(|| env.get("KUBECONFIG").cloned());
     let config = match path {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(&path)
-                .map_err(|e| format!("cannot read {path}: {e}"))?;
+            let file = kube::config::Kubeconfig::read_from(&path).map_err(|e| {
+                // The YAML parser quotes the lines around an error, and they may hold a token:
+                // only the position and the reason are kept.
+                let message = e.to_string();
+                format!(
+                    "cannot read {path}: {}",
+                    message.lines().next().unwrap_or_default()
+                )
+            })?;
             let options = kube::config::KubeConfigOptions {
                 context: section.context.clone(),
                 ..Default::default()
@@ -127,4 +142,99 @@ async fn kube_client(
             .map_err(|e| format!("no kubeconfig given and not in a cluster: {e}"))?,
     };
     kube::Client::try_from(config).map_err(|e| e.to_string())
+}
+
+/// Reads and parses the talosconfig once at start, so a missing or broken one stops the agent
+/// instead of failing every snapshot. Jobs read a path again each time (renewed certificates).
+fn check_talosconfig(talos: &TalosConfig, secrets: &Secrets) -> Result<(), String> {
+    let (source, text) = match (&talos.talosconfig_ref, secrets.of(&SecretKey::Talosconfig)) {
+        (None, _) => (
+            talos.talosconfig.clone(),
+            std::fs::read_to_string(&talos.talosconfig)
+                .map_err(|e| format!("cannot read {}: {e}", talos.talosconfig))?,
+        ),
+        (Some(reference), Some(secret)) => (reference.describe(), secret.expose().to_string()),
+        // Not resolved: reported with the other secrets.
+        (Some(_), None) => return Ok(()),
+    };
+    match TalosClient::from_talosconfig(&text, talos.context.as_deref()) {
+        Ok(_) => Ok(()),
+        Err(TalosError::Config(reason)) => Err(format!("{source}: {reason}")),
+        Err(e) => Err(format!("{source}: {e}")),
+    }
+}
+
+/// What every enabled kind needs of the other sections (its descriptor's requirements, and
+/// those of the options it uses) and lacks. A section that is present but could not be read is
+/// not reported again. `run` and `check-config` check this, not [`build`]: tests and embedders
+/// may replace a kind's handler with one that needs none of it.
+pub fn missing_sections(loaded: &Loaded) -> Problems {
+    let mut problems = Problems::default();
+    let configs = &loaded.config.handlers;
+    let mut reported = std::collections::BTreeSet::new();
+    for descriptor in infraflux_handlers::descriptor::KINDS {
+        if !loaded.sections.contains(descriptor.section) {
+            continue;
+        }
+        for (key, r) in descriptor.requirements(configs) {
+            if !loaded.sections.contains(r.section) && reported.insert((key, r.section)) {
+                problems.push(key, format!("needs the [{}] section: {}", r.section, r.why));
+            }
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded(toml: &str) -> Loaded {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, toml).expect("write");
+        Config::load_all(&path, std::iter::empty()).0
+    }
+
+    #[test]
+    fn a_handler_section_without_what_it_needs_names_the_missing_section() {
+        let problems = missing_sections(&loaded(
+            r#"
+[backup]
+[etcd_snapshot]
+bucket = "b"
+[talos]
+talosconfig = 7
+[reconcile]
+repo_url = "file:///r"
+workdir = "tf"
+env = "prod"
+argocd_app = "root"
+drift_issue = true
+"#,
+        ));
+        let found: Vec<String> = problems
+            .0
+            .iter()
+            .map(|p| format!("{} {}", p.key, p.message))
+            .collect();
+        for expected in [
+            "backup needs the [kubernetes] section",
+            "etcd_snapshot needs the [s3] section",
+            "reconcile.argocd_app needs the [kubernetes] section",
+            "reconcile.drift_issue needs the [github] section",
+        ] {
+            assert!(
+                found.iter().any(|f| f.starts_with(expected)),
+                "{expected} missing from {found:?}"
+            );
+        }
+        // [talos] is there, only unreadable: that is reported where it is read.
+        assert_eq!(found.len(), 4, "{found:?}");
+
+        let problems = missing_sections(&loaded(
+            "[reconcile]\nrepo_url = \"file:///r\"\nworkdir = \"tf\"\nenv = \"prod\"\n[acceptance]\n",
+        ));
+        assert!(problems.is_empty(), "{problems}");
+    }
 }

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::command::{self, Args, CommandError, Verb};
-use crate::descriptor::KindDescriptor;
+use crate::descriptor::{KindDescriptor, Requirement, no_option_requires};
 use crate::handler::{
     Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy, TargetResult,
 };
@@ -139,7 +139,11 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         params: Some(params),
     }],
     section: "backup",
-    requires: &["kubernetes"],
+    requires: &[Requirement {
+        section: "kubernetes",
+        why: "Velero backups go through the Kubernetes API",
+    }],
+    option_requires: no_option_requires,
     build: |configs, services| {
         Some(std::sync::Arc::new(BackupHandler {
             config: configs.backup.clone()?,

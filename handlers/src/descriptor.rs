@@ -17,10 +17,25 @@ pub struct KindDescriptor {
     /// The config section that enables the kind.
     pub section: &'static str,
     /// Sections the kind cannot work without: their absence is a config error naming them.
-    pub requires: &'static [&'static str],
+    pub requires: &'static [Requirement],
+    /// Sections that some of the kind's options need (`reconcile.argocd_app` needs
+    /// `[kubernetes]`), given its config: `(option key, requirement)`.
+    pub option_requires: fn(&HandlerConfigs) -> Vec<(&'static str, Requirement)>,
     /// The handler, from the config's sections and the shared clients; called only when the
     /// kind's section and every required one are present.
     pub build: fn(&HandlerConfigs, &Services) -> Option<Arc<dyn Handler>>,
+}
+
+/// A section something cannot work without, and why (for the error that names it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Requirement {
+    pub section: &'static str,
+    pub why: &'static str,
+}
+
+/// For descriptors whose options need nothing more.
+pub fn no_option_requires(_: &HandlerConfigs) -> Vec<(&'static str, Requirement)> {
+    Vec::new()
 }
 
 impl KindDescriptor {
@@ -28,8 +43,18 @@ impl KindDescriptor {
     pub fn missing_sections(&self, configs: &HandlerConfigs) -> Vec<&'static str> {
         self.requires
             .iter()
-            .copied()
+            .map(|r| r.section)
             .filter(|s| !configs.has_section(s))
+            .collect()
+    }
+
+    /// Everything this kind needs, given its config: `(key, requirement)`, the kind's own
+    /// section first.
+    pub fn requirements(&self, configs: &HandlerConfigs) -> Vec<(&'static str, Requirement)> {
+        self.requires
+            .iter()
+            .map(|r| (self.section, *r))
+            .chain((self.option_requires)(configs))
             .collect()
     }
 }
@@ -74,7 +99,7 @@ mod tests {
                 assert!(v.params.is_some(), "{} has no parameter parser", v.name);
                 assert!(v.usage.starts_with(v.name), "{}", v.usage);
             }
-            assert!(!d.requires.contains(&d.section));
+            assert!(d.requires.iter().all(|r| r.section != d.section));
         }
     }
 }

@@ -1,18 +1,21 @@
 //! Child processes that can be cancelled the way operators expect: SIGINT first, so tools like
-//! terraform release their state locks, then SIGKILL after a grace period.
+//! terraform release their state locks, then SIGKILL after a grace period. A child also ends when
+//! the agent dies, however it dies (see [`die_with_parent`]).
 //!
 //! Arguments are passed as a vector, never through a shell.
 
+use std::io::SeekFrom;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use nix::sys::prctl::set_pdeathsig;
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use nix::unistd::{Pid, getpid, getppid};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-/// Most bytes of stdout or stderr kept per stream; the tail is what matters in a failure.
+/// Most bytes of stdout or stderr kept per stream.
 pub const MAX_CAPTURE_BYTES: usize = 1 << 20;
 
 #[derive(Debug)]
@@ -39,29 +42,65 @@ pub enum ProcessError {
     Cancelled { program: String, forced: bool },
 }
 
+/// Makes the kernel send the child SIGTERM when the agent dies, kill -9 included: an orphaned
+/// terraform would otherwise go on running and holding its state lock. terraform treats SIGTERM
+/// like SIGINT (it stops, saves its state and releases the lock); git and most tools just exit.
+///
+/// Only the child itself is signalled, not its process group: terraform ends its provider
+/// plugins and the provisioner commands it started itself, but not what those started in turn.
+///
+/// Linux sends the signal when the *thread* that spawned the child exits, so spawn only from
+/// async tasks (tokio's worker threads and the main thread live as long as the process), never
+/// from `spawn_blocking`, whose idle threads exit.
+#[allow(unsafe_code)]
+pub fn die_with_parent(cmd: &mut Command) {
+    let parent = getpid();
+    // SAFETY: the closure runs in the forked child before exec. It calls only prctl and getppid,
+    // both async-signal-safe, and allocates nothing (its errors are plain OS error codes).
+    unsafe {
+        cmd.pre_exec(move || {
+            set_pdeathsig(Signal::SIGTERM)?;
+            // The agent died before the signal was armed: nobody would ever send it.
+            if getppid() != parent {
+                return Err(nix::errno::Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs `cmd` to completion, or until `cancel` fires. The child runs in its own process group,
-/// so the signals also reach whatever it started (terraform's provider plugins).
+/// so the signals also reach whatever it started (terraform's provider plugins), and it gets
+/// SIGTERM if the agent dies first ([`die_with_parent`]).
+///
+/// Its output goes to unnamed temporary files, not pipes: a child writing to a pipe whose
+/// reader (the agent) died is killed by SIGPIPE, and terraform writes as soon as SIGTERM comes,
+/// so it would die before releasing its state lock.
 pub async fn run_cancellable(
     mut cmd: Command,
     cancel: &CancellationToken,
     grace: Duration,
 ) -> Result<ChildOutput, ProcessError> {
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
-    cmd.process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+    let spawn_error = |source| ProcessError::Spawn {
         program: program.clone(),
         source,
-    })?;
+    };
+    let (stdout, stderr) = (
+        tempfile::tempfile().map_err(spawn_error)?,
+        tempfile::tempfile().map_err(spawn_error)?,
+    );
+    die_with_parent(&mut cmd);
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone().map_err(spawn_error)?)
+        .stderr(stderr.try_clone().map_err(spawn_error)?)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(spawn_error)?;
     let pgid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw);
-    let stdout = child.stdout.take().map(|s| tokio::spawn(capture(s)));
-    let stderr = child.stderr.take().map(|s| tokio::spawn(capture(s)));
 
     let waited = tokio::select! {
         status = child.wait() => Ok(status),
@@ -89,34 +128,26 @@ pub async fn run_cancellable(
     };
     Ok(ChildOutput {
         status,
-        stdout: join_capture(stdout).await,
-        stderr: join_capture(stderr).await,
+        stdout: tail(stdout).await,
+        stderr: tail(stderr).await,
     })
 }
 
-async fn capture<R: AsyncRead + Unpin>(mut reader: R) -> Vec<u8> {
+/// The last [`MAX_CAPTURE_BYTES`] written to `file`; the tail is what matters in a failure.
+async fn tail(file: std::fs::File) -> String {
+    let mut file = tokio::fs::File::from_std(file);
+    let written = file.metadata().await.map_or(0, |m| m.len());
+    let limit = MAX_CAPTURE_BYTES as u64;
     let mut kept = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                kept.extend_from_slice(&buf[..n]);
-                if kept.len() > MAX_CAPTURE_BYTES {
-                    let cut = kept.len() - MAX_CAPTURE_BYTES;
-                    kept.drain(..cut);
-                }
-            }
-        }
+    if file
+        .seek(SeekFrom::Start(written.saturating_sub(limit)))
+        .await
+        .is_ok()
+    {
+        // Something the child started may still be writing: read no more than the limit.
+        let _ = file.take(limit).read_to_end(&mut kept).await;
     }
-    kept
-}
-
-async fn join_capture(handle: Option<tokio::task::JoinHandle<Vec<u8>>>) -> String {
-    match handle {
-        Some(h) => String::from_utf8_lossy(&h.await.unwrap_or_default()).into_owned(),
-        None => String::new(),
-    }
+    String::from_utf8_lossy(&kept).into_owned()
 }
 
 #[cfg(test)]
@@ -133,6 +164,17 @@ mod tests {
         assert_eq!(out.status.code(), Some(3));
         assert_eq!(out.stdout, "out\n");
         assert_eq!(out.stderr, "err\n");
+    }
+
+    #[tokio::test]
+    async fn only_the_tail_of_a_long_output_is_kept() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "head -c 1100000 /dev/zero | tr '\\0' a; echo END"]);
+        let out = run_cancellable(cmd, &CancellationToken::new(), Duration::from_secs(1))
+            .await
+            .expect("ran");
+        assert_eq!(out.stdout.len(), MAX_CAPTURE_BYTES);
+        assert!(out.stdout.ends_with("aaaEND\n"));
     }
 
     #[tokio::test]
@@ -158,6 +200,45 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "int\n");
+    }
+
+    /// The kernel signals when the spawning *thread* exits (the agent dying ends them all).
+    #[test]
+    fn a_child_gets_sigterm_when_the_thread_that_started_it_exits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ready = dir.path().join("ready");
+        let marker = dir.path().join("got-term");
+        let script = format!(
+            "trap 'echo term > {}; kill $!; exit 143' TERM; touch {}; sleep 30 & wait",
+            marker.display(),
+            ready.display()
+        );
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c").arg(script);
+                die_with_parent(&mut cmd);
+                let _child = cmd.spawn().expect("spawn");
+                // The trap must be in place before this thread ends and the signal comes.
+                while !ready.exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        })
+        .join()
+        .expect("spawning thread");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !marker.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            std::fs::read_to_string(&marker).expect("the child got SIGTERM"),
+            "term\n"
+        );
     }
 
     #[tokio::test]

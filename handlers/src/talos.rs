@@ -148,8 +148,16 @@ fn endpoint_url(endpoint: &str) -> String {
 impl TalosClient {
     /// Reads a talosconfig; `context` overrides the file's current context.
     pub fn from_talosconfig(text: &str, context: Option<&str>) -> Result<Self, TalosError> {
-        let file: TalosConfigFile = serde_saphyr::from_str(text)
-            .map_err(|e| TalosError::Config(format!("not a talosconfig: {e}")))?;
+        let file: TalosConfigFile = serde_saphyr::from_str(text).map_err(|e| {
+            // The parser quotes the lines around the error, and they may hold the client key:
+            // only the position and the reason are kept.
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or_default();
+            TalosError::Config(format!(
+                "not a talosconfig: {}",
+                first.trim_start_matches("error: ")
+            ))
+        })?;
         let name = context
             .map(str::to_string)
             .or(file.context.clone())
@@ -304,5 +312,13 @@ mod tests {
         )
         .expect_err("bad base64");
         assert!(e.to_string().contains("ca is not base64"), "{e}");
+        let e = TalosClient::from_talosconfig(
+            "context: a\ncontexts:\n  a:\n    endpoints: [x]\n    key: {LS0tPRIVATE: 1}\n",
+            None,
+        )
+        .expect_err("a map where the key goes");
+        let message = e.to_string();
+        assert!(message.contains("line 5 column"), "{message}");
+        assert!(!message.contains("PRIVATE"), "{message}");
     }
 }

@@ -33,6 +33,7 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     }],
     section: "upgrade",
     requires: &[],
+    option_requires: crate::descriptor::no_option_requires,
     build: |configs, _| {
         configs.upgrade.as_ref()?;
         Some(std::sync::Arc::new(crate::unavailable::Unavailable {

@@ -28,7 +28,7 @@ use serde_json::json;
 
 use crate::clients::{S3Config, TalosConfig};
 use crate::command::Verb;
-use crate::descriptor::KindDescriptor;
+use crate::descriptor::{KindDescriptor, Requirement, no_option_requires};
 use crate::handler::{
     Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy, TargetResult,
 };
@@ -127,7 +127,17 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         params: Some(|_| Ok(serde_json::Map::new())),
     }],
     section: "etcd_snapshot",
-    requires: &["talos", "s3"],
+    requires: &[
+        Requirement {
+            section: "talos",
+            why: "snapshots are taken through the Talos API",
+        },
+        Requirement {
+            section: "s3",
+            why: "snapshots are stored in S3",
+        },
+    ],
+    option_requires: no_option_requires,
     build: |configs, services| {
         Some(std::sync::Arc::new(EtcdSnapshotHandler {
             config: configs.etcd_snapshot.clone()?,

@@ -40,6 +40,8 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     // It runs reconcile's saved plans: the same section enables both.
     section: "reconcile",
     requires: &[],
+    // Reconcile's descriptor reports what the shared section's options need.
+    option_requires: crate::descriptor::no_option_requires,
     build: |configs, services| {
         let config = configs.reconcile.clone()?;
         Some(Arc::new(ApplyHandler {

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::command::{self, Args, CommandError, Verb};
-use crate::descriptor::KindDescriptor;
+use crate::descriptor::{KindDescriptor, Requirement};
 use crate::github::StatusState;
 use crate::handler::{Handler, HandlerError, JobContext, LockRequest, Outcome};
 use crate::job::JobEnvelope;
@@ -118,6 +118,7 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     ],
     section: "reconcile",
     requires: &[],
+    option_requires,
     build: |configs, services| {
         let config = configs.reconcile.clone()?;
         Some(std::sync::Arc::new(ReconcileHandler {
@@ -128,6 +129,32 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         }))
     },
 };
+
+/// GitHub statuses and comments are optional; two options are not.
+fn option_requires(configs: &crate::registry::HandlerConfigs) -> Vec<(&'static str, Requirement)> {
+    let mut needs = Vec::new();
+    if let Some(config) = &configs.reconcile {
+        if config.argocd_app.is_some() {
+            needs.push((
+                "reconcile.argocd_app",
+                Requirement {
+                    section: "kubernetes",
+                    why: "Argo CD is synced through the Kubernetes API",
+                },
+            ));
+        }
+        if config.drift_issue {
+            needs.push((
+                "reconcile.drift_issue",
+                Requirement {
+                    section: "github",
+                    why: "the drift issue is kept on GitHub",
+                },
+            ));
+        }
+    }
+    needs
+}
 
 /// `plan [ref] [env=E]` and `reconcile [env=E]`.
 fn params(args: &mut Args) -> Result<serde_json::Map<String, Value>, CommandError> {

@@ -109,6 +109,129 @@ command = "backup"
     assert!(!all.contains("resolved-value-xyz"));
 }
 
+/// Runs the binary with its output in files; a daemon that did not refuse its config is
+/// killed after a while (it would wait for NATS forever), and fails the test.
+fn run_to_exit(mut command: Command, dir: &std::path::Path) -> (Option<i32>, String) {
+    let stderr = dir.join("stderr");
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+        .spawn()
+        .expect("run the binary");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(&stderr).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("still running after 60s:\n{err}"));
+    (status.code(), err)
+}
+
+#[test]
+fn check_config_and_run_name_shape_section_client_and_secret_problems_in_one_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, "users: [\n  token: t0ken-never-shown\n").expect("kubeconfig");
+    let missing_talosconfig = dir.path().join("no-such-talosconfig");
+    let empty_secret_file = dir.path().join("empty-secret");
+    std::fs::write(&empty_secret_file, "\n").expect("secret file");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[agent]
+concurrency = 0
+[github]
+repo = "owner/infra"
+webhook_secret = ["env:IFX_EMPTY_WEBHOOK_SECRET", "file:{empty}", ""]
+[kubernetes]
+kubeconfig = "{kubeconfig}"
+[talos]
+talosconfig = "{talosconfig}"
+cluster = "lab"
+[etcd_snapshot]
+bucket = "snapshots"
+[backup]
+"#,
+            empty = empty_secret_file.display(),
+            kubeconfig = kubeconfig.display(),
+            talosconfig = missing_talosconfig.display(),
+        ),
+    )
+    .expect("config");
+    for subcommand in ["check-config", "run"] {
+        let mut command = Command::new(crate::test_agent_bin());
+        command
+            .args([subcommand, "--config", path.to_str().expect("path")])
+            .env_remove("INFRAFLUX_NATS__URL")
+            .env("IFX_EMPTY_WEBHOOK_SECRET", "");
+        let (code, err) = run_to_exit(command, dir.path());
+        assert_eq!(code, Some(2), "{subcommand}:\n{err}");
+        for expected in [
+            "agent.concurrency: must be at least 1".to_string(),
+            format!(
+                "talos.talosconfig: cannot read {}",
+                missing_talosconfig.display()
+            ),
+            format!(
+                "kubernetes.kubeconfig: cannot read {}",
+                kubeconfig.display()
+            ),
+            "etcd_snapshot: needs the [s3] section".to_string(),
+            "github.webhook_secret.0: environment variable IFX_EMPTY_WEBHOOK_SECRET is empty"
+                .to_string(),
+            format!(
+                "github.webhook_secret.1: {} is empty",
+                empty_secret_file.display()
+            ),
+            "github.webhook_secret.2: is empty".to_string(),
+        ] {
+            assert!(
+                err.contains(&expected),
+                "{subcommand}: {expected:?} not reported:\n{err}"
+            );
+        }
+        assert!(!err.contains("t0ken-never-shown"), "{subcommand}:\n{err}");
+        // [talos] is present, only unreadable: its absence is not reported as well.
+        assert!(!err.contains("needs the [talos]"), "{subcommand}:\n{err}");
+        assert!(!err.contains("backup: needs"), "{subcommand}:\n{err}");
+    }
+
+    // A talosconfig that is there but not one, and a requirement left unmet.
+    std::fs::write(&missing_talosconfig, "context: lab\ncontexts: []\n").expect("talosconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "[talos]\ntalosconfig = \"{}\"\ncluster = \"lab\"\n[backup]\n",
+            missing_talosconfig.display()
+        ),
+    )
+    .expect("config");
+    let out = bin(&["check-config", "--config", path.to_str().expect("path")]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "talos.talosconfig: {}: not a talosconfig: line 2",
+            missing_talosconfig.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("backup: needs the [kubernetes] section"),
+        "{err}"
+    );
+}
+
 #[test]
 fn schedules_prints_fire_times_in_their_zone() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -275,12 +398,20 @@ fn the_shipped_example_config_passes_check_config_once_its_secrets_exist() {
         "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://10.0.0.10:6443\ncontexts:\n- name: admin@infraflux\n  context:\n    cluster: lab\n    user: admin\ncurrent-context: admin@infraflux\nusers:\n- name: admin\n  user:\n    token: t\n",
     )
     .expect("kubeconfig");
+    // A talosconfig with the example's context; check-config parses it and never connects.
+    let talosconfig = dir.path().join("talosconfig");
+    std::fs::write(
+        &talosconfig,
+        "context: infraflux\ncontexts:\n  infraflux:\n    endpoints: [10.0.0.11]\n    ca: dGVzdA==\n    crt: dGVzdA==\n    key: dGVzdA==\n",
+    )
+    .expect("talosconfig");
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
     let out = Command::new(crate::test_agent_bin())
         .args(["check-config", "--config", example.to_str().expect("path")])
         .env("CREDENTIALS_DIRECTORY", &credentials)
         .env("ONEPASSWORD_CLI", &op)
         .env("INFRAFLUX_KUBERNETES__KUBECONFIG", &kubeconfig)
+        .env("INFRAFLUX_TALOS__TALOSCONFIG", &talosconfig)
         .output()
         .expect("run");
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));

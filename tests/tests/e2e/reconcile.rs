@@ -913,6 +913,21 @@ async fn a_sync_that_leaves_a_child_app_degraded_fails_and_names_it() {
     lab.agent.stop().await;
 }
 
+/// Whether `pid` is a live process; a zombie (dead, waiting for init to reap it) is not.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            let after = stat.rsplit_once(')')?.1;
+            after
+                .split_whitespace()
+                .next()
+                .map(|state| state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_status_descriptions_are_scrubbed_of_secrets_like_comments() {
     let lab = lab(LabOptions::default()).await;
@@ -952,8 +967,17 @@ async fn commit_status_descriptions_are_scrubbed_of_secrets_like_comments() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_apply_whose_agent_dies_fails_with_what_to_check_and_is_never_retried() {
-    let p = peers(60, "Healthy").await;
+async fn an_apply_whose_agent_dies_stops_terraform_releases_its_lock_and_is_never_retried() {
+    let p = peers(0, "Healthy").await;
+    // The apply's provisioner writes down terraform's pid (its parent) and its own, then becomes
+    // a long sleep.
+    let pids = p.dir.path().join("provisioner-pids");
+    let mut tf = resources(&["cp_1"], 0);
+    tf.push_str(&format!(
+        "\nresource \"terraform_data\" \"slow\" {{\n  provisioner \"local-exec\" {{\n    command = \"echo $PPID $$ > {}; exec sleep 300\"\n  }}\n}}\n",
+        pids.display()
+    ));
+    p.repo.write(&format!("{WORKDIR}/main.tf"), &tf);
     let http_port = free_port();
     let config = p.dir.path().join("agent.toml");
     std::fs::write(
@@ -991,19 +1015,42 @@ async fn an_apply_whose_agent_dies_fails_with_what_to_check_and_is_never_retried
         "awaiting_approval"
     );
     let apply_job = submit(&client, &format!("apply {plan_job}")).await;
-    wait_for(
+    let (terraform, sleep) = wait_for(
         Duration::from_secs(60),
-        "terraform apply to hold the state lock",
+        "the apply's provisioner to run",
         || async {
-            p.s3.keys("tfstate")
-                .await
-                .iter()
-                .any(|k| k.ends_with(".tflock"))
-                .then_some(())
+            let text = std::fs::read_to_string(&pids).ok()?;
+            let mut numbers = text.split_whitespace().map(str::parse::<u32>);
+            match (numbers.next(), numbers.next()) {
+                (Some(Ok(terraform)), Some(Ok(sleep))) => Some((terraform, sleep)),
+                _ => None,
+            }
         },
     )
     .await;
+    assert!(
+        p.s3.keys("tfstate")
+            .await
+            .iter()
+            .any(|k| k.ends_with(".tflock")),
+        "terraform apply holds the state lock"
+    );
+    assert!(alive(terraform) && alive(sleep));
     first.kill9();
+
+    // The kernel sends terraform SIGTERM as its agent dies; terraform stops the provisioner,
+    // saves its state and releases its lock, with no agent left to ask it to.
+    wait_for(
+        Duration::from_secs(30),
+        "terraform and its provisioner to end with their agent",
+        || async { (!alive(terraform) && !alive(sleep)).then_some(()) },
+    )
+    .await;
+    let keys = p.s3.keys("tfstate").await;
+    assert!(
+        !keys.iter().any(|k| k.ends_with(".tflock")),
+        "terraform released its state lock: {keys:?}"
+    );
 
     let env2 = [
         env.clone(),
@@ -1016,19 +1063,13 @@ async fn an_apply_whose_agent_dies_fails_with_what_to_check_and_is_never_retried
     let message = done["message"].as_str().unwrap_or_default();
     assert!(message.contains("was interrupted"), "{message}");
     assert!(message.contains("never retried"), "{message}");
+    // terraform may still have been killed hard (power loss), so the message says what to check.
     assert!(
         message.contains("force-unlock"),
         "it says what to check: {message}"
     );
     assert_eq!(done["interruptions"][0]["agent"], "crash-1", "{done}");
     assert_eq!(record(&client, &plan_job).await["state"], "failed");
-    // terraform died with SIGKILL: its lock is still there, as the message warns.
-    assert!(
-        p.s3.keys("tfstate")
-            .await
-            .iter()
-            .any(|k| k.ends_with(".tflock"))
-    );
 }
 
 /// `resources` plus one resource whose provisioner appends a line to `runs` each time terraform
