@@ -6,7 +6,6 @@
 //! it concerns, so `check-config` can report them at once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,61 +13,16 @@ use std::time::Duration;
 use infraflux_handlers::command::{self, Request};
 use infraflux_handlers::secret::{SecretRef, SecretRefs};
 use infraflux_handlers::settings::HumanDuration;
-use infraflux_handlers::{
-    HandlerConfigs, acceptance, backup, clients, etcd_snapshot, reconcile, restore_drill, upgrade,
-};
+use infraflux_handlers::{HandlerConfigs, clients, reconcile};
 use infraflux_schedules::CronSchedule;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
 pub const DEFAULT_PATH: &str = "/etc/infraflux/agent.toml";
 pub const ENV_PREFIX: &str = "INFRAFLUX";
 /// GitHub lets a delivery be redelivered by hand for three days; our dedup must outlive that.
 pub const MIN_DEDUP_WINDOW: Duration = Duration::from_secs(72 * 3600);
 
-/// One problem, with the key it concerns.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Problem {
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
-    }
-}
-
-/// Every problem found, for `check-config` and for a refused start.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Problems(pub Vec<Problem>);
-
-impl Problems {
-    pub fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.0.push(Problem {
-            key: key.into(),
-            message: message.into(),
-        });
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Display for Problems {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for Problems {}
+pub use infraflux_handlers::sections::{Problem, Problems};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct AgentSection {
@@ -299,23 +253,15 @@ pub struct Loaded {
     pub sections: BTreeSet<String>,
 }
 
-const SECTIONS: &[&str] = &[
-    "agent",
-    "nats",
-    "http",
-    "github",
-    "telemetry",
-    "schedules",
-    "kubernetes",
-    "talos",
-    "s3",
-    "reconcile",
-    "backup",
-    "etcd_snapshot",
-    "restore_drill",
-    "upgrade",
-    "acceptance",
-];
+/// The agent's own sections; the handlers' (clients and kinds) come from their descriptors.
+const AGENT_SECTIONS: &[&str] = &["agent", "nats", "http", "github", "telemetry", "schedules"];
+
+/// Every section name the config accepts.
+fn section_names() -> Vec<&'static str> {
+    let mut names = AGENT_SECTIONS.to_vec();
+    names.extend(infraflux_handlers::sections::all().iter().map(|s| s.name));
+    names
+}
 
 impl Config {
     /// Loads `path` with environment overrides and validates everything. The environment is
@@ -387,15 +333,26 @@ impl Config {
         };
         let mut config = Config::default();
         let mut present: BTreeSet<String> = BTreeSet::new();
+        let handler_sections = infraflux_handlers::sections::all();
         for (name, value) in table {
-            if !SECTIONS.contains(&name.as_str()) {
+            let handler_section = handler_sections.iter().find(|s| s.name == name);
+            if !AGENT_SECTIONS.contains(&name.as_str()) && handler_section.is_none() {
                 problems.push(
                     name.clone(),
-                    format!("unknown section; expected one of {}", SECTIONS.join(", ")),
+                    format!(
+                        "unknown section; expected one of {}",
+                        section_names().join(", ")
+                    ),
                 );
                 continue;
             }
             present.insert(name.clone());
+            if let Some(handler_section) = handler_section {
+                if let Some(loaded) = (handler_section.load)(&name, value, &mut problems) {
+                    config.handlers.insert_loaded(handler_section.name, loaded);
+                }
+                continue;
+            }
             match name.as_str() {
                 "agent" => set(&mut config.agent, section(&name, value, &mut problems)),
                 "nats" => set(&mut config.nats, section(&name, value, &mut problems)),
@@ -405,40 +362,6 @@ impl Config {
                 "schedules" => {
                     config.schedules = section::<Vec<ScheduleSection>>(&name, value, &mut problems)
                         .unwrap_or_default()
-                }
-                "kubernetes" => {
-                    config.handlers.kubernetes =
-                        section::<clients::KubernetesConfig>(&name, value, &mut problems)
-                }
-                "talos" => {
-                    config.handlers.talos =
-                        section::<clients::TalosConfig>(&name, value, &mut problems)
-                }
-                "s3" => {
-                    config.handlers.s3 = section::<clients::S3Config>(&name, value, &mut problems)
-                }
-                "reconcile" => {
-                    config.handlers.reconcile =
-                        section::<reconcile::Config>(&name, value, &mut problems)
-                }
-                "backup" => {
-                    config.handlers.backup = section::<backup::Config>(&name, value, &mut problems)
-                }
-                "etcd_snapshot" => {
-                    config.handlers.etcd_snapshot =
-                        section::<etcd_snapshot::Config>(&name, value, &mut problems)
-                }
-                "restore_drill" => {
-                    config.handlers.restore_drill =
-                        section::<restore_drill::Config>(&name, value, &mut problems)
-                }
-                "upgrade" => {
-                    config.handlers.upgrade =
-                        section::<upgrade::Config>(&name, value, &mut problems)
-                }
-                "acceptance" => {
-                    config.handlers.acceptance =
-                        section::<acceptance::Config>(&name, value, &mut problems)
                 }
                 _ => {}
             }
@@ -656,7 +579,7 @@ impl Config {
                 refs.push((format!("github.webhook_secret.{i}"), r));
             }
         }
-        if let Some(talos) = &self.handlers.talos {
+        if let Some(talos) = clients::TALOS.get(&self.handlers) {
             // A talosconfig given as a reference is resolved at start; a plain path is read
             // by each job.
             if let Some(r) = &talos.talosconfig_ref {
@@ -666,11 +589,11 @@ impl Config {
         for (name, r) in &self.telemetry.otlp_headers {
             refs.push((format!("telemetry.otlp_headers.{name}"), r));
         }
-        if let Some(s3) = &self.handlers.s3 {
+        if let Some(s3) = clients::S3.get(&self.handlers) {
             refs.push(("s3.access_key_id".into(), &s3.access_key_id));
             refs.push(("s3.secret_access_key".into(), &s3.secret_access_key));
         }
-        if let Some(rc) = &self.handlers.reconcile {
+        if let Some(rc) = reconcile::SECTION.get(&self.handlers) {
             for (name, r) in &rc.env_vars {
                 refs.push((format!("reconcile.env_vars.{name}"), r));
             }
@@ -697,119 +620,7 @@ fn set<T>(slot: &mut T, value: Option<T>) {
     }
 }
 
-/// Deserializes one section, reporting every unknown key in it and its first type error.
-fn section<T: DeserializeOwned>(
-    name: &str,
-    mut value: config::Value,
-    problems: &mut Problems,
-) -> Option<T> {
-    // serde stops at the first bad value; to report every one at once, each bad value is taken
-    // out and the section read again, a bounded number of times.
-    let mut unknown: BTreeSet<String> = BTreeSet::new();
-    let mut removed: Vec<String> = Vec::new();
-    let mut failed = false;
-    for _ in 0..MAX_PROBLEMS_PER_SECTION {
-        let mut on_unknown = |path: serde_ignored::Path<'_>| {
-            unknown.insert(path.to_string());
-        };
-        let de = serde_ignored::Deserializer::new(value.clone(), &mut on_unknown);
-        let result: Result<T, _> = serde_path_to_error::deserialize(de);
-        match result {
-            Ok(v) => {
-                report_unknown(name, &unknown, problems);
-                return (!failed).then_some(v);
-            }
-            Err(e) => {
-                let inner = clean_error(&e.inner().to_string());
-                // A value taken out for being bad now reads as missing: already reported.
-                let missing = missing_name(&inner);
-                let echo = !missing.is_empty()
-                    && inner.starts_with("missing field")
-                    && removed.iter().any(|r| r.ends_with(&missing));
-                if !echo {
-                    problems.push(join_key(name, &e.path().to_string()), inner.clone());
-                }
-                failed = true;
-                let segments: Vec<String> = e.path().iter().map(ToString::to_string).collect();
-                if echo || inner.starts_with("missing field") || !remove_at(&mut value, &segments) {
-                    break;
-                }
-                removed.push(e.path().to_string());
-            }
-        }
-    }
-    report_unknown(name, &unknown, problems);
-    None
-}
-
-/// Enough for any real config; bounds the re-reads of a section full of mistakes.
-const MAX_PROBLEMS_PER_SECTION: usize = 32;
-
-fn report_unknown(section: &str, unknown: &BTreeSet<String>, problems: &mut Problems) {
-    for path in unknown {
-        problems.push(join_key(section, path), "unknown key");
-    }
-}
-
-/// `x` in serde's "missing field `x`".
-fn missing_name(message: &str) -> String {
-    message.split('`').nth(1).unwrap_or_default().to_string()
-}
-
-/// Takes the value at `segments` (table keys and `[i]` indices, as serde_path_to_error prints
-/// them) out of its table in `value`; false when there is no such table key.
-fn remove_at(value: &mut config::Value, segments: &[String]) -> bool {
-    let Some((last, parents)) = segments.split_last() else {
-        return false;
-    };
-    let mut at = value;
-    for segment in parents {
-        at = match (&mut at.kind, index_of(segment)) {
-            (config::ValueKind::Table(t), None) => match t.get_mut(segment.as_str()) {
-                Some(v) => v,
-                None => return false,
-            },
-            (config::ValueKind::Array(a), Some(i)) => match a.get_mut(i) {
-                Some(v) => v,
-                None => return false,
-            },
-            _ => return false,
-        };
-    }
-    // Only table keys: taking an element out of an array would shift the indices of the rest.
-    match (&mut at.kind, index_of(last)) {
-        (config::ValueKind::Table(t), None) => t.remove(last.as_str()).is_some(),
-        _ => false,
-    }
-}
-
-/// `3` from serde_path_to_error's `[3]` segment.
-fn index_of(segment: &str) -> Option<usize> {
-    segment
-        .strip_prefix('[')
-        .and_then(|s| s.strip_suffix(']'))
-        .and_then(|s| s.parse().ok())
-}
-
-fn join_key(section: &str, path: &str) -> String {
-    let path = path.trim_start_matches('?');
-    if path.is_empty() || path == "." {
-        section.to_string()
-    } else if path.starts_with('[') {
-        format!("{section}{path}")
-    } else {
-        format!("{section}.{path}")
-    }
-}
-
-/// The config crate appends the file's path to some messages; the key is reported already.
-fn clean_error(msg: &str) -> String {
-    msg.split(" for key ")
-        .next()
-        .unwrap_or(msg)
-        .trim()
-        .to_string()
-}
+use infraflux_handlers::sections::read_section as section;
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/infraflux")
@@ -969,10 +780,8 @@ webhook_secret = ["env:A", "env:B"]
         assert_eq!(loaded.config.nats.url, "nats://10.0.0.9:4222");
         assert_eq!(loaded.config.agent.concurrency, 7);
         assert_eq!(
-            loaded
-                .config
-                .handlers
-                .etcd_snapshot
+            infraflux_handlers::etcd_snapshot::SECTION
+                .get(&loaded.config.handlers)
                 .expect("section")
                 .bucket,
             "b"
@@ -1121,7 +930,9 @@ a = 1
             "{MINIMAL}\n[reconcile]\nrepo_url = \"file:///r\"\nworkdir = \"tf\"\nenv = \"prod\"\n[reconcile.env_vars]\nAWS_ACCESS_KEY_ID = \"env:KEY\"\n"
         );
         let loaded = load(&toml, &[]).expect("valid");
-        let rc = loaded.config.handlers.reconcile.expect("reconcile");
+        let rc = reconcile::SECTION
+            .get(&loaded.config.handlers)
+            .expect("reconcile");
         assert!(
             rc.env_vars.contains_key("AWS_ACCESS_KEY_ID"),
             "{:?}",

@@ -39,7 +39,10 @@ const MAX_REPLANS: u32 = 3;
 
 /// Polls the default branch until `shutdown`.
 pub async fn poll(app: Arc<App>, shutdown: CancellationToken) {
-    let Some(rc) = app.config.handlers.reconcile.clone() else {
+    let Some(rc) = infraflux_handlers::reconcile::SECTION
+        .get(&app.config.handlers)
+        .cloned()
+    else {
         return;
     };
     let remote = Remote {

@@ -59,7 +59,7 @@ pub async fn build(
         },
         None => None,
     };
-    let kube = match &config.handlers.kubernetes {
+    let kube = match infraflux_handlers::clients::KUBERNETES.get(&config.handlers) {
         Some(section) => match kube_client(section, env).await {
             Ok(c) => Some(c),
             Err(e) => {
@@ -69,7 +69,7 @@ pub async fn build(
         },
         None => None,
     };
-    if let Some(talos) = &config.handlers.talos
+    if let Some(talos) = infraflux_handlers::clients::TALOS.get(&config.handlers)
         && let Err(e) = check_talosconfig(talos, secrets)
     {
         problems.push("talos.talosconfig", e);
@@ -89,16 +89,12 @@ pub async fn build(
         github,
         kube,
         state_dir: config.agent.state_dir.clone(),
-        cluster: config
-            .handlers
-            .talos
-            .as_ref()
+        cluster: infraflux_handlers::clients::TALOS
+            .get(&config.handlers)
             .map(|t| t.cluster.clone())
             .or_else(|| {
-                config
-                    .handlers
-                    .kubernetes
-                    .as_ref()
+                infraflux_handlers::clients::KUBERNETES
+                    .get(&config.handlers)
                     .and_then(|k| k.context.clone())
             })
             .unwrap_or_else(|| "default".to_string()),
@@ -173,7 +169,7 @@ pub fn missing_sections(loaded: &Loaded) -> Problems {
     let configs = &loaded.config.handlers;
     let mut reported = std::collections::BTreeSet::new();
     for descriptor in infraflux_handlers::descriptor::KINDS {
-        if !loaded.sections.contains(descriptor.section) {
+        if !loaded.sections.contains(descriptor.section()) {
             continue;
         }
         for (key, r) in descriptor.requirements(configs) {

@@ -25,6 +25,7 @@ use crate::handler::{
 use crate::job::JobEnvelope;
 use crate::kind::JobKind;
 use crate::registry::Services;
+use crate::sections::Section;
 use crate::settings::HumanDuration;
 
 /// What a `PartiallyFailed` backup counts as.
@@ -127,6 +128,7 @@ fn go_duration(d: Duration) -> String {
 }
 
 pub const KIND: JobKind = JobKind::named("backup");
+pub const SECTION: Section<Config> = Section::new("backup");
 
 pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     kind: KIND,
@@ -138,7 +140,7 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         kind: Some(KIND),
         params: Some(params),
     }],
-    section: "backup",
+    config: SECTION.descriptor(),
     requires: &[Requirement {
         section: "kubernetes",
         why: "Velero backups go through the Kubernetes API",
@@ -146,7 +148,7 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     option_requires: no_option_requires,
     build: |configs, services| {
         Some(std::sync::Arc::new(BackupHandler {
-            config: configs.backup.clone()?,
+            config: SECTION.get(configs)?.clone(),
             services: services.clone(),
         }))
     },

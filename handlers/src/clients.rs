@@ -3,6 +3,15 @@
 use serde::Deserialize;
 
 use crate::secret::SecretRef;
+use crate::sections::{Section, SectionDescriptor};
+
+pub const KUBERNETES: Section<KubernetesConfig> = Section::new("kubernetes");
+pub const TALOS: Section<TalosConfig> = Section::new("talos");
+pub const S3: Section<S3Config> = Section::new("s3");
+
+/// The sections of the clients that kinds share.
+pub static SECTIONS: &[SectionDescriptor] =
+    &[KUBERNETES.descriptor(), TALOS.descriptor(), S3.descriptor()];
 
 /// `[kubernetes]`: how to reach the cluster's API.
 #[derive(Debug, Clone, Deserialize)]

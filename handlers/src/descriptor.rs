@@ -8,14 +8,15 @@ use std::sync::Arc;
 use crate::command::Verb;
 use crate::handler::Handler;
 use crate::kind::JobKind;
-use crate::registry::{HandlerConfigs, Services};
+use crate::registry::Services;
+use crate::sections::{HandlerConfigs, SectionDescriptor};
 
 pub struct KindDescriptor {
     pub kind: JobKind,
     /// The verbs that start a job of this kind, each with its parameter parser.
     pub verbs: &'static [Verb],
-    /// The config section that enables the kind.
-    pub section: &'static str,
+    /// The config section that enables the kind, and how it is read.
+    pub config: SectionDescriptor,
     /// Sections the kind cannot work without: their absence is a config error naming them.
     pub requires: &'static [Requirement],
     /// Sections that some of the kind's options need (`reconcile.argocd_app` needs
@@ -39,6 +40,11 @@ pub fn no_option_requires(_: &HandlerConfigs) -> Vec<(&'static str, Requirement)
 }
 
 impl KindDescriptor {
+    /// The name of the section that enables the kind.
+    pub fn section(&self) -> &'static str {
+        self.config.name
+    }
+
     /// The required sections that `configs` lacks.
     pub fn missing_sections(&self, configs: &HandlerConfigs) -> Vec<&'static str> {
         self.requires
@@ -53,7 +59,7 @@ impl KindDescriptor {
     pub fn requirements(&self, configs: &HandlerConfigs) -> Vec<(&'static str, Requirement)> {
         self.requires
             .iter()
-            .map(|r| (self.section, *r))
+            .map(|r| (self.config.name, *r))
             .chain((self.option_requires)(configs))
             .collect()
     }
@@ -91,7 +97,7 @@ mod tests {
             // One name per concept: the section is the kind's name with `_`, except apply,
             // which runs reconcile's plans.
             if d.kind != JobKind::APPLY {
-                assert_eq!(d.section, d.kind.as_str().replace('-', "_"));
+                assert_eq!(d.section(), d.kind.as_str().replace('-', "_"));
             }
             assert!(!d.verbs.is_empty(), "{} has no verb", d.kind);
             for v in d.verbs {
@@ -99,7 +105,7 @@ mod tests {
                 assert!(v.params.is_some(), "{} has no parameter parser", v.name);
                 assert!(v.usage.starts_with(v.name), "{}", v.usage);
             }
-            assert!(d.requires.iter().all(|r| r.section != d.section));
+            assert!(d.requires.iter().all(|r| r.section != d.section()));
         }
     }
 }

@@ -45,7 +45,7 @@ impl JobKind {
     /// The config section that enables this kind. `apply` runs saved reconcile plans, so the
     /// `[reconcile]` section enables both.
     pub fn config_section(self) -> &'static str {
-        self.descriptor().map_or(self.0, |d| d.section)
+        self.descriptor().map_or(self.0, |d| d.section())
     }
 }
 

@@ -14,7 +14,9 @@ pub mod kind;
 pub mod process;
 pub mod registry;
 pub mod s3;
+pub mod schema;
 pub mod secret;
+pub mod sections;
 pub mod settings;
 pub mod talos;
 pub mod trace;
@@ -34,4 +36,5 @@ pub use handler::{
 };
 pub use job::{JobEnvelope, Source, new_job_id};
 pub use kind::JobKind;
-pub use registry::{HandlerConfigs, Registry, Services};
+pub use registry::{Registry, Services};
+pub use sections::HandlerConfigs;

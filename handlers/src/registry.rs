@@ -10,7 +10,7 @@ use crate::github::GitHub;
 use crate::handler::{Handler, HandlerError};
 use crate::kind::JobKind;
 use crate::secret::Secrets;
-use crate::{acceptance, backup, clients, etcd_snapshot, reconcile, restore_drill, upgrade};
+use crate::sections::HandlerConfigs;
 
 /// What handlers are built with: resolved secrets and the clients shared by several kinds.
 #[derive(Clone, Default)]
@@ -27,53 +27,6 @@ pub struct Services {
     /// The environment child processes (git, terraform) start from: PATH, HOME, proxies,
     /// TF_CLI_CONFIG_FILE. Nothing else of the agent's environment reaches them.
     pub tool_env: Vec<(String, String)>,
-}
-
-/// Every handler section of the config. A section that is absent disables its kind.
-#[derive(Debug, Clone, Default)]
-pub struct HandlerConfigs {
-    pub kubernetes: Option<clients::KubernetesConfig>,
-    pub talos: Option<clients::TalosConfig>,
-    pub s3: Option<clients::S3Config>,
-    pub reconcile: Option<reconcile::Config>,
-    pub backup: Option<backup::Config>,
-    pub etcd_snapshot: Option<etcd_snapshot::Config>,
-    pub restore_drill: Option<restore_drill::Config>,
-    pub upgrade: Option<upgrade::Config>,
-    pub acceptance: Option<acceptance::Config>,
-}
-
-impl HandlerConfigs {
-    /// Whether the section called `name` is present.
-    pub fn has_section(&self, name: &str) -> bool {
-        match name {
-            "kubernetes" => self.kubernetes.is_some(),
-            "talos" => self.talos.is_some(),
-            "s3" => self.s3.is_some(),
-            "reconcile" => self.reconcile.is_some(),
-            "backup" => self.backup.is_some(),
-            "etcd_snapshot" => self.etcd_snapshot.is_some(),
-            "restore_drill" => self.restore_drill.is_some(),
-            "upgrade" => self.upgrade.is_some(),
-            "acceptance" => self.acceptance.is_some(),
-            _ => false,
-        }
-    }
-
-    /// Whether the section that enables `kind` is present.
-    pub fn enables(&self, kind: JobKind) -> bool {
-        self.has_section(kind.config_section())
-    }
-
-    /// Every kind that is enabled but lacks a section it needs, with the missing sections.
-    pub fn missing_sections(&self) -> Vec<(JobKind, Vec<&'static str>)> {
-        KINDS
-            .iter()
-            .filter(|d| self.has_section(d.section))
-            .map(|d| (d.kind, d.missing_sections(self)))
-            .filter(|(_, missing)| !missing.is_empty())
-            .collect()
-    }
 }
 
 #[derive(Clone)]
@@ -108,7 +61,7 @@ impl Registry {
     pub fn from_sections(configs: &HandlerConfigs, services: &Services) -> Self {
         let mut registry = Self::empty();
         for descriptor in KINDS {
-            if !configs.has_section(descriptor.section) {
+            if !configs.has_section(descriptor.section()) {
                 continue;
             }
             let missing = descriptor.missing_sections(configs);
@@ -164,44 +117,60 @@ mod tests {
     use crate::settings::HumanDuration;
 
     fn all_sections() -> HandlerConfigs {
-        HandlerConfigs {
-            restore_drill: Some(restore_drill::Config {
-                timeout: HumanDuration::from_secs(1),
-            }),
-            upgrade: Some(upgrade::Config {
-                timeout: HumanDuration::from_secs(1),
-            }),
-            acceptance: Some(acceptance::Config {
-                timeout: HumanDuration::from_secs(1),
-            }),
-            backup: Some(serde_json::from_str("{}").expect("backup defaults")),
-            etcd_snapshot: Some(
-                serde_json::from_str(r#"{"bucket":"b"}"#).expect("etcd_snapshot defaults"),
-            ),
-            reconcile: Some(
-                serde_json::from_str(r#"{"repo_url":"file:///r","workdir":"tf","env":"prod"}"#)
-                    .expect("reconcile"),
-            ),
-            kubernetes: Some(serde_json::from_str("{}").expect("kubernetes")),
-            talos: Some(
-                serde_json::from_str(r#"{"talosconfig":"/etc/t","cluster":"lab"}"#)
-                    .expect("talos"),
-            ),
-            s3: Some(
-                serde_json::from_str(
-                    r#"{"endpoint":"http://s3","access_key_id":"env:A","secret_access_key":"env:B"}"#,
-                )
-                .expect("s3"),
-            ),
-        }
+        let mut configs = HandlerConfigs::default();
+        let quick = || HumanDuration::from_secs(1);
+        crate::restore_drill::SECTION.set(
+            &mut configs,
+            crate::restore_drill::Config { timeout: quick() },
+        );
+        crate::upgrade::SECTION.set(&mut configs, crate::upgrade::Config { timeout: quick() });
+        crate::acceptance::SECTION
+            .set(&mut configs, crate::acceptance::Config { timeout: quick() });
+        crate::backup::SECTION.set(
+            &mut configs,
+            serde_json::from_str("{}").expect("backup defaults"),
+        );
+        crate::etcd_snapshot::SECTION.set(
+            &mut configs,
+            serde_json::from_str(r#"{"bucket":"b"}"#).expect("etcd_snapshot defaults"),
+        );
+        crate::reconcile::SECTION.set(
+            &mut configs,
+            serde_json::from_str(r#"{"repo_url":"file:///r","workdir":"tf","env":"prod"}"#)
+                .expect("reconcile"),
+        );
+        crate::clients::KUBERNETES.set(
+            &mut configs,
+            serde_json::from_str("{}").expect("kubernetes"),
+        );
+        crate::clients::TALOS.set(
+            &mut configs,
+            serde_json::from_str(r#"{"talosconfig":"/etc/t","cluster":"lab"}"#).expect("talos"),
+        );
+        crate::clients::S3.set(
+            &mut configs,
+            serde_json::from_str(
+                r#"{"endpoint":"http://s3","access_key_id":"env:A","secret_access_key":"env:B"}"#,
+            )
+            .expect("s3"),
+        );
+        configs
+    }
+
+    fn copy_section(mut into: HandlerConfigs, from: &HandlerConfigs, name: &str) -> HandlerConfigs {
+        into.copy_from(from, name);
+        into
     }
 
     #[test]
     fn a_kind_without_the_sections_it_needs_is_named_with_them() {
-        let mut configs = all_sections();
-        configs.talos = None;
-        configs.s3 = None;
-        configs.kubernetes = None;
+        let mut configs = HandlerConfigs::default();
+        for section in crate::sections::all() {
+            if !matches!(section.name, "talos" | "s3" | "kubernetes") {
+                let all = all_sections();
+                configs = copy_section(configs, &all, section.name);
+            }
+        }
         let mut missing = configs.missing_sections();
         missing.sort();
         assert_eq!(

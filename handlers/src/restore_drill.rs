@@ -5,6 +5,7 @@ use serde::Deserialize;
 use crate::command::{self, Args, CommandError, Verb};
 use crate::descriptor::KindDescriptor;
 use crate::kind::JobKind;
+use crate::sections::Section;
 use crate::settings::HumanDuration;
 
 /// `[restore_drill]`
@@ -17,6 +18,8 @@ pub struct Config {
 fn default_timeout() -> HumanDuration {
     HumanDuration::from_secs(7200)
 }
+
+pub const SECTION: Section<Config> = Section::new("restore_drill");
 
 pub const KIND: JobKind = JobKind::named("restore-drill");
 
@@ -31,11 +34,11 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         kind: Some(KIND),
         params: Some(params),
     }],
-    section: "restore_drill",
+    config: SECTION.descriptor(),
     requires: &[],
     option_requires: crate::descriptor::no_option_requires,
     build: |configs, _| {
-        configs.restore_drill.as_ref()?;
+        SECTION.get(configs)?;
         Some(std::sync::Arc::new(crate::unavailable::Unavailable {
             kind: KIND,
         }))

@@ -5,6 +5,7 @@ use serde::Deserialize;
 use crate::command::{self, Args, CommandError, Verb};
 use crate::descriptor::KindDescriptor;
 use crate::kind::JobKind;
+use crate::sections::Section;
 use crate::settings::HumanDuration;
 
 /// `[upgrade]`
@@ -17,6 +18,8 @@ pub struct Config {
 fn default_timeout() -> HumanDuration {
     HumanDuration::from_secs(14400)
 }
+
+pub const SECTION: Section<Config> = Section::new("upgrade");
 
 pub const KIND: JobKind = JobKind::named("upgrade");
 
@@ -31,11 +34,11 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         kind: Some(KIND),
         params: Some(params),
     }],
-    section: "upgrade",
+    config: SECTION.descriptor(),
     requires: &[],
     option_requires: crate::descriptor::no_option_requires,
     build: |configs, _| {
-        configs.upgrade.as_ref()?;
+        SECTION.get(configs)?;
         Some(std::sync::Arc::new(crate::unavailable::Unavailable {
             kind: KIND,
         }))

@@ -36,6 +36,7 @@ use crate::job::JobEnvelope;
 use crate::kind::JobKind;
 use crate::registry::Services;
 use crate::secret::SecretKey;
+use crate::sections::Section;
 use crate::settings::HumanDuration;
 use crate::talos::proto::machine::EtcdSnapshotRequest;
 use crate::talos::{TalosClient, status_message, to_node};
@@ -115,6 +116,7 @@ pub struct Manifest {
 }
 
 pub const KIND: JobKind = JobKind::named("etcd-snapshot");
+pub const SECTION: Section<Config> = Section::new("etcd_snapshot");
 
 pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     kind: KIND,
@@ -126,7 +128,7 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         kind: Some(KIND),
         params: Some(|_| Ok(serde_json::Map::new())),
     }],
-    section: "etcd_snapshot",
+    config: SECTION.descriptor(),
     requires: &[
         Requirement {
             section: "talos",
@@ -140,9 +142,9 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     option_requires: no_option_requires,
     build: |configs, services| {
         Some(std::sync::Arc::new(EtcdSnapshotHandler {
-            config: configs.etcd_snapshot.clone()?,
-            talos: configs.talos.clone()?,
-            s3: configs.s3.clone()?,
+            config: SECTION.get(configs)?.clone(),
+            talos: crate::clients::TALOS.get(configs)?.clone(),
+            s3: crate::clients::S3.get(configs)?.clone(),
             services: services.clone(),
         }))
     },

@@ -38,12 +38,12 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         params: Some(params),
     }],
     // It runs reconcile's saved plans: the same section enables both.
-    section: "reconcile",
+    config: super::SECTION.descriptor(),
     requires: &[],
     // Reconcile's descriptor reports what the shared section's options need.
     option_requires: crate::descriptor::no_option_requires,
     build: |configs, services| {
-        let config = configs.reconcile.clone()?;
+        let config = super::SECTION.get(configs)?.clone();
         Some(Arc::new(ApplyHandler {
             reconciler: Arc::new(Reconciler {
                 config,

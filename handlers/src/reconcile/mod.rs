@@ -31,6 +31,7 @@ use crate::kind::JobKind;
 use crate::registry::Services;
 use crate::secret::SecretKey;
 use crate::secret::SecretRef;
+use crate::sections::Section;
 use crate::settings::HumanDuration;
 use terraform::{PlanSummary, Terraform};
 use workspace::Remote;
@@ -95,6 +96,7 @@ fn default_timeout() -> HumanDuration {
 
 /// What reconcile and apply share: the repository, terraform, GitHub feedback, Argo CD.
 pub const KIND: JobKind = JobKind::named("reconcile");
+pub const SECTION: Section<Config> = Section::new("reconcile");
 
 pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     kind: KIND,
@@ -116,11 +118,11 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
             params: Some(params),
         },
     ],
-    section: "reconcile",
+    config: SECTION.descriptor(),
     requires: &[],
     option_requires,
     build: |configs, services| {
-        let config = configs.reconcile.clone()?;
+        let config = SECTION.get(configs)?.clone();
         Some(std::sync::Arc::new(ReconcileHandler {
             reconciler: std::sync::Arc::new(Reconciler {
                 config,
@@ -131,9 +133,9 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
 };
 
 /// GitHub statuses and comments are optional; two options are not.
-fn option_requires(configs: &crate::registry::HandlerConfigs) -> Vec<(&'static str, Requirement)> {
+fn option_requires(configs: &crate::sections::HandlerConfigs) -> Vec<(&'static str, Requirement)> {
     let mut needs = Vec::new();
-    if let Some(config) = &configs.reconcile {
+    if let Some(config) = SECTION.get(configs) {
         if config.argocd_app.is_some() {
             needs.push((
                 "reconcile.argocd_app",
