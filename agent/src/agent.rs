@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
-use infraflux_handlers::{Registry, Services};
+use infraflux_handlers::{Context, Registry};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -86,7 +86,7 @@ impl AgentHandle {
 /// Binds the HTTP listener and starts the agent in the background.
 pub async fn start(
     config: Config,
-    services: Services,
+    services: Context,
     registry: Registry,
 ) -> Result<AgentHandle, AgentError> {
     let (listener, http_addr) =
@@ -118,7 +118,7 @@ pub async fn start(
 
 async fn run(
     config: Config,
-    services: Services,
+    services: Context,
     registry: Registry,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,

@@ -68,7 +68,7 @@ pub struct App {
     pub config: Config,
     pub agent_id: String,
     pub secrets: Secrets,
-    pub services: infraflux_handlers::Services,
+    pub services: infraflux_handlers::Context,
     pub registry: Registry,
     pub store: Store,
     pub records: Records,
@@ -86,7 +86,7 @@ pub struct App {
 impl App {
     pub fn new(
         config: Config,
-        services: infraflux_handlers::Services,
+        services: infraflux_handlers::Context,
         registry: Registry,
         store: Store,
         metrics: Arc<Metrics>,

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use infraflux_handlers::secret::Secrets;
-use infraflux_handlers::{Registry, Services};
+use infraflux_handlers::{Context, Registry};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{self, Config, LogFormat, Problems};
@@ -125,7 +125,7 @@ fn process_env() -> HashMap<String, String> {
 async fn prepare(
     path: &Path,
     env: &HashMap<String, String>,
-) -> (config::Loaded, Result<(Secrets, Services), Problems>) {
+) -> (config::Loaded, Result<(Secrets, Context), Problems>) {
     let (loaded, mut problems) = Config::load_all(path, env.clone());
     problems
         .0

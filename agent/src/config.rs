@@ -259,7 +259,7 @@ const AGENT_SECTIONS: &[&str] = &["agent", "nats", "http", "github", "telemetry"
 /// Every section name the config accepts.
 fn section_names() -> Vec<&'static str> {
     let mut names = AGENT_SECTIONS.to_vec();
-    names.extend(infraflux_handlers::sections::all().iter().map(|s| s.name));
+    names.extend(infraflux_handlers::config_sections().iter().map(|s| s.name));
     names
 }
 
@@ -333,7 +333,7 @@ impl Config {
         };
         let mut config = Config::default();
         let mut present: BTreeSet<String> = BTreeSet::new();
-        let handler_sections = infraflux_handlers::sections::all();
+        let handler_sections = infraflux_handlers::config_sections();
         for (name, value) in table {
             let handler_section = handler_sections.iter().find(|s| s.name == name);
             if !AGENT_SECTIONS.contains(&name.as_str()) && handler_section.is_none() {

@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::records::{JobEvent, JobRecord, JobState};
+use crate::records::{JobEvent, JobState};
 use crate::store::Names;
 
 pub const EXIT_OK: u8 = 0;
@@ -289,9 +289,4 @@ async fn forward_github_event(
     } else {
         EXIT_REJECTED
     }
-}
-
-/// A record printed by `ctl job` without `--json`.
-pub fn print_record(record: &JobRecord) {
-    println!("{}", crate::chatops::describe(record));
 }

@@ -5,26 +5,27 @@
 //! the handlers of `infraflux-handlers`. See `docs/architecture.md` for the flow and its
 //! guarantees.
 
-pub mod agent;
-pub mod app;
-pub mod chatops;
+pub(crate) mod agent;
+pub(crate) mod app;
+pub(crate) mod chatops;
 pub mod cli;
 pub mod config;
-pub mod ctl;
+pub(crate) mod ctl;
 pub mod github;
-pub mod http;
+pub(crate) mod http;
 pub mod ingest;
 mod job_book;
-pub mod locks;
-pub mod metrics;
-pub mod poller;
+pub(crate) mod locks;
+pub(crate) mod metrics;
+pub(crate) mod poller;
 pub mod records;
-pub mod runner;
-pub mod scheduler;
-pub mod schema;
+pub(crate) mod runner;
+pub(crate) mod scheduler;
+#[cfg(test)]
+mod schema;
 pub mod secrets;
 pub mod services;
-pub mod status;
+pub(crate) mod status;
 pub mod store;
 pub mod telemetry;
 

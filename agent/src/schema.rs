@@ -19,7 +19,7 @@ pub fn known_keys() -> BTreeSet<String> {
     out.extend(keys_of::<GithubSection>("github"));
     out.extend(keys_of::<TelemetrySection>("telemetry"));
     out.extend(keys_of::<ScheduleSection>("schedules"));
-    for section in infraflux_handlers::sections::all() {
+    for section in infraflux_handlers::config_sections() {
         out.extend((section.keys)(section.name));
     }
     out

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use infraflux_handlers::Services;
+use infraflux_handlers::Context;
 use infraflux_handlers::clients::TalosConfig;
 use infraflux_handlers::github::GitHub;
 use infraflux_handlers::secret::Secrets;
@@ -42,7 +42,7 @@ pub async fn build(
     config: &Config,
     secrets: &Secrets,
     env: &HashMap<String, String>,
-) -> Result<Services, Problems> {
+) -> Result<Context, Problems> {
     let mut problems = Problems::default();
     let github = match &config.github {
         Some(gh) => match GitHub::new(
@@ -84,10 +84,16 @@ pub async fn build(
     if !env.contains_key("PATH") {
         tool_env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
-    Ok(Services {
+    Ok(Context {
         secrets: secrets.clone(),
         github,
         kube,
+        talos: infraflux_handlers::clients::TALOS
+            .get(&config.handlers)
+            .cloned(),
+        s3: infraflux_handlers::clients::S3
+            .get(&config.handlers)
+            .cloned(),
         state_dir: config.agent.state_dir.clone(),
         cluster: infraflux_handlers::clients::TALOS
             .get(&config.handlers)
@@ -168,7 +174,7 @@ pub fn missing_sections(loaded: &Loaded) -> Problems {
     let mut problems = Problems::default();
     let configs = &loaded.config.handlers;
     let mut reported = std::collections::BTreeSet::new();
-    for descriptor in infraflux_handlers::descriptor::KINDS {
+    for descriptor in infraflux_handlers::KINDS {
         if !loaded.sections.contains(descriptor.section()) {
             continue;
         }

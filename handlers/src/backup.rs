@@ -18,13 +18,13 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::command::{self, Args, CommandError, Verb};
+use crate::context::Context;
 use crate::descriptor::{KindDescriptor, Requirement, no_option_requires};
 use crate::handler::{
     Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy, TargetResult,
 };
 use crate::job::JobEnvelope;
 use crate::kind::JobKind;
-use crate::registry::Services;
 use crate::sections::Section;
 use crate::settings::HumanDuration;
 
@@ -127,7 +127,7 @@ fn go_duration(d: Duration) -> String {
     format!("{}h{}m{}s", s / 3600, (s % 3600) / 60, s % 60)
 }
 
-pub const KIND: JobKind = JobKind::named("backup");
+pub const KIND: JobKind = JobKind::BACKUP;
 pub const SECTION: Section<Config> = Section::new("backup");
 
 pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
@@ -146,10 +146,10 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         why: "Velero backups go through the Kubernetes API",
     }],
     option_requires: no_option_requires,
-    build: |configs, services| {
+    build: |configs, context| {
         Some(std::sync::Arc::new(BackupHandler {
             config: SECTION.get(configs)?.clone(),
-            services: services.clone(),
+            context: context.clone(),
         }))
     },
 };
@@ -171,7 +171,7 @@ fn params(args: &mut Args) -> Result<serde_json::Map<String, Value>, CommandErro
 
 pub struct BackupHandler {
     pub config: Config,
-    pub services: Services,
+    pub context: Context,
 }
 
 impl BackupHandler {
@@ -249,7 +249,7 @@ impl Handler for BackupHandler {
     fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {
         vec![LockRequest::read(format!(
             "cluster:{}",
-            self.services.cluster
+            self.context.cluster
         ))]
     }
 
@@ -264,7 +264,7 @@ impl Handler for BackupHandler {
     async fn run(&self, ctx: &JobContext, job: &JobEnvelope) -> Result<Outcome, HandlerError> {
         let cfg = &self.config;
         let client =
-            self.services.kube.clone().ok_or_else(|| {
+            self.context.kube.clone().ok_or_else(|| {
                 HandlerError::Failed("backup needs a [kubernetes] section".into())
             })?;
         let started = Instant::now();

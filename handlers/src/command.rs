@@ -155,7 +155,7 @@ const BUILTIN_VERBS: &[Verb] = &[
 pub fn verbs() -> impl Iterator<Item = &'static Verb> {
     BUILTIN_VERBS
         .iter()
-        .chain(crate::descriptor::KINDS.iter().flat_map(|d| d.verbs.iter()))
+        .chain(crate::KINDS.iter().flat_map(|d| d.verbs.iter()))
 }
 
 /// The verb called `name` or one of its aliases.

@@ -1,14 +1,14 @@
 //! One descriptor per job kind: its name, its verbs, its config section and the sections it
 //! cannot work without, and how its handler is built. The registry, config checks, the command
-//! parser, `help` and metrics all iterate [`KINDS`]; adding a kind is one module that declares
-//! a [`KindDescriptor`], plus one line here.
+//! parser, `help` and metrics all iterate [`crate::KINDS`]; adding a kind is one module that
+//! declares a [`KindDescriptor`], plus one line in that list.
 
 use std::sync::Arc;
 
 use crate::command::Verb;
+use crate::context::Context;
 use crate::handler::Handler;
 use crate::kind::JobKind;
-use crate::registry::Services;
 use crate::sections::{HandlerConfigs, SectionDescriptor};
 
 pub struct KindDescriptor {
@@ -24,7 +24,7 @@ pub struct KindDescriptor {
     pub option_requires: fn(&HandlerConfigs) -> Vec<(&'static str, Requirement)>,
     /// The handler, from the config's sections and the shared clients; called only when the
     /// kind's section and every required one are present.
-    pub build: fn(&HandlerConfigs, &Services) -> Option<Arc<dyn Handler>>,
+    pub build: fn(&HandlerConfigs, &Context) -> Option<Arc<dyn Handler>>,
 }
 
 /// A section something cannot work without, and why (for the error that names it).
@@ -65,27 +65,16 @@ impl KindDescriptor {
     }
 }
 
-/// Every kind, in the order `help` lists their verbs.
-pub static KINDS: &[&KindDescriptor] = &[
-    &crate::reconcile::DESCRIPTOR,
-    &crate::reconcile::apply::DESCRIPTOR,
-    &crate::backup::DESCRIPTOR,
-    &crate::etcd_snapshot::DESCRIPTOR,
-    &crate::restore_drill::DESCRIPTOR,
-    &crate::upgrade::DESCRIPTOR,
-    &crate::acceptance::DESCRIPTOR,
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn kinds_sections_and_verbs_are_unique_and_well_formed() {
-        let mut names: Vec<&str> = KINDS.iter().map(|d| d.kind.as_str()).collect();
+        let mut names: Vec<&str> = crate::KINDS.iter().map(|d| d.kind.as_str()).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), KINDS.len(), "a kind is declared twice");
+        assert_eq!(names.len(), crate::KINDS.len(), "a kind is declared twice");
         let mut verbs: Vec<&str> = crate::command::verbs()
             .flat_map(|v| std::iter::once(v.name).chain(v.aliases.iter().copied()))
             .collect();
@@ -93,7 +82,7 @@ mod tests {
         verbs.sort_unstable();
         verbs.dedup();
         assert_eq!(verbs.len(), count, "a verb or alias is declared twice");
-        for d in KINDS {
+        for d in crate::KINDS {
             // One name per concept: the section is the kind's name with `_`, except apply,
             // which runs reconcile's plans.
             if d.kind != JobKind::APPLY {

@@ -391,10 +391,10 @@ impl HandlerError {
 
 /// A job kind's implementation.
 ///
-/// Adding a kind: add it to [`JobKind`], give it a verb in [`crate::command::VERBS`], write a
-/// module with its config section and a type implementing this trait, and register it in
-/// [`crate::registry::Registry::from_sections`]. The registry tests then check that the kind
-/// resolves from the command language and the config.
+/// Adding a kind: a module with its config section, a type implementing this trait and a
+/// descriptor that names its verbs and builds it, listed in [`crate::KINDS`] (see
+/// `docs/architecture.md`, "Adding a kind"). The registry and descriptor tests then check that
+/// the kind resolves from the command language and the config.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     fn kind(&self) -> JobKind;

@@ -2,7 +2,7 @@
 //! (with `-` written `_`), its metric label and the `kind` field of every record and event.
 //!
 //! A kind is a name declared by its module's [`crate::descriptor::KindDescriptor`]; the list
-//! of descriptors ([`crate::descriptor::KINDS`]) is the list of kinds, so a new kind is one
+//! of descriptors ([`crate::KINDS`]) is the list of kinds, so a new kind is one
 //! module plus one line there.
 
 use std::fmt;
@@ -10,42 +10,40 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::descriptor::{self, KindDescriptor};
-
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct JobKind(&'static str);
 
 impl JobKind {
-    /// For a kind module's `KIND` constant; the name is also listed in [`descriptor::KINDS`].
+    /// For a kind module's `KIND` constant; its descriptor is listed in [`crate::KINDS`].
     pub const fn named(name: &'static str) -> Self {
         Self(name)
     }
 
-    pub const RECONCILE: JobKind = crate::reconcile::KIND;
-    pub const APPLY: JobKind = crate::reconcile::apply::KIND;
-    pub const BACKUP: JobKind = crate::backup::KIND;
-    pub const ETCD_SNAPSHOT: JobKind = crate::etcd_snapshot::KIND;
-    pub const RESTORE_DRILL: JobKind = crate::restore_drill::KIND;
-    pub const UPGRADE: JobKind = crate::upgrade::KIND;
-    pub const ACCEPTANCE: JobKind = crate::acceptance::KIND;
+    // Names the agent's core and tests refer to; a kind's module uses its own as its `KIND`.
+    pub const RECONCILE: JobKind = JobKind("reconcile");
+    pub const APPLY: JobKind = JobKind("apply");
+    pub const BACKUP: JobKind = JobKind("backup");
+    pub const ETCD_SNAPSHOT: JobKind = JobKind("etcd-snapshot");
+    pub const RESTORE_DRILL: JobKind = JobKind("restore-drill");
+    pub const UPGRADE: JobKind = JobKind("upgrade");
+    pub const ACCEPTANCE: JobKind = JobKind("acceptance");
 
-    /// Every kind, in the order of [`descriptor::KINDS`].
+    /// Every kind, in the order of [`crate::KINDS`].
     pub fn all() -> impl Iterator<Item = JobKind> {
-        descriptor::KINDS.iter().map(|d| d.kind)
+        crate::KINDS.iter().map(|d| d.kind)
     }
 
     pub fn as_str(self) -> &'static str {
         self.0
     }
 
-    pub fn descriptor(self) -> Option<&'static KindDescriptor> {
-        descriptor::KINDS.iter().copied().find(|d| d.kind == self)
-    }
-
     /// The config section that enables this kind. `apply` runs saved reconcile plans, so the
     /// `[reconcile]` section enables both.
     pub fn config_section(self) -> &'static str {
-        self.descriptor().map_or(self.0, |d| d.section())
+        crate::KINDS
+            .iter()
+            .find(|d| d.kind == self)
+            .map_or(self.0, |d| d.config.name)
     }
 }
 

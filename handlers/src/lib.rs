@@ -6,6 +6,7 @@
 
 pub mod clients;
 pub mod command;
+pub mod context;
 pub mod descriptor;
 pub mod github;
 pub mod handler;
@@ -29,6 +30,7 @@ pub mod reconcile;
 pub mod restore_drill;
 pub mod upgrade;
 
+pub use context::Context;
 pub use handler::{
     Admission, Deferral, FollowUp, Handler, HandlerError, HandlerStore, Interruption, JobBook,
     JobContext, JobQuery, JobView, LockMode, LockRequest, Outcome, Progress, RetryPolicy,
@@ -36,5 +38,30 @@ pub use handler::{
 };
 pub use job::{JobEnvelope, Source, new_job_id};
 pub use kind::JobKind;
-pub use registry::{Registry, Services};
+pub use registry::Registry;
 pub use sections::HandlerConfigs;
+
+/// Every kind, in the order `help` lists their verbs: the one list that the registry, config
+/// loading, the command parser, `help`, records and metrics iterate. A new kind is one module
+/// declaring its [`descriptor::KindDescriptor`], plus one line here.
+pub static KINDS: &[&descriptor::KindDescriptor] = &[
+    &reconcile::DESCRIPTOR,
+    &reconcile::apply::DESCRIPTOR,
+    &backup::DESCRIPTOR,
+    &etcd_snapshot::DESCRIPTOR,
+    &restore_drill::DESCRIPTOR,
+    &upgrade::DESCRIPTOR,
+    &acceptance::DESCRIPTOR,
+];
+
+/// Every config section the handlers read, each once: the clients', then the kinds' in the
+/// order of [`KINDS`].
+pub fn config_sections() -> Vec<sections::SectionDescriptor> {
+    let mut out: Vec<sections::SectionDescriptor> = clients::SECTIONS.to_vec();
+    for kind in KINDS {
+        if !out.iter().any(|s| s.name == kind.config.name) {
+            out.push(kind.config);
+        }
+    }
+    out
+}

@@ -3,31 +3,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use std::path::PathBuf;
-
-use crate::descriptor::KINDS;
-use crate::github::GitHub;
+use crate::KINDS;
+use crate::context::Context;
 use crate::handler::{Handler, HandlerError};
 use crate::kind::JobKind;
-use crate::secret::Secrets;
 use crate::sections::HandlerConfigs;
-
-/// What handlers are built with: resolved secrets and the clients shared by several kinds.
-#[derive(Clone, Default)]
-pub struct Services {
-    pub secrets: Secrets,
-    pub github: Option<GitHub>,
-    pub kube: Option<kube::Client>,
-    /// `[agent] state_dir`: working trees and caches live below it.
-    pub state_dir: PathBuf,
-    /// The repository's default branch (`[github] default_branch`).
-    pub default_branch: String,
-    /// The cluster's name in locks (`cluster:<name>`) and object names: `[talos] cluster`.
-    pub cluster: String,
-    /// The environment child processes (git, terraform) start from: PATH, HOME, proxies,
-    /// TF_CLI_CONFIG_FILE. Nothing else of the agent's environment reaches them.
-    pub tool_env: Vec<(String, String)>,
-}
 
 #[derive(Clone)]
 enum Slot {
@@ -58,7 +38,7 @@ impl Registry {
     }
 
     /// The product's handlers for the sections that are present, one per kind descriptor.
-    pub fn from_sections(configs: &HandlerConfigs, services: &Services) -> Self {
+    pub fn from_sections(configs: &HandlerConfigs, context: &Context) -> Self {
         let mut registry = Self::empty();
         for descriptor in KINDS {
             if !configs.has_section(descriptor.section()) {
@@ -68,7 +48,7 @@ impl Registry {
             let slot = if !missing.is_empty() {
                 Slot::Incomplete(missing)
             } else {
-                match (descriptor.build)(configs, services) {
+                match (descriptor.build)(configs, context) {
                     Some(handler) => Slot::Enabled(handler),
                     None => Slot::Disabled,
                 }
@@ -165,7 +145,7 @@ mod tests {
     #[test]
     fn a_kind_without_the_sections_it_needs_is_named_with_them() {
         let mut configs = HandlerConfigs::default();
-        for section in crate::sections::all() {
+        for section in crate::config_sections() {
             if !matches!(section.name, "talos" | "s3" | "kubernetes") {
                 let all = all_sections();
                 configs = copy_section(configs, &all, section.name);
@@ -180,7 +160,7 @@ mod tests {
                 (JobKind::ETCD_SNAPSHOT, vec!["talos", "s3"]),
             ]
         );
-        let registry = Registry::from_sections(&configs, &Services::default());
+        let registry = Registry::from_sections(&configs, &Context::default());
         let err = registry
             .get(JobKind::ETCD_SNAPSHOT)
             .err()
@@ -208,7 +188,7 @@ mod tests {
 
     #[test]
     fn every_kind_resolves_from_its_verb_and_its_section() {
-        let registry = Registry::from_sections(&all_sections(), &Services::default());
+        let registry = Registry::from_sections(&all_sections(), &Context::default());
         for kind in JobKind::all() {
             let handler = registry.get(kind).expect("enabled");
             assert_eq!(handler.kind(), kind);
@@ -233,11 +213,11 @@ mod tests {
     #[test]
     fn backups_and_snapshots_share_the_cluster_through_read_locks() {
         let configs = all_sections();
-        let services = Services {
+        let context = Context {
             cluster: "lab".into(),
             ..Default::default()
         };
-        let registry = Registry::from_sections(&configs, &services);
+        let registry = Registry::from_sections(&configs, &context);
         let job = crate::job::JobEnvelope {
             job_id: "01jd0000000000000000000000".into(),
             kind: JobKind::BACKUP,
@@ -270,7 +250,7 @@ mod tests {
 
     #[test]
     fn an_absent_section_disables_its_kind_with_a_message() {
-        let registry = Registry::from_sections(&HandlerConfigs::default(), &Services::default());
+        let registry = Registry::from_sections(&HandlerConfigs::default(), &Context::default());
         for kind in JobKind::all() {
             let err = registry.get(kind).err().expect("disabled");
             let msg = err.to_string();

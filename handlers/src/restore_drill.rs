@@ -21,7 +21,7 @@ fn default_timeout() -> HumanDuration {
 
 pub const SECTION: Section<Config> = Section::new("restore_drill");
 
-pub const KIND: JobKind = JobKind::named("restore-drill");
+pub const KIND: JobKind = JobKind::RESTORE_DRILL;
 
 /// Not implemented yet: a job fails with "not available yet" (see [`crate::unavailable`]).
 pub static DESCRIPTOR: KindDescriptor = KindDescriptor {

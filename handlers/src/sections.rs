@@ -1,6 +1,6 @@
 //! Config sections: reading one with every problem reported at once, and the sections the
 //! handlers read, stored by name so that the registry, config loading and the configuration
-//! reference all iterate one list (the kinds' descriptors and [`crate::clients::SECTIONS`]).
+//! reference all iterate one list ([`crate::config_sections`]).
 
 use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
@@ -147,24 +147,13 @@ impl HandlerConfigs {
 
     /// Every kind that is enabled but lacks a section it needs, with the missing sections.
     pub fn missing_sections(&self) -> Vec<(crate::JobKind, Vec<&'static str>)> {
-        crate::descriptor::KINDS
+        crate::KINDS
             .iter()
             .filter(|d| self.has_section(d.config.name))
             .map(|d| (d.kind, d.missing_sections(self)))
             .filter(|(_, missing)| !missing.is_empty())
             .collect()
     }
-}
-
-/// Every section the handlers read, each once: the clients', then the kinds' in their order.
-pub fn all() -> Vec<SectionDescriptor> {
-    let mut out: Vec<SectionDescriptor> = crate::clients::SECTIONS.to_vec();
-    for kind in crate::descriptor::KINDS {
-        if !out.iter().any(|s| s.name == kind.config.name) {
-            out.push(kind.config);
-        }
-    }
-    out
 }
 
 /// Deserializes one section, reporting every unknown key in it and its first type error.

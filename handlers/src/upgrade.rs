@@ -21,7 +21,7 @@ fn default_timeout() -> HumanDuration {
 
 pub const SECTION: Section<Config> = Section::new("upgrade");
 
-pub const KIND: JobKind = JobKind::named("upgrade");
+pub const KIND: JobKind = JobKind::UPGRADE;
 
 /// Not implemented yet: a job fails with "not available yet" (see [`crate::unavailable`]).
 pub static DESCRIPTOR: KindDescriptor = KindDescriptor {

@@ -26,16 +26,14 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::clients::{S3Config, TalosConfig};
 use crate::command::Verb;
+use crate::context::Context;
 use crate::descriptor::{KindDescriptor, Requirement, no_option_requires};
 use crate::handler::{
     Handler, HandlerError, JobContext, LockRequest, Outcome, RetryPolicy, TargetResult,
 };
 use crate::job::JobEnvelope;
 use crate::kind::JobKind;
-use crate::registry::Services;
-use crate::secret::SecretKey;
 use crate::sections::Section;
 use crate::settings::HumanDuration;
 use crate::talos::proto::machine::EtcdSnapshotRequest;
@@ -115,7 +113,7 @@ pub struct Manifest {
     pub job_id: String,
 }
 
-pub const KIND: JobKind = JobKind::named("etcd-snapshot");
+pub const KIND: JobKind = JobKind::ETCD_SNAPSHOT;
 pub const SECTION: Section<Config> = Section::new("etcd_snapshot");
 
 pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
@@ -140,21 +138,17 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         },
     ],
     option_requires: no_option_requires,
-    build: |configs, services| {
+    build: |configs, context| {
         Some(std::sync::Arc::new(EtcdSnapshotHandler {
             config: SECTION.get(configs)?.clone(),
-            talos: crate::clients::TALOS.get(configs)?.clone(),
-            s3: crate::clients::S3.get(configs)?.clone(),
-            services: services.clone(),
+            context: context.clone(),
         }))
     },
 };
 
 pub struct EtcdSnapshotHandler {
     pub config: Config,
-    pub talos: TalosConfig,
-    pub s3: S3Config,
-    pub services: Services,
+    pub context: Context,
 }
 
 /// Why one node's attempt ended.
@@ -168,24 +162,15 @@ enum Attempt {
 
 impl EtcdSnapshotHandler {
     fn cluster_dir(&self) -> String {
-        format!("{}{}/", self.config.prefix, self.talos.cluster)
+        format!("{}{}/", self.config.prefix, self.context.cluster)
     }
 
     fn talos_client(&self) -> Result<TalosClient, HandlerError> {
-        // A reference was resolved at start; a path is read now, so renewed certificates work.
-        let text = match self.services.secrets.of(&SecretKey::Talosconfig) {
-            Some(secret) => secret.expose().to_string(),
-            None => std::fs::read_to_string(&self.talos.talosconfig).map_err(|e| {
-                HandlerError::Failed(format!("cannot read {}: {e}", self.talos.talosconfig))
-            })?,
-        };
-        TalosClient::from_talosconfig(&text, self.talos.context.as_deref())
-            .map_err(|e| HandlerError::Failed(e.to_string()))
+        self.context.talos_client()
     }
 
     fn store(&self) -> Result<Arc<AmazonS3>, HandlerError> {
-        crate::s3::bucket(&self.s3, &self.services.secrets, &self.config.bucket)
-            .map_err(HandlerError::Failed)
+        self.context.s3_bucket(&self.config.bucket)
     }
 
     /// Every snapshot in the cluster's directory, and the manifest of the newest good one.
@@ -312,7 +297,7 @@ impl EtcdSnapshotHandler {
         };
         let mut attributes = Attributes::new();
         for (k, v) in [
-            ("cluster", self.talos.cluster.clone()),
+            ("cluster", self.context.cluster.clone()),
             ("node", node.to_string()),
             ("talos-version", version.clone()),
             ("compression", compression.to_string()),
@@ -408,7 +393,7 @@ impl EtcdSnapshotHandler {
         })?;
         let manifest = Manifest {
             key: key.clone(),
-            cluster: self.talos.cluster.clone(),
+            cluster: self.context.cluster.clone(),
             node: node.to_string(),
             talos_version: version,
             created_at,
@@ -464,7 +449,10 @@ impl Handler for EtcdSnapshotHandler {
 
     /// A read lock: snapshots and backups run together; an upgrade's write lock excludes them.
     fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {
-        vec![LockRequest::read(format!("cluster:{}", self.talos.cluster))]
+        vec![LockRequest::read(format!(
+            "cluster:{}",
+            self.context.cluster
+        ))]
     }
 
     fn timeout(&self) -> Duration {
@@ -547,7 +535,7 @@ impl Handler for EtcdSnapshotHandler {
             result: TargetResult::put_into(
                 &[TargetResult {
                     size_bytes: Some(manifest.size_bytes),
-                    ..TargetResult::ok(self.services.cluster.clone())
+                    ..TargetResult::ok(self.context.cluster.clone())
                 }],
                 json!({
                     "bucket": self.config.bucket,

@@ -25,7 +25,7 @@ use crate::job::JobEnvelope;
 use crate::kind::JobKind;
 use crate::reconcile::{PlanRecord, Reconciler, plan_record, short};
 
-pub const KIND: JobKind = JobKind::named("apply");
+pub const KIND: JobKind = JobKind::APPLY;
 
 pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     kind: KIND,
@@ -42,12 +42,12 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     requires: &[],
     // Reconcile's descriptor reports what the shared section's options need.
     option_requires: crate::descriptor::no_option_requires,
-    build: |configs, services| {
+    build: |configs, context| {
         let config = super::SECTION.get(configs)?.clone();
         Some(Arc::new(ApplyHandler {
             reconciler: Arc::new(Reconciler {
                 config,
-                services: services.clone(),
+                context: context.clone(),
             }),
         }))
     },
@@ -155,7 +155,7 @@ impl ApplyHandler {
         let branch = plan
             .git_ref
             .clone()
-            .unwrap_or_else(|| self.reconciler.services.default_branch.clone());
+            .unwrap_or_else(|| self.reconciler.context.default_branch.clone());
         let head = self
             .reconciler
             .remote()
@@ -183,7 +183,7 @@ impl Handler for ApplyHandler {
     fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {
         vec![
             self.reconciler.lock(),
-            LockRequest::read(format!("cluster:{}", self.reconciler.services.cluster)),
+            LockRequest::read(format!("cluster:{}", self.reconciler.context.cluster)),
         ]
     }
 

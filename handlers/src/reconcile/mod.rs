@@ -23,12 +23,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::command::{self, Args, CommandError, Verb};
+use crate::context::Context;
 use crate::descriptor::{KindDescriptor, Requirement};
 use crate::github::StatusState;
 use crate::handler::{Handler, HandlerError, JobContext, LockRequest, Outcome};
 use crate::job::JobEnvelope;
 use crate::kind::JobKind;
-use crate::registry::Services;
 use crate::secret::SecretKey;
 use crate::secret::SecretRef;
 use crate::sections::Section;
@@ -95,7 +95,7 @@ fn default_timeout() -> HumanDuration {
 }
 
 /// What reconcile and apply share: the repository, terraform, GitHub feedback, Argo CD.
-pub const KIND: JobKind = JobKind::named("reconcile");
+pub const KIND: JobKind = JobKind::RECONCILE;
 pub const SECTION: Section<Config> = Section::new("reconcile");
 
 pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
@@ -121,12 +121,12 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     config: SECTION.descriptor(),
     requires: &[],
     option_requires,
-    build: |configs, services| {
+    build: |configs, context| {
         let config = SECTION.get(configs)?.clone();
         Some(std::sync::Arc::new(ReconcileHandler {
             reconciler: std::sync::Arc::new(Reconciler {
                 config,
-                services: services.clone(),
+                context: context.clone(),
             }),
         }))
     },
@@ -180,7 +180,7 @@ fn params(args: &mut Args) -> Result<serde_json::Map<String, Value>, CommandErro
 
 pub struct Reconciler {
     pub config: Config,
-    pub services: Services,
+    pub context: Context,
 }
 
 /// A reconcile job's result, as stored in its record; `apply` reads it back.
@@ -211,13 +211,13 @@ impl Reconciler {
     pub fn remote(&self) -> Remote {
         Remote {
             url: self.config.repo_url.clone(),
-            token: self.services.secrets.of(&SecretKey::GithubToken).cloned(),
-            env: self.services.tool_env.clone(),
+            token: self.context.secrets.of(&SecretKey::GithubToken).cloned(),
+            env: self.context.tool_env.clone(),
         }
     }
 
     fn base_dir(&self) -> PathBuf {
-        self.services.state_dir.join("reconcile")
+        self.context.state_dir.join("reconcile")
     }
 
     fn job_dir(&self, job_id: &str) -> PathBuf {
@@ -294,7 +294,7 @@ impl Reconciler {
     }
 
     fn terraform_env(&self) -> Vec<(String, String)> {
-        let mut env = self.services.tool_env.clone();
+        let mut env = self.context.tool_env.clone();
         let plugin_cache = self.base_dir().join("plugin-cache");
         let _ = std::fs::create_dir_all(&plugin_cache);
         env.push(("TF_IN_AUTOMATION".into(), "1".into()));
@@ -306,7 +306,7 @@ impl Reconciler {
         ));
         for name in self.config.env_vars.keys() {
             if let Some(secret) = self
-                .services
+                .context
                 .secrets
                 .of(&SecretKey::ReconcileEnvVar(name.clone()))
             {
@@ -365,7 +365,7 @@ impl Reconciler {
         // The credentials terraform will use: its env_vars, else the [s3] section's.
         let secret = |keys: [SecretKey; 2]| {
             keys.iter()
-                .find_map(|k| self.services.secrets.of(k))
+                .find_map(|k| self.context.secrets.of(k))
                 .map(|s| s.expose().to_string())
         };
         let id = secret([
@@ -383,7 +383,7 @@ impl Reconciler {
 
     /// Sets the commit status; a GitHub outage must not fail the job, so errors are logged.
     pub async fn status(&self, commit: &str, state: StatusState, description: &str) {
-        if let Some(gh) = &self.services.github
+        if let Some(gh) = &self.context.github
             && let Err(e) = gh
                 .set_status(commit, STATUS_CONTEXT, state, description)
                 .await
@@ -398,7 +398,7 @@ impl Reconciler {
         let Some(app) = &self.config.argocd_app else {
             return Ok(None);
         };
-        let Some(client) = self.services.kube.clone() else {
+        let Some(client) = self.context.kube.clone() else {
             return Err(HandlerError::Failed(
                 "reconcile.argocd_app is set but there is no [kubernetes] section".into(),
             ));
@@ -487,7 +487,7 @@ impl Reconciler {
             None => {
                 let reference = git_ref
                     .clone()
-                    .unwrap_or_else(|| self.services.default_branch.clone());
+                    .unwrap_or_else(|| self.context.default_branch.clone());
                 self.remote().resolve(&reference, &ctx.cancel).await?
             }
         };
@@ -712,7 +712,7 @@ impl Reconciler {
         text: &str,
     ) {
         let (Some(gh), Some(number)) = (
-            &self.services.github,
+            &self.context.github,
             job.params.get("pull_request").and_then(Value::as_u64),
         ) else {
             return;
@@ -738,7 +738,7 @@ impl Reconciler {
         if !self.config.drift_issue {
             return;
         }
-        let Some(gh) = &self.services.github else {
+        let Some(gh) = &self.context.github else {
             return;
         };
         let title = format!("Drift detected in {}", self.config.env);
