@@ -186,11 +186,14 @@ async fn handle(app: &Arc<App>, subject_verb: &str, message: &Message) -> Reply 
         Ok(r) => r,
         Err(e) => return Reply::Err(e.to_string()),
     };
+    // An alias is served on its verb's own subject only, so that permissions on one subject
+    // per verb cannot be side-stepped through another name of the same verb.
     let verb = command::tokenize(&text).map(|l| l.verb).unwrap_or_default();
-    if verb != subject_verb {
+    let canonical = command::verb(&verb).map_or(verb.as_str(), |v| v.name);
+    if canonical != subject_verb {
         return Reply::Err(format!(
             "this is `{verb}`, sent to the subject of `{subject_verb}`; send it to {}",
-            app.store.names.cmd_subject(&verb)
+            app.store.names.cmd_subject(canonical)
         ));
     }
     let idempotency = message

@@ -160,6 +160,24 @@ async fn refusals_name_the_problem_and_nothing_reaches_a_shell() {
     }
     assert!(!marker.exists(), "a command reached a shell");
 
+    // An alias is answered on its verb's subject, and only there.
+    for (subject, text, accepted) in [
+        ("infraflux.cmd.snapshot", "etcd-snapshot", true),
+        ("infraflux.cmd.etcd-snapshot", "etcd-snapshot", false),
+    ] {
+        let reply = client.request(subject, text.into()).await.expect("reply");
+        let reply: Value = serde_json::from_slice(&reply.payload).expect("json");
+        let error = reply["error"].as_str().unwrap_or_default();
+        if accepted {
+            assert!(error.contains("etcd-snapshot is not configured"), "{reply}");
+        } else {
+            assert!(
+                error.contains("send it to infraflux.cmd.snapshot"),
+                "{reply}"
+            );
+        }
+    }
+
     // The verb in the subject is the verb of the command: permissions on subjects hold.
     let smuggled = client
         .request("infraflux.cmd.status", "backup ns=media".into())
