@@ -37,12 +37,7 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     config: SECTION.descriptor(),
     requires: &[],
     option_requires: crate::descriptor::no_option_requires,
-    build: |configs, _| {
-        SECTION.get(configs)?;
-        Some(std::sync::Arc::new(crate::unavailable::Unavailable {
-            kind: KIND,
-        }))
-    },
+    build: crate::unavailable::not_yet,
 };
 
 /// `acceptance`: no arguments.

@@ -23,7 +23,8 @@ pub struct KindDescriptor {
     /// `[kubernetes]`), given its config: `(option key, requirement)`.
     pub option_requires: fn(&HandlerConfigs) -> Vec<(&'static str, Requirement)>,
     /// The handler, from the config's sections and the shared clients; called only when the
-    /// kind's section and every required one are present.
+    /// kind's section and every required one are present. `None`: not implemented yet
+    /// ([`crate::unavailable::not_yet`]), its jobs fail saying so.
     pub build: fn(&HandlerConfigs, &Context) -> Option<Arc<dyn Handler>>,
 }
 

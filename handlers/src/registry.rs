@@ -8,6 +8,7 @@ use crate::context::Context;
 use crate::handler::{Handler, HandlerError};
 use crate::kind::JobKind;
 use crate::sections::HandlerConfigs;
+use crate::unavailable::Unavailable;
 
 #[derive(Clone)]
 enum Slot {
@@ -48,10 +49,13 @@ impl Registry {
             let slot = if !missing.is_empty() {
                 Slot::Incomplete(missing)
             } else {
-                match (descriptor.build)(configs, context) {
-                    Some(handler) => Slot::Enabled(handler),
-                    None => Slot::Disabled,
-                }
+                // Present but without a handler: the kind's implementation has not landed,
+                // and its jobs fail saying so rather than pretend anything.
+                Slot::Enabled((descriptor.build)(configs, context).unwrap_or_else(|| {
+                    Arc::new(Unavailable {
+                        kind: descriptor.kind,
+                    })
+                }))
             };
             registry.slots.insert(descriptor.kind, slot);
         }

@@ -9,6 +9,15 @@ use crate::handler::{Handler, HandlerError, JobContext, Outcome};
 use crate::job::JobEnvelope;
 use crate::kind::JobKind;
 
+/// The `build` of a kind whose handler has not landed: the registry then fails its jobs with
+/// [`HandlerError::NotAvailable`].
+pub fn not_yet(
+    _: &crate::sections::HandlerConfigs,
+    _: &crate::context::Context,
+) -> Option<std::sync::Arc<dyn Handler>> {
+    None
+}
+
 pub struct Unavailable {
     pub kind: JobKind,
 }
