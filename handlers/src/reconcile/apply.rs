@@ -596,15 +596,7 @@ mod tests {
         let moved = "main moved from 111111111111 to 222222222222 since plan 01plan; plan again";
         let expired = "plan 01plan expired: it is 1day 1h old and plans may be applied within 24h; run `plan` again";
         // (name, the plan's job, newest plan, branch head, when, two-person rule, verdict)
-        let cases: Vec<(
-            &str,
-            Option<JobView>,
-            Option<&str>,
-            Option<&str>,
-            Moment,
-            bool,
-            Verdict,
-        )> = vec![
+        let cases = [
             (
                 "everything else holds: the head is read last",
                 awaiting(plan(1)),
