@@ -352,58 +352,23 @@ impl Handler for BackupHandler {
         .instrument(tracing::info_span!("velero_backup_wait", backup = %name))
         .await?;
         let phase = status["phase"].as_str().unwrap_or_default();
-        let items = status["progress"]["itemsBackedUp"].as_u64().unwrap_or(0);
-        let total = status["progress"]["totalItems"].as_u64().unwrap_or(items);
-        let warnings = status["warnings"].as_u64().unwrap_or(0);
-        let errors = status["errors"].as_u64().unwrap_or(0);
-        let counts = format!("{items}/{total} items, {warnings} warnings, {errors} errors");
+        let Figures {
+            items,
+            total,
+            warnings,
+            errors,
+        } = Figures::of(&status);
         let result = json!({
             "backup": name, "phase": phase, "items": items, "total_items": total,
             "warnings": warnings, "errors": errors,
             "duration_seconds": started.elapsed().as_secs_f64(),
         });
-        match phase {
-            "Failed" => {
-                let reason = status["failureReason"]
-                    .as_str()
-                    .unwrap_or("no reason given");
-                return Err(HandlerError::Failed(format!(
-                    "Velero backup {name} Failed: {reason} ({counts})"
-                )));
-            }
-            "FailedValidation" => {
-                let reasons: Vec<&str> = status["validationErrors"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
-                return Err(HandlerError::Failed(format!(
-                    "Velero backup {name} FailedValidation: {}",
-                    reasons.join("; ")
-                )));
-            }
-            "PartiallyFailed" if cfg.partially_failed == PartiallyFailed::Fail => {
-                return Err(HandlerError::Failed(format!(
-                    "Velero backup {name} PartiallyFailed ({counts}); see `velero backup logs {name}`"
-                )));
-            }
-            _ => {}
-        }
-        if items == 0 {
-            return Err(HandlerError::Failed(format!(
-                "Velero backup {name} is empty: 0 items backed up"
-            )));
-        }
         let target = target_of(&namespaces);
-        if let Some(previous) = self.previous_items(ctx, &target).await
-            && (items as f64) < previous as f64 * cfg.min_items_ratio
-        {
-            return Err(HandlerError::Failed(format!(
-                "Velero backup {name} holds {items} items, less than {:.0}% of the previous backup's {previous}",
-                cfg.min_items_ratio * 100.0
-            )));
-        }
+        let previous = self.previous_items(ctx, &target).await;
+        let message = match verdict(&name, &status, cfg, previous) {
+            BackupVerdict::Succeeded(message) => message,
+            BackupVerdict::Failed(message) => return Err(HandlerError::Failed(message)),
+        };
         if let Err(e) = ctx
             .store
             .state
@@ -412,18 +377,251 @@ impl Handler for BackupHandler {
         {
             tracing::warn!(error = %e, "Backup size not recorded for the next comparison");
         }
-        let warned = if phase == "PartiallyFailed" {
-            " (PartiallyFailed, counted as a warning)"
-        } else {
-            ""
-        };
         let figures = TargetResult {
             items: Some(items),
             ..TargetResult::ok(target)
         };
         Ok(Outcome::Succeeded {
-            message: format!("Velero backup {name} {phase}{warned}: {counts}"),
+            message,
             result: TargetResult::put_into(&[figures], result),
         })
+    }
+}
+
+/// What a finished Backup's status counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Figures {
+    items: u64,
+    total: u64,
+    warnings: u64,
+    errors: u64,
+}
+
+impl Figures {
+    fn of(status: &Value) -> Self {
+        let items = status["progress"]["itemsBackedUp"].as_u64().unwrap_or(0);
+        Figures {
+            items,
+            total: status["progress"]["totalItems"].as_u64().unwrap_or(items),
+            warnings: status["warnings"].as_u64().unwrap_or(0),
+            errors: status["errors"].as_u64().unwrap_or(0),
+        }
+    }
+}
+
+/// How a finished backup ends the job, with the job's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BackupVerdict {
+    Succeeded(String),
+    Failed(String),
+}
+
+/// Judges Backup `name` from its final `status` (a terminal phase), the config and the item
+/// count of the previous good backup of the same target. Pure: the edge reads and records.
+fn verdict(name: &str, status: &Value, config: &Config, previous: Option<u64>) -> BackupVerdict {
+    let phase = status["phase"].as_str().unwrap_or_default();
+    let Figures {
+        items,
+        total,
+        warnings,
+        errors,
+    } = Figures::of(status);
+    let counts = format!("{items}/{total} items, {warnings} warnings, {errors} errors");
+    let failed = BackupVerdict::Failed;
+    match phase {
+        "Failed" => {
+            let reason = status["failureReason"]
+                .as_str()
+                .unwrap_or("no reason given");
+            return failed(format!("Velero backup {name} Failed: {reason} ({counts})"));
+        }
+        "FailedValidation" => {
+            let reasons: Vec<&str> = status["validationErrors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            return failed(format!(
+                "Velero backup {name} FailedValidation: {}",
+                reasons.join("; ")
+            ));
+        }
+        "PartiallyFailed" if config.partially_failed == PartiallyFailed::Fail => {
+            return failed(format!(
+                "Velero backup {name} PartiallyFailed ({counts}); see `velero backup logs {name}`"
+            ));
+        }
+        _ => {}
+    }
+    if items == 0 {
+        return failed(format!("Velero backup {name} is empty: 0 items backed up"));
+    }
+    if let Some(previous) = previous
+        && (items as f64) < previous as f64 * config.min_items_ratio
+    {
+        return failed(format!(
+            "Velero backup {name} holds {items} items, less than {:.0}% of the previous backup's {previous}",
+            config.min_items_ratio * 100.0
+        ));
+    }
+    let warned = if phase == "PartiallyFailed" {
+        " (PartiallyFailed, counted as a warning)"
+    } else {
+        ""
+    };
+    BackupVerdict::Succeeded(format!("Velero backup {name} {phase}{warned}: {counts}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(partially_failed: &str, min_items_ratio: f64) -> Config {
+        serde_json::from_value(json!({
+            "partially_failed": partially_failed,
+            "min_items_ratio": min_items_ratio,
+        }))
+        .expect("a backup config")
+    }
+
+    fn status(phase: &str, items: u64, total: u64) -> Value {
+        json!({
+            "phase": phase,
+            "progress": {"itemsBackedUp": items, "totalItems": total},
+            "warnings": 2,
+            "errors": 1,
+        })
+    }
+
+    fn succeeded(message: &str) -> BackupVerdict {
+        BackupVerdict::Succeeded(message.into())
+    }
+
+    fn failed(message: &str) -> BackupVerdict {
+        BackupVerdict::Failed(message.into())
+    }
+
+    #[test]
+    fn how_a_backup_counts() {
+        let fail = config("fail", 0.5);
+        let warn = config("warn", 0.5);
+        // (name, final status, config, previous item count, verdict)
+        let cases = [
+            (
+                "completed",
+                status("Completed", 10, 10),
+                &fail,
+                None,
+                succeeded("Velero backup b1 Completed: 10/10 items, 2 warnings, 1 errors"),
+            ),
+            (
+                "no total reported: the items are the total",
+                json!({"phase": "Completed", "progress": {"itemsBackedUp": 7}}),
+                &fail,
+                None,
+                succeeded("Velero backup b1 Completed: 7/7 items, 0 warnings, 0 errors"),
+            ),
+            (
+                "as large as the previous",
+                status("Completed", 10, 10),
+                &fail,
+                Some(10),
+                succeeded("Velero backup b1 Completed: 10/10 items, 2 warnings, 1 errors"),
+            ),
+            (
+                "exactly the ratio of the previous still counts",
+                status("Completed", 5, 5),
+                &fail,
+                Some(10),
+                succeeded("Velero backup b1 Completed: 5/5 items, 2 warnings, 1 errors"),
+            ),
+            (
+                "far smaller than the previous",
+                status("Completed", 4, 4),
+                &fail,
+                Some(10),
+                failed("Velero backup b1 holds 4 items, less than 50% of the previous backup's 10"),
+            ),
+            (
+                "the ratio is the configured one",
+                status("Completed", 8, 8),
+                &config("fail", 0.9),
+                Some(10),
+                failed("Velero backup b1 holds 8 items, less than 90% of the previous backup's 10"),
+            ),
+            (
+                "empty",
+                status("Completed", 0, 0),
+                &fail,
+                None,
+                failed("Velero backup b1 is empty: 0 items backed up"),
+            ),
+            (
+                "failed, with Velero's reason",
+                json!({"phase": "Failed", "failureReason": "bucket gone", "progress": {"itemsBackedUp": 3, "totalItems": 9}}),
+                &fail,
+                Some(10),
+                failed("Velero backup b1 Failed: bucket gone (3/9 items, 0 warnings, 0 errors)"),
+            ),
+            (
+                "failed without a reason",
+                status("Failed", 0, 0),
+                &warn,
+                None,
+                failed(
+                    "Velero backup b1 Failed: no reason given (0/0 items, 2 warnings, 1 errors)",
+                ),
+            ),
+            (
+                "failed validation names every error",
+                json!({"phase": "FailedValidation", "validationErrors": ["no such namespace", "bad ttl"]}),
+                &fail,
+                None,
+                failed("Velero backup b1 FailedValidation: no such namespace; bad ttl"),
+            ),
+            (
+                "failed validation without errors",
+                json!({"phase": "FailedValidation"}),
+                &fail,
+                None,
+                failed("Velero backup b1 FailedValidation: "),
+            ),
+            (
+                "partially failed fails by default",
+                status("PartiallyFailed", 9, 10),
+                &fail,
+                None,
+                failed(
+                    "Velero backup b1 PartiallyFailed (9/10 items, 2 warnings, 1 errors); see `velero backup logs b1`",
+                ),
+            ),
+            (
+                "partially failed may count as a warning",
+                status("PartiallyFailed", 9, 10),
+                &warn,
+                Some(10),
+                succeeded(
+                    "Velero backup b1 PartiallyFailed (PartiallyFailed, counted as a warning): 9/10 items, 2 warnings, 1 errors",
+                ),
+            ),
+            (
+                "a partially failed warning that is empty still fails",
+                status("PartiallyFailed", 0, 10),
+                &warn,
+                None,
+                failed("Velero backup b1 is empty: 0 items backed up"),
+            ),
+            (
+                "a partially failed warning far smaller than the previous still fails",
+                status("PartiallyFailed", 2, 10),
+                &warn,
+                Some(10),
+                failed("Velero backup b1 holds 2 items, less than 50% of the previous backup's 10"),
+            ),
+        ];
+        for (name, status, config, previous, want) in cases {
+            assert_eq!(verdict("b1", &status, config, previous), want, "{name}");
+        }
     }
 }

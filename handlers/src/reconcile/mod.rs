@@ -567,52 +567,25 @@ impl Reconciler {
             drift: None,
         };
 
-        if plan_only {
-            let text = tf.show_text(&plan_path).await?;
-            self.comment_on_pull_request(ctx, job, commit, &summary, &text)
-                .await;
-            self.status(
-                commit,
-                StatusState::Success,
-                &format!("plan: {} (not applied)", record.summary_headline),
-            )
-            .await;
-            return Ok(Outcome::Succeeded {
-                message: format!("speculative plan: {}", record.summary_headline),
-                result: to_value(&record),
-            });
-        }
-
-        if !changes {
-            record.drift = Some(false);
-            if self.config.auto_apply {
-                self.release_auto_apply_hold(ctx, commit).await;
-            }
-            self.report_drift(ctx, &record, false).await;
-            let synced = self.sync_argocd(ctx).await?;
-            self.status(commit, StatusState::Success, "no changes")
-                .await;
-            let mut message = "plan: no changes".to_string();
-            if let Some(s) = synced {
-                message.push_str(&format!("; {s}"));
-            }
-            return Ok(Outcome::Succeeded {
-                message,
-                result: to_value(&record),
-            });
-        }
-
-        // Changes with no new commit behind them: someone changed infrastructure by hand.
-        if matches!(trigger, "plan" | "reconcile") {
-            let applied = ctx
-                .store
-                .state
-                .get(self.applied_commit_key())
-                .await
-                .ok()
-                .flatten();
-            let drift = applied.is_some_and(|a| a.as_ref() == commit.as_bytes());
-            record.drift = Some(drift);
+        let applied = ctx
+            .store
+            .state
+            .get(self.applied_commit_key())
+            .await
+            .ok()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let mut facts = PlanFacts {
+            plan_only,
+            changes,
+            auto_apply: self.config.auto_apply,
+            trigger,
+            commit,
+            applied: applied.as_deref(),
+            hold: Hold::Untried,
+        };
+        record.drift = drift(&facts);
+        if let Some(drift) = record.drift {
             if drift {
                 ctx.progress
                     .report(&format!(
@@ -624,45 +597,93 @@ impl Reconciler {
             }
             self.report_drift(ctx, &record, drift).await;
         }
-
-        // An automatic apply runs once per commit: the hold is taken before terraform starts
-        // and stays if the apply fails or is interrupted, so a redelivery, a re-plan or a retry
-        // of this job never applies it again; then it waits for `apply <job-id>` like any plan.
-        let held_by = if self.config.auto_apply {
-            self.hold_for_auto_apply(ctx, commit).await?
-        } else {
-            None
-        };
-        if self.config.auto_apply && held_by.is_none() {
-            self.status(commit, StatusState::Pending, "applying (auto_apply)")
-                .await;
-            let applied = self.apply_plan(ctx, &tf, &plan_path, commit).await;
-            self.cleanup(&ctx.job_id);
-            if let Err(e) = applied {
-                return Err(auto_apply_failed(ctx, commit, e));
+        loop {
+            match next_step(&facts) {
+                NextStep::Comment => {
+                    let text = tf.show_text(&plan_path).await?;
+                    self.comment_on_pull_request(ctx, job, commit, &summary, &text)
+                        .await;
+                    self.status(
+                        commit,
+                        StatusState::Success,
+                        &format!("plan: {} (not applied)", record.summary_headline),
+                    )
+                    .await;
+                    return Ok(Outcome::Succeeded {
+                        message: format!("speculative plan: {}", record.summary_headline),
+                        result: to_value(&record),
+                    });
+                }
+                NextStep::Settle { release_hold } => {
+                    if release_hold {
+                        self.release_auto_apply_hold(ctx, commit).await;
+                    }
+                    let synced = self.sync_argocd(ctx).await?;
+                    self.status(commit, StatusState::Success, "no changes")
+                        .await;
+                    let mut message = "plan: no changes".to_string();
+                    if let Some(s) = synced {
+                        message.push_str(&format!("; {s}"));
+                    }
+                    return Ok(Outcome::Succeeded {
+                        message,
+                        result: to_value(&record),
+                    });
+                }
+                NextStep::TakeHold => {
+                    facts.hold = match self.hold_for_auto_apply(ctx, commit).await? {
+                        None => Hold::Taken,
+                        Some(holder) => Hold::HeldBy(holder),
+                    };
+                }
+                NextStep::AutoApply => {
+                    self.status(commit, StatusState::Pending, "applying (auto_apply)")
+                        .await;
+                    let applied = self.apply_plan(ctx, &tf, &plan_path, commit).await;
+                    self.cleanup(&ctx.job_id);
+                    if let Err(e) = applied {
+                        return Err(auto_apply_failed(ctx, commit, e));
+                    }
+                    let synced = self.sync_argocd(ctx).await?;
+                    self.status(
+                        commit,
+                        StatusState::Success,
+                        &format!("applied: {}", summary.headline()),
+                    )
+                    .await;
+                    let mut message = format!(
+                        "applied without approval (auto_apply): {}",
+                        summary.headline()
+                    );
+                    if let Some(s) = synced {
+                        message.push_str(&format!("; {s}"));
+                    }
+                    return Ok(Outcome::Succeeded {
+                        message,
+                        result: to_value(&record),
+                    });
+                }
+                NextStep::AwaitApproval { held_by } => {
+                    return self
+                        .await_approval(ctx, commit, &plan_path, &summary, record, held_by)
+                        .await;
+                }
             }
-            let synced = self.sync_argocd(ctx).await?;
-            self.status(
-                commit,
-                StatusState::Success,
-                &format!("applied: {}", summary.headline()),
-            )
-            .await;
-            let mut message = format!(
-                "applied without approval (auto_apply): {}",
-                summary.headline()
-            );
-            if let Some(s) = synced {
-                message.push_str(&format!("; {s}"));
-            }
-            return Ok(Outcome::Succeeded {
-                message,
-                result: to_value(&record),
-            });
         }
+    }
 
+    /// Saves the plan as the env's newest, for `apply <job-id>`.
+    async fn await_approval(
+        &self,
+        ctx: &JobContext,
+        commit: &str,
+        plan_path: &Path,
+        summary: &PlanSummary,
+        mut record: PlanRecord,
+        held_by: Option<String>,
+    ) -> Result<Outcome, HandlerError> {
         let object = format!("plans/{}", ctx.job_id);
-        let bytes = std::fs::read(&plan_path)
+        let bytes = std::fs::read(plan_path)
             .map_err(|e| HandlerError::Internal(format!("reading the saved plan: {e}")))?;
         let mut reader = std::io::Cursor::new(bytes);
         ctx.store
@@ -762,6 +783,90 @@ impl Reconciler {
     }
 }
 
+/// What a finished plan is, for [`next_step`] and [`drift`]; all read before they are asked.
+#[derive(Debug, Clone)]
+struct PlanFacts<'a> {
+    /// A pull request's speculative plan.
+    plan_only: bool,
+    changes: bool,
+    auto_apply: bool,
+    /// What asked for the plan: `push`, `plan`, `reconcile`...
+    trigger: &'a str,
+    commit: &'a str,
+    /// The commit last applied in this env.
+    applied: Option<&'a str>,
+    hold: Hold,
+}
+
+/// The automatic-apply hold on the planned commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hold {
+    /// Not asked for yet: taking it is a write, done only when [`NextStep::TakeHold`] asks.
+    Untried,
+    /// Taken by this job: the commit is ours to apply.
+    Taken,
+    /// Held by this job, whose automatic apply of the commit failed or was interrupted (or
+    /// still runs).
+    HeldBy(String),
+}
+
+/// What follows a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NextStep {
+    /// A pull request's plan: comment on it and succeed; it is never applied.
+    Comment,
+    /// Infrastructure matches the commit: release its automatic-apply hold when
+    /// `release_hold`, sync Argo CD and succeed.
+    Settle { release_hold: bool },
+    /// Changes to apply on their own: take the commit's hold first, then ask again.
+    TakeHold,
+    /// Apply the plan now, without approval: the hold is this job's.
+    AutoApply,
+    /// Save the plan and wait for `apply <job-id>`; `held_by` names the job whose automatic
+    /// apply of the commit failed or was interrupted.
+    AwaitApproval { held_by: Option<String> },
+}
+
+/// What follows a plan. An automatic apply runs once per commit: the hold is taken before
+/// terraform starts and stays if the apply fails or is interrupted, so a redelivery, a re-plan
+/// or a retry never applies the commit again; it then waits for a person like any plan. Pure:
+/// the edge reads the facts, takes the hold when asked, and acts on the answer.
+fn next_step(facts: &PlanFacts<'_>) -> NextStep {
+    if facts.plan_only {
+        return NextStep::Comment;
+    }
+    if !facts.changes {
+        return NextStep::Settle {
+            release_hold: facts.auto_apply,
+        };
+    }
+    if !facts.auto_apply {
+        return NextStep::AwaitApproval { held_by: None };
+    }
+    match &facts.hold {
+        Hold::Untried => NextStep::TakeHold,
+        Hold::Taken => NextStep::AutoApply,
+        Hold::HeldBy(holder) => NextStep::AwaitApproval {
+            held_by: Some(holder.clone()),
+        },
+    }
+}
+
+/// Whether the plan tells that infrastructure drifted from the applied commit: no changes is
+/// no drift; changes with no new commit behind them (a `plan` or `reconcile` of the applied
+/// commit) mean someone changed infrastructure by hand. `None` when it cannot tell.
+fn drift(facts: &PlanFacts<'_>) -> Option<bool> {
+    if facts.plan_only {
+        None
+    } else if !facts.changes {
+        Some(false)
+    } else if matches!(facts.trigger, "plan" | "reconcile") {
+        Some(facts.applied == Some(facts.commit))
+    } else {
+        None
+    }
+}
+
 /// The state-bucket key that holds `commit` once its automatic apply started: while it is set,
 /// the commit is applied only by `apply <job-id>`. Cleared when an apply of it succeeds or a
 /// plan of it finds no changes.
@@ -847,4 +952,166 @@ impl Handler for ReconcileHandler {
 /// Reads a stored plan back from a reconcile job's result.
 pub fn plan_record(result: &Value) -> Option<PlanRecord> {
     serde_json::from_value(result.clone()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COMMIT: &str = "1111111111111111111111111111111111111111";
+    const EARLIER: &str = "2222222222222222222222222222222222222222";
+
+    /// A push of COMMIT with changes, auto_apply off, COMMIT not applied yet.
+    fn push() -> PlanFacts<'static> {
+        PlanFacts {
+            plan_only: false,
+            changes: true,
+            auto_apply: false,
+            trigger: "push",
+            commit: COMMIT,
+            applied: Some(EARLIER),
+            hold: Hold::Untried,
+        }
+    }
+
+    fn auto(hold: Hold) -> PlanFacts<'static> {
+        PlanFacts {
+            auto_apply: true,
+            hold,
+            ..push()
+        }
+    }
+
+    fn awaiting(held_by: Option<&str>) -> NextStep {
+        NextStep::AwaitApproval {
+            held_by: held_by.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn what_follows_a_plan() {
+        // (name, facts, next step, drift)
+        let cases = [
+            (
+                "a pull request's plan is a comment",
+                PlanFacts {
+                    plan_only: true,
+                    ..auto(Hold::Untried)
+                },
+                NextStep::Comment,
+                None,
+            ),
+            (
+                "a pull request's plan without changes is a comment too",
+                PlanFacts {
+                    plan_only: true,
+                    changes: false,
+                    trigger: "plan",
+                    ..push()
+                },
+                NextStep::Comment,
+                None,
+            ),
+            (
+                "no changes: nothing drifted",
+                PlanFacts {
+                    changes: false,
+                    ..push()
+                },
+                NextStep::Settle {
+                    release_hold: false,
+                },
+                Some(false),
+            ),
+            (
+                "no changes with auto_apply releases the commit's hold",
+                PlanFacts {
+                    changes: false,
+                    ..auto(Hold::Untried)
+                },
+                NextStep::Settle { release_hold: true },
+                Some(false),
+            ),
+            ("changes wait for approval", push(), awaiting(None), None),
+            (
+                "auto_apply takes the hold before anything",
+                auto(Hold::Untried),
+                NextStep::TakeHold,
+                None,
+            ),
+            (
+                "the hold taken: applied without approval",
+                auto(Hold::Taken),
+                NextStep::AutoApply,
+                None,
+            ),
+            (
+                "held by an earlier failed automatic apply: waits for a person",
+                auto(Hold::HeldBy("01earlier".into())),
+                awaiting(Some("01earlier")),
+                None,
+            ),
+            (
+                "without auto_apply a hold is not looked at",
+                PlanFacts {
+                    hold: Hold::HeldBy("01earlier".into()),
+                    ..push()
+                },
+                awaiting(None),
+                None,
+            ),
+            (
+                "a plan of the applied commit with changes is drift",
+                PlanFacts {
+                    trigger: "plan",
+                    applied: Some(COMMIT),
+                    ..push()
+                },
+                awaiting(None),
+                Some(true),
+            ),
+            (
+                "so is a reconcile of it",
+                PlanFacts {
+                    trigger: "reconcile",
+                    applied: Some(COMMIT),
+                    ..auto(Hold::Untried)
+                },
+                NextStep::TakeHold,
+                Some(true),
+            ),
+            (
+                "a plan of a commit not yet applied is no drift",
+                PlanFacts {
+                    trigger: "plan",
+                    ..push()
+                },
+                awaiting(None),
+                Some(false),
+            ),
+            (
+                "nothing applied yet is no drift",
+                PlanFacts {
+                    trigger: "reconcile",
+                    applied: None,
+                    ..push()
+                },
+                awaiting(None),
+                Some(false),
+            ),
+            (
+                "a push of the applied commit cannot tell",
+                PlanFacts {
+                    applied: Some(COMMIT),
+                    ..push()
+                },
+                awaiting(None),
+                None,
+            ),
+        ];
+        for (name, facts, step, drifted) in cases {
+            assert_eq!(next_step(&facts), step, "{name}");
+            assert_eq!(drift(&facts), drifted, "{name}: drift");
+        }
+    }
 }
