@@ -107,45 +107,96 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Replaces every known secret value in text with `[REDACTED]`.
+/// Replaces every known secret value in text with `[REDACTED]`: the value as it is, and the
+/// forms it takes when a tool encodes it (see [`encoded_forms`]), so that
+/// `base64encode(var.secret)` in a plan's output is scrubbed too.
 #[derive(Clone, Default)]
 pub struct Redactor {
-    values: Arc<RwLock<Vec<Secret>>>,
+    /// Every form of every registered value, longest first.
+    needles: Arc<RwLock<Vec<String>>>,
 }
 
 impl fmt::Debug for Redactor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.values.read().map(|v| v.len()).unwrap_or(0);
-        write!(f, "Redactor({n} values)")
+        let n = self.needles.read().map(|v| v.len()).unwrap_or(0);
+        write!(f, "Redactor({n} forms)")
     }
 }
 
 /// Values shorter than this are not scrubbed: replacing "a" or "1" everywhere would destroy
-/// output without protecting anything real.
+/// output without protecting anything real. Encoded forms shorter than this are left out too.
 const MIN_REDACTED_LEN: usize = 4;
+
+/// The forms `value` takes in output: as it is; base64, standard and URL-safe, at each of the
+/// three byte offsets it may have inside a larger encoded blob (the characters that depend on
+/// the value alone: whole 3-byte groups, no padding, so padded and unpadded blobs match); hex,
+/// lower and upper case; percent-encoded; JSON-escaped.
+pub fn encoded_forms(value: &str) -> Vec<String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let bytes = value.as_bytes();
+    let mut forms = vec![value.to_string()];
+    for skip in 0..3 {
+        // The value starts `skip` bytes before a group boundary of the blob.
+        let Some(rest) = bytes.get(skip..) else {
+            continue;
+        };
+        let whole = rest.len() / 3 * 3;
+        let Some(aligned) = rest.get(..whole) else {
+            continue;
+        };
+        forms.push(STANDARD_NO_PAD.encode(aligned));
+        forms.push(URL_SAFE_NO_PAD.encode(aligned));
+    }
+    forms.push(hex::encode(bytes));
+    forms.push(hex::encode_upper(bytes));
+    let percent = |upper: bool| -> String {
+        bytes
+            .iter()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (*b as char).to_string()
+                }
+                _ if upper => format!("%{b:02X}"),
+                _ => format!("%{b:02x}"),
+            })
+            .collect()
+    };
+    forms.push(percent(true));
+    forms.push(percent(false));
+    if let Ok(json) = serde_json::to_string(value) {
+        forms.push(json.trim_matches('"').to_string());
+    }
+    forms.retain(|f| f.len() >= MIN_REDACTED_LEN);
+    forms.sort();
+    forms.dedup();
+    forms
+}
 
 impl Redactor {
     pub fn register(&self, secret: &Secret) {
         if secret.expose().len() < MIN_REDACTED_LEN {
             return;
         }
-        if let Ok(mut values) = self.values.write()
-            && !values.iter().any(|v| v.expose() == secret.expose())
-        {
-            values.push(secret.clone());
-            // Longest first, so a secret that contains another is replaced whole.
-            values.sort_by_key(|v| std::cmp::Reverse(v.expose().len()));
+        if let Ok(mut needles) = self.needles.write() {
+            for form in encoded_forms(secret.expose()) {
+                if !needles.contains(&form) {
+                    needles.push(form);
+                }
+            }
+            // Longest first, so a form that contains another is replaced whole.
+            needles.sort_by_key(|v| std::cmp::Reverse(v.len()));
         }
     }
 
     pub fn redact(&self, text: &str) -> String {
-        let Ok(values) = self.values.read() else {
+        let Ok(needles) = self.needles.read() else {
             return "[REDACTED: redactor unavailable]".to_string();
         };
         let mut out = text.to_string();
-        for v in values.iter() {
-            if out.contains(v.expose()) {
-                out = out.replace(v.expose(), "[REDACTED]");
+        for needle in needles.iter() {
+            if out.contains(needle.as_str()) {
+                out = out.replace(needle.as_str(), "[REDACTED]");
             }
         }
         out
@@ -315,6 +366,73 @@ mod tests {
         assert!(!lit.describe().contains("hunter22"));
         let s = Secret::new("hunter22");
         assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn a_secret_is_scrubbed_in_every_encoding_and_inside_larger_encoded_blobs() {
+        use base64::Engine;
+        use base64::engine::general_purpose::{
+            STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD,
+        };
+        // Bytes that base64 writes with `+` and `/` (or `-` and `_`), and that need escaping.
+        let secret = "s3cr3t/key+\"quoted\"?&\u{00e9}\n~ok";
+        let r = Redactor::default();
+        r.register(&Secret::new(secret));
+        let leaks = |text: &str| -> bool {
+            let out = r.redact(text);
+            out.contains(secret)
+                || (0..3).any(|skip| {
+                    // What an attacker could decode back: any whole-group run of the secret.
+                    let aligned = &secret.as_bytes()[skip..];
+                    let aligned = &aligned[..aligned.len() / 3 * 3];
+                    [
+                        STANDARD_NO_PAD.encode(aligned),
+                        URL_SAFE_NO_PAD.encode(aligned),
+                    ]
+                    .iter()
+                    .any(|f| out.contains(f.as_str()))
+                })
+        };
+        let mut outputs = vec![
+            secret.to_string(),
+            hex::encode(secret),
+            hex::encode_upper(secret),
+            serde_json::to_string(secret).expect("json"),
+            format!(
+                "url=https://x/?token={}",
+                encoded_forms(secret)
+                    .iter()
+                    .find(|f| f.contains('%'))
+                    .expect("a percent form")
+            ),
+        ];
+        for prefix in ["", "a", "ab", "abc"] {
+            for suffix in ["", "z", "zz"] {
+                let blob = format!("{prefix}{secret}{suffix}");
+                for engine in [&STANDARD, &URL_SAFE] {
+                    outputs.push(format!("value = \"{}\"", engine.encode(&blob)));
+                }
+                outputs.push(STANDARD_NO_PAD.encode(&blob));
+            }
+        }
+        for text in &outputs {
+            assert!(!leaks(text), "leaked: {text} -> {}", r.redact(text));
+            assert!(r.redact(text).contains("[REDACTED]"), "{text}");
+        }
+        // Ordinary output is left alone.
+        assert_eq!(
+            r.redact("Plan: 1 to add, 0 to change"),
+            "Plan: 1 to add, 0 to change"
+        );
+    }
+
+    #[test]
+    fn a_short_secret_has_no_encoded_form_too_short_to_scrub_safely() {
+        for form in encoded_forms("abcd") {
+            assert!(form.len() >= MIN_REDACTED_LEN, "{form}");
+        }
+        // A 4-byte value still has its base64 of whole groups (at offset 0: 3 bytes, 4 chars).
+        assert!(encoded_forms("abcd").contains(&"YWJj".to_string()));
     }
 
     #[test]
