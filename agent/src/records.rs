@@ -373,20 +373,6 @@ impl Records {
         }
     }
 
-    /// The newest result of every kind (for `status`).
-    pub async fn last_results(&self) -> Vec<(JobKind, LastResult)> {
-        let mut out = Vec::new();
-        for kind in JobKind::all() {
-            let key = format!("last.{}", kind.as_str());
-            if let Ok(Some(bytes)) = self.state.get(&key).await
-                && let Ok(last) = serde_json::from_slice::<LastResult>(&bytes)
-            {
-                out.push((kind, last));
-            }
-        }
-        out
-    }
-
     /// The newest result of every target of every kind (what metrics export).
     pub async fn last_target_results(&self) -> Vec<(JobKind, LastResult)> {
         let mut out = Vec::new();

@@ -34,13 +34,6 @@ pub struct Context {
 }
 
 impl Context {
-    /// The Kubernetes client of `[kubernetes]`.
-    pub fn kube(&self) -> Result<kube::Client, HandlerError> {
-        self.kube
-            .clone()
-            .ok_or_else(|| HandlerError::Failed("this needs a [kubernetes] section".into()))
-    }
-
     /// A Talos API client from `[talos]`. A talosconfig given as a reference was resolved at
     /// start; a path is read now, so renewed certificates are used.
     pub fn talos_client(&self) -> Result<TalosClient, HandlerError> {

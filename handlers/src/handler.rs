@@ -263,15 +263,6 @@ impl Outcome {
             result: Value::Null,
         }
     }
-
-    pub fn result(&self) -> &Value {
-        match self {
-            Outcome::Succeeded { result, .. }
-            | Outcome::AwaitingApproval { result, .. }
-            | Outcome::Skipped { result, .. }
-            | Outcome::Failed { result, .. } => result,
-        }
-    }
 }
 
 /// What a job did to one target: a namespace set, a cluster, a node. A job's `result` lists

@@ -232,7 +232,9 @@ mod tests {
         .join()
         .expect("spawning thread");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !marker.exists() && std::time::Instant::now() < deadline {
+        // The shell creates the file before it writes to it: wait for the whole line.
+        let written = || std::fs::read_to_string(&marker).is_ok_and(|t| t.ends_with('\n'));
+        while !written() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(

@@ -128,13 +128,6 @@ impl HandlerConfigs {
         self.sections.insert(name.to_string(), loaded);
     }
 
-    /// Takes section `name` from `other`, if it has it.
-    pub fn copy_from(&mut self, other: &HandlerConfigs, name: &str) {
-        if let Some(section) = other.sections.get(name) {
-            self.sections.insert(name.to_string(), section.clone());
-        }
-    }
-
     /// Whether the section called `name` is present (and was read).
     pub fn has_section(&self, name: &str) -> bool {
         self.sections.contains_key(name)
@@ -143,16 +136,6 @@ impl HandlerConfigs {
     /// Whether the section that enables `kind` is present.
     pub fn enables(&self, kind: crate::JobKind) -> bool {
         self.has_section(kind.config_section())
-    }
-
-    /// Every kind that is enabled but lacks a section it needs, with the missing sections.
-    pub fn missing_sections(&self) -> Vec<(crate::JobKind, Vec<&'static str>)> {
-        crate::KINDS
-            .iter()
-            .filter(|d| self.has_section(d.config.name))
-            .map(|d| (d.kind, d.missing_sections(self)))
-            .filter(|(_, missing)| !missing.is_empty())
-            .collect()
     }
 }
 

@@ -597,13 +597,7 @@ async fn a_plan_that_failed_on_an_unreachable_repository_is_planned_again_once_b
     )
     .await;
     // The poller may have seen the commit in the instant before the move: then it is its job.
-    let first = match status {
-        202 => reply["jobs"][0].as_str(),
-        200 => reply["job"].as_str(),
-        other => panic!("unexpected {other}: {reply}"),
-    }
-    .expect("job")
-    .to_string();
+    let first = job_of_webhook(status, &reply);
     let failed = lab.settled(&first).await;
     assert_eq!(failed["state"], "failed", "{failed}");
     assert!(
@@ -913,6 +907,18 @@ async fn a_sync_that_leaves_a_child_app_degraded_fails_and_names_it() {
     lab.agent.stop().await;
 }
 
+/// The job a push webhook started (`202`), or the one it duplicates (`200`, when the poller saw
+/// the commit first).
+fn job_of_webhook(status: u16, reply: &Value) -> String {
+    match status {
+        202 => reply["jobs"][0].as_str(),
+        200 => reply["job"].as_str(),
+        other => panic!("unexpected {other}: {reply}"),
+    }
+    .expect("job")
+    .to_string()
+}
+
 /// Whether `pid` is a live process; a zombie (dead, waiting for init to reap it) is not.
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -1159,13 +1165,7 @@ async fn a_failed_automatic_apply_is_not_applied_again_by_a_redelivery_or_the_po
     )
     .await;
     // The poller may have seen the commit first: then the push is its duplicate.
-    let job = match status {
-        202 => reply["jobs"][0].as_str(),
-        200 => reply["job"].as_str(),
-        other => panic!("unexpected {other}: {reply}"),
-    }
-    .expect("job")
-    .to_string();
+    let job = job_of_webhook(status, &reply);
     let failed = lab.settled(&job).await;
     assert_eq!(failed["state"], "failed", "{failed}");
     let message = failed["message"].as_str().unwrap_or_default();
