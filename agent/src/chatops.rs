@@ -235,44 +235,22 @@ impl Reply {
 async fn submit(
     app: &Arc<App>,
     kind: JobKind,
-    mut params: Map<String, Value>,
+    params: Map<String, Value>,
     requested_by: String,
     idempotency: Option<String>,
 ) -> Reply {
-    let Ok(handler) = app.registry.get(kind) else {
-        return Reply::Err(format!(
-            "{kind} is not configured on this agent: add a [{}] section to enable it",
-            kind.config_section()
-        ));
-    };
-    let job_id = new_job_id();
-    // The kind's own checks (an apply's plan must be current): a refusal is a rejected command.
-    let store = app.handler_store();
-    let book = app.job_book();
-    let admission = infraflux_handlers::Admission {
-        job_id: &job_id,
-        requested_by: &requested_by,
-        jobs: &book,
-        store: &store,
-    };
-    if let Err(reason) = handler.admit(&admission, &mut params).await {
-        return Reply::Err(reason);
-    }
     let traceparent = telemetry::current_traceparent();
-    let envelope = JobEnvelope {
-        job_id: job_id.clone(),
+    let trace_id = telemetry::trace_id_of(&traceparent);
+    let job = Command {
         kind,
         params,
-        source: Source::Chatops,
         requested_by,
+        source: Source::Chatops,
         // A client that retries with the same Nats-Msg-Id gets the same job, not a second one.
-        idempotency_key: format!("cmd.{}", idempotency.unwrap_or(job_id)),
-        traceparent: Some(traceparent.clone()),
-        commit: None,
-        created_at: Utc::now(),
+        idempotency: idempotency.map(|id| format!("cmd.{id}")),
+        traceparent,
     };
-    let trace_id = telemetry::trace_id_of(&traceparent);
-    match app.ingest.submit(envelope).await {
+    match submit_command(app, job).await {
         Ok(Submitted::Created { job_id }) => Reply::Ok {
             message: format!("queued {kind} job {job_id}"),
             job_id: Some(job_id),
@@ -285,8 +263,78 @@ async fn submit(
             trace_id,
             extra: Map::new(),
         },
-        Err(e) => Reply::Err(e.to_string()),
+        Err(CommandRejected::Refused(e) | CommandRejected::Unavailable(e)) => Reply::Err(e),
     }
+}
+
+/// A request for a job from a person: a ChatOps command, or an approval comment on GitHub.
+pub(crate) struct Command {
+    pub kind: JobKind,
+    pub params: Map<String, Value>,
+    pub requested_by: String,
+    pub source: Source,
+    /// The same key gets the same job; absent: each command is new.
+    pub idempotency: Option<String>,
+    pub traceparent: String,
+}
+
+/// Why a command did not become a job.
+#[derive(Debug)]
+pub(crate) enum CommandRejected {
+    /// Not configured here, or refused by its kind's admission: the requester is told why.
+    Refused(String),
+    /// The job store is unreachable: worth asking again.
+    Unavailable(String),
+}
+
+/// Runs the kind's admission (an apply's plan must be current), then stores the job.
+pub(crate) async fn submit_command(
+    app: &Arc<App>,
+    command: Command,
+) -> Result<Submitted, CommandRejected> {
+    let Command {
+        kind,
+        mut params,
+        requested_by,
+        source,
+        idempotency,
+        traceparent,
+    } = command;
+    let Ok(handler) = app.registry.get(kind) else {
+        return Err(CommandRejected::Refused(format!(
+            "{kind} is not configured on this agent: add a [{}] section to enable it",
+            kind.config_section()
+        )));
+    };
+    let job_id = new_job_id();
+    let store = app.handler_store();
+    let book = app.job_book();
+    let admission = infraflux_handlers::Admission {
+        job_id: &job_id,
+        requested_by: &requested_by,
+        source,
+        jobs: &book,
+        store: &store,
+    };
+    handler
+        .admit(&admission, &mut params)
+        .await
+        .map_err(CommandRejected::Refused)?;
+    let envelope = JobEnvelope {
+        idempotency_key: idempotency.unwrap_or_else(|| format!("cmd.{job_id}")),
+        job_id,
+        kind,
+        params,
+        source,
+        requested_by,
+        traceparent: Some(traceparent),
+        commit: None,
+        created_at: Utc::now(),
+    };
+    app.ingest
+        .submit(envelope)
+        .await
+        .map_err(|e| CommandRejected::Unavailable(e.to_string()))
 }
 
 async fn cancel(app: &Arc<App>, id: &str, by: &str) -> Reply {

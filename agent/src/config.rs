@@ -478,6 +478,22 @@ impl Config {
                 );
             }
         }
+        if let Some(rc) = reconcile::SECTION.get(&self.handlers) {
+            if rc.pr_plans == reconcile::PrPlans::All && rc.plan_env_vars.is_none() {
+                problems.push(
+                    "reconcile.pr_plans",
+                    "\"all\" plans pull requests from anyone, forks included, and runs their code: it needs [reconcile.plan_env_vars] with read-only credentials",
+                );
+            }
+            for (i, login) in rc.approvers.iter().flatten().enumerate() {
+                if !is_github_login(login) {
+                    problems.push(
+                        format!("reconcile.approvers[{i}]"),
+                        format!("{login:?} is not a GitHub login"),
+                    );
+                }
+            }
+        }
         if let Some(endpoint) = &self.telemetry.otlp_endpoint
             && !endpoint.starts_with("http://")
             && !endpoint.starts_with("https://")
@@ -530,6 +546,15 @@ impl Config {
                     "holds a literal secret; use env:, file:, cred: or op:// instead",
                 );
             }
+        }
+        if let Some(rc) = reconcile::SECTION.get(&self.handlers)
+            && rc.approvers.is_none()
+            && self.github.as_ref().is_none_or(|gh| gh.token.is_none())
+        {
+            warnings.push(
+                "reconcile.approvers",
+                "absent, and without a [github] token nobody's write permission can be checked: `/infraflux apply` comments are refused",
+            );
         }
         if !present.contains("github") {
             warnings.push(
@@ -597,9 +622,22 @@ impl Config {
             for (name, r) in &rc.env_vars {
                 refs.push((format!("reconcile.env_vars.{name}"), r));
             }
+            for (name, r) in rc.plan_env_vars.iter().flatten() {
+                refs.push((format!("reconcile.plan_env_vars.{name}"), r));
+            }
         }
         refs
     }
+}
+
+/// GitHub logins: letters, digits and single hyphens, at most 39 characters.
+fn is_github_login(login: &str) -> bool {
+    !login.is_empty()
+        && login.len() <= 39
+        && !login.starts_with('-')
+        && !login.ends_with('-')
+        && !login.contains("--")
+        && login.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 /// The key an environment variable overrides (`nats.url` for `INFRAFLUX_NATS__URL`), if it is an

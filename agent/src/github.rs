@@ -4,12 +4,13 @@
 //! its commit, whichever path sees it first.
 
 use chrono::Utc;
+use infraflux_handlers::reconcile::{self, PrPlans, PullRequestAuthor};
 use infraflux_handlers::{JobEnvelope, JobKind, Source, new_job_id};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::config::GithubSection;
-use crate::ingest::{IngestError, Ingestor, Submitted};
+use crate::ingest::{IngestError, Submitted};
 use crate::telemetry;
 
 /// What an event means for us.
@@ -24,6 +25,54 @@ pub enum Mapping {
         idempotency_key: String,
         requested_by: String,
     },
+    /// A `/infraflux ...` comment: an approval, answered by [`crate::approval`].
+    Command(CommentCommand),
+}
+
+/// A `/infraflux apply [job-id]` comment on a commit or a pull request. Who wrote it is
+/// GitHub's word (the event is signed, or came over NATS from the runner).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommentCommand {
+    pub login: String,
+    pub on: CommentedOn,
+    /// The comment's id: one comment is one approval, however often it is delivered.
+    pub comment_id: u64,
+    /// The plan's job id, when the comment names one.
+    pub plan_job: Option<String>,
+    /// Why the command cannot be read (answered with a comment, like a refusal).
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommentedOn {
+    Commit(String),
+    PullRequest(u64),
+}
+
+impl CommentedOn {
+    /// `commit` or `pull_request`, for idempotency keys and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CommentedOn::Commit(_) => "commit",
+            CommentedOn::PullRequest(_) => "pull_request",
+        }
+    }
+}
+
+/// What the reconcile config says about pull requests, for mapping them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullRequestPolicy {
+    pub pr_plans: PrPlans,
+    pub has_plan_env_vars: bool,
+}
+
+impl PullRequestPolicy {
+    pub fn of(config: Option<&reconcile::Config>) -> Self {
+        config.map_or_else(Self::default, |c| Self {
+            pr_plans: c.pr_plans,
+            has_plan_env_vars: c.plan_env_vars.is_some(),
+        })
+    }
 }
 
 /// Why a payload could not be read.
@@ -47,6 +96,26 @@ struct EventView {
     pusher: Option<NameView>,
     sender: Option<LoginView>,
     pull_request: Option<PullRequestView>,
+    comment: Option<CommentView>,
+    issue: Option<IssueView>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct CommentView {
+    id: Option<u64>,
+    body: Option<String>,
+    user: Option<LoginView>,
+    /// Set on a commit comment.
+    commit_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct IssueView {
+    number: Option<u64>,
+    /// Present when the issue is a pull request.
+    pull_request: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +141,8 @@ struct LoginView {
 #[serde(default)]
 struct PullRequestView {
     head: Option<HeadView>,
+    base: Option<HeadView>,
+    author_association: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,6 +151,8 @@ struct HeadView {
     sha: Option<String>,
     #[serde(rename = "ref")]
     git_ref: Option<String>,
+    /// `null` when the head's fork was deleted.
+    repo: Option<RepositoryView>,
 }
 
 fn need<'a>(value: Option<&'a String>, path: &str, event: &str) -> Result<&'a str, BadPayload> {
@@ -113,16 +186,120 @@ fn read_payload(body: &[u8], wanted: bool) -> Result<EventView, BadPayload> {
     Ok(view)
 }
 
-/// Maps one event (its raw JSON body) to a job, "ignored" with a reason, or a ping.
-pub fn map_event(event: &str, body: &[u8], github: &GithubSection) -> Result<Mapping, BadPayload> {
-    let wanted = matches!(event, "push" | "pull_request");
+/// Maps one event (its raw JSON body) to a job, a comment command, "ignored" with a reason, or
+/// a ping.
+pub fn map_event(
+    event: &str,
+    body: &[u8],
+    github: &GithubSection,
+    pull_requests: PullRequestPolicy,
+) -> Result<Mapping, BadPayload> {
+    let wanted = matches!(
+        event,
+        "push" | "pull_request" | "commit_comment" | "issue_comment"
+    );
     let payload = read_payload(body, wanted)?;
     match event {
         "ping" => Ok(Mapping::Ping),
         "push" => map_push(&payload, github),
-        "pull_request" => map_pull_request(&payload, github),
+        "pull_request" => map_pull_request(&payload, github, pull_requests),
+        "commit_comment" | "issue_comment" => map_comment(event, &payload, github),
         other => Ok(Mapping::Ignored(format!("{other} events start nothing"))),
     }
+}
+
+/// The command word of a comment: its first non-empty line must start with it.
+pub const COMMENT_COMMAND: &str = "/infraflux";
+
+fn map_comment(
+    event: &str,
+    payload: &EventView,
+    github: &GithubSection,
+) -> Result<Mapping, BadPayload> {
+    let action = need(payload.action.as_ref(), "action", event)?;
+    if let Some(reason) = repo_matches(payload, github, event)? {
+        return Ok(Mapping::Ignored(reason));
+    }
+    // An edit could turn an old comment into an approval after the fact: only new ones count.
+    if action != "created" {
+        return Ok(Mapping::Ignored(format!("{event} {action} starts nothing")));
+    }
+    let comment = payload.comment.as_ref();
+    let body = comment.and_then(|c| c.body.as_deref()).unwrap_or_default();
+    let Some(words) = command_words(body) else {
+        return Ok(Mapping::Ignored(format!(
+            "the comment is not a {COMMENT_COMMAND} command"
+        )));
+    };
+    let comment_id = comment
+        .and_then(|c| c.id)
+        .ok_or_else(|| BadPayload(format!("{event} payload has no comment.id")))?;
+    let login = need(
+        comment
+            .and_then(|c| c.user.as_ref())
+            .and_then(|u| u.login.as_ref())
+            .or_else(|| payload.sender.as_ref().and_then(|s| s.login.as_ref())),
+        "comment.user.login",
+        event,
+    )?
+    .to_string();
+    let on = if event == "commit_comment" {
+        let sha = need(
+            comment.and_then(|c| c.commit_id.as_ref()),
+            "comment.commit_id",
+            event,
+        )?;
+        if !is_sha(sha) {
+            return Err(BadPayload(format!(
+                "commit_comment's commit_id {sha:?} is not a commit sha"
+            )));
+        }
+        CommentedOn::Commit(sha.to_ascii_lowercase())
+    } else {
+        let issue = payload.issue.as_ref();
+        if issue.is_none_or(|i| i.pull_request.is_none()) {
+            return Ok(Mapping::Ignored(
+                "a comment on an issue, not on a pull request, approves nothing".into(),
+            ));
+        }
+        let number = issue
+            .and_then(|i| i.number)
+            .ok_or_else(|| BadPayload("issue_comment payload has no issue.number".into()))?;
+        CommentedOn::PullRequest(number)
+    };
+    let (plan_job, problem) = match words.as_slice() {
+        ["apply"] => (None, None),
+        ["apply", id] => match infraflux_handlers::command::validate_job_id(id) {
+            Ok(id) => (Some(id), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        _ => (
+            None,
+            Some(format!(
+                "`{COMMENT_COMMAND} {}` is not a command here; approve a plan with `{COMMENT_COMMAND} apply <job-id>`{}",
+                words.join(" "),
+                if matches!(on, CommentedOn::PullRequest(_)) {
+                    ", or `/infraflux apply` for the newest plan of this pull request"
+                } else {
+                    ""
+                }
+            )),
+        ),
+    };
+    Ok(Mapping::Command(CommentCommand {
+        login,
+        on,
+        comment_id,
+        plan_job,
+        problem,
+    }))
+}
+
+/// The words after `/infraflux` on the comment's first non-empty line, if it starts with it.
+fn command_words(body: &str) -> Option<Vec<&str>> {
+    let line = body.lines().map(str::trim).find(|l| !l.is_empty())?;
+    let mut words = line.split_whitespace();
+    (words.next()? == COMMENT_COMMAND).then(|| words.take(8).collect())
 }
 
 fn repo_matches(
@@ -182,11 +359,12 @@ fn map_push(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadP
             "push payload's after {commit:?} is not a commit sha"
         )));
     }
+    // The GitHub login, as the two-person rule compares it with an approver's login.
     let requested_by = payload
-        .pusher
+        .sender
         .as_ref()
-        .and_then(|p| p.name.clone())
-        .or_else(|| payload.sender.as_ref().and_then(|s| s.login.clone()))
+        .and_then(|s| s.login.clone())
+        .or_else(|| payload.pusher.as_ref().and_then(|p| p.name.clone()))
         .unwrap_or_else(|| "github".into());
     let mut params = Map::new();
     params.insert("trigger".into(), json!("push"));
@@ -203,7 +381,11 @@ fn map_push(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadP
     })
 }
 
-fn map_pull_request(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadPayload> {
+fn map_pull_request(
+    payload: &EventView,
+    github: &GithubSection,
+    policy: PullRequestPolicy,
+) -> Result<Mapping, BadPayload> {
     let action = need(payload.action.as_ref(), "action", "pull_request")?;
     if let Some(reason) = repo_matches(payload, github, "pull_request")? {
         return Ok(Mapping::Ignored(reason));
@@ -216,7 +398,31 @@ fn map_pull_request(payload: &EventView, github: &GithubSection) -> Result<Mappi
     let number = payload
         .number
         .ok_or_else(|| BadPayload("pull_request payload has no number".into()))?;
-    let head_view = payload.pull_request.as_ref().and_then(|p| p.head.as_ref());
+    let pull_request = payload.pull_request.as_ref();
+    let head_view = pull_request.and_then(|p| p.head.as_ref());
+    // Decided before anything is fetched: planning runs the pull request's code.
+    let repo_of = |side: Option<&HeadView>| {
+        side.and_then(|h| h.repo.as_ref())
+            .and_then(|r| r.full_name.clone())
+    };
+    let head_repo = repo_of(head_view);
+    let base_repo =
+        repo_of(pull_request.and_then(|p| p.base.as_ref())).unwrap_or_else(|| github.repo.clone());
+    let same_repository = head_repo
+        .as_deref()
+        .is_some_and(|h| h.eq_ignore_ascii_case(&base_repo));
+    let association = pull_request
+        .and_then(|p| p.author_association.as_deref())
+        .unwrap_or("NONE");
+    let author = PullRequestAuthor {
+        same_repository,
+        association,
+    };
+    if let Err(why) =
+        reconcile::may_plan_pull_request(policy.pr_plans, policy.has_plan_env_vars, author)
+    {
+        return Ok(Mapping::Ignored(why));
+    }
     let head = need(
         head_view.and_then(|h| h.sha.as_ref()),
         "pull_request.head.sha",
@@ -240,6 +446,8 @@ fn map_pull_request(payload: &EventView, github: &GithubSection) -> Result<Mappi
     params.insert("plan_only".into(), json!(true));
     params.insert("pull_request".into(), json!(number));
     params.insert("ref".into(), json!(head_ref));
+    params.insert("same_repository".into(), json!(same_repository));
+    params.insert("author_association".into(), json!(association));
     Ok(Mapping::Job {
         kind: JobKind::RECONCILE,
         params,
@@ -272,20 +480,27 @@ pub enum Accepted {
 }
 
 /// Maps, dedups and stores one event; the caller's span names the delivery.
-pub async fn accept(
-    ingest: &Ingestor,
+pub(crate) async fn accept(
+    app: &std::sync::Arc<crate::app::App>,
     github: &GithubSection,
     source: Source,
     event: &str,
     body: &[u8],
 ) -> Result<Result<Accepted, BadPayload>, IngestError> {
-    let mapping = match map_event(event, body, github) {
+    let reconcile_config = reconcile::SECTION.get(&app.config.handlers);
+    let policy = PullRequestPolicy::of(reconcile_config);
+    let mapping = match map_event(event, body, github, policy) {
         Ok(m) => m,
         Err(bad) => return Ok(Err(bad)),
     };
     let (kind, params, commit, idempotency_key, requested_by) = match mapping {
         Mapping::Ping => return Ok(Ok(Accepted::Ping)),
         Mapping::Ignored(reason) => return Ok(Ok(Accepted::Ignored(reason))),
+        Mapping::Command(command) => {
+            return crate::approval::answer(app, github, source, command)
+                .await
+                .map(Ok);
+        }
         Mapping::Job {
             kind,
             params,
@@ -294,6 +509,7 @@ pub async fn accept(
             requested_by,
         } => (kind, params, commit, idempotency_key, requested_by),
     };
+    let ingest = &app.ingest;
     // A redelivery maps to the same idempotency key as the first delivery, so the claim in
     // `submit` answers "duplicate" for it as for the same event from another source.
     ingest.ensure_connected()?;
@@ -329,7 +545,7 @@ pub async fn serve_nats(
     .await
 }
 
-async fn nats_event(app: &crate::app::App, message: &async_nats::Message) -> Value {
+async fn nats_event(app: &std::sync::Arc<crate::app::App>, message: &async_nats::Message) -> Value {
     use tracing::Instrument;
     let Some(github) = &app.config.github else {
         return json!({"ok": false, "error": "GitHub events are off: the agent config has no [github] section"});
@@ -356,15 +572,9 @@ async fn nats_event(app: &crate::app::App, message: &async_nats::Message) -> Val
         return json!({"ok": false, "error": "missing X-GitHub-Delivery or Nats-Msg-Id header"});
     };
     let span = tracing::info_span!("github_event", event = %event, delivery = %delivery);
-    let accepted = accept(
-        &app.ingest,
-        github,
-        Source::NatsGithub,
-        &event,
-        &message.payload,
-    )
-    .instrument(span)
-    .await;
+    let accepted = accept(app, github, Source::NatsGithub, &event, &message.payload)
+        .instrument(span)
+        .await;
     match accepted {
         Ok(Ok(Accepted::Ping)) => json!({"ok": true, "pong": true}),
         Ok(Ok(Accepted::Ignored(reason))) => json!({"ok": true, "ignored": reason}),

@@ -370,7 +370,7 @@ async fn webhook_inner(
         );
     };
     let span = tracing::info_span!("webhook", event, delivery);
-    let accepted = github::accept(&app.ingest, github, Source::Webhook, event, &body)
+    let accepted = github::accept(app, github, Source::Webhook, event, &body)
         .instrument(span)
         .await;
     match accepted {

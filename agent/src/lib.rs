@@ -7,6 +7,7 @@
 
 pub(crate) mod agent;
 pub(crate) mod app;
+pub(crate) mod approval;
 pub(crate) mod chatops;
 pub mod cli;
 pub mod config;

@@ -295,6 +295,76 @@ impl GitHub {
         }
     }
 
+    /// Posts a new comment on a commit.
+    pub async fn comment_on_commit(&self, sha: &str, body: &str) -> Result<(), GitHubError> {
+        let body = json!({"body": scrub(&self.redactor, body)});
+        self.octo
+            .post::<_, Value>(self.route(&format!("commits/{sha}/comments")), Some(&body))
+            .await
+            .map(|_| ())
+            .map_err(|e| map_err("create commit comment", e))
+    }
+
+    /// Posts a new comment on an issue or pull request.
+    pub async fn comment_on_issue(&self, number: u64, body: &str) -> Result<(), GitHubError> {
+        let body = json!({"body": scrub(&self.redactor, body)});
+        self.octo
+            .post::<_, Value>(
+                self.route(&format!("issues/{number}/comments")),
+                Some(&body),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| map_err("create comment", e))
+    }
+
+    /// `login`'s permission on the repository (`admin`, `maintain`, `write`, `triage`, `read`
+    /// or `none`), from GitHub's collaborator permission API; a login GitHub does not know
+    /// has `none`.
+    pub async fn permission(&self, login: &str) -> Result<String, GitHubError> {
+        if login.is_empty() || !login.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Ok("none".into());
+        }
+        let response: Result<Value, _> = self
+            .octo
+            .get(
+                self.route(&format!("collaborators/{login}/permission")),
+                None::<&()>,
+            )
+            .await;
+        match response {
+            Ok(v) => Ok(v
+                .get("role_name")
+                .or_else(|| v.get("permission"))
+                .and_then(Value::as_str)
+                .unwrap_or("none")
+                .to_string()),
+            Err(octocrab::Error::GitHub { source, .. }) if source.status_code.as_u16() == 404 => {
+                Ok("none".into())
+            }
+            Err(e) => Err(map_err("read collaborator permission", e)),
+        }
+    }
+
+    /// The commits a pull request stands for: its head, and its merge commit once merged.
+    pub async fn pull_request_commits(&self, number: u64) -> Result<Vec<String>, GitHubError> {
+        let pr: Value = self
+            .octo
+            .get(self.route(&format!("pulls/{number}")), None::<&()>)
+            .await
+            .map_err(|e| map_err("read pull request", e))?;
+        let mut commits = Vec::new();
+        if pr.get("merged").and_then(Value::as_bool) == Some(true)
+            && let Some(sha) = pr.get("merge_commit_sha").and_then(Value::as_str)
+        {
+            commits.push(sha.to_string());
+        }
+        if let Some(sha) = pr.pointer("/head/sha").and_then(Value::as_str) {
+            commits.push(sha.to_string());
+        }
+        Ok(commits)
+    }
+
     /// The repository's webhooks.
     pub async fn hooks(&self) -> Result<Vec<Value>, GitHubError> {
         self.octo

@@ -176,12 +176,16 @@ pub struct HandlerStore {
     pub artifacts: async_nats::jetstream::object_store::ObjectStore,
 }
 
-/// What a handler may check before a ChatOps command becomes a job. A refusal here is a
+/// What a handler may check before a command (ChatOps, or an approval comment on GitHub)
+/// becomes a job. A refusal here is a
 /// rejected command (`ok: false`), not a failed job.
 pub struct Admission<'a> {
     /// The id the job will have if admitted.
     pub job_id: &'a str,
     pub requested_by: &'a str,
+    /// Where the request came from: a ChatOps requester is whatever its NATS client says, a
+    /// GitHub login is authenticated by GitHub.
+    pub source: crate::job::Source,
     pub jobs: &'a dyn JobBook,
     pub store: &'a HandlerStore,
 }

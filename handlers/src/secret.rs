@@ -261,6 +261,8 @@ pub enum SecretKey {
     S3SecretAccessKey,
     /// A value of `[reconcile.env_vars]`.
     ReconcileEnvVar(String),
+    /// A value of `[reconcile.plan_env_vars]`.
+    ReconcilePlanEnvVar(String),
     /// A header of `[telemetry] otlp_headers`.
     OtlpHeader(String),
 }
@@ -278,6 +280,7 @@ impl SecretKey {
             SecretKey::S3AccessKeyId => "s3.access_key_id".into(),
             SecretKey::S3SecretAccessKey => "s3.secret_access_key".into(),
             SecretKey::ReconcileEnvVar(name) => format!("reconcile.env_vars.{name}"),
+            SecretKey::ReconcilePlanEnvVar(name) => format!("reconcile.plan_env_vars.{name}"),
             SecretKey::OtlpHeader(name) => format!("telemetry.otlp_headers.{name}"),
         }
     }

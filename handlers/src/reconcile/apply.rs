@@ -21,7 +21,7 @@ use crate::command::{self, Args, CommandError, Verb};
 use crate::descriptor::KindDescriptor;
 use crate::github::StatusState;
 use crate::handler::{Admission, Handler, HandlerError, JobContext, JobView, LockRequest, Outcome};
-use crate::job::JobEnvelope;
+use crate::job::{JobEnvelope, Source};
 use crate::kind::JobKind;
 use crate::reconcile::{Config, PlanRecord, Reconciler, plan_record, short};
 use crate::settings::HumanDuration;
@@ -208,7 +208,8 @@ fn verdict(
                     "plan {plan_job} was superseded by a newer plan, {latest}"
                 ));
             }
-            if config.two_person_rule && view.requested_by == requested_by {
+            // GitHub logins are case-insensitive.
+            if config.two_person_rule && view.requested_by.eq_ignore_ascii_case(requested_by) {
                 return refused(format!(
                     "two-person rule: {requested_by} requested plan {plan_job} and cannot approve it"
                 ));
@@ -284,6 +285,9 @@ impl Handler for ApplyHandler {
         admission: &Admission<'_>,
         params: &mut Map<String, Value>,
     ) -> Result<(), String> {
+        if admission.source == Source::Chatops && !self.reconciler.config.chatops_approvals {
+            return Err("ChatOps approvals are off ([reconcile] chatops_approvals = false): approve with a `/infraflux apply <job-id>` comment on the commit or its pull request".into());
+        }
         let plan_job = Self::plan_job(params)?;
         let view = admission.jobs.job(&plan_job).await?;
         let latest = admission
@@ -488,7 +492,7 @@ impl ApplyHandler {
         object: &str,
     ) -> Result<Option<String>, HandlerError> {
         let r = &self.reconciler;
-        let tf = r.prepare(ctx, &plan.commit).await?;
+        let tf = r.prepare(ctx, &plan.commit, false).await?;
         let mut stored =
             ctx.store.artifacts.get(object).await.map_err(|e| {
                 HandlerError::Failed(format!("the saved plan {object} is gone: {e}"))

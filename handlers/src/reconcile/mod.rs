@@ -71,10 +71,27 @@ pub struct Config {
     /// Handed to terraform only; values may be secret references.
     #[serde(default)]
     pub env_vars: BTreeMap<String, SecretRef>,
+    /// Which pull requests get a speculative plan.
+    #[serde(default)]
+    pub pr_plans: PrPlans,
+    /// What pull requests' plans get instead of `env_vars`: read-only credentials. Without it,
+    /// only trusted pull requests are planned.
+    #[serde(default)]
+    pub plan_env_vars: Option<BTreeMap<String, SecretRef>>,
+    /// GitHub logins whose `/infraflux apply` comments approve plans; absent: anyone with
+    /// write permission on the repository.
+    #[serde(default)]
+    pub approvers: Option<Vec<String>>,
+    /// Whether ChatOps `apply` may approve: its requester is whatever the NATS client says.
+    #[serde(default = "default_true")]
+    pub chatops_approvals: bool,
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_terraform_bin() -> String {
     "terraform".to_string()
 }
@@ -92,6 +109,70 @@ fn default_argocd_timeout() -> HumanDuration {
 }
 fn default_timeout() -> HumanDuration {
     HumanDuration::from_secs(3600)
+}
+
+/// `[reconcile] pr_plans`: which pull requests get a speculative plan. Planning runs the pull
+/// request's code (providers, external data sources, local-exec) on the runner host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrPlans {
+    Off,
+    /// Same repository, and the author is an owner, member or collaborator.
+    #[default]
+    Trusted,
+    /// Any pull request, forks included: needs `plan_env_vars`.
+    All,
+}
+
+/// The authors GitHub marks as trusted in `author_association`.
+const TRUSTED_ASSOCIATIONS: &[&str] = &["OWNER", "MEMBER", "COLLABORATOR"];
+
+/// Who opened a pull request, as its event tells.
+#[derive(Debug, Clone, Copy)]
+pub struct PullRequestAuthor<'a> {
+    /// The head repository is the base repository: not a fork.
+    pub same_repository: bool,
+    /// GitHub's `author_association` of the pull request.
+    pub association: &'a str,
+}
+
+impl PullRequestAuthor<'_> {
+    pub fn trusted(&self) -> bool {
+        self.same_repository && TRUSTED_ASSOCIATIONS.contains(&self.association)
+    }
+}
+
+/// Whether a pull request is planned under `pr_plans`: `Err` says why not. Without
+/// `plan_env_vars`, only trusted pull requests are planned (with `env_vars`), whatever
+/// `pr_plans` says: check-config refuses `all` without them, and this holds if it did not.
+pub fn may_plan_pull_request(
+    pr_plans: PrPlans,
+    has_plan_env_vars: bool,
+    author: PullRequestAuthor<'_>,
+) -> Result<(), String> {
+    let why_untrusted = || {
+        if author.same_repository {
+            format!(
+                "its author is {}, not an owner, member or collaborator",
+                author.association
+            )
+        } else {
+            "it comes from a fork".to_string()
+        }
+    };
+    match pr_plans {
+        PrPlans::Off => Err("pull request plans are off ([reconcile] pr_plans = \"off\")".into()),
+        PrPlans::All if has_plan_env_vars => Ok(()),
+        PrPlans::Trusted | PrPlans::All if author.trusted() => Ok(()),
+        PrPlans::Trusted => Err(format!(
+            "pull request not planned: {} ([reconcile] pr_plans = \"trusted\")",
+            why_untrusted()
+        )),
+        PrPlans::All => Err(format!(
+            "pull request not planned: {}, and there is no [reconcile.plan_env_vars] for untrusted plans",
+            why_untrusted()
+        )),
+    }
 }
 
 /// What reconcile and apply share: the repository, terraform, GitHub feedback, Argo CD.
@@ -293,7 +374,24 @@ impl Reconciler {
         Ok((holder.as_deref() == Some(ctx.job_id.as_str())).then_some(commit))
     }
 
-    fn terraform_env(&self) -> Vec<(String, String)> {
+    /// The credentials terraform gets: a pull request's speculative plan gets `plan_env_vars`
+    /// when they exist, everything else `env_vars`.
+    fn credentials(&self, speculative: bool) -> Vec<(String, SecretKey)> {
+        match (&self.config.plan_env_vars, speculative) {
+            (Some(plan_env_vars), true) => plan_env_vars
+                .keys()
+                .map(|name| (name.clone(), SecretKey::ReconcilePlanEnvVar(name.clone())))
+                .collect(),
+            _ => self
+                .config
+                .env_vars
+                .keys()
+                .map(|name| (name.clone(), SecretKey::ReconcileEnvVar(name.clone())))
+                .collect(),
+        }
+    }
+
+    fn terraform_env(&self, speculative: bool) -> Vec<(String, String)> {
         let mut env = self.context.tool_env.clone();
         let plugin_cache = self.base_dir().join("plugin-cache");
         let _ = std::fs::create_dir_all(&plugin_cache);
@@ -304,13 +402,9 @@ impl Reconciler {
             "TF_PLUGIN_CACHE_DIR".into(),
             plugin_cache.display().to_string(),
         ));
-        for name in self.config.env_vars.keys() {
-            if let Some(secret) = self
-                .context
-                .secrets
-                .of(&SecretKey::ReconcileEnvVar(name.clone()))
-            {
-                env.push((name.clone(), secret.expose().to_string()));
+        for (name, key) in self.credentials(speculative) {
+            if let Some(secret) = self.context.secrets.of(&key) {
+                env.push((name, secret.expose().to_string()));
             }
         }
         env
@@ -318,7 +412,12 @@ impl Reconciler {
 
     /// A working tree of `commit`, the backend preflight, `terraform init`: ready to plan or apply.
     #[tracing::instrument(name = "prepare", skip_all, fields(commit = %short(commit)))]
-    pub async fn prepare(&self, ctx: &JobContext, commit: &str) -> Result<Terraform, HandlerError> {
+    pub async fn prepare(
+        &self,
+        ctx: &JobContext,
+        commit: &str,
+        speculative: bool,
+    ) -> Result<Terraform, HandlerError> {
         ctx.progress
             .report(&format!("checking out {}", short(commit)))
             .await;
@@ -339,11 +438,11 @@ impl Reconciler {
                 short(commit)
             )));
         }
-        self.preflight(&tfdir).await?;
+        self.preflight(&tfdir, speculative).await?;
         let tf = Terraform {
             bin: self.config.terraform_bin.clone(),
             dir: tfdir,
-            env: self.terraform_env(),
+            env: self.terraform_env(speculative),
             cancel: ctx.cancel.clone(),
             grace: ctx.kill_grace,
             redactor: ctx.redactor.clone(),
@@ -354,7 +453,7 @@ impl Reconciler {
     }
 
     #[tracing::instrument(name = "backend_preflight", skip_all)]
-    async fn preflight(&self, tfdir: &Path) -> Result<(), HandlerError> {
+    async fn preflight(&self, tfdir: &Path, speculative: bool) -> Result<(), HandlerError> {
         let backend = preflight::find_backend(tfdir).map_err(HandlerError::Failed)?;
         let target = preflight::check(backend.as_ref()).map_err(|problems| {
             HandlerError::Failed(format!(
@@ -362,20 +461,19 @@ impl Reconciler {
                 problems.join("\n- ")
             ))
         })?;
-        // The credentials terraform will use: its env_vars, else the [s3] section's.
-        let secret = |keys: [SecretKey; 2]| {
-            keys.iter()
-                .find_map(|k| self.context.secrets.of(k))
+        // The credentials terraform will use: its env_vars (or plan_env_vars), else the [s3]
+        // section's.
+        let credentials = self.credentials(speculative);
+        let secret = |name: &str, fallback: SecretKey| {
+            credentials
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, key)| self.context.secrets.of(key))
+                .or_else(|| self.context.secrets.of(&fallback))
                 .map(|s| s.expose().to_string())
         };
-        let id = secret([
-            SecretKey::ReconcileEnvVar("AWS_ACCESS_KEY_ID".into()),
-            SecretKey::S3AccessKeyId,
-        ]);
-        let key = secret([
-            SecretKey::ReconcileEnvVar("AWS_SECRET_ACCESS_KEY".into()),
-            SecretKey::S3SecretAccessKey,
-        ]);
+        let id = secret("AWS_ACCESS_KEY_ID", SecretKey::S3AccessKeyId);
+        let key = secret("AWS_SECRET_ACCESS_KEY", SecretKey::S3SecretAccessKey);
         preflight::reach_bucket(&target, id.as_deref(), key.as_deref())
             .await
             .map_err(|e| HandlerError::Failed(format!("backend preflight failed: {e}")))
@@ -481,6 +579,21 @@ impl Reconciler {
         }
         let plan_only = job.params.get("plan_only").and_then(Value::as_bool) == Some(true);
         let trigger = job.param_str("trigger").unwrap_or("push").to_string();
+        if trigger == "pull_request" {
+            // Checked where the event was mapped; again here, with this agent's config, before
+            // the pull request's code is fetched.
+            let author = PullRequestAuthor {
+                same_repository: job.params.get("same_repository").and_then(Value::as_bool)
+                    == Some(true),
+                association: job.param_str("author_association").unwrap_or("NONE"),
+            };
+            may_plan_pull_request(
+                self.config.pr_plans,
+                self.config.plan_env_vars.is_some(),
+                author,
+            )
+            .map_err(HandlerError::Failed)?;
+        }
         let git_ref = job.param_str("ref").map(str::to_string);
         let commit = match &job.commit {
             Some(c) => c.clone(),
@@ -538,7 +651,7 @@ impl Reconciler {
         trigger: &str,
         git_ref: Option<String>,
     ) -> Result<Outcome, HandlerError> {
-        let tf = self.prepare(ctx, commit).await?;
+        let tf = self.prepare(ctx, commit, plan_only).await?;
         ctx.progress.report("terraform fmt -check, validate").await;
         tf.fmt_check().await?;
         tf.validate().await?;

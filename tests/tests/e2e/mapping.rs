@@ -1,9 +1,17 @@
 //! The mapping of GitHub events to jobs, against GitHub's own payloads.
 
 use infraflux_agent::config::GithubSection;
-use infraflux_agent::github::{Mapping, commit_key, map_event};
+use infraflux_agent::github::{
+    BadPayload, CommentCommand, CommentedOn, Mapping, PullRequestPolicy, commit_key,
+};
 use infraflux_handlers::JobKind;
+use infraflux_handlers::reconcile::PrPlans;
 use serde_json::{Value, json};
+
+/// Maps under the default pull request policy (`pr_plans = "trusted"`, no `plan_env_vars`).
+fn map_event(event: &str, body: &[u8], github: &GithubSection) -> Result<Mapping, BadPayload> {
+    infraflux_agent::github::map_event(event, body, github, PullRequestPolicy::default())
+}
 
 fn fixture(path: &str) -> Value {
     serde_json::from_slice(&infraflux_tests::fixture(&format!("github/{path}")))
@@ -187,4 +195,241 @@ fn incomplete_payloads_are_bad_requests() {
     )
     .expect_err("wrong type");
     assert!(e.0.contains("repository.full_name"), "{e}");
+}
+
+/// A pull request opened by `association` from `head_repo` (the base is the fixture's repo).
+fn pull_request_by(association: &str, head_repo: Option<&str>) -> Value {
+    let mut p = fixture("pull_request/opened.payload.json");
+    p["pull_request"]["author_association"] = json!(association);
+    p["pull_request"]["head"]["repo"] = match head_repo {
+        Some(name) => json!({"full_name": name}),
+        None => Value::Null,
+    };
+    p
+}
+
+#[test]
+fn only_pull_requests_that_pr_plans_allows_are_planned() {
+    let base = "Codertocat/Hello-World";
+    let policy = |pr_plans, has_plan_env_vars| PullRequestPolicy {
+        pr_plans,
+        has_plan_env_vars,
+    };
+    let trusted = policy(PrPlans::Trusted, false);
+    // (case, payload, policy, planned, why it is ignored)
+    let cases = [
+        (
+            "an owner's own branch",
+            pull_request_by("OWNER", Some(base)),
+            trusted,
+            true,
+            "",
+        ),
+        (
+            "a member's",
+            pull_request_by("MEMBER", Some(base)),
+            trusted,
+            true,
+            "",
+        ),
+        (
+            "a collaborator's",
+            pull_request_by("COLLABORATOR", Some(base)),
+            trusted,
+            true,
+            "",
+        ),
+        (
+            "a contributor's own branch",
+            pull_request_by("CONTRIBUTOR", Some(base)),
+            trusted,
+            false,
+            "CONTRIBUTOR",
+        ),
+        (
+            "a stranger's",
+            pull_request_by("NONE", Some(base)),
+            trusted,
+            false,
+            "NONE",
+        ),
+        (
+            "an owner's fork",
+            pull_request_by("OWNER", Some("someone/Hello-World")),
+            trusted,
+            false,
+            "fork",
+        ),
+        (
+            "a deleted fork",
+            pull_request_by("MEMBER", None),
+            trusted,
+            false,
+            "fork",
+        ),
+        (
+            "off",
+            pull_request_by("OWNER", Some(base)),
+            policy(PrPlans::Off, true),
+            false,
+            "off",
+        ),
+        (
+            "all, but no plan_env_vars",
+            pull_request_by("NONE", Some("someone/x")),
+            policy(PrPlans::All, false),
+            false,
+            "plan_env_vars",
+        ),
+        (
+            "all, but trusted without plan_env_vars",
+            pull_request_by("MEMBER", Some(base)),
+            policy(PrPlans::All, false),
+            true,
+            "",
+        ),
+        (
+            "all, with plan_env_vars",
+            pull_request_by("NONE", Some("someone/x")),
+            policy(PrPlans::All, true),
+            true,
+            "",
+        ),
+    ];
+    for (case, payload, policy, planned, why) in cases {
+        let mapping =
+            infraflux_agent::github::map_event("pull_request", &bytes(&payload), &gh(base), policy)
+                .expect(case);
+        match mapping {
+            Mapping::Job { params, .. } if planned => {
+                assert_eq!(params["plan_only"], true, "{case}");
+                assert_eq!(
+                    params["author_association"], payload["pull_request"]["author_association"],
+                    "{case}"
+                );
+            }
+            Mapping::Ignored(reason) if !planned => {
+                assert!(reason.contains(why), "{case}: {reason}");
+            }
+            other => panic!("{case}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn pushes_are_requested_by_the_senders_login() {
+    let p = fixture("push/push.json");
+    let Mapping::Job { requested_by, .. } =
+        map_event("push", &bytes(&p), &gh(&repo_of(&p))).expect("push")
+    else {
+        panic!("not a job");
+    };
+    assert_eq!(requested_by, p["sender"]["login"].as_str().expect("login"));
+}
+
+fn comment_on_pull_request(body: &str) -> Value {
+    let mut p = fixture("issue_comment/pull-request-issue-comment.json");
+    p["comment"]["body"] = json!(body);
+    p
+}
+
+/// A commit comment as GitHub documents it, around the fixture's repository and sender.
+fn comment_on_commit(body: &str, sha: &str) -> Value {
+    let p = fixture("issue_comment/pull-request-issue-comment.json");
+    json!({
+        "action": "created",
+        "comment": {"id": 991, "body": body, "commit_id": sha, "user": p["sender"].clone()},
+        "repository": p["repository"].clone(),
+        "sender": p["sender"].clone(),
+    })
+}
+
+#[test]
+fn infraflux_comments_are_commands_and_other_comments_start_nothing() {
+    let repo = "chhsia0/knative-route-demo";
+    let id = "01jdzxk5w4v1q6v1c5m2r8g4bn";
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    let command = |event: &str, p: &Value| match map_event(event, &bytes(p), &gh(repo)) {
+        Ok(Mapping::Command(c)) => c,
+        other => panic!("{event}: {other:?}"),
+    };
+    let fixture_comment = fixture("issue_comment/pull-request-issue-comment.json");
+    let number = fixture_comment["issue"]["number"].as_u64().expect("number");
+    let comment_id = fixture_comment["comment"]["id"].as_u64().expect("id");
+    assert_eq!(
+        command(
+            "issue_comment",
+            &comment_on_pull_request("/infraflux apply")
+        ),
+        CommentCommand {
+            login: "chhsia0".into(),
+            on: CommentedOn::PullRequest(number),
+            comment_id,
+            plan_job: None,
+            problem: None,
+        }
+    );
+    let c = command(
+        "issue_comment",
+        &comment_on_pull_request(&format!("\n  /infraflux apply {id}\nlooks good")),
+    );
+    assert_eq!(c.plan_job.as_deref(), Some(id));
+    let c = command(
+        "commit_comment",
+        &comment_on_commit(&format!("/infraflux apply {id}"), sha),
+    );
+    assert_eq!((c.on, c.comment_id), (CommentedOn::Commit(sha.into()), 991));
+    // Unreadable commands are answered, not ignored.
+    let c = command(
+        "issue_comment",
+        &comment_on_pull_request("/infraflux apply ../etc"),
+    );
+    assert!(c.problem.expect("problem").contains("job id"));
+    let c = command(
+        "issue_comment",
+        &comment_on_pull_request("/infraflux destroy"),
+    );
+    assert!(
+        c.problem
+            .expect("problem")
+            .contains("/infraflux apply <job-id>")
+    );
+
+    // What starts nothing.
+    let ignored = |event: &str, p: &Value| match map_event(event, &bytes(p), &gh(repo)) {
+        Ok(Mapping::Ignored(reason)) => reason,
+        other => panic!("{event}: {other:?}"),
+    };
+    assert!(ignored("issue_comment", &fixture_comment).contains("not a /infraflux command"));
+    assert!(
+        ignored(
+            "issue_comment",
+            &comment_on_pull_request("please /infraflux apply")
+        )
+        .contains("not a")
+    );
+    let mut edited = comment_on_pull_request("/infraflux apply");
+    edited["action"] = json!("edited");
+    assert!(ignored("issue_comment", &edited).contains("edited"));
+    let mut on_issue = fixture("issue_comment/created.payload.json");
+    on_issue["comment"]["body"] = json!("/infraflux apply");
+    let issue_repo = repo_of(&on_issue);
+    match map_event("issue_comment", &bytes(&on_issue), &gh(&issue_repo)) {
+        Ok(Mapping::Ignored(reason)) => {
+            assert!(reason.contains("not on a pull request"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let other_repo = comment_on_pull_request("/infraflux apply");
+    match map_event("issue_comment", &bytes(&other_repo), &gh("someone/else")) {
+        Ok(Mapping::Ignored(reason)) => assert!(reason.contains("not the configured"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let e = map_event(
+        "commit_comment",
+        &bytes(&comment_on_commit("/infraflux apply", "HEAD")),
+        &gh(repo),
+    )
+    .expect_err("not a sha");
+    assert!(e.0.contains("commit_id"), "{e}");
 }
