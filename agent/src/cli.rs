@@ -184,7 +184,13 @@ async fn run(
                 .map(|v| (name.clone(), v.expose().to_string()))
         })
         .collect();
-    let telemetry = match telemetry::init(&loaded.config.telemetry, &otlp_headers, format, &env) {
+    let telemetry = match telemetry::init(
+        &loaded.config.telemetry,
+        &otlp_headers,
+        format,
+        &env,
+        secrets.redactor().clone(),
+    ) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");

@@ -20,6 +20,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogFormat, OtlpProtocol, TelemetrySection};
+use infraflux_handlers::secret::Redactor;
 
 /// Flushes and stops the exporter on drop of the agent.
 pub struct Telemetry {
@@ -36,34 +37,36 @@ impl Telemetry {
 
 /// Installs the global subscriber and tracer provider. `headers` are the resolved values of
 /// `telemetry.otlp_headers`.
+/// Every log line and every exported span passes through `redactor`, so a secret (or one of its
+/// encodings) that reached a message, a field or an attribute leaves the process scrubbed.
 pub fn init(
     section: &TelemetrySection,
     headers: &HashMap<String, String>,
     format: Option<LogFormat>,
     env: &HashMap<String, String>,
+    redactor: Redactor,
 ) -> Result<Telemetry, String> {
     let filter = match env.get("RUST_LOG") {
         Some(f) => EnvFilter::try_new(f).map_err(|e| format!("RUST_LOG: {e}"))?,
         None => EnvFilter::try_new(section.log_filter.as_deref().unwrap_or("info"))
             .map_err(|e| format!("telemetry.log_filter: {e}"))?,
     };
-    let provider = provider(section, headers, env)?;
+    let provider = provider(section, headers, env, &redactor)?;
+    let stderr = RedactingStderr { redactor };
     let tracer = provider.tracer("infraflux-agent");
     let format = format.or(section.log_format).unwrap_or_default();
     let journald = env.contains_key("JOURNAL_STREAM");
     let fmt_layer = match (format, journald) {
         (LogFormat::Json, _) => tracing_subscriber::fmt::layer()
             .json()
-            .with_writer(std::io::stderr)
+            .with_writer(stderr)
             .boxed(),
         (LogFormat::Text, true) => tracing_subscriber::fmt::layer()
             .without_time()
             .with_ansi(false)
-            .with_writer(std::io::stderr)
+            .with_writer(stderr)
             .boxed(),
-        (LogFormat::Text, false) => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .boxed(),
+        (LogFormat::Text, false) => tracing_subscriber::fmt::layer().with_writer(stderr).boxed(),
     };
     // The log filter quiets logs only: spans are traced at `info` whatever it says, so a quiet
     // `warn` log still gives every job its trace, and its child processes their TRACEPARENT.
@@ -85,6 +88,7 @@ fn provider(
     section: &TelemetrySection,
     configured_headers: &HashMap<String, String>,
     env: &HashMap<String, String>,
+    redactor: &Redactor,
 ) -> Result<SdkTracerProvider, String> {
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name("infraflux-agent")
@@ -134,7 +138,10 @@ fn provider(
                 .build(),
         }
         .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;
-        builder = builder.with_batch_exporter(exporter);
+        builder = builder.with_batch_exporter(RedactingExporter {
+            inner: exporter,
+            redactor: redactor.clone(),
+        });
     }
     Ok(builder.build())
 }
@@ -239,6 +246,111 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use infraflux_handlers::secret::Secret;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    const SECRET: &str = "p@ss w/rd+Z?9&x";
+
+    fn redactor() -> Redactor {
+        let r = Redactor::default();
+        r.register(&Secret::new(SECRET));
+        r
+    }
+
+    /// The ways a secret shows up encoded in tool output.
+    fn encodings() -> Vec<String> {
+        vec![
+            SECRET.to_string(),
+            base64::engine::general_purpose::STANDARD.encode(SECRET),
+            base64::engine::general_purpose::URL_SAFE.encode(SECRET),
+            hex::encode(SECRET),
+            "p%40ss%20w%2Frd%2BZ%3F9%26x".to_string(),
+        ]
+    }
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_lines_leave_scrubbed_of_secrets_in_any_encoding() {
+        let out = Shared::default();
+        for (i, form) in encodings().iter().enumerate() {
+            let mut line = RedactingLine {
+                redactor: redactor(),
+                buffer: Vec::new(),
+                out: Box::new(out.clone()),
+            };
+            // The formatter may write one event in pieces: the secret may straddle them.
+            let text = format!("WARN step {i} failed: output {form} end\n");
+            let (a, b) = text.split_at(text.len() / 2);
+            line.write_all(a.as_bytes()).expect("write");
+            line.write_all(b.as_bytes()).expect("write");
+        }
+        let written = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+        assert_eq!(written.lines().count(), encodings().len(), "{written}");
+        for form in encodings() {
+            assert!(!written.contains(&form), "{form} leaked: {written}");
+        }
+        assert!(
+            written.contains("step 3 failed: output [REDACTED] end"),
+            "{written}"
+        );
+    }
+
+    #[test]
+    fn exported_spans_are_scrubbed_of_secrets_in_any_encoding() {
+        use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status};
+        use opentelemetry::{Array, KeyValue, StringValue, Value};
+        let forms = encodings();
+        let mut events = opentelemetry_sdk::trace::SpanEvents::default();
+        events.events.push(opentelemetry::trace::Event::new(
+            format!("terraform said {}", forms[1]),
+            std::time::SystemTime::now(),
+            vec![KeyValue::new("output", forms[2].clone())],
+            0,
+        ));
+        let mut span = opentelemetry_sdk::trace::SpanData {
+            span_context: SpanContext::empty_context(),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: format!("step {}", forms[0]).into(),
+            start_time: std::time::SystemTime::now(),
+            end_time: std::time::SystemTime::now(),
+            attributes: vec![
+                KeyValue::new("error", format!("failed: {}", forms[3])),
+                KeyValue::new(
+                    "lines",
+                    Value::Array(Array::String(vec![StringValue::from(forms[4].clone())])),
+                ),
+                KeyValue::new("count", 3_i64),
+            ],
+            dropped_attributes_count: 0,
+            events,
+            links: opentelemetry_sdk::trace::SpanLinks::default(),
+            status: Status::error(format!("apply failed: {}", forms[1])),
+            instrumentation_scope: opentelemetry::InstrumentationScope::builder("test").build(),
+        };
+        redact_span(&redactor(), &mut span);
+        let printed = format!("{span:?}");
+        for form in &forms {
+            assert!(!printed.contains(form.as_str()), "{form} leaked: {printed}");
+        }
+        assert!(printed.contains("[REDACTED]"), "{printed}");
+        assert_eq!(span.attributes[2], KeyValue::new("count", 3_i64));
+    }
 
     #[test]
     fn traceparents_parse_and_fresh_ones_are_valid() {
@@ -251,5 +363,135 @@ mod tests {
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
         assert_eq!(trace_id_of("garbage"), None);
+    }
+}
+
+/// Stderr, one log line at a time, scrubbed: the formatter writes a whole event into one
+/// writer, which redacts it when dropped.
+#[derive(Clone)]
+struct RedactingStderr {
+    redactor: Redactor,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RedactingStderr {
+    type Writer = RedactingLine;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactingLine {
+            redactor: self.redactor.clone(),
+            buffer: Vec::new(),
+            out: Box::new(std::io::stderr()),
+        }
+    }
+}
+
+pub(crate) struct RedactingLine {
+    redactor: Redactor,
+    buffer: Vec<u8>,
+    out: Box<dyn std::io::Write + Send>,
+}
+
+impl std::io::Write for RedactingLine {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for RedactingLine {
+    fn drop(&mut self) {
+        if self.buffer.is_empty() {
+            return;
+        }
+        let line = self.redactor.redact(&String::from_utf8_lossy(&self.buffer));
+        let _ = self.out.write_all(line.as_bytes());
+        let _ = self.out.flush();
+    }
+}
+
+/// The OTLP exporter, behind a redactor: span names, attributes, events and status messages
+/// are scrubbed before they leave.
+#[derive(Debug)]
+struct RedactingExporter<E> {
+    inner: E,
+    redactor: Redactor,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for RedactingExporter<E>
+{
+    fn export(
+        &self,
+        mut batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        for span in &mut batch {
+            redact_span(&self.redactor, span);
+        }
+        self.inner.export(batch)
+    }
+
+    fn shutdown_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+fn redact_span(redactor: &Redactor, span: &mut opentelemetry_sdk::trace::SpanData) {
+    use std::borrow::Cow;
+    let scrub = |text: &str| -> Option<String> {
+        let clean = redactor.redact(text);
+        (clean != text).then_some(clean)
+    };
+    if let Some(clean) = scrub(&span.name) {
+        span.name = Cow::Owned(clean);
+    }
+    redact_attributes(redactor, &mut span.attributes);
+    for event in &mut span.events.events {
+        if let Some(clean) = scrub(&event.name) {
+            event.name = Cow::Owned(clean);
+        }
+        redact_attributes(redactor, &mut event.attributes);
+    }
+    if let opentelemetry::trace::Status::Error { description } = &mut span.status
+        && let Some(clean) = scrub(description)
+    {
+        *description = Cow::Owned(clean);
+    }
+}
+
+fn redact_attributes(redactor: &Redactor, attributes: &mut [opentelemetry::KeyValue]) {
+    use opentelemetry::{Array, StringValue, Value};
+    for attribute in attributes {
+        match &mut attribute.value {
+            Value::String(s) => {
+                let clean = redactor.redact(s.as_str());
+                if clean != s.as_str() {
+                    *s = StringValue::from(clean);
+                }
+            }
+            Value::Array(Array::String(values)) => {
+                for s in values {
+                    let clean = redactor.redact(s.as_str());
+                    if clean != s.as_str() {
+                        *s = StringValue::from(clean);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }

@@ -57,6 +57,12 @@ struct GithubState {
     comments: Vec<Value>,
     issues: Vec<Value>,
     deliveries: Vec<FakeDelivery>,
+    /// Comments on commits: `{"commit_id", "body", ...}`.
+    commit_comments: Vec<Value>,
+    /// Pull requests the API answers for, by number.
+    pull_requests: BTreeMap<u64, Value>,
+    /// Collaborator permissions by login; anyone else is not a collaborator (404).
+    permissions: BTreeMap<String, String>,
     next_id: u64,
     /// Where redeliveries are sent, and the secret they are signed with.
     webhook: Option<(String, String)>,
@@ -93,6 +99,15 @@ impl FakeGithub {
                 get(gh_list_issues).post(gh_create_issue),
             )
             .route("/repos/{o}/{r}/issues/{n}", patch(gh_update_issue))
+            .route(
+                "/repos/{o}/{r}/commits/{sha}/comments",
+                post(gh_create_commit_comment),
+            )
+            .route("/repos/{o}/{r}/pulls/{n}", get(gh_pull_request))
+            .route(
+                "/repos/{o}/{r}/collaborators/{login}/permission",
+                get(gh_permission),
+            )
             .route("/repos/{o}/{r}/hooks", get(gh_hooks))
             .route("/repos/{o}/{r}/hooks/{h}/deliveries", get(gh_deliveries))
             .route(
@@ -136,6 +151,34 @@ impl FakeGithub {
 
     pub fn issues(&self) -> Vec<Value> {
         self.lock().issues.clone()
+    }
+
+    pub fn commit_comments(&self) -> Vec<Value> {
+        self.lock().commit_comments.clone()
+    }
+
+    /// A pull request of `lab/infra` whose head is `head_sha`; `merge_commit` once merged.
+    pub fn add_pull_request(&self, number: u64, head_sha: &str, merge_commit: Option<&str>) {
+        let pr = json!({
+            "url": format!("https://api.github.com/repos/lab/infra/pulls/{number}"),
+            "id": 1_000_000 + number,
+            "number": number,
+            "state": if merge_commit.is_some() { "closed" } else { "open" },
+            "merged": merge_commit.is_some(),
+            "merge_commit_sha": merge_commit,
+            "head": {"ref": "feature", "sha": head_sha, "repo": {"full_name": "lab/infra"}},
+            "base": {"ref": "main", "repo": {"full_name": "lab/infra"}},
+            "user": user("alice"),
+            "author_association": "MEMBER",
+        });
+        self.lock().pull_requests.insert(number, pr);
+    }
+
+    /// `login`'s permission on the repository (`admin`, `write`, `read`, ...).
+    pub fn set_permission(&self, login: &str, permission: &str) {
+        self.lock()
+            .permissions
+            .insert(login.to_ascii_lowercase(), permission.to_string());
     }
 }
 
@@ -244,6 +287,72 @@ async fn gh_create_comment(
     let c = comment_json(st.next_id, n, req["body"].as_str().unwrap_or_default());
     st.comments.push(c.clone());
     (StatusCode::CREATED, axum::Json(c)).into_response()
+}
+
+async fn gh_create_commit_comment(
+    State(s): GhState,
+    Path((o, r, sha)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(
+        &s,
+        "POST",
+        &format!("/repos/{o}/{r}/commits/{sha}/comments"),
+        &headers,
+        &body,
+    );
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    st.next_id += 1;
+    let comment = json!({
+        "id": st.next_id,
+        "node_id": "CC_kwDO",
+        "html_url": format!("https://github.com/{o}/{r}/commit/{sha}#commitcomment-{}", st.next_id),
+        "commit_id": sha,
+        "body": req["body"],
+        "user": user("infraflux-bot"),
+        "created_at": Utc::now().to_rfc3339(),
+        "author_association": "NONE",
+    });
+    st.commit_comments.push(comment.clone());
+    (StatusCode::CREATED, axum::Json(comment)).into_response()
+}
+
+async fn gh_pull_request(
+    State(s): GhState,
+    Path((_o, _r, n)): Path<(String, String, u64)>,
+) -> Response {
+    let st = s.lock().unwrap_or_else(|p| p.into_inner());
+    match st.pull_requests.get(&n) {
+        Some(pr) => axum::Json(pr.clone()).into_response(),
+        None => gh_404(),
+    }
+}
+
+/// GitHub's collaborator permission API: `permission` is the legacy level (`maintain` reads as
+/// `write`), `role_name` the role.
+async fn gh_permission(
+    State(s): GhState,
+    Path((_o, _r, login)): Path<(String, String, String)>,
+) -> Response {
+    let st = s.lock().unwrap_or_else(|p| p.into_inner());
+    match st.permissions.get(&login.to_ascii_lowercase()) {
+        Some(role) => {
+            let permission = match role.as_str() {
+                "maintain" => "write",
+                "triage" => "read",
+                other => other,
+            };
+            axum::Json(json!({
+                "permission": permission,
+                "role_name": role,
+                "user": user(&login),
+            }))
+            .into_response()
+        }
+        None => gh_404(),
+    }
 }
 
 async fn gh_update_comment(
