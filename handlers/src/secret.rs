@@ -164,8 +164,17 @@ pub fn encoded_forms(value: &str) -> Vec<String> {
     };
     forms.push(percent(true));
     forms.push(percent(false));
+    // Form encoding (Go's QueryEscape, Terraform's `urlencode`): a space is `+`.
+    forms.push(percent(true).replace("%20", "+"));
     if let Ok(json) = serde_json::to_string(value) {
-        forms.push(json.trim_matches('"').to_string());
+        let json = json.trim_matches('"').to_string();
+        // HTML-safe JSON (Go's encoding/json, Terraform's `jsonencode`) escapes <, > and &.
+        forms.push(
+            json.replace('&', "\\u0026")
+                .replace('<', "\\u003c")
+                .replace('>', "\\u003e"),
+        );
+        forms.push(json);
     }
     forms.retain(|f| f.len() >= MIN_REDACTED_LEN);
     forms.sort();
@@ -427,6 +436,22 @@ mod tests {
             r.redact("Plan: 1 to add, 0 to change"),
             "Plan: 1 to add, 0 to change"
         );
+    }
+
+    #[test]
+    fn terraforms_own_encodings_of_a_secret_are_scrubbed() {
+        let secret = "p@ss w/rd+Z?9&x<y>";
+        let r = Redactor::default();
+        r.register(&Secret::new(secret));
+        // What terraform prints for urlencode(var.x) and jsonencode(var.x).
+        for output in [
+            r#"url = "p%40ss+w%2Frd%2BZ%3F9%26x%3Cy%3E""#,
+            r#"json = "\"p@ss w/rd+Z?9\u0026x\u003cy\u003e\"""#,
+        ] {
+            let out = r.redact(output);
+            assert!(out.contains("[REDACTED]"), "{output} -> {out}");
+            assert!(!out.contains("w%2Frd") && !out.contains("w/rd"), "{out}");
+        }
     }
 
     #[test]

@@ -450,6 +450,28 @@ pub async fn wait_settled(client: &async_nats::Client, job_id: &str, limit: Dura
     .await
 }
 
+/// Every job event stored in the events stream (the audit trail), oldest first, as JSON.
+pub async fn stored_events(client: &async_nats::Client) -> Vec<Value> {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js
+        .get_stream("INFRAFLUX_EVENTS")
+        .await
+        .expect("events stream");
+    let last = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    let mut out = Vec::new();
+    for sequence in 1..=last {
+        if let Ok(message) = stream.get_raw_message(sequence).await {
+            out.push(serde_json::from_slice(&message.payload).unwrap_or(Value::Null));
+        }
+    }
+    out
+}
+
 /// Every job event published while it lives (subscribe before causing them).
 #[derive(Clone)]
 pub struct EventLog {

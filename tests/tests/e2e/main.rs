@@ -15,6 +15,7 @@ mod platform;
 mod reconcile;
 mod schedules;
 mod shutdown;
+mod trust;
 mod webhook;
 
 use std::path::PathBuf;

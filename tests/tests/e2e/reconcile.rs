@@ -9,34 +9,34 @@ use infraflux_tests::peers::{InfraRepo, S3Server, backend, resources};
 use infraflux_tests::*;
 use serde_json::Value;
 
-const WORKDIR: &str = "terraform/envs/prod";
+pub(crate) const WORKDIR: &str = "terraform/envs/prod";
 const SENSITIVE: &str = "s3cr3t-db-pass-0042";
-const API_TOKEN: &str = "api-token-value-7731";
-const AWS_SECRET: &str = "testing-secret-key-xyz";
+pub(crate) const API_TOKEN: &str = "api-token-value-7731";
+pub(crate) const AWS_SECRET: &str = "testing-secret-key-xyz";
 
-struct Lab {
-    nats: Nats,
+pub(crate) struct Lab {
+    pub(crate) nats: Nats,
     s3: S3Server,
-    repo: InfraRepo,
-    gh: FakeGithub,
-    kube: FakeKube,
-    agent: TestAgent,
-    client: async_nats::Client,
+    pub(crate) repo: InfraRepo,
+    pub(crate) gh: FakeGithub,
+    pub(crate) kube: FakeKube,
+    pub(crate) agent: TestAgent,
+    pub(crate) client: async_nats::Client,
     /// The agent's config sections and environment, for starting another agent like it.
-    extra: String,
-    env: Vec<(&'static str, String)>,
-    _dir: tempfile::TempDir,
+    pub(crate) extra: String,
+    pub(crate) env: Vec<(&'static str, String)>,
+    pub(crate) _dir: tempfile::TempDir,
 }
 
 /// Runs before the agent starts, with the fake GitHub, the repository and the agent's webhook URL.
-type BeforeStart<'a> = Box<dyn FnOnce(&FakeGithub, &InfraRepo, &str) + 'a>;
+pub(crate) type BeforeStart<'a> = Box<dyn FnOnce(&FakeGithub, &InfraRepo, &str) + 'a>;
 
-struct LabOptions<'a> {
-    reconcile: &'a str,
-    github: &'a str,
-    env: Vec<(&'static str, String)>,
-    slow_seconds: u32,
-    before_start: Option<BeforeStart<'a>>,
+pub(crate) struct LabOptions<'a> {
+    pub(crate) reconcile: &'a str,
+    pub(crate) github: &'a str,
+    pub(crate) env: Vec<(&'static str, String)>,
+    pub(crate) slow_seconds: u32,
+    pub(crate) before_start: Option<BeforeStart<'a>>,
 }
 
 impl Default for LabOptions<'_> {
@@ -145,7 +145,7 @@ fn lab_env(http_port: u16) -> Vec<(&'static str, String)> {
     ]
 }
 
-async fn lab(options: LabOptions<'_>) -> Lab {
+pub(crate) async fn lab(options: LabOptions<'_>) -> Lab {
     lab_with(options, "Healthy").await
 }
 
@@ -189,18 +189,19 @@ async fn start_reconciler(
 }
 
 /// GitHub's push payload, for our repository's main branch at `sha`, pushed by `pusher`.
-fn push_payload(sha: &str, pusher: &str) -> Vec<u8> {
+pub(crate) fn push_payload(sha: &str, pusher: &str) -> Vec<u8> {
     let mut p: Value = serde_json::from_slice(&fixture("github/push/push.json")).expect("json");
     p["ref"] = "refs/heads/main".into();
     p["after"] = sha.into();
     p["repository"]["full_name"] = "lab/infra".into();
     p["repository"]["default_branch"] = "main".into();
     p["pusher"]["name"] = pusher.into();
+    p["sender"]["login"] = pusher.into();
     serde_json::to_vec(&p).expect("json")
 }
 
 impl Lab {
-    async fn push(&self, sha: &str, pusher: &str) -> String {
+    pub(crate) async fn push(&self, sha: &str, pusher: &str) -> String {
         let (status, reply) = post_webhook(
             &self.agent.http,
             "push",
@@ -212,11 +213,11 @@ impl Lab {
         reply["jobs"][0].as_str().expect("job").to_string()
     }
 
-    async fn settled(&self, job_id: &str) -> Value {
+    pub(crate) async fn settled(&self, job_id: &str) -> Value {
         wait_settled(&self.client, job_id, Duration::from_secs(90)).await
     }
 
-    async fn apply(&self, plan_job: &str, who: &str) -> Value {
+    pub(crate) async fn apply(&self, plan_job: &str, who: &str) -> Value {
         command_as(&self.client, &format!("apply {plan_job}"), who).await
     }
 }

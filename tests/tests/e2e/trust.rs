@@ -1,0 +1,404 @@
+//! Trust end to end, with the reconcile lab (real terraform and S3, the GitHub fake): which
+//! pull requests are planned and with which credentials, secrets in any encoding, and approvals
+//! that GitHub authenticates.
+
+use infraflux_tests::*;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::reconcile::{API_TOKEN, Lab, LabOptions, WORKDIR, lab};
+
+/// What `[reconcile.plan_env_vars]` hands a pull request's plan instead of `env_vars`.
+const PLAN_TOKEN: &str = "read-only-plan-token-4417";
+
+/// GitHub's `pull_request opened` for lab/infra, by `association`, from `head_repo`.
+fn pull_request(number: u64, sha: &str, association: &str, head_repo: &str) -> Vec<u8> {
+    let mut p: Value =
+        serde_json::from_slice(&fixture("github/pull_request/opened.payload.json")).expect("json");
+    p["number"] = json!(number);
+    p["repository"]["full_name"] = json!("lab/infra");
+    p["pull_request"]["number"] = json!(number);
+    p["pull_request"]["author_association"] = json!(association);
+    p["pull_request"]["head"]["sha"] = json!(sha);
+    p["pull_request"]["head"]["ref"] = json!("feature");
+    p["pull_request"]["head"]["repo"]["full_name"] = json!(head_repo);
+    p["pull_request"]["base"]["repo"]["full_name"] = json!("lab/infra");
+    serde_json::to_vec(&p).expect("json")
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+impl Lab {
+    async fn pull_request(
+        &self,
+        number: u64,
+        sha: &str,
+        association: &str,
+        head: &str,
+    ) -> (u16, Value) {
+        post_webhook(
+            &self.agent.http,
+            "pull_request",
+            &format!("pr-{number}-{sha}"),
+            &pull_request(number, sha, association, head),
+        )
+        .await
+    }
+
+    /// Every text the agent sent out: comments, statuses, issues, records and events.
+    async fn everything_sent(&self) -> String {
+        let mut all = String::new();
+        for r in self.gh.requests() {
+            all.push_str(&r.body.to_string());
+        }
+        for r in all_records(&self.client).await {
+            all.push_str(&r.to_string());
+        }
+        for e in stored_events(&self.client).await {
+            all.push_str(&e.to_string());
+        }
+        all
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_pull_requests_are_never_fetched_and_a_members_plan_gets_plan_env_vars() {
+    let lab = lab(LabOptions {
+        reconcile: r#"
+[reconcile.plan_env_vars]
+AWS_ACCESS_KEY_ID = "env:TEST_AWS_KEY"
+AWS_SECRET_ACCESS_KEY = "env:TEST_AWS_SECRET"
+TF_VAR_api_token = "env:TEST_PLAN_TOKEN"
+"#,
+        env: vec![("TEST_PLAN_TOKEN", PLAN_TOKEN.to_string())],
+        ..Default::default()
+    })
+    .await;
+    lab.repo.checkout_new_branch("feature");
+    // Proves which token the plan saw, without printing either.
+    lab.repo.write(
+        &format!("{WORKDIR}/probe.tf"),
+        "resource \"terraform_data\" \"credential_probe\" {\n  input = sha256(var.api_token)\n}\n",
+    );
+    let head = lab.repo.commit("Probe the credentials");
+
+    let (status, reply) = lab.pull_request(7, &head, "OWNER", "someone/infra").await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["ignored"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("fork"),
+        "{reply}"
+    );
+    let (status, reply) = lab.pull_request(8, &head, "CONTRIBUTOR", "lab/infra").await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["ignored"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("CONTRIBUTOR"),
+        "{reply}"
+    );
+    // No job, and nothing fetched: the agent has no copy of the repository at all.
+    assert!(all_records(&lab.client).await.is_empty());
+    let cache = lab.agent.dir.path().join("reconcile");
+    assert!(!cache.exists(), "{} exists", cache.display());
+
+    let (status, reply) = lab.pull_request(9, &head, "MEMBER", "lab/infra").await;
+    assert_eq!(status, 202, "{reply}");
+    let job = reply["jobs"][0].as_str().expect("job").to_string();
+    let planned = lab.settled(&job).await;
+    assert_eq!(planned["state"], "succeeded", "{planned}");
+    let comments: String = lab
+        .gh
+        .comments()
+        .iter()
+        .filter(|c| c["issue"] == 9)
+        .map(|c| c["body"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        comments.contains("terraform_data.credential_probe"),
+        "{comments}"
+    );
+    assert!(comments.contains(&sha256_hex(PLAN_TOKEN)), "{comments}");
+    assert!(!comments.contains(&sha256_hex(API_TOKEN)), "{comments}");
+    let sent = lab.everything_sent().await;
+    assert!(!sent.contains(PLAN_TOKEN) && !sent.contains(API_TOKEN));
+    lab.agent.stop().await;
+}
+
+/// A secret with bytes that base64, hex, URL and JSON encodings all change.
+const LEAKY: &str = "p@ss w/rd+Z?9&x<tok>";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_printing_a_secrets_encodings_leaks_none_of_them() {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+    let lab = lab(LabOptions {
+        env: vec![("TEST_API_TOKEN", LEAKY.to_string())],
+        ..Default::default()
+    })
+    .await;
+    lab.repo.checkout_new_branch("feature");
+    // Terraform has no hex function: each character's code from a printable-ASCII table.
+    lab.repo.write(
+        &format!("{WORKDIR}/encodings.tf"),
+        r##"
+locals {
+  ascii = " !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~"
+}
+
+resource "terraform_data" "encodings" {
+  input = {
+    base64    = base64encode(var.api_token)
+    base64url = replace(replace(trimsuffix(base64encode(var.api_token), "="), "+", "-"), "/", "_")
+    embedded  = base64encode("user:${var.api_token}@host")
+    hex       = join("", [for c in split("", var.api_token) : format("%02x", index(split("", local.ascii), c) + 32)])
+    url       = urlencode(var.api_token)
+    json      = jsonencode({ token = var.api_token })
+  }
+}
+"##,
+    );
+    let head = lab.repo.commit("Print the token, encoded");
+    let (status, reply) = lab.pull_request(11, &head, "OWNER", "lab/infra").await;
+    assert_eq!(status, 202, "{reply}");
+    let job = reply["jobs"][0].as_str().expect("job").to_string();
+    let planned = lab.settled(&job).await;
+    assert_eq!(planned["state"], "succeeded", "{planned}");
+    let comment: String = lab
+        .gh
+        .comments()
+        .iter()
+        .map(|c| c["body"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(comment.contains("terraform_data.encodings"), "{comment}");
+    // Each attribute is there, scrubbed.
+    for attribute in ["base64", "base64url", "embedded", "hex", "url", "json"] {
+        assert!(
+            comment.contains(&format!("{attribute} ")),
+            "{attribute}: {comment}"
+        );
+    }
+    let sent = lab.everything_sent().await;
+    let forms = [
+        LEAKY.to_string(),
+        STANDARD.encode(LEAKY),
+        URL_SAFE.encode(LEAKY),
+        URL_SAFE_NO_PAD.encode(LEAKY),
+        hex::encode(LEAKY),
+        "p%40ss+w%2Frd%2BZ%3F9%26x%3Ctok%3E".to_string(),
+        "p@ss w/rd+Z?9\\u0026x\\u003ctok\\u003e".to_string(),
+        // The middle of the secret, as it sits base64-encoded inside the larger blob.
+        STANDARD.encode("user:p@ss w/rd+Z?9&x<tok>@host")[8..24].to_string(),
+    ];
+    for form in &forms {
+        assert!(!sent.contains(form.as_str()), "{form} leaked");
+        assert!(
+            !comment.contains(form.as_str()),
+            "{form} leaked in the comment"
+        );
+    }
+    assert!(comment.contains("[REDACTED]"), "{comment}");
+    lab.agent.stop().await;
+}
+
+/// A comment command as GitHub delivers it: on a commit, or on pull request `number`.
+fn comment_payload(event: &str, id: u64, login: &str, body: &str, on: &str) -> Vec<u8> {
+    let base: Value = serde_json::from_slice(&fixture(
+        "github/issue_comment/pull-request-issue-comment.json",
+    ))
+    .expect("json");
+    let mut p = base.clone();
+    p["repository"]["full_name"] = json!("lab/infra");
+    p["sender"]["login"] = json!(login);
+    p["comment"]["id"] = json!(id);
+    p["comment"]["body"] = json!(body);
+    p["comment"]["user"]["login"] = json!(login);
+    if event == "commit_comment" {
+        p.as_object_mut().expect("object").remove("issue");
+        p["comment"]["commit_id"] = json!(on);
+    } else {
+        p["issue"]["number"] = json!(on.parse::<u64>().expect("number"));
+    }
+    serde_json::to_vec(&p).expect("json")
+}
+
+impl Lab {
+    async fn comment(
+        &self,
+        event: &str,
+        id: u64,
+        login: &str,
+        body: &str,
+        on: &str,
+    ) -> (u16, Value) {
+        post_webhook(
+            &self.agent.http,
+            event,
+            &format!("comment-{id}-{}", rand_suffix()),
+            &comment_payload(event, id, login, body, on),
+        )
+        .await
+    }
+
+    fn answers(&self) -> Vec<String> {
+        let mut all: Vec<Value> = self.gh.commit_comments();
+        all.extend(self.gh.comments());
+        all.iter()
+            .map(|c| c["body"].as_str().unwrap_or_default().to_string())
+            .filter(|b| b.contains("infraflux:approval"))
+            .collect()
+    }
+}
+
+fn rand_suffix() -> String {
+    infraflux_handlers::new_job_id()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approval_comments_from_a_non_approver_the_pusher_and_an_approver() {
+    let lab = lab(LabOptions {
+        reconcile: "approvers = [\"alice\", \"Carol\"]\ntwo_person_rule = true",
+        ..Default::default()
+    })
+    .await;
+    let c1 = lab.repo.commit("Add the control plane");
+    let plan = lab.push(&c1, "alice").await;
+    assert_eq!(lab.settled(&plan).await["state"], "awaiting_approval");
+    let command = format!("/infraflux apply {plan}");
+
+    let (status, reply) = lab
+        .comment("commit_comment", 501, "mallory", &command, &c1)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["ignored"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not one of [reconcile] approvers"),
+        "{reply}"
+    );
+    let (status, reply) = lab
+        .comment("commit_comment", 502, "alice", &command, &c1)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["ignored"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("two-person rule"),
+        "{reply}"
+    );
+    let answers = lab.answers();
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(
+        answers[0].contains("Not applied") && answers[0].contains("mallory"),
+        "{answers:?}"
+    );
+    assert!(answers[1].contains("two-person rule"), "{answers:?}");
+    assert!(
+        all_records(&lab.client)
+            .await
+            .iter()
+            .all(|r| r["kind"] != "apply"),
+        "a refused approval queues nothing"
+    );
+
+    // An approver (logins are case-insensitive), on the pull request that brought c1:
+    // `/infraflux apply` alone means that pull request's newest plan.
+    lab.gh.add_pull_request(4, &c1, None);
+    let (status, reply) = lab
+        .comment("issue_comment", 503, "carol", "/infraflux apply", "4")
+        .await;
+    assert_eq!(status, 202, "{reply}");
+    let apply = reply["jobs"][0].as_str().expect("apply job").to_string();
+    let applied = lab.settled(&apply).await;
+    assert_eq!(applied["state"], "succeeded", "{applied}");
+    assert_eq!(applied["kind"], "apply");
+    assert_eq!(applied["requested_by"], "carol");
+    assert_eq!(applied["params"]["plan_job"], plan.as_str());
+    let answers = lab.answers();
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert!(
+        answers[2].contains(&format!("apply job `{apply}`")),
+        "{answers:?}"
+    );
+
+    // The same comment again (GitHub redelivers; the runner forwards it too): the same job,
+    // no second answer.
+    let (status, reply) = lab
+        .comment("issue_comment", 503, "carol", "/infraflux apply", "4")
+        .await;
+    assert!(status == 200 || status == 202, "{reply}");
+    assert_eq!(lab.answers().len(), 3);
+    let applies: Vec<Value> = all_records(&lab.client)
+        .await
+        .into_iter()
+        .filter(|r| r["kind"] == "apply")
+        .collect();
+    assert_eq!(applies.len(), 1, "{applies:?}");
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_approvers_github_write_permission_decides_and_chatops_approvals_can_be_off() {
+    let lab = lab(LabOptions {
+        reconcile: "chatops_approvals = false",
+        ..Default::default()
+    })
+    .await;
+    lab.gh.set_permission("dave", "maintain");
+    lab.gh.set_permission("erin", "read");
+    let c1 = lab.repo.commit("Add the control plane");
+    let plan = lab.push(&c1, "alice").await;
+    assert_eq!(lab.settled(&plan).await["state"], "awaiting_approval");
+
+    let chatops = lab.apply(&plan, "bob").await;
+    assert_eq!(chatops["ok"], false, "{chatops}");
+    assert!(
+        chatops["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("chatops_approvals"),
+        "{chatops}"
+    );
+    let command = format!("/infraflux apply {plan}");
+    for (id, login, why) in [
+        (601, "erin", "read permission"),
+        (602, "zed", "none permission"),
+    ] {
+        let (status, reply) = lab
+            .comment("commit_comment", id, login, &command, &c1)
+            .await;
+        assert_eq!(status, 200, "{reply}");
+        assert!(
+            reply["ignored"].as_str().unwrap_or_default().contains(why),
+            "{reply}"
+        );
+    }
+    // A plan of another commit is not approved from this one.
+    let elsewhere = "0123456789abcdef0123456789abcdef01234567";
+    let (status, reply) = lab
+        .comment("commit_comment", 603, "dave", &command, elsewhere)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["ignored"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not of commit"),
+        "{reply}"
+    );
+
+    let (status, reply) = lab
+        .comment("commit_comment", 604, "dave", &command, &c1)
+        .await;
+    assert_eq!(status, 202, "{reply}");
+    let apply = reply["jobs"][0].as_str().expect("apply job").to_string();
+    assert_eq!(lab.settled(&apply).await["state"], "succeeded");
+    lab.agent.stop().await;
+}
