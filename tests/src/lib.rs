@@ -61,26 +61,58 @@ pub struct Nats {
     pub url: String,
     dir: tempfile::TempDir,
     child: Mutex<Option<Child>>,
+    /// A config file (users, permissions) and the environment it reads passwords from.
+    config: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 impl Nats {
     pub fn start() -> Nats {
+        Self::start_configured(None)
+    }
+
+    /// A server whose config file is `config` (written next to its store; it may `include`
+    /// files written there too), reading `env`; port and store come from the command line.
+    pub fn start_with_config(config: &str, files: &[(&str, &str)], env: &[(&str, &str)]) -> Nats {
         let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write nats file");
+        }
+        let path = dir.path().join("nats-server.conf");
+        std::fs::write(&path, config).expect("write nats config");
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_configured(Some((dir, path, env)))
+    }
+
+    fn start_configured(
+        config: Option<(tempfile::TempDir, PathBuf, Vec<(String, String)>)>,
+    ) -> Nats {
+        let (dir, config) = match config {
+            Some((dir, path, env)) => (dir, Some((path, env))),
+            None => (tempfile::tempdir().expect("tempdir"), None),
+        };
         let port = free_port();
         let nats = Nats {
             port,
             url: format!("nats://127.0.0.1:{port}"),
             dir,
             child: Mutex::new(None),
+            config,
         };
         nats.spawn();
         nats
     }
 
     fn spawn(&self) {
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some((path, env)) = &self.config {
+            command.arg("-c").arg(path).envs(env.iter().cloned());
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(self.dir.path())
+            .arg(self.dir.path().join("store"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

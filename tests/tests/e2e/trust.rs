@@ -2,6 +2,7 @@
 //! pull requests are planned and with which credentials, secrets in any encoding, and approvals
 //! that GitHub authenticates.
 
+use futures::StreamExt;
 use infraflux_tests::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -401,4 +402,89 @@ async fn without_approvers_github_write_permission_decides_and_chatops_approvals
     let apply = reply["jobs"][0].as_str().expect("apply job").to_string();
     assert_eq!(lab.settled(&apply).await["state"], "succeeded");
     lab.agent.stop().await;
+}
+
+/// Connects as `user` and collects the server's errors (permission violations).
+async fn connect_as(
+    nats: &Nats,
+    user: &str,
+) -> (
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client =
+        async_nats::ConnectOptions::with_user_and_password(user.into(), format!("{user}-pw"))
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        let _ = tx.send(e.to_string());
+                    }
+                }
+            })
+            .connect(&nats.url)
+            .await
+            .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
+    (client, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_nats_permissions_let_only_the_chat_bridge_and_admins_approve() {
+    init();
+    let authorization = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/nats-cluster/nats-authorization.conf"),
+    )
+    .expect("deploy/nats-cluster/nats-authorization.conf");
+    let passwords = [
+        ("INFRAFLUX_NATS_AGENT_PASSWORD", "agent-pw"),
+        ("INFRAFLUX_NATS_CHAT_PASSWORD", "chat-pw"),
+        ("INFRAFLUX_NATS_ADMIN_PASSWORD", "admin-pw"),
+        ("INFRAFLUX_NATS_FORWARDER_PASSWORD", "forwarder-pw"),
+    ];
+    let nats = Nats::start_with_config(
+        "include authorization.conf\n",
+        &[("authorization.conf", &authorization)],
+        &passwords,
+    );
+    // The agents serve every verb.
+    let (agent, _) = connect_as(&nats, "agent").await;
+    let mut served = agent.subscribe("infraflux.cmd.>").await.expect("subscribe");
+    agent.flush().await.expect("flush");
+    let verbs = ["apply", "upgrade", "cancel", "plan"];
+    // (user, verb, allowed)
+    let mut cases = Vec::new();
+    for verb in verbs {
+        cases.push(("admin", verb, true));
+        cases.push(("chat", verb, matches!(verb, "apply" | "plan")));
+        cases.push(("forwarder", verb, false));
+    }
+    for (user, verb, allowed) in cases {
+        let (client, mut errors) = connect_as(&nats, user).await;
+        let subject = format!("infraflux.cmd.{verb}");
+        client
+            .publish(subject.clone(), format!("{verb} from {user}").into())
+            .await
+            .expect("publish");
+        client.flush().await.expect("flush");
+        if allowed {
+            let message = tokio::time::timeout(std::time::Duration::from_secs(5), served.next())
+                .await
+                .unwrap_or_else(|_| panic!("{user} could not publish {subject}"))
+                .expect("message");
+            assert_eq!(message.subject.as_str(), subject);
+            assert_eq!(message.payload, format!("{verb} from {user}").as_bytes());
+        } else {
+            let error = tokio::time::timeout(std::time::Duration::from_secs(5), errors.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{user} published {subject} without a violation"))
+                .expect("error");
+            assert!(
+                error.to_lowercase().contains("permissions violation"),
+                "{error}"
+            );
+            assert!(error.contains(&subject), "{error}");
+        }
+    }
 }
