@@ -108,6 +108,9 @@ async fn judge(
     if let Some(problem) = &command.problem {
         return refused(problem.clone());
     }
+    if source != Source::Webhook {
+        confirm_with_github(app, command).await?;
+    }
     authorize(app, config, &command.login).await?;
     let commits = match &command.on {
         CommentedOn::Commit(sha) => vec![sha.clone()],
@@ -187,6 +190,41 @@ async fn judge(
         },
     )
     .await
+}
+
+/// A webhook is signed by GitHub; an event forwarded over NATS is only as good as the
+/// forwarder's credential. So a comment that came another way is read back from GitHub, and
+/// approves only if GitHub holds it, written by that login, saying that command.
+async fn confirm_with_github(
+    app: &Arc<App>,
+    command: &CommentCommand,
+) -> Result<(), CommandRejected> {
+    let refused = |why: &str| {
+        Err(CommandRejected::Refused(format!(
+            "the comment came over NATS and {why}, so it approves nothing"
+        )))
+    };
+    let Some(gh) = &app.services.github else {
+        return refused("the agent has no [github] token to confirm it with GitHub");
+    };
+    let on_commit = matches!(command.on, CommentedOn::Commit(_));
+    let (login, body) = match gh.comment(on_commit, command.comment_id).await {
+        Ok(found) => found,
+        Err(infraflux_handlers::github::GitHubError::Api { status: 404, .. }) => {
+            return refused("GitHub has no such comment");
+        }
+        Err(e) => return Err(CommandRejected::Unavailable(e.to_string())),
+    };
+    if !login.eq_ignore_ascii_case(&command.login) {
+        return refused("GitHub says another login wrote it");
+    }
+    let words = crate::github::command_words(&body).unwrap_or_default();
+    let apply = words.first() == Some(&"apply");
+    let same_plan = words.get(1).copied() == command.plan_job.as_deref();
+    if !(apply && same_plan && words.len() <= 2) {
+        return refused("GitHub holds a different text for it");
+    }
+    Ok(())
 }
 
 /// Whether `login` may approve: one of `approvers`, or, without that list, a login with write

@@ -296,7 +296,7 @@ fn map_comment(
 }
 
 /// The words after `/infraflux` on the comment's first non-empty line, if it starts with it.
-fn command_words(body: &str) -> Option<Vec<&str>> {
+pub(crate) fn command_words(body: &str) -> Option<Vec<&str>> {
     let line = body.lines().map(str::trim).find(|l| !l.is_empty())?;
     let mut words = line.split_whitespace();
     (words.next()? == COMMENT_COMMAND).then(|| words.take(8).collect())

@@ -346,6 +346,29 @@ impl GitHub {
         }
     }
 
+    /// A comment as GitHub holds it: its author's login and its body. `on_commit` for a
+    /// commit comment, else an issue or pull request comment.
+    pub async fn comment(&self, on_commit: bool, id: u64) -> Result<(String, String), GitHubError> {
+        let path = if on_commit {
+            format!("comments/{id}")
+        } else {
+            format!("issues/comments/{id}")
+        };
+        let comment: Value = self
+            .octo
+            .get(self.route(&path), None::<&()>)
+            .await
+            .map_err(|e| map_err("read comment", e))?;
+        let text = |pointer: &str| {
+            comment
+                .pointer(pointer)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        Ok((text("/user/login"), text("/body")))
+    }
+
     /// The commits a pull request stands for: its head, and its merge commit once merged.
     pub async fn pull_request_commits(&self, number: u64) -> Result<Vec<String>, GitHubError> {
         let pr: Value = self

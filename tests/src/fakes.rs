@@ -61,6 +61,8 @@ struct GithubState {
     commit_comments: Vec<Value>,
     /// Pull requests the API answers for, by number.
     pull_requests: BTreeMap<u64, Value>,
+    /// Comments people wrote, as `GET .../comments/{id}` answers: (on a commit, id) → comment.
+    people_comments: BTreeMap<(bool, u64), Value>,
     /// Collaborator permissions by login; anyone else is not a collaborator (404).
     permissions: BTreeMap<String, String>,
     next_id: u64,
@@ -92,8 +94,11 @@ impl FakeGithub {
             )
             .route(
                 "/repos/{o}/{r}/issues/comments/{id}",
-                patch(gh_update_comment).delete(gh_delete_comment),
+                get(gh_issue_comment)
+                    .patch(gh_update_comment)
+                    .delete(gh_delete_comment),
             )
+            .route("/repos/{o}/{r}/comments/{id}", get(gh_commit_comment))
             .route(
                 "/repos/{o}/{r}/issues",
                 get(gh_list_issues).post(gh_create_issue),
@@ -172,6 +177,19 @@ impl FakeGithub {
             "author_association": "MEMBER",
         });
         self.lock().pull_requests.insert(number, pr);
+    }
+
+    /// A comment `login` wrote (on a commit when `on_commit`, else on an issue or pull
+    /// request), as GitHub's API returns it.
+    pub fn add_comment_by(&self, on_commit: bool, id: u64, login: &str, body: &str) {
+        let comment = json!({
+            "id": id,
+            "body": body,
+            "user": {"login": login, "id": 7, "type": "User"},
+            "author_association": "MEMBER",
+            "created_at": Utc::now().to_rfc3339(),
+        });
+        self.lock().people_comments.insert((on_commit, id), comment);
     }
 
     /// `login`'s permission on the repository (`admin`, `write`, `read`, ...).
@@ -317,6 +335,36 @@ async fn gh_create_commit_comment(
     });
     st.commit_comments.push(comment.clone());
     (StatusCode::CREATED, axum::Json(comment)).into_response()
+}
+
+async fn gh_issue_comment(
+    State(s): GhState,
+    Path((_o, _r, id)): Path<(String, String, u64)>,
+) -> Response {
+    let st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let found = st
+        .people_comments
+        .get(&(false, id))
+        .or_else(|| st.comments.iter().find(|c| c["id"] == id));
+    match found {
+        Some(c) => axum::Json(c.clone()).into_response(),
+        None => gh_404(),
+    }
+}
+
+async fn gh_commit_comment(
+    State(s): GhState,
+    Path((_o, _r, id)): Path<(String, String, u64)>,
+) -> Response {
+    let st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let found = st
+        .people_comments
+        .get(&(true, id))
+        .or_else(|| st.commit_comments.iter().find(|c| c["id"] == id));
+    match found {
+        Some(c) => axum::Json(c.clone()).into_response(),
+        None => gh_404(),
+    }
 }
 
 async fn gh_pull_request(

@@ -488,3 +488,94 @@ async fn the_shipped_nats_permissions_let_only_the_chat_bridge_and_admins_approv
         }
     }
 }
+
+impl Lab {
+    /// The comment as the runner's workflow step forwards it over NATS.
+    async fn forward_comment(
+        &self,
+        event: &str,
+        id: u64,
+        login: &str,
+        body: &str,
+        on: &str,
+    ) -> Value {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("X-GitHub-Event", event);
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("actions-{id}-{}", rand_suffix()).as_str(),
+        );
+        let reply = self
+            .client
+            .request_with_headers(
+                format!("infraflux.github.{event}"),
+                headers,
+                comment_payload(event, id, login, body, on).into(),
+            )
+            .await
+            .expect("reply");
+        serde_json::from_slice(&reply.payload).expect("json")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_forwarded_over_nats_approves_only_as_github_holds_it() {
+    let lab = lab(LabOptions {
+        reconcile: "approvers = [\"carol\"]",
+        ..Default::default()
+    })
+    .await;
+    let c1 = lab.repo.commit("Add the control plane");
+    let plan = lab.push(&c1, "alice").await;
+    assert_eq!(lab.settled(&plan).await["state"], "awaiting_approval");
+    let command = format!("/infraflux apply {plan}");
+
+    // Whoever holds the forwarder's credential could claim any login: GitHub is asked.
+    let forged = lab
+        .forward_comment("commit_comment", 701, "carol", &command, &c1)
+        .await;
+    assert!(
+        forged["ignored"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("GitHub has no such comment"),
+        "{forged}"
+    );
+    lab.gh.add_comment_by(true, 702, "mallory", &command);
+    let borrowed = lab
+        .forward_comment("commit_comment", 702, "carol", &command, &c1)
+        .await;
+    assert!(
+        borrowed["ignored"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("another login"),
+        "{borrowed}"
+    );
+    lab.gh.add_comment_by(true, 703, "carol", "LGTM");
+    let rewritten = lab
+        .forward_comment("commit_comment", 703, "carol", &command, &c1)
+        .await;
+    assert!(
+        rewritten["ignored"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("different text"),
+        "{rewritten}"
+    );
+    assert!(
+        all_records(&lab.client)
+            .await
+            .iter()
+            .all(|r| r["kind"] != "apply")
+    );
+
+    lab.gh.add_comment_by(true, 704, "carol", &command);
+    let real = lab
+        .forward_comment("commit_comment", 704, "carol", &command, &c1)
+        .await;
+    assert_eq!(real["ok"], true, "{real}");
+    let apply = real["job_id"].as_str().expect("apply job").to_string();
+    assert_eq!(lab.settled(&apply).await["state"], "succeeded");
+    lab.agent.stop().await;
+}
