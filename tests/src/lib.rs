@@ -61,13 +61,15 @@ pub struct Nats {
     pub url: String,
     dir: tempfile::TempDir,
     child: Mutex<Option<Child>>,
-    /// A config file (users, permissions) and the environment it reads passwords from.
-    config: Option<(PathBuf, Vec<(String, String)>)>,
+    config: Option<NatsConfig>,
 }
+
+/// A nats-server config file (users, permissions) and the environment it reads passwords from.
+type NatsConfig = (PathBuf, Vec<(String, String)>);
 
 impl Nats {
     pub fn start() -> Nats {
-        Self::start_configured(None)
+        Self::start_configured(tempfile::tempdir().expect("tempdir"), None)
     }
 
     /// A server whose config file is `config` (written next to its store; it may `include`
@@ -83,16 +85,10 @@ impl Nats {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Self::start_configured(Some((dir, path, env)))
+        Self::start_configured(dir, Some((path, env)))
     }
 
-    fn start_configured(
-        config: Option<(tempfile::TempDir, PathBuf, Vec<(String, String)>)>,
-    ) -> Nats {
-        let (dir, config) = match config {
-            Some((dir, path, env)) => (dir, Some((path, env))),
-            None => (tempfile::tempdir().expect("tempdir"), None),
-        };
+    fn start_configured(dir: tempfile::TempDir, config: Option<NatsConfig>) -> Nats {
         let port = free_port();
         let nats = Nats {
             port,
