@@ -890,6 +890,55 @@ webhook_secret = "env:A"
     }
 
     #[test]
+    fn pull_request_plans_for_all_need_read_only_credentials_and_approvers_are_logins() {
+        let reconcile = |extra: &str| {
+            format!(
+                "[reconcile]\nrepo_url = \"file:///r\"\nworkdir = \"tf\"\nenv = \"prod\"\n{extra}"
+            )
+        };
+        let problems = load(
+            &reconcile("pr_plans = \"all\"\napprovers = [\"alice\", \"bad login\", \"-x\"]"),
+            &[],
+        )
+        .expect_err("invalid");
+        let keys: Vec<&str> = problems.0.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "reconcile.approvers[1]",
+                "reconcile.approvers[2]",
+                "reconcile.pr_plans"
+            ],
+            "{problems}"
+        );
+        assert!(problems.to_string().contains("plan_env_vars"), "{problems}");
+        let problems = load(&reconcile("pr_plans = \"some\""), &[]).expect_err("invalid");
+        assert_eq!(problems.0[0].key, "reconcile.pr_plans", "{problems}");
+        let loaded = load(
+            &reconcile(
+                "pr_plans = \"all\"\n[reconcile.plan_env_vars]\nAWS_ACCESS_KEY_ID = \"env:RO\"",
+            ),
+            &[],
+        )
+        .expect("valid");
+        let rc = reconcile::SECTION
+            .get(&loaded.config.handlers)
+            .expect("reconcile");
+        assert_eq!(rc.pr_plans, reconcile::PrPlans::All);
+        assert!(rc.chatops_approvals);
+        // Approvals by write permission need a token to ask GitHub with.
+        assert!(
+            loaded
+                .warnings
+                .0
+                .iter()
+                .any(|w| w.key == "reconcile.approvers"),
+            "{:?}",
+            loaded.warnings
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once_with_its_key() {
         let toml = r#"
 [agent]
