@@ -146,10 +146,10 @@ struct Pattern {
     ignore: Option<fn(&[u8]) -> bool>,
 }
 
-fn pattern(rule: &'static str, regex: impl Into<String>) -> Pattern {
+fn pattern(rule: &'static str, regex: impl ToString) -> Pattern {
     Pattern {
         rule,
-        regex: regex.into(),
+        regex: regex.to_string(),
         requires: None,
         unless: None,
         once_per_file: false,
@@ -167,6 +167,9 @@ const BASE64_PEM: &str = "LS0tLS1CRUdJTi";
 /// Every pattern; all are byte patterns in ASCII mode (`(?-u)`), so files that are not UTF-8
 /// are searched too and the word boundaries stay cheap.
 static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
+    // A YAML `key:` holding a base64 PEM key: a talosconfig's, or a machine config's.
+    let embedded_key =
+        format!(r#"(?m)^[ \t]*key:[ \t]*["']?(?P<v>{BASE64_PEM}[A-Za-z0-9+/=]{{8,}})"#);
     vec![
         // The header, optional `Proc-Type:`-style headers, then the start of the body; in a
         // file, or in a string with `\n` escapes. The finding's line is the header's.
@@ -185,17 +188,17 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         },
         pattern(
             "s3-secret-key",
-            (format!(
+            format!(
                 r#"(?im)(?:secret_access_key|secret_key|minio_root_password)["']?\s*[:=]\s*["']?(?P<v>[A-Za-z0-9/+=]{{16,}}){VALUE_END}"#
-            )),
+            ),
         ),
         pattern("github-token", r"\bgh[opsur]_[A-Za-z0-9]{36,}\b"),
         pattern("github-token", r"\bgithub_pat_[A-Za-z0-9_]{80,}"),
         pattern(
             "cloudflare-api-token",
-            (format!(
+            format!(
                 r#"(?im)(?:cloudflare_api_token|cf_api_token)["']?\s*[:=]\s*["']?(?P<v>[A-Za-z0-9_-]{{40}}){VALUE_END}"#
-            )),
+            ),
         ),
         pattern(
             "cloudflare-api-token",
@@ -204,13 +207,13 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         pattern("onepassword-token", r"\bops_eyJ[A-Za-z0-9_-]{50,}"),
         pattern(
             "proxmox-api-token",
-            (format!(r"[A-Za-z0-9._-]+@[A-Za-z0-9._-]+![A-Za-z0-9._-]+=(?P<v>{UUID})")),
+            format!(r"[A-Za-z0-9._-]+@[A-Za-z0-9._-]+![A-Za-z0-9._-]+=(?P<v>{UUID})"),
         ),
         pattern(
             "proxmox-api-token",
-            (format!(
+            format!(
                 r#"(?i)(?:api_token_secret|proxmox_api_token|pve_token_secret)["']?\s*[:=]\s*["']?(?P<v>{UUID})"#
-            )),
+            ),
         ),
         pattern(
             "talos-secrets",
@@ -222,17 +225,11 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         ),
         Pattern {
             unless: Some(TALOSCONFIG),
-            ..pattern(
-                "talos-secrets",
-                (format!(r#"(?m)^[ \t]*key:[ \t]*["']?(?P<v>{BASE64_PEM}[A-Za-z0-9+/=]{{8,}})"#)),
-            )
+            ..pattern("talos-secrets", &embedded_key)
         },
         Pattern {
             requires: Some(TALOSCONFIG),
-            ..pattern(
-                "talosconfig",
-                (format!(r#"(?m)^[ \t]*key:[ \t]*["']?(?P<v>{BASE64_PEM}[A-Za-z0-9+/=]{{8,}})"#)),
-            )
+            ..pattern("talosconfig", &embedded_key)
         },
         pattern(
             "kubeconfig",
