@@ -754,6 +754,149 @@ pub async fn bench_growth(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 7. Secret scan
+
+pub struct SecretScan {
+    pub files: usize,
+    pub bytes: u64,
+    pub findings: usize,
+    /// The median scan.
+    pub scan: Duration,
+    /// The median of the same walk reading every file, searching nothing: the floor.
+    pub read_only: Duration,
+    pub runs: usize,
+}
+
+impl SecretScan {
+    pub fn files_per_second(&self) -> f64 {
+        self.files as f64 / self.scan.as_secs_f64()
+    }
+
+    pub fn mib(&self) -> f64 {
+        self.bytes as f64 / 1048576.0
+    }
+}
+
+/// One file of a generated infra repository, about `size` bytes: Terraform with references to
+/// its secrets (`var.`, `data.`), Kubernetes and Talos YAML, Markdown that names token prefixes.
+/// Each kind of file comes close to a rule without matching it, so the patterns do real work.
+fn generated_file(kind: usize, n: usize, size: usize) -> (String, String) {
+    let mut out = String::with_capacity(size + 512);
+    let mut i = 0;
+    let (path, block): (String, fn(usize, usize) -> String) = match kind % 3 {
+        0 => (
+            format!("terraform/modules/m{}/main_{n}.tf", n % 40),
+            |n, i| {
+                format!(
+                    "resource \"proxmox_virtual_environment_vm\" \"vm_{n}_{i}\" {{\n  node_name = \"pve-{i}\"\n  vm_id     = {}\n  smbios {{ uuid = \"5b0a9ad6-2f7d-4d2c-9f3e-0d2a7b1c{:04x}\" }}\n  initialization {{\n    user_account {{\n      password = data.onepassword_item.vm.password\n    }}\n  }}\n}}\n\nprovider \"minio\" {{\n  alias      = \"m{i}\"\n  secret_key = var.minio_secret_key\n}}\n\n",
+                    1000 + i,
+                    i % 65536
+                )
+            },
+        ),
+        1 => (
+            format!("kubernetes/apps/app{}/manifest_{n}.yaml", n % 60),
+            |n, i| {
+                format!(
+                    "---\napiVersion: external-secrets.io/v1beta1\nkind: ExternalSecret\nmetadata:\n  name: app-{n}-{i}\nspec:\n  secretStoreRef:\n    name: onepassword\n  data:\n    - secretKey: MINIO_ROOT_PASSWORD\n      remoteRef:\n        key: minio-{i}\n        property: password\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cfg-{i}\ndata:\n  token: ${{TOKEN}}\n  ca.crt: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t\n"
+                )
+            },
+        ),
+        _ => (format!("docs/runbook_{n}.md"), |n, i| {
+            format!(
+                "## Step {i} of runbook {n}\n\nRotate the `ghp_` token and the `AKIA` key in 1Password, never in Git; the \nkubeconfig's `client-key-data:` stays on the admin's machine. Run `talosctl gen secrets` \nonly on a workstation, and keep `-----BEGIN` blocks out of this repository.\n\n"
+            )
+        }),
+    };
+    while out.len() < size {
+        out.push_str(&block(n, i));
+        i += 1;
+    }
+    (path, out)
+}
+
+/// A repository of `files` files of 1–8 KiB (a fixed pseudo-random mix of .tf, .yaml and .md),
+/// scanned `runs` times; and the same walk reading the files without searching them, as the
+/// floor. The files are in the page cache, as a fresh checkout's are.
+pub fn bench_secret_scan(files: usize, runs: usize) -> SecretScan {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for n in 0..files {
+        // xorshift: the same repository every run.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let size = 1024 + (seed % (7 * 1024)) as usize;
+        let (path, content) = generated_file(n, n, size);
+        let file = dir.path().join(path);
+        std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+        std::fs::write(file, content).expect("write");
+    }
+    let mut scans = Vec::new();
+    let mut reads = Vec::new();
+    let mut report = None;
+    for _ in 0..runs {
+        let started = Instant::now();
+        let bytes = read_every_file(dir.path());
+        reads.push(started.elapsed());
+        std::hint::black_box(bytes);
+        let started = Instant::now();
+        let r = infraflux_handlers::reconcile::secret_scan::scan(dir.path()).expect("scan");
+        scans.push(started.elapsed());
+        report = Some(r);
+    }
+    let report = report.expect("at least one run");
+    let median = |mut v: Vec<Duration>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    SecretScan {
+        files: report.files,
+        bytes: report.bytes,
+        findings: report.findings.len(),
+        scan: median(scans),
+        read_only: median(reads),
+        runs,
+    }
+}
+
+fn read_every_file(dir: &std::path::Path) -> u64 {
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(dir).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let kind = entry.file_type().expect("file type");
+        if kind.is_dir() {
+            bytes += read_every_file(&entry.path());
+        } else if kind.is_file() {
+            bytes += std::fs::read(entry.path()).expect("read").len() as u64;
+        }
+    }
+    bytes
+}
+
+/// The table row of a secret scan benchmark.
+pub fn secret_scan_row(s: &SecretScan) -> Row {
+    Row::new(
+        &format!("secret scan, {} files ({:.1} MiB)", s.files, s.mib()),
+        format!(
+            "{:.0} ms (median of {}; {:.0} files/s, {:.0} MiB/s; {} findings)",
+            s.scan.as_secs_f64() * 1000.0,
+            s.runs,
+            s.files_per_second(),
+            s.mib() / s.scan.as_secs_f64(),
+            s.findings
+        ),
+        format!(
+            "{:.0} ms (the same walk reading every file)",
+            s.read_only.as_secs_f64() * 1000.0
+        ),
+        format!("{:.2}×", s.scan.as_secs_f64() / s.read_only.as_secs_f64()),
+        "< 1 s",
+        Some(s.scan < Duration::from_secs(1)),
+    )
+}
+
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -969,5 +1112,9 @@ pub async fn run_all(quick: bool) -> Vec<Row> {
         "(observed)",
         None,
     ));
+    drop(nats);
+
+    eprintln!("bench: secret scan of 5,000 files");
+    rows.push(secret_scan_row(&bench_secret_scan(5000, 5)));
     rows
 }

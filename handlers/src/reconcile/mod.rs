@@ -8,6 +8,7 @@ pub mod apply;
 pub mod argocd;
 pub mod preflight;
 pub mod report;
+pub mod secret_scan;
 pub mod terraform;
 pub mod workspace;
 
@@ -410,7 +411,8 @@ impl Reconciler {
         env
     }
 
-    /// A working tree of `commit`, the backend preflight, `terraform init`: ready to plan or apply.
+    /// A working tree of `commit`, the secret scan, the backend preflight, `terraform init`:
+    /// ready to plan or apply.
     #[tracing::instrument(name = "prepare", skip_all, fields(commit = %short(commit)))]
     pub async fn prepare(
         &self,
@@ -438,6 +440,7 @@ impl Reconciler {
                 short(commit)
             )));
         }
+        self.scan_for_credentials(ctx, &dir).await?;
         self.preflight(&tfdir, speculative).await?;
         let tf = Terraform {
             bin: self.config.terraform_bin.clone(),

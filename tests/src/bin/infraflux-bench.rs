@@ -7,7 +7,8 @@
 //! `infraflux-bench all [--quick]` prints a table of figure, baseline, ratio, target and whether
 //! it is met (docs/performance.md keeps one from a real run). `infraflux-bench snapshot --size
 //! 1GiB` runs only the snapshot stream, `infraflux-bench footprint --schedules N` only the idle
-//! footprint.
+//! footprint, `infraflux-bench secret-scan --files 5000` only the secret scan of a generated
+//! repository.
 
 use std::time::Duration;
 
@@ -120,9 +121,15 @@ fn main() {
                 );
             });
         }
+        Some("secret-scan") => {
+            let files: usize = flag("--files").map_or(5000, |n| n.parse().expect("--files N"));
+            let runs: usize = flag("--runs").map_or(5, |n| n.parse().expect("--runs N"));
+            let s = bench::bench_secret_scan(files, runs.max(1));
+            bench::print_table(&[bench::secret_scan_row(&s)]);
+        }
         _ => {
             eprintln!(
-                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10]"
+                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10] | secret-scan [--files 5000] [--runs 5]"
             );
             std::process::exit(2);
         }

@@ -14,6 +14,7 @@ mod operations;
 mod platform;
 mod reconcile;
 mod schedules;
+mod secret_scan;
 mod shutdown;
 mod trust;
 mod webhook;
