@@ -110,7 +110,7 @@ mod tests {
         let quick = || HumanDuration::from_secs(1);
         crate::restore_drill::SECTION.set(
             &mut configs,
-            crate::restore_drill::Config { timeout: quick() },
+            serde_json::from_str(r#"{"timeout":"1s"}"#).expect("restore_drill defaults"),
         );
         crate::upgrade::SECTION.set(&mut configs, crate::upgrade::Config { timeout: quick() });
         crate::acceptance::SECTION
