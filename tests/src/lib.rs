@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod fakes;
 pub mod handlers;
+pub mod kube_fake;
 pub mod nats_proxy;
 pub mod otlp;
 pub mod peers;
