@@ -280,6 +280,7 @@ async fn refresh_shared_metrics(app: &App) {
             last.last_success_at,
             last.last_success_size_bytes,
             last.last_success_items,
+            &last.last_success_figures,
         );
     }
     if let Ok(info) = app.store.consumer.get_info().await {

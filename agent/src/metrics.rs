@@ -29,6 +29,12 @@ pub struct KindTarget {
     pub target: String,
 }
 
+/// A drill's target: a namespace, or `etcd`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabel {
+    pub target: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EnvLabel {
     pub env: String,
@@ -56,6 +62,9 @@ pub struct Metrics {
     pub drift: Family<EnvLabel, Gauge>,
     pub last_size: Family<KindTarget, Gauge>,
     pub last_items: Family<KindTarget, Gauge>,
+    pub drill_last_success: Family<TargetLabel, Gauge<f64, AtomicU64>>,
+    pub drill_rto: Family<TargetLabel, Gauge<f64, AtomicU64>>,
+    pub drill_data_age: Family<TargetLabel, Gauge<f64, AtomicU64>>,
     pub nats_connected: Gauge,
     pub queue_pending: Gauge,
     pub jobs_running: Gauge,
@@ -71,6 +80,7 @@ impl Metrics {
         at: Option<chrono::DateTime<chrono::Utc>>,
         size_bytes: Option<u64>,
         items: Option<u64>,
+        figures: &std::collections::BTreeMap<String, f64>,
     ) {
         let label = KindTarget {
             kind: kind.to_string(),
@@ -90,6 +100,22 @@ impl Metrics {
             self.last_items
                 .get_or_create(&label)
                 .set(i64::try_from(items).unwrap_or(i64::MAX));
+        }
+        if kind == infraflux_handlers::JobKind::RESTORE_DRILL.as_str() {
+            let target = TargetLabel {
+                target: target.to_string(),
+            };
+            if let Some(at) = at {
+                self.drill_last_success
+                    .get_or_create(&target)
+                    .set(at.timestamp() as f64);
+            }
+            if let Some(rto) = figures.get("rto_seconds") {
+                self.drill_rto.get_or_create(&target).set(*rto);
+            }
+            if let Some(age) = figures.get("data_age_seconds") {
+                self.drill_data_age.get_or_create(&target).set(*age);
+            }
         }
     }
 
@@ -149,6 +175,24 @@ impl Metrics {
             "Items in the newest successful backup (Velero items backed up), by kind and target",
             last_items.clone(),
         );
+        let drill_last_success = Family::<TargetLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "drill_last_success_timestamp_seconds",
+            "Unix time of the last restore drill that proved a target restores",
+            drill_last_success.clone(),
+        );
+        let drill_rto = Family::<TargetLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "drill_rto_seconds",
+            "Restore start to verified, in the last successful drill of a target",
+            drill_rto.clone(),
+        );
+        let drill_data_age = Family::<TargetLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "drill_data_age_seconds",
+            "Age of the data the last successful drill of a target restored, at the restore",
+            drill_data_age.clone(),
+        );
         let nats_connected = Gauge::default();
         registry.register(
             "nats_connected",
@@ -184,6 +228,9 @@ impl Metrics {
             drift,
             last_size,
             last_items,
+            drill_last_success,
+            drill_rto,
+            drill_data_age,
             nats_connected,
             queue_pending,
             jobs_running,

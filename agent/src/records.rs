@@ -4,6 +4,7 @@
 //! then the event on `<prefix>.events.job.<id>`. Several agents and the `cancel` command may
 //! write one record; the revision check makes their writes serial.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -195,6 +196,9 @@ pub struct LastResult {
     pub last_success_size_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_success_items: Option<u64>,
+    /// The kind's own figures of the last success (a drill's RTO and data age).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub last_success_figures: BTreeMap<String, f64>,
 }
 
 /// What one finished job says about one of its targets' last success.
@@ -204,6 +208,7 @@ pub struct TargetFigures {
     pub last_success_at: Option<DateTime<Utc>>,
     pub last_success_size_bytes: Option<u64>,
     pub last_success_items: Option<u64>,
+    pub figures: BTreeMap<String, f64>,
 }
 
 /// The targets a job's result names; a job that names none has one unnamed target (`""`).
@@ -237,12 +242,14 @@ pub fn target_figures(record: &JobRecord) -> Vec<TargetFigures> {
             last_success_at: Some(record.updated_at),
             last_success_size_bytes: field("size_bytes"),
             last_success_items: field("items"),
+            figures: BTreeMap::new(),
         }];
     }
     targets
         .into_iter()
         .filter(|t| t.ok && !t.skipped)
         .map(|t| TargetFigures {
+            figures: t.figures(),
             target: t.target,
             last_success_at: Some(record.updated_at),
             last_success_size_bytes: t.size_bytes,
@@ -301,6 +308,7 @@ impl Records {
                 last_success_at: Some(record.updated_at),
                 last_success_size_bytes: None,
                 last_success_items: None,
+                figures: BTreeMap::new(),
             });
         self.put_last(
             &format!("last.{}", record.kind.as_str()),
@@ -341,20 +349,15 @@ impl Records {
             .ok()
             .flatten()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let (last_success_at, last_success_size_bytes, last_success_items) = match success {
-            Some(s) => (
-                s.last_success_at,
-                s.last_success_size_bytes,
-                s.last_success_items,
-            ),
-            None => previous.map_or((None, None, None), |p| {
-                (
-                    p.last_success_at,
-                    p.last_success_size_bytes,
-                    p.last_success_items,
-                )
-            }),
-        };
+        let success = success.or_else(|| {
+            previous.map(|p| TargetFigures {
+                target: String::new(),
+                last_success_at: p.last_success_at,
+                last_success_size_bytes: p.last_success_size_bytes,
+                last_success_items: p.last_success_items,
+                figures: p.last_success_figures,
+            })
+        });
         let last = LastResult {
             target,
             job_id: record.job_id.clone(),
@@ -362,9 +365,10 @@ impl Records {
             at: record.updated_at,
             message: record.message.clone(),
             duration_seconds,
-            last_success_at,
-            last_success_size_bytes,
-            last_success_items,
+            last_success_at: success.as_ref().and_then(|s| s.last_success_at),
+            last_success_size_bytes: success.as_ref().and_then(|s| s.last_success_size_bytes),
+            last_success_items: success.as_ref().and_then(|s| s.last_success_items),
+            last_success_figures: success.map(|s| s.figures).unwrap_or_default(),
         };
         if let Ok(bytes) = serde_json::to_vec(&last)
             && let Err(e) = self.state.put(key, Bytes::from(bytes)).await

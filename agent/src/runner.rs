@@ -692,6 +692,7 @@ impl Delivery {
                             figures.last_success_at,
                             figures.last_success_size_bytes,
                             figures.last_success_items,
+                            &figures.figures,
                         );
                     }
                     if let (Some(drift), Some(env)) = (

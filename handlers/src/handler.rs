@@ -300,6 +300,20 @@ impl TargetResult {
         }
     }
 
+    /// The details that are figures worth a metric: a drill's RTO and data age.
+    pub const FIGURES: &[&str] = &["rto_seconds", "data_age_seconds"];
+
+    /// This target's [`Self::FIGURES`], those it has.
+    pub fn figures(&self) -> std::collections::BTreeMap<String, f64> {
+        Self::FIGURES
+            .iter()
+            .filter_map(|name| {
+                let value = self.details.get(*name)?.as_f64()?;
+                Some((name.to_string(), value))
+            })
+            .collect()
+    }
+
     /// The targets a job's `result` lists; none when it lists none or an unreadable one.
     pub fn all_in(result: &Value) -> Vec<TargetResult> {
         result

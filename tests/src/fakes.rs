@@ -602,5 +602,4 @@ async fn gh_not_found(method: Method, uri: Uri) -> Response {
     gh_404()
 }
 
-
 pub use crate::kube_fake::FakeKube;

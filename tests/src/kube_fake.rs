@@ -31,6 +31,16 @@ struct KubeState {
     /// The `status` the fake Velero controller gives a backup when it ends.
     backup_outcome: Value,
     next_uid: u64,
+    /// Every object created, by a client or by the fake Velero restore, in order.
+    created: Vec<Value>,
+    /// Deployments (by name) that never become available.
+    never_available: std::collections::BTreeSet<String>,
+    /// The next restores complete having restored nothing.
+    restores_nothing: bool,
+    /// Restores stay `InProgress` while set.
+    hold_restores: bool,
+    /// What a GET through the service proxy answers.
+    proxy_status: u16,
 }
 
 #[derive(Clone)]
@@ -53,6 +63,7 @@ impl FakeKube {
             controller_phase: "Succeeded".into(),
             controller_message: "successfully synced (all tasks run)".into(),
             backup_outcome: json!({"phase": "Completed", "progress": {"itemsBackedUp": 42, "totalItems": 42}, "warnings": 0, "errors": 0}),
+            proxy_status: 200,
             ..Default::default()
         }));
         let router = Router::new()
@@ -63,6 +74,22 @@ impl FakeKube {
             .route(
                 "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
                 any(kube_object),
+            )
+            .route("/api/v1/namespaces", any(core_namespaces))
+            .route("/api/v1/namespaces/{name}", any(core_namespace))
+            .route("/api/v1/namespaces/{ns}/{plural}", any(core_collection))
+            .route("/api/v1/namespaces/{ns}/{plural}/{name}", any(core_object))
+            .route(
+                "/api/v1/namespaces/{ns}/services/{service}/proxy",
+                any(service_proxy),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/services/{service}/proxy/",
+                any(service_proxy),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/services/{service}/proxy/{*rest}",
+                any(service_proxy_path),
             )
             .fallback(kube_not_found)
             .with_state(state.clone());
@@ -75,6 +102,7 @@ impl FakeKube {
                 let phase = st.controller_phase.clone();
                 let message = st.controller_message.clone();
                 let outcome = st.backup_outcome.clone();
+                let never_available = st.never_available.clone();
                 for (key, obj) in st.objects.iter_mut() {
                     if key.starts_with("applications/")
                         && obj.get("operation").is_some_and(|o| !o.is_null())
@@ -104,7 +132,10 @@ impl FakeKube {
                             _ => {}
                         }
                     }
+                    let never = is_never_available(&never_available, key, obj);
+                    workload_controller(key, obj, never);
                 }
+                restore_controller(&mut st);
             }
         });
         let _ = namespace;
@@ -122,6 +153,70 @@ impl FakeKube {
         self.lock()
             .objects
             .insert(object_key(plural, namespace, name), object);
+    }
+
+    /// A namespace with `labels`.
+    pub fn add_namespace(&self, name: &str, labels: Value) {
+        let ns = json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels, "uid": format!("uid-ns-{name}"), "resourceVersion": "1"},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"},
+        });
+        self.add_object("namespaces", "", name, ns);
+    }
+
+    /// The namespaces, by name.
+    pub fn namespace_names(&self) -> Vec<String> {
+        self.objects("namespaces")
+            .iter()
+            .filter_map(|n| n["metadata"]["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// A `Completed` Velero Backup in `velero_ns` of `namespaces`, completed `ago` ago. The fake
+    /// restore controller restores a namespace from what it holds *now*: the objects the test
+    /// put in it stand for the backup's contents.
+    pub fn add_backup(
+        &self,
+        velero_ns: &str,
+        name: &str,
+        namespaces: &[&str],
+        ago: chrono::Duration,
+    ) {
+        let done = Utc::now() - ago;
+        let backup = json!({
+            "apiVersion": "velero.io/v1", "kind": "Backup",
+            "metadata": {"name": name, "namespace": velero_ns, "uid": format!("uid-backup-{name}"), "resourceVersion": "1"},
+            "spec": {"includedNamespaces": namespaces, "storageLocation": "default", "ttl": "720h0m0s"},
+            "status": {"phase": "Completed", "startTimestamp": (done - chrono::Duration::minutes(3)).to_rfc3339(),
+                       "completionTimestamp": done.to_rfc3339(), "progress": {"itemsBackedUp": 12, "totalItems": 12}},
+        });
+        self.add_object("backups", velero_ns, name, backup);
+    }
+
+    /// Deployment `name` never becomes available.
+    pub fn set_never_available(&self, name: &str) {
+        self.lock().never_available.insert(name.to_string());
+    }
+
+    /// The next restores complete having restored nothing.
+    pub fn set_restores_nothing(&self, nothing: bool) {
+        self.lock().restores_nothing = nothing;
+    }
+
+    /// Restores stay `InProgress` while `hold` is set.
+    pub fn hold_restores(&self, hold: bool) {
+        self.lock().hold_restores = hold;
+    }
+
+    /// What a GET through the service proxy answers.
+    pub fn set_proxy_status(&self, status: u16) {
+        self.lock().proxy_status = status;
+    }
+
+    /// Every object created so far, by clients or by a restore.
+    pub fn created(&self) -> Vec<Value> {
+        self.lock().created.clone()
     }
 
     pub fn object(&self, plural: &str, namespace: &str, name: &str) -> Option<Value> {
@@ -261,34 +356,94 @@ fn kube_record(
     });
 }
 
-async fn kube_collection(
-    State(s): KubeShared,
-    Path((group, version, ns, plural)): Path<(String, String, String, String)>,
-    method: Method,
-    headers: HeaderMap,
-    body: Bytes,
+/// Where a request went: the group (`""` for core), version, namespace, plural and name.
+struct Target {
+    group: String,
+    version: String,
+    ns: String,
+    plural: String,
+}
+
+impl Target {
+    fn path(&self) -> String {
+        let base = if self.group.is_empty() {
+            format!("/api/{}", self.version)
+        } else {
+            format!("/apis/{}/{}", self.group, self.version)
+        };
+        if self.ns.is_empty() {
+            format!("{base}/{}", self.plural)
+        } else {
+            format!("{base}/namespaces/{}/{}", self.ns, self.plural)
+        }
+    }
+
+    fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+/// `key=value,key2=value2`: the equality selectors kube-rs sends.
+fn matches_selector(object: &Value, selector: Option<&str>) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    selector.split(',').all(|term| match term.split_once('=') {
+        Some((k, v)) => object["metadata"]["labels"][k.trim()].as_str() == Some(v.trim()),
+        None => object["metadata"]["labels"].get(term.trim()).is_some(),
+    })
+}
+
+fn label_selector(uri: &Uri) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "labelSelector").then(|| {
+            v.replace("%3D", "=")
+                .replace("%3d", "=")
+                .replace("%2C", ",")
+                .replace("%2c", ",")
+                .replace("%2F", "/")
+                .replace("%2f", "/")
+        })
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn collection(
+    st: &mut KubeState,
+    target: &Target,
+    method: &Method,
+    headers: &HeaderMap,
+    body: &Bytes,
+    selector: Option<&str>,
 ) -> Response {
-    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
-    kube_record(
-        &mut st,
-        &method,
-        format!("/apis/{group}/{version}/namespaces/{ns}/{plural}"),
-        &headers,
-        &body,
-    );
-    match method {
+    kube_record(st, method, target.path(), headers, body);
+    let (group, ns, plural) = (&target.group, &target.ns, &target.plural);
+    match *method {
         Method::POST => {
-            let mut object: Value = match serde_json::from_slice(&body) {
+            let mut object: Value = match serde_json::from_slice(body) {
                 Ok(v) => v,
                 Err(e) => return kube_status(400, "BadRequest", &e.to_string()),
             };
             let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
                 return kube_status(422, "Invalid", "metadata.name: Required value");
             };
-            if let Some(problem) = schema_problem(&group, &plural, &object) {
+            if let Some(problem) = schema_problem(group, plural, &object) {
                 return kube_status(422, "Invalid", &problem);
             }
-            let key = object_key(&plural, &ns, &name);
+            if !ns.is_empty() && plural != "namespaces" && !namespace_exists(st, ns) {
+                return kube_status(404, "NotFound", &format!("namespaces \"{ns}\" not found"));
+            }
+            if plural == "services"
+                && let Some(problem) = service_problem(&object)
+            {
+                return kube_status(422, "Invalid", &problem);
+            }
+            let key = object_key(plural, ns, &name);
             if st.objects.contains_key(&key) {
                 return kube_status(
                     409,
@@ -300,7 +455,14 @@ async fn kube_collection(
             object["metadata"]["uid"] = json!(format!("uid-{}", st.next_uid));
             object["metadata"]["resourceVersion"] = json!("1");
             object["metadata"]["creationTimestamp"] = json!(Utc::now().to_rfc3339());
+            if !ns.is_empty() {
+                object["metadata"]["namespace"] = json!(ns);
+            }
+            if plural == "namespaces" {
+                object["status"] = json!({"phase": "Active"});
+            }
             st.objects.insert(key, object.clone());
+            st.created.push(object.clone());
             (StatusCode::CREATED, axum::Json(object)).into_response()
         }
         Method::GET => {
@@ -308,31 +470,45 @@ async fn kube_collection(
             let items: Vec<Value> = st
                 .objects
                 .iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
+                .filter(|(k, v)| k.starts_with(&prefix) && matches_selector(v, selector))
                 .map(|(_, v)| v.clone())
                 .collect();
-            axum::Json(json!({"apiVersion": format!("{group}/{version}"), "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items})).into_response()
+            axum::Json(json!({"apiVersion": target.api_version(), "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items})).into_response()
         }
         _ => kube_status(405, "MethodNotAllowed", "method not allowed"),
     }
 }
 
-async fn kube_object(
-    State(s): KubeShared,
-    Path((group, version, ns, plural, name)): Path<(String, String, String, String, String)>,
-    method: Method,
-    headers: HeaderMap,
-    body: Bytes,
+fn namespace_exists(st: &KubeState, ns: &str) -> bool {
+    st.objects.contains_key(&object_key("namespaces", "", ns))
+        // Namespaces the tests never declared (Argo CD's, Velero's) exist implicitly.
+        || !st.objects.keys().any(|k| k.starts_with("namespaces/"))
+        || ["argocd", "velero", "default", "kube-system"].contains(&ns)
+}
+
+fn object(
+    st: &mut KubeState,
+    target: &Target,
+    name: &str,
+    method: &Method,
+    headers: &HeaderMap,
+    body: &Bytes,
 ) -> Response {
-    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
     kube_record(
-        &mut st,
-        &method,
-        format!("/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}"),
-        &headers,
-        &body,
+        st,
+        method,
+        format!("{}/{name}", target.path()),
+        headers,
+        body,
     );
-    let key = object_key(&plural, &ns, &name);
+    let (group, ns, plural) = (&target.group, &target.ns, &target.plural);
+    let key = object_key(plural, ns, name);
+    if *method == Method::DELETE && plural == "namespaces" {
+        // The namespace controller's work, at once: everything in it goes with it.
+        let inside = format!("/{name}/");
+        st.objects
+            .retain(|k, _| !k.contains(&inside) || k.starts_with("namespaces/"));
+    }
     let Some(object) = st.objects.get_mut(&key) else {
         return kube_status(
             404,
@@ -340,7 +516,7 @@ async fn kube_object(
             &format!("{plural}.{group} \"{name}\" not found"),
         );
     };
-    match method {
+    match *method {
         Method::GET => axum::Json(object.clone()).into_response(),
         Method::PATCH => {
             let content_type = headers
@@ -354,10 +530,10 @@ async fn kube_object(
                     &format!("the fake accepts merge patches, got {content_type}"),
                 );
             }
-            let patch: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let patch: Value = serde_json::from_slice(body).unwrap_or_default();
             let mut patched = object.clone();
             merge(&mut patched, &patch);
-            if let Some(problem) = schema_problem(&group, &plural, &patched) {
+            if let Some(problem) = schema_problem(group, plural, &patched) {
                 return kube_status(422, "Invalid", &problem);
             }
             *object = patched;
@@ -374,6 +550,502 @@ async fn kube_object(
             axum::Json(removed.unwrap_or(Value::Null)).into_response()
         }
         _ => kube_status(405, "MethodNotAllowed", "method not allowed"),
+    }
+}
+
+async fn kube_collection(
+    State(s): KubeShared,
+    Path((group, version, ns, plural)): Path<(String, String, String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let target = Target {
+        group,
+        version,
+        ns,
+        plural,
+    };
+    collection(
+        &mut st,
+        &target,
+        &method,
+        &headers,
+        &body,
+        label_selector(&uri).as_deref(),
+    )
+}
+
+async fn kube_object(
+    State(s): KubeShared,
+    Path((group, version, ns, plural, name)): Path<(String, String, String, String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let target = Target {
+        group,
+        version,
+        ns,
+        plural,
+    };
+    object(&mut st, &target, &name, &method, &headers, &body)
+}
+
+fn core(ns: &str, plural: &str) -> Target {
+    Target {
+        group: String::new(),
+        version: "v1".into(),
+        ns: ns.to_string(),
+        plural: plural.to_string(),
+    }
+}
+
+async fn core_namespaces(
+    State(s): KubeShared,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    collection(
+        &mut st,
+        &core("", "namespaces"),
+        &method,
+        &headers,
+        &body,
+        label_selector(&uri).as_deref(),
+    )
+}
+
+async fn core_namespace(
+    State(s): KubeShared,
+    Path(name): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    object(
+        &mut st,
+        &core("", "namespaces"),
+        &name,
+        &method,
+        &headers,
+        &body,
+    )
+}
+
+async fn core_collection(
+    State(s): KubeShared,
+    Path((ns, plural)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    collection(
+        &mut st,
+        &core(&ns, &plural),
+        &method,
+        &headers,
+        &body,
+        label_selector(&uri).as_deref(),
+    )
+}
+
+async fn core_object(
+    State(s): KubeShared,
+    Path((ns, plural, name)): Path<(String, String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    object(
+        &mut st,
+        &core(&ns, &plural),
+        &name,
+        &method,
+        &headers,
+        &body,
+    )
+}
+
+/// The API server's service proxy: `<name>:<port>` of a Service in the namespace answers
+/// with the status the test set; a Service that is not there answers 503, as a real proxy
+/// with no endpoints does.
+fn proxy(st: &mut KubeState, ns: &str, service: &str, rest: &str, headers: &HeaderMap) -> Response {
+    let path = format!("/api/v1/namespaces/{ns}/services/{service}/proxy/{rest}");
+    kube_record(st, &Method::GET, path, headers, &Bytes::new());
+    let name = service
+        .split(':')
+        .find(|p| !matches!(*p, "http" | "https"))
+        .unwrap_or(service);
+    if !st.objects.contains_key(&object_key("services", ns, name)) {
+        return kube_status(
+            503,
+            "ServiceUnavailable",
+            &format!("no endpoints available for service \"{name}\""),
+        );
+    }
+    let status = StatusCode::from_u16(st.proxy_status).unwrap_or(StatusCode::OK);
+    (status, "served by the fake service proxy").into_response()
+}
+
+async fn service_proxy(
+    State(s): KubeShared,
+    Path((ns, service)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    proxy(&mut st, &ns, &service, "", &headers)
+}
+
+async fn service_proxy_path(
+    State(s): KubeShared,
+    Path((ns, service, rest)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    proxy(&mut st, &ns, &service, &rest, &headers)
+}
+
+/// What the API server refuses in a Service: a ClusterIP Service may carry none of the fields
+/// of externally reachable ones.
+fn service_problem(service: &Value) -> Option<String> {
+    let spec = &service["spec"];
+    let kind = spec["type"].as_str().unwrap_or("ClusterIP");
+    if kind != "ClusterIP" {
+        return None;
+    }
+    let name = service["metadata"]["name"].as_str().unwrap_or_default();
+    for field in [
+        "externalTrafficPolicy",
+        "allocateLoadBalancerNodePorts",
+        "loadBalancerClass",
+        "healthCheckNodePort",
+    ] {
+        if spec.get(field).is_some_and(|v| !v.is_null()) {
+            return Some(format!(
+                "Service \"{name}\" is invalid: spec.{field}: Invalid value: may only be set for externally-accessible services"
+            ));
+        }
+    }
+    let node_port = spec["ports"].as_array().is_some_and(|ports| {
+        ports
+            .iter()
+            .any(|p| p.get("nodePort").is_some_and(|v| !v.is_null()))
+    });
+    node_port.then(|| {
+        format!("Service \"{name}\" is invalid: spec.ports[0].nodePort: Forbidden: may not be used when `type` is 'ClusterIP'")
+    })
+}
+
+/// Deployments and StatefulSets become available and claims bound, as a kubelet and a
+/// provisioner would make them; a Deployment named in `never` never does.
+fn workload_controller(key: &str, obj: &mut Value, never: bool) {
+    let replicas = obj["spec"]["replicas"].as_u64().unwrap_or(1);
+    if key.starts_with("deployments/") && obj["status"]["availableReplicas"].is_null() && !never {
+        obj["status"] = json!({"replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas, "updatedReplicas": replicas});
+    }
+    if key.starts_with("deployments/") && never {
+        obj["status"] = json!({"replicas": replicas, "readyReplicas": 0, "availableReplicas": 0, "unavailableReplicas": replicas});
+    }
+    if key.starts_with("statefulsets/") && obj["status"]["readyReplicas"].is_null() {
+        obj["status"] =
+            json!({"replicas": replicas, "readyReplicas": replicas, "currentReplicas": replicas});
+    }
+    if key.starts_with("persistentvolumeclaims/") && obj["status"]["phase"].is_null() {
+        obj["status"] = json!({"phase": "Bound"});
+    }
+}
+
+fn is_never_available(never: &std::collections::BTreeSet<String>, key: &str, obj: &Value) -> bool {
+    key.starts_with("deployments/")
+        && obj["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| never.contains(n))
+}
+
+/// Velero's restore controller, for what a drill asks: a new Restore goes `InProgress`, then
+/// the namespaces it includes are copied from the objects they hold now (standing in for the
+/// backup's contents) into their `namespaceMapping` targets, without `excludedResources`, each
+/// Service through the `resourceModifier` rules and Velero's own Service action (node ports
+/// dropped unless `preserveNodePorts`), then created as the API server would, or counted as an
+/// error when it refuses.
+fn restore_controller(st: &mut KubeState) {
+    let keys: Vec<String> = st
+        .objects
+        .keys()
+        .filter(|k| k.starts_with("restores/"))
+        .cloned()
+        .collect();
+    for key in keys {
+        let Some(restore) = st.objects.get(&key).cloned() else {
+            continue;
+        };
+        let status = match restore["status"]["phase"].as_str() {
+            None | Some("New") => {
+                json!({"phase": "InProgress", "startTimestamp": Utc::now().to_rfc3339()})
+            }
+            Some("InProgress") if !st.hold_restores => {
+                let mut status = perform_restore(st, &restore);
+                status["startTimestamp"] = restore["status"]["startTimestamp"].clone();
+                status["completionTimestamp"] = json!(Utc::now().to_rfc3339());
+                status
+            }
+            _ => continue,
+        };
+        if let Some(r) = st.objects.get_mut(&key) {
+            r["status"] = status;
+        }
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn perform_restore(st: &mut KubeState, restore: &Value) -> Value {
+    let velero_ns = restore["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("velero")
+        .to_string();
+    let spec = &restore["spec"];
+    let backup_name = spec["backupName"].as_str().unwrap_or_default();
+    let backup = st
+        .objects
+        .get(&object_key("backups", &velero_ns, backup_name));
+    if backup.is_none_or(|b| b["status"]["phase"] != "Completed") {
+        return json!({"phase": "FailedValidation", "validationErrors": [format!("backup {backup_name} not found or not Completed")]});
+    }
+    if st.restores_nothing {
+        return json!({"phase": "Completed", "progress": {"itemsRestored": 0, "totalItems": 0}, "warnings": 0, "errors": 0});
+    }
+    let excluded = strings(&spec["excludedResources"]);
+    let modifier: Option<Value> = spec["resourceModifier"]["name"]
+        .as_str()
+        .and_then(|name| st.objects.get(&object_key("configmaps", &velero_ns, name)))
+        .and_then(|cm| {
+            cm["data"]
+                .as_object()
+                .and_then(|d| d.values().next().cloned())
+        })
+        .and_then(|yaml| {
+            yaml.as_str()
+                .and_then(|y| serde_saphyr::from_str::<Value>(y).ok())
+        });
+    let preserve_node_ports = spec["preserveNodePorts"] == true;
+    let mut restored = 0u64;
+    let mut errors = 0u64;
+    let mut total = 0u64;
+    for source in strings(&spec["includedNamespaces"]) {
+        let target = spec["namespaceMapping"][&source]
+            .as_str()
+            .unwrap_or(&source)
+            .to_string();
+        let inside = format!("/{source}/");
+        let items: Vec<(String, Value)> = st
+            .objects
+            .iter()
+            .filter(|(k, _)| k.contains(&inside) && !k.starts_with("namespaces/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (key, mut item) in items {
+            let plural = key.split('/').next().unwrap_or_default().to_string();
+            let api_version = item["apiVersion"].as_str().unwrap_or("v1");
+            let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+            let resource = if group.is_empty() {
+                plural.clone()
+            } else {
+                format!("{plural}.{group}")
+            };
+            if excluded.iter().any(|e| *e == resource || *e == plural) {
+                continue;
+            }
+            total += 1;
+            let name = item["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if let Some(meta) = item["metadata"].as_object_mut() {
+                for server_owned in ["uid", "resourceVersion", "creationTimestamp"] {
+                    meta.remove(server_owned);
+                }
+                meta.insert("namespace".into(), json!(target));
+            }
+            if let Some(map) = item.as_object_mut() {
+                map.remove("status");
+            }
+            if plural == "services" {
+                if let Some(modifier) = &modifier {
+                    match apply_modifier(modifier, "services", &source, &item) {
+                        Ok(modified) => item = modified,
+                        Err(_) => {
+                            errors += 1;
+                            continue;
+                        }
+                    }
+                }
+                // Velero's Service restore action: cluster IPs always, node ports unless kept.
+                if let Some(spec) = item["spec"].as_object_mut() {
+                    spec.remove("clusterIP");
+                    spec.remove("clusterIPs");
+                    if !preserve_node_ports {
+                        spec.remove("healthCheckNodePort");
+                        if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+                            for port in ports {
+                                if let Some(p) = port.as_object_mut() {
+                                    p.remove("nodePort");
+                                }
+                            }
+                        }
+                    }
+                }
+                if service_problem(&item).is_some() {
+                    errors += 1;
+                    continue;
+                }
+            }
+            st.objects
+                .insert(object_key(&plural, &target, &name), item.clone());
+            st.created.push(item);
+            restored += 1;
+        }
+    }
+    json!({
+        "phase": if errors > 0 { "PartiallyFailed" } else { "Completed" },
+        "progress": {"itemsRestored": restored, "totalItems": total},
+        "warnings": 0,
+        "errors": errors,
+    })
+}
+
+/// Velero's resource modifier rules (JSON patches; a failed `test` skips a rule's patches for
+/// the object, any other failure is an error for it), for objects of `group_resource` from
+/// namespace `source`.
+fn apply_modifier(
+    modifier: &Value,
+    group_resource: &str,
+    source: &str,
+    item: &Value,
+) -> Result<Value, String> {
+    let mut current = item.clone();
+    for rule in modifier["resourceModifierRules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let conditions = &rule["conditions"];
+        if conditions["groupResource"].as_str() != Some(group_resource) {
+            continue;
+        }
+        let namespaces = strings(&conditions["namespaces"]);
+        if !namespaces.is_empty() && !namespaces.iter().any(|n| n == source) {
+            continue;
+        }
+        let mut patched = current.clone();
+        let mut skipped = false;
+        for patch in rule["patches"].as_array().into_iter().flatten() {
+            let op = patch["operation"].as_str().unwrap_or_default();
+            let path = patch["path"].as_str().unwrap_or_default();
+            let value = velero_value(patch["value"].as_str().unwrap_or_default());
+            match json_patch(&mut patched, op, path, value) {
+                Ok(()) => {}
+                Err(PatchError::TestFailed) => {
+                    skipped = true;
+                    break;
+                }
+                Err(PatchError::Failed(e)) => return Err(e),
+            }
+        }
+        if !skipped {
+            current = patched;
+        }
+    }
+    Ok(current)
+}
+
+/// How Velero reads a patch's string value: numbers, booleans, null, objects and arrays as
+/// JSON; anything else (or a quoted value) as a string.
+fn velero_value(raw: &str) -> Value {
+    if let Some(quoted) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        return json!(quoted);
+    }
+    match serde_json::from_str::<Value>(raw) {
+        Ok(v) if !v.is_string() => v,
+        _ => json!(raw),
+    }
+}
+
+enum PatchError {
+    TestFailed,
+    Failed(String),
+}
+
+/// One RFC 6902 operation on a JSON pointer path.
+fn json_patch(doc: &mut Value, op: &str, path: &str, value: Value) -> Result<(), PatchError> {
+    let (parent_path, last) = path
+        .rsplit_once('/')
+        .ok_or_else(|| PatchError::Failed(format!("bad path {path}")))?;
+    let missing = || PatchError::Failed(format!("{op} {path}: no such path"));
+    if op == "test" {
+        return if doc.pointer(path) == Some(&value) {
+            Ok(())
+        } else {
+            Err(PatchError::TestFailed)
+        };
+    }
+    let parent = doc.pointer_mut(parent_path).ok_or_else(missing)?;
+    match (op, parent) {
+        ("add", Value::Object(map)) | ("replace", Value::Object(map)) => {
+            if op == "replace" && !map.contains_key(last) {
+                return Err(missing());
+            }
+            map.insert(last.to_string(), value);
+            Ok(())
+        }
+        ("remove", Value::Object(map)) => map.remove(last).map(|_| ()).ok_or_else(missing),
+        ("add", Value::Array(list)) => {
+            let at = if last == "-" {
+                list.len()
+            } else {
+                last.parse().map_err(|_| missing())?
+            };
+            if at > list.len() {
+                return Err(missing());
+            }
+            list.insert(at, value);
+            Ok(())
+        }
+        ("replace", Value::Array(list)) | ("remove", Value::Array(list)) => {
+            let at: usize = last.parse().map_err(|_| missing())?;
+            if at >= list.len() {
+                return Err(missing());
+            }
+            if op == "remove" {
+                list.remove(at);
+            } else {
+                list[at] = value;
+            }
+            Ok(())
+        }
+        _ => Err(PatchError::Failed(format!(
+            "unsupported operation {op} at {path}"
+        ))),
     }
 }
 

@@ -293,7 +293,7 @@ impl DrillReport {
 }
 
 /// `4 m 12 s`, `26 h`: what a person reads in a chat line.
-fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         0..60 => format!("{s} s"),

@@ -654,7 +654,7 @@ pub async fn drill(
         report.fail(format!(
             "the newest backup holding {namespace}, {}, is {} old: more than max_data_age {}",
             backup.name,
-            humantime::format_duration(Duration::from_secs(age.as_secs())),
+            super::human(age),
             handler.config.max_data_age
         ));
         return report;

@@ -5,6 +5,7 @@ mod cancel;
 mod chatops;
 mod cli;
 pub mod crash;
+mod drills;
 mod http_limits;
 mod locks;
 mod mapping;
