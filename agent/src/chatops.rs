@@ -337,6 +337,30 @@ pub(crate) async fn submit_command(
         .map_err(|e| CommandRejected::Unavailable(e.to_string()))
 }
 
+/// `home: succeeded 3h ago (job …); last success 3h ago, RTO 4 m 12 s, data age 26 h 0 m`.
+fn target_line(last: &LastResult, now: chrono::DateTime<Utc>) -> String {
+    let mut line = format!(
+        "{}: {} {} ago (job {})",
+        last.target.as_deref().unwrap_or_default(),
+        last.state.as_str(),
+        age(now - last.at),
+        last.job_id
+    );
+    match last.last_success_at {
+        Some(at) => line.push_str(&format!("; last success {} ago", age(now - at))),
+        None => line.push_str("; never succeeded"),
+    }
+    for (name, label) in [("rto_seconds", "RTO"), ("data_age_seconds", "data age")] {
+        if let Some(seconds) = last.last_success_figures.get(name) {
+            line.push_str(&format!(
+                ", {label} {}",
+                age(chrono::Duration::seconds(*seconds as i64))
+            ));
+        }
+    }
+    line
+}
+
 async fn cancel(app: &Arc<App>, id: &str, by: &str) -> Reply {
     let before = match app.records.get(id).await {
         Ok(Some((r, _))) => r,
@@ -530,6 +554,12 @@ async fn status(app: &Arc<App>) -> Reply {
                 age(now - l.at),
                 l.job_id
             ));
+            // A drill's targets each have their own story: which namespace restores, how fast.
+            if *kind == JobKind::RESTORE_DRILL {
+                for (_, t) in snapshot.targets.iter().filter(|(k, _)| k == kind) {
+                    text.push(format!("    {}", target_line(t, now)));
+                }
+            }
         }
     }
     let enabled: Vec<&str> = app

@@ -34,6 +34,8 @@ struct Inner {
     /// Raw lock entries by KV key; expiry is judged when read.
     locks: BTreeMap<String, Vec<u8>>,
     last: BTreeMap<JobKind, LastResult>,
+    /// The last result of each target of a kind (a drill's namespaces, etcd).
+    targets: BTreeMap<(JobKind, String), LastResult>,
     /// Jobs waiting for a time (a maintenance window), by job id.
     deferred: BTreeMap<String, Deferred>,
     queue: Option<(u64, u64)>,
@@ -44,6 +46,7 @@ pub struct Snapshot {
     pub agents: Vec<Presence>,
     pub locks: Vec<HeldLock>,
     pub last: Vec<(JobKind, LastResult)>,
+    pub targets: Vec<(JobKind, LastResult)>,
     pub deferred: Vec<Deferred>,
     pub queue: Option<(u64, u64)>,
 }
@@ -60,6 +63,7 @@ impl StatusCache {
                 agents: vec![],
                 locks: vec![],
                 last: vec![],
+                targets: vec![],
                 deferred: vec![],
                 queue: None,
             };
@@ -78,11 +82,17 @@ impl StatusCache {
             .flat_map(|(key, value)| locks::held_in(key, value, now))
             .collect();
         let last = inner.last.iter().map(|(k, l)| (*k, l.clone())).collect();
+        let targets = inner
+            .targets
+            .iter()
+            .map(|((k, _), l)| (*k, l.clone()))
+            .collect();
         let deferred = inner.deferred.values().cloned().collect();
         Snapshot {
             agents,
             locks,
             last,
+            targets,
             deferred,
             queue: inner.queue,
         }
@@ -144,16 +154,23 @@ pub async fn run(store: Store, cache: StatusCache, stop: CancellationToken) {
                 }
                 return;
             }
-            let Some(kind) = entry
-                .key
-                .strip_prefix("last.")
-                .and_then(|k| k.parse::<JobKind>().ok())
-            else {
+            let Some(rest) = entry.key.strip_prefix("last.") else {
                 return;
             };
-            if let Ok(l) = serde_json::from_slice::<LastResult>(&entry.value) {
+            let Ok(l) = serde_json::from_slice::<LastResult>(&entry.value) else {
+                return;
+            };
+            if let Ok(kind) = rest.parse::<JobKind>() {
                 cache.update(|i| {
                     i.last.insert(kind, l);
+                });
+            } else if let Some((kind, target)) = rest.split_once('.')
+                && let Ok(kind) = kind.parse::<JobKind>()
+                && l.target.is_some()
+            {
+                let target = target.to_string();
+                cache.update(|i| {
+                    i.targets.insert((kind, target), l);
                 });
             }
         })

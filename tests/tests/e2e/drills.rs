@@ -276,6 +276,13 @@ async fn a_drill_restores_the_newest_backup_into_a_scratch_namespace_verifies_it
             .contains(&json!("httproutes.gateway.networking.k8s.io"))
     );
 
+    // `status` shows the last drill of each target, with its RTO and data age.
+    let status = status_showing(&lab.client, "    home: succeeded").await;
+    let text = status["message"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("RTO") && text.contains("data age 26h"),
+        "{text}"
+    );
     let metrics = metrics_text(&lab.agent.http).await;
     for metric in [
         "infraflux_drill_last_success_timestamp_seconds{target=\"home\"}",
