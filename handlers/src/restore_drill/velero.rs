@@ -246,12 +246,17 @@ impl Drill<'_> {
             .list(&ListParams::default().labels(&selector))
             .await
             .map_err(|e| format!("listing leftover scratch namespaces: {e}"))?;
-        let mut removed = 0;
+        let mut removed = Vec::new();
         for ns in old.items {
             if let Some(name) = ns.metadata.name {
                 delete_quietly(&namespaces, &name).await?;
-                removed += 1;
+                removed.push(name);
             }
+        }
+        // A retried job reuses its scratch name: the old namespace must be gone, not
+        // terminating, before it is created again.
+        for name in &removed {
+            self.wait_gone(&namespaces, name).await?;
         }
         for (kind, plural) in [("Restore", "restores")] {
             let api = self.velero(kind, plural);
@@ -276,7 +281,7 @@ impl Drill<'_> {
                 delete_quietly(&config_maps, &name).await?;
             }
         }
-        Ok(removed)
+        Ok(removed.len())
     }
 
     async fn newest_backup(&self) -> Result<BackupInfo, String> {
@@ -570,23 +575,28 @@ impl Drill<'_> {
         delete_quietly(&config_maps, &self.scratch).await?;
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
         delete_quietly(&namespaces, &self.scratch).await?;
+        self.wait_gone(&namespaces, &self.scratch).await
+    }
+
+    /// Waits for a deleted namespace to be gone. Not cancellable: cleaning up is what a
+    /// cancelled drill still owes (a timeout's hard stop may cut the wait; the next drill then
+    /// removes the leftover).
+    async fn wait_gone(&self, namespaces: &Api<Namespace>, name: &str) -> Result<(), String> {
         let deadline = Instant::now() + CLEANUP_WAIT;
         loop {
             let still = namespaces
-                .get_opt(&self.scratch)
+                .get_opt(name)
                 .await
-                .map_err(|e| format!("reading namespace {}: {e}", self.scratch))?;
+                .map_err(|e| format!("reading namespace {name}: {e}"))?;
             if still.is_none() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "scratch namespace {} still terminating after {}s; delete it by hand",
-                    self.scratch,
+                    "scratch namespace {name} still terminating after {}s; delete it by hand",
                     CLEANUP_WAIT.as_secs()
                 ));
             }
-            // Not cancellable: cleaning up is what a cancelled drill still owes.
             tokio::time::sleep(POLL).await;
         }
     }
