@@ -13,7 +13,7 @@ use std::time::Duration;
 use infraflux_handlers::command::{self, Request};
 use infraflux_handlers::secret::{SecretRef, SecretRefs};
 use infraflux_handlers::settings::HumanDuration;
-use infraflux_handlers::{HandlerConfigs, clients, reconcile};
+use infraflux_handlers::{HandlerConfigs, clients, reconcile, restore_drill};
 use infraflux_schedules::CronSchedule;
 use serde::Deserialize;
 
@@ -625,6 +625,12 @@ impl Config {
             for (name, r) in rc.plan_env_vars.iter().flatten() {
                 refs.push((format!("reconcile.plan_env_vars.{name}"), r));
             }
+        }
+        if let Some(identity) = restore_drill::SECTION
+            .get(&self.handlers)
+            .and_then(|d| d.age_identity.as_ref())
+        {
+            refs.push(("restore_drill.age_identity".into(), identity));
         }
         refs
     }

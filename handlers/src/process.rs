@@ -77,10 +77,48 @@ pub fn die_with_parent(cmd: &mut Command) {
 /// reader (the agent) died is killed by SIGPIPE, and terraform writes as soon as SIGTERM comes,
 /// so it would die before releasing its state lock.
 pub async fn run_cancellable(
-    mut cmd: Command,
+    cmd: Command,
     cancel: &CancellationToken,
     grace: Duration,
 ) -> Result<ChildOutput, ProcessError> {
+    let Spawned {
+        mut child,
+        pgid,
+        program,
+        stdout,
+        stderr,
+    } = spawn_logged(cmd)?;
+    let waited = tokio::select! {
+        status = child.wait() => Ok(status),
+        () = cancel.cancelled() => Err(()),
+    };
+    let status = match waited {
+        Ok(status) => status.map_err(|source| ProcessError::Wait {
+            program: program.clone(),
+            source,
+        })?,
+        Err(()) => {
+            let forced = interrupt(&mut child, pgid, grace).await;
+            return Err(ProcessError::Cancelled { program, forced });
+        }
+    };
+    Ok(ChildOutput {
+        status,
+        stdout: tail(stdout).await,
+        stderr: tail(stderr).await,
+    })
+}
+
+/// A child started the way [`run_cancellable`] starts one, its output in unnamed files.
+struct Spawned {
+    child: tokio::process::Child,
+    pgid: Option<Pid>,
+    program: String,
+    stdout: std::fs::File,
+    stderr: std::fs::File,
+}
+
+fn spawn_logged(mut cmd: Command) -> Result<Spawned, ProcessError> {
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
     let spawn_error = |source| ProcessError::Spawn {
         program: program.clone(),
@@ -96,41 +134,78 @@ pub async fn run_cancellable(
         .stdout(stdout.try_clone().map_err(spawn_error)?)
         .stderr(stderr.try_clone().map_err(spawn_error)?)
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(spawn_error)?;
+    let child = cmd.spawn().map_err(spawn_error)?;
     let pgid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw);
-
-    let waited = tokio::select! {
-        status = child.wait() => Ok(status),
-        () = cancel.cancelled() => Err(()),
-    };
-    let status = match waited {
-        Ok(status) => status.map_err(|source| ProcessError::Wait {
-            program: program.clone(),
-            source,
-        })?,
-        Err(()) => {
-            if let Some(pgid) = pgid {
-                // The group may already be gone; nothing to do then.
-                let _ = killpg(pgid, Signal::SIGINT);
-            }
-            let forced = tokio::time::timeout(grace, child.wait()).await.is_err();
-            if forced {
-                if let Some(pgid) = pgid {
-                    let _ = killpg(pgid, Signal::SIGKILL);
-                }
-                let _ = child.wait().await;
-            }
-            return Err(ProcessError::Cancelled { program, forced });
-        }
-    };
-    Ok(ChildOutput {
-        status,
-        stdout: tail(stdout).await,
-        stderr: tail(stderr).await,
+    Ok(Spawned {
+        child,
+        pgid,
+        program,
+        stdout,
+        stderr,
     })
+}
+
+/// SIGINT to the child's group, SIGKILL if it has not exited after `grace`; waits for it.
+/// True when SIGKILL was needed.
+async fn interrupt(child: &mut tokio::process::Child, pgid: Option<Pid>, grace: Duration) -> bool {
+    if let Some(pgid) = pgid {
+        // The group may already be gone; nothing to do then.
+        let _ = killpg(pgid, Signal::SIGINT);
+    }
+    let forced = tokio::time::timeout(grace, child.wait()).await.is_err();
+    if forced {
+        if let Some(pgid) = pgid {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        let _ = child.wait().await;
+    }
+    forced
+}
+
+/// A child that runs until it is stopped (a throwaway server), started like
+/// [`run_cancellable`]'s: its own process group, output in unnamed files, SIGTERM if the agent
+/// dies, SIGKILL if this is dropped unstopped.
+pub struct Background {
+    spawned: Spawned,
+}
+
+/// How a [`Background`] child ended.
+#[derive(Debug)]
+pub struct Stopped {
+    /// SIGINT was not enough within the grace period.
+    pub forced: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Background {
+    pub fn spawn(cmd: Command) -> Result<Background, ProcessError> {
+        Ok(Background {
+            spawned: spawn_logged(cmd)?,
+        })
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.spawned.child.id()
+    }
+
+    /// Its exit status if it has already exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.spawned.child.try_wait().ok().flatten()
+    }
+
+    /// SIGINT, then SIGKILL after `grace`; returns once it is gone, with its output.
+    pub async fn stop(mut self, grace: Duration) -> Stopped {
+        let forced = interrupt(&mut self.spawned.child, self.spawned.pgid, grace).await;
+        Stopped {
+            forced,
+            stdout: tail(self.spawned.stdout).await,
+            stderr: tail(self.spawned.stderr).await,
+        }
+    }
 }
 
 /// The last [`MAX_CAPTURE_BYTES`] written to `file`; the tail is what matters in a failure.

@@ -274,6 +274,8 @@ pub enum SecretKey {
     ReconcilePlanEnvVar(String),
     /// A header of `[telemetry] otlp_headers`.
     OtlpHeader(String),
+    /// `[restore_drill] age_identity`: decrypts the etcd snapshots a drill restores.
+    DrillAgeIdentity,
 }
 
 impl SecretKey {
@@ -291,6 +293,7 @@ impl SecretKey {
             SecretKey::ReconcileEnvVar(name) => format!("reconcile.env_vars.{name}"),
             SecretKey::ReconcilePlanEnvVar(name) => format!("reconcile.plan_env_vars.{name}"),
             SecretKey::OtlpHeader(name) => format!("telemetry.otlp_headers.{name}"),
+            SecretKey::DrillAgeIdentity => "restore_drill.age_identity".into(),
         }
     }
 }

@@ -108,6 +108,10 @@ pub struct Manifest {
     pub stored_bytes: u64,
     pub sha256: String,
     pub db_sha256: String,
+    /// SHA-256 of the stored object (after compression and encryption): what a download can
+    /// be checked against without the age identity. Absent in manifests written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_sha256: Option<String>,
     pub compression: String,
     pub encrypted: bool,
     pub job_id: String,
@@ -146,6 +150,56 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     },
 };
 
+/// The directory of one cluster's snapshots: `<prefix><cluster>/`.
+pub fn cluster_dir(config: &Config, cluster: &str) -> String {
+    format!("{}{cluster}/", config.prefix)
+}
+
+/// Every snapshot in `cluster_dir`, and the manifest of the newest good one: the snapshot job
+/// compares with it and prunes from the list, the restore drill restores it.
+pub async fn inventory(
+    store: &AmazonS3,
+    cluster_dir: &str,
+) -> Result<(Vec<retention::Stored>, Option<Manifest>), HandlerError> {
+    let prefix = ObjectPath::from(cluster_dir);
+    let mut objects = Vec::new();
+    let mut listing = store.list(Some(&prefix));
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(|e| crate::s3::error("listing the bucket", &e))?;
+        objects.push(meta.location.to_string());
+    }
+    let mut stored = Vec::new();
+    for key in objects.iter().filter(|k| !k.ends_with(".json")) {
+        let name = key.rsplit('/').next().unwrap_or_default();
+        let Some(at) = name
+            .get(..16)
+            .and_then(|t| chrono::NaiveDateTime::parse_from_str(t, "%Y%m%dT%H%M%SZ").ok())
+        else {
+            continue; // not ours: never touched
+        };
+        stored.push(retention::Stored {
+            key: key.clone(),
+            at: at.and_utc(),
+            good: objects.contains(&format!("{key}.json")),
+        });
+    }
+    let newest = stored.iter().filter(|s| s.good).max_by_key(|s| s.at);
+    let manifest = match newest {
+        Some(s) => {
+            let bytes = store
+                .get(&ObjectPath::from(format!("{}.json", s.key)))
+                .await
+                .map_err(|e| crate::s3::error("reading a manifest", &e))?
+                .bytes()
+                .await
+                .map_err(|e| crate::s3::error("reading a manifest", &e))?;
+            serde_json::from_slice(&bytes).ok()
+        }
+        None => None,
+    };
+    Ok((stored, manifest))
+}
+
 pub struct EtcdSnapshotHandler {
     pub config: Config,
     pub context: Context,
@@ -162,7 +216,7 @@ enum Attempt {
 
 impl EtcdSnapshotHandler {
     fn cluster_dir(&self) -> String {
-        format!("{}{}/", self.config.prefix, self.context.cluster)
+        cluster_dir(&self.config, &self.context.cluster)
     }
 
     fn talos_client(&self) -> Result<TalosClient, HandlerError> {
@@ -171,50 +225,6 @@ impl EtcdSnapshotHandler {
 
     fn store(&self) -> Result<Arc<AmazonS3>, HandlerError> {
         self.context.s3_bucket(&self.config.bucket)
-    }
-
-    /// Every snapshot in the cluster's directory, and the manifest of the newest good one.
-    async fn inventory(
-        &self,
-        store: &AmazonS3,
-    ) -> Result<(Vec<retention::Stored>, Option<Manifest>), HandlerError> {
-        let prefix = ObjectPath::from(self.cluster_dir());
-        let mut objects = Vec::new();
-        let mut listing = store.list(Some(&prefix));
-        while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(|e| crate::s3::error("listing the bucket", &e))?;
-            objects.push(meta.location.to_string());
-        }
-        let mut stored = Vec::new();
-        for key in objects.iter().filter(|k| !k.ends_with(".json")) {
-            let name = key.rsplit('/').next().unwrap_or_default();
-            let Some(at) = name
-                .get(..16)
-                .and_then(|t| chrono::NaiveDateTime::parse_from_str(t, "%Y%m%dT%H%M%SZ").ok())
-            else {
-                continue; // not ours: never touched
-            };
-            stored.push(retention::Stored {
-                key: key.clone(),
-                at: at.and_utc(),
-                good: objects.contains(&format!("{key}.json")),
-            });
-        }
-        let newest = stored.iter().filter(|s| s.good).max_by_key(|s| s.at);
-        let manifest = match newest {
-            Some(s) => {
-                let bytes = store
-                    .get(&ObjectPath::from(format!("{}.json", s.key)))
-                    .await
-                    .map_err(|e| crate::s3::error("reading a manifest", &e))?
-                    .bytes()
-                    .await
-                    .map_err(|e| crate::s3::error("reading a manifest", &e))?;
-                serde_json::from_slice(&bytes).ok()
-            }
-            None => None,
-        };
-        Ok((stored, manifest))
     }
 
     #[tracing::instrument(name = "snapshot_node", skip_all, fields(endpoint = %endpoint, node = %node))]
@@ -398,9 +408,10 @@ impl EtcdSnapshotHandler {
             talos_version: version,
             created_at,
             size_bytes: verified.size,
-            stored_bytes: stored,
+            stored_bytes: stored.bytes,
             sha256: verified.file_sha256,
             db_sha256: verified.db_sha256,
+            stored_sha256: Some(stored.sha256),
             compression: compression.to_string(),
             encrypted,
             job_id: ctx.job_id.clone(),
@@ -425,7 +436,7 @@ impl EtcdSnapshotHandler {
         let Some(rules) = &self.config.retention else {
             return Ok(0);
         };
-        let (stored, _) = self.inventory(store).await?;
+        let (stored, _) = inventory(store, &self.cluster_dir()).await?;
         let doomed = retention::to_delete(&stored, rules, Utc::now());
         for key in &doomed {
             for object in [key.clone(), format!("{key}.json")] {
@@ -467,7 +478,7 @@ impl Handler for EtcdSnapshotHandler {
         let started = std::time::Instant::now();
         let talos = self.talos_client()?;
         let store = self.store()?;
-        let (_, previous) = self.inventory(&store).await?;
+        let (_, previous) = inventory(&store, &self.cluster_dir()).await?;
         let mut failures = Vec::new();
         let mut done = None;
         for (endpoint, node) in talos.targets() {
@@ -546,6 +557,7 @@ impl Handler for EtcdSnapshotHandler {
                     "stored_bytes": manifest.stored_bytes,
                     "sha256": manifest.sha256,
                     "db_sha256": manifest.db_sha256,
+                    "stored_sha256": manifest.stored_sha256,
                     "pruned": pruned,
                     "duration_seconds": started.elapsed().as_secs_f64(),
                 }),

@@ -208,6 +208,16 @@ pub struct PartUploader {
     upload: Box<dyn MultipartUpload>,
     in_flight: tokio::task::JoinSet<Result<(), object_store::Error>>,
     stored: u64,
+    /// Over the parts in order: the stored object's digest, for the manifest.
+    hasher: Sha256,
+}
+
+/// What a completed upload stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub bytes: u64,
+    /// SHA-256 of the stored object, as a download of it hashes.
+    pub sha256: String,
 }
 
 impl PartUploader {
@@ -216,6 +226,7 @@ impl PartUploader {
             upload,
             in_flight: tokio::task::JoinSet::new(),
             stored: 0,
+            hasher: Sha256::new(),
         }
     }
 
@@ -233,6 +244,7 @@ impl PartUploader {
         }
         let part = buffer.take();
         self.stored += part.len() as u64;
+        self.hasher.update(&part);
         // The part's number is fixed here, in call order, whenever it finishes.
         self.in_flight
             .spawn(self.upload.put_part(PutPayload::from(part)));
@@ -250,9 +262,9 @@ impl PartUploader {
         }
     }
 
-    /// Waits for every part, then completes the upload; the bytes stored. On failure the
+    /// Waits for every part, then completes the upload; what was stored. On failure the
     /// upload is aborted.
-    pub async fn complete(mut self) -> Result<u64, object_store::Error> {
+    pub async fn complete(mut self) -> Result<Stored, object_store::Error> {
         let mut settled = Ok(());
         while settled.is_ok() && !self.in_flight.is_empty() {
             settled = self.settle_one().await;
@@ -262,7 +274,10 @@ impl PartUploader {
             return Err(e);
         }
         match self.upload.complete().await {
-            Ok(_) => Ok(self.stored),
+            Ok(_) => Ok(Stored {
+                bytes: self.stored,
+                sha256: hex::encode(std::mem::take(&mut self.hasher).finalize()),
+            }),
             Err(e) => {
                 let _ = self.abort().await;
                 Err(e)
