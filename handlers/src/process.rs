@@ -342,4 +342,52 @@ mod tests {
             "{err}"
         );
     }
+
+    #[tokio::test]
+    async fn a_background_child_is_stopped_with_sigint_or_killed_after_grace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ready = dir.path().join("ready");
+        let mut polite = Command::new("sh");
+        polite.arg("-c").arg(format!(
+            "trap 'echo bye >&2; exit 0' INT; touch {}; sleep 30 & wait",
+            ready.display()
+        ));
+        let mut child = Background::spawn(polite).expect("spawn");
+        while !ready.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(child.exited().is_none(), "still running");
+        let stopped = child.stop(Duration::from_secs(5)).await;
+        assert!(!stopped.forced);
+        assert_eq!(stopped.stderr, "bye\n");
+
+        std::fs::remove_file(&ready).expect("reset");
+        let mut stubborn = Command::new("sh");
+        stubborn
+            .arg("-c")
+            .arg(format!("trap '' INT; touch {}; sleep 30", ready.display()));
+        let child = Background::spawn(stubborn).expect("spawn");
+        let pid = child.id().expect("pid");
+        while !ready.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(child.stop(Duration::from_millis(200)).await.forced);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "reaped"
+        );
+
+        let mut quick = Background::spawn(Command::new("true")).expect("spawn");
+        let exited = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(status) = quick.exited() {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("true exits");
+        assert!(exited.success());
+    }
 }

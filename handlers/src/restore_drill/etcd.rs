@@ -822,9 +822,16 @@ fn succeeded(what: &str, out: ChildOutput) -> Result<(), String> {
     }
 }
 
-/// The end of a tool's output: where it says what went wrong.
+/// Where a tool's output says what went wrong: a Go `panic:` or an `Error:` line (a panic's
+/// stack trace after it says nothing to an operator), else its last lines.
 fn last_lines(text: &str) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if let Some(said) = lines
+        .iter()
+        .find(|l| l.starts_with("panic:") || l.starts_with("Error:"))
+    {
+        return said.to_string();
+    }
     lines[lines.len().saturating_sub(3)..].join(" | ")
 }
 
@@ -859,6 +866,13 @@ mod tests {
             Some("3.5.17")
         );
         assert_eq!(parse_version("usage: etcd"), None);
+        assert_eq!(
+            last_lines(
+                "{\"level\":\"info\"}\npanic: page 3 already freed\n\ngoroutine 1 [running]:\nmain.main()\n"
+            ),
+            "panic: page 3 already freed"
+        );
+        assert_eq!(last_lines("a\nb\nc\nd\n"), "b | c | d");
     }
 
     #[test]

@@ -286,6 +286,10 @@ impl DrillReport {
                 "{target}: restored {what}{age} in {}, {checks}",
                 human(Duration::from_secs_f64(rto))
             ),
+            // Checked without a restore (an etcd drill holding no age identity).
+            (None, None) if self.cleaned_up => {
+                format!("{target}: checked {what}{age} without restoring it, {checks}")
+            }
             (None, _) => format!("{target}: restored {what}{age}, {checks}; not cleaned up"),
             (Some(why), _) => format!("{target}: FAILED ({what}{age}): {why}"),
         }

@@ -3,6 +3,8 @@
 //! whose fake controller moves the phases.
 
 use std::io::Read;
+
+use age::secrecy::ExposeSecret;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,24 +15,29 @@ use infraflux_tests::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-struct SnapLab {
-    _nats: Nats,
-    s3: S3Server,
-    talos: FakeTalos,
-    agent: TestAgent,
-    client: async_nats::Client,
-    identity: age::x25519::Identity,
-    snapshot_file: PathBuf,
-    dir: tempfile::TempDir,
+/// Shared with the restore drill's tests (etcd_drill.rs), which drill what this lab stores.
+pub(crate) struct SnapLab {
+    pub(crate) _nats: Nats,
+    pub(crate) s3: S3Server,
+    pub(crate) talos: FakeTalos,
+    pub(crate) agent: TestAgent,
+    pub(crate) client: async_nats::Client,
+    pub(crate) identity: age::x25519::Identity,
+    pub(crate) snapshot_file: PathBuf,
+    pub(crate) dir: tempfile::TempDir,
 }
 
-const KEYS: [(&str, &str); 3] = [
+/// The identity is also in the agent's environment as `TEST_AGE_IDENTITY`, for a config that
+/// references it (`[restore_drill] age_identity = "env:TEST_AGE_IDENTITY"`).
+pub(crate) const KEYS: [(&str, &str); 5] = [
     ("/registry/namespaces/media", "media"),
     ("/registry/namespaces/home", "home"),
+    ("/registry/namespaces/default", "default"),
+    ("/registry/namespaces/kube-system", "kube-system"),
     ("/infraflux/drill", "restorable"),
 ];
 
-async fn snap_lab(extra: &str, dead_endpoint_first: bool) -> SnapLab {
+pub(crate) async fn snap_lab(extra: &str, dead_endpoint_first: bool) -> SnapLab {
     init();
     let s3 = S3Server::start("etcd").await;
     snap_lab_on(s3, "testing-secret", extra, dead_endpoint_first).await
@@ -87,11 +94,16 @@ compression = "zstd"
         endpoint = s3.endpoint,
         recipient = identity.to_public(),
     );
+    let identity_text = identity.to_string();
     let agent = start_agent_with_env(
         &nats,
         "snapshotter",
         &toml,
-        &[("TEST_S3_KEY", "testing"), ("TEST_S3_SECRET", s3_secret)],
+        &[
+            ("TEST_S3_KEY", "testing"),
+            ("TEST_S3_SECRET", s3_secret),
+            ("TEST_AGE_IDENTITY", identity_text.expose_secret()),
+        ],
         |_| {},
     )
     .await;
@@ -109,13 +121,13 @@ compression = "zstd"
 }
 
 impl SnapLab {
-    async fn snapshot(&self) -> Value {
+    pub(crate) async fn snapshot(&self) -> Value {
         let job = submit(&self.client, "snapshot").await;
         wait_settled(&self.client, &job, Duration::from_secs(60)).await
     }
 
     /// Objects under the cluster's directory, sorted.
-    async fn objects(&self) -> Vec<String> {
+    pub(crate) async fn objects(&self) -> Vec<String> {
         let mut keys = self.s3.keys("etcd").await;
         keys.sort();
         keys
@@ -176,6 +188,12 @@ async fn an_etcd_snapshot_is_streamed_verified_encrypted_stored_and_restores_wit
         !stored.windows(5).any(|w| w == b"media"),
         "stored encrypted"
     );
+    // The stored object's digest, for a drill that cannot decrypt it.
+    assert_eq!(
+        manifest["stored_sha256"],
+        hex::encode(Sha256::digest(&stored))
+    );
+    assert_eq!(manifest["stored_bytes"], stored.len() as u64);
     let restored_file = lab.dir.path().join("restored.db");
     std::fs::write(&restored_file, lab.decrypt(&stored)).expect("write");
     assert_eq!(std::fs::read(&restored_file).expect("read"), original);
@@ -297,6 +315,11 @@ async fn a_snapshot_of_many_parts_is_stored_in_order_and_a_late_corruption_abort
         .expect("manifest");
     assert_eq!(manifest["size_bytes"], file.len() as u64);
     assert_eq!(manifest["sha256"], hex::encode(Sha256::digest(&file)));
+    // Hashed part by part as they were sent: the same digest as the object put together.
+    assert_eq!(
+        manifest["stored_sha256"],
+        hex::encode(Sha256::digest(&stored))
+    );
 
     // A bit flipped near the end, after parts were already uploaded: the upload is aborted.
     lab.talos.set(|b| b.flip_byte = Some(size - 4096));
@@ -313,7 +336,7 @@ async fn a_snapshot_of_many_parts_is_stored_in_order_and_a_late_corruption_abort
 }
 
 /// A stored snapshot from earlier runs: data object and, for good ones, its manifest.
-fn stamp(at: chrono::DateTime<chrono::Utc>) -> String {
+pub(crate) fn stamp(at: chrono::DateTime<chrono::Utc>) -> String {
     at.format("%Y%m%dT%H%M%SZ").to_string()
 }
 
@@ -325,7 +348,7 @@ fn month_start_of(at: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono:
         .expect("a month's first second")
 }
 
-async fn seed(lab: &SnapLab, stamp: &str, size: u64, good: bool) -> String {
+pub(crate) async fn seed(lab: &SnapLab, stamp: &str, size: u64, good: bool) -> String {
     let key = format!("prod/lab/{stamp}-127.0.0.1.db.zst.age");
     lab.s3.put("etcd", &key, b"old".to_vec()).await;
     if good {

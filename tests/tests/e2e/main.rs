@@ -6,6 +6,7 @@ mod chatops;
 mod cli;
 pub mod crash;
 mod drills;
+mod etcd_drill;
 mod http_limits;
 mod locks;
 mod mapping;
