@@ -897,6 +897,278 @@ pub fn secret_scan_row(s: &SecretScan) -> Row {
     )
 }
 
+// ---------------------------------------------------------------------------------------------
+// 8. etcd restore drill
+
+pub struct EtcdDrillBench {
+    /// The etcd snapshot file (trailer included) and what the snapshot job stored of it.
+    pub snapshot_bytes: u64,
+    pub stored_bytes: u64,
+    pub keys: u64,
+    /// The drill's own RTO (download start to the keys read) and the whole job, submit to end.
+    pub drill_rto: f64,
+    pub drill_job: f64,
+    pub drill_peak_rss_kib: u64,
+    /// The same steps by hand, one after the other: download, decrypt+decompress, restore,
+    /// serve and read.
+    pub floor: [f64; 4],
+}
+
+impl EtcdDrillBench {
+    pub fn floor_total(&self) -> f64 {
+        self.floor.iter().sum()
+    }
+}
+
+/// One MiB values for the bench's etcd: half pseudo-random bytes, half repeated text, so the
+/// snapshot compresses about as much as a cluster's protobuf objects do (neither nothing nor
+/// everything).
+fn drill_value(i: u64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(1 << 20);
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ i.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    while value.len() < 1 << 19 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        value.extend_from_slice(&state.to_le_bytes());
+    }
+    let text = format!(
+        "{{\"kind\":\"ConfigMap\",\"apiVersion\":\"v1\",\"metadata\":{{\"name\":\"bench-{i}\",\"namespace\":\"default\"}}}}\n"
+    );
+    while value.len() < 1 << 20 {
+        value.extend_from_slice(text.as_bytes());
+    }
+    value.truncate(1 << 20);
+    value
+}
+
+/// Until the job ends; its record.
+async fn settled(client: &async_nats::Client, job: &str) -> Value {
+    loop {
+        let r = crate::record(client, job).await;
+        if matches!(
+            r["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The etcd drill of a real snapshot of about `size` bytes, stored by the real snapshot job
+/// (zstd, age), against the same steps by hand measured in the same run.
+pub async fn bench_etcd_drill(nats: &Nats, s3: &S3Server, size: u64) -> EtcdDrillBench {
+    use crate::peers::{Etcd, restore_snapshot};
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A real etcd filled through its API: `snapshot restore` and a real etcd must accept what
+    // the drill restores, which a padded or synthetic file would not be.
+    let snapshot = dir.path().join("snapshot.db");
+    let values = (size >> 20).max(1);
+    {
+        let source = dir.path().join("source");
+        let etcd = Etcd::start(&source, "bench", free_port()).await;
+        etcd.put("/registry/namespaces/default", "default");
+        etcd.put("/registry/namespaces/kube-system", "kube-system");
+        for i in 0..values {
+            etcd.put_bytes(
+                &format!("/registry/configmaps/default/bench-{i:06}"),
+                &drill_value(i),
+            );
+            if i % 128 == 127 {
+                eprintln!("bench: etcd filled with {} MiB", i + 1);
+            }
+        }
+        etcd.snapshot(&snapshot);
+        drop(etcd);
+        let _ = std::fs::remove_dir_all(&source);
+    }
+    let snapshot_bytes = std::fs::metadata(&snapshot).map_or(0, |m| m.len());
+    let talos = FakeTalos::start(SnapshotSource::File(snapshot.clone()), &[]).await;
+    let talosconfig = dir.path().join("talosconfig");
+    std::fs::write(&talosconfig, talos.talosconfig()).expect("talosconfig");
+    let identity = age::x25519::Identity::generate();
+    let identity_text = {
+        use age::secrecy::ExposeSecret;
+        identity.to_string().expose_secret().to_string()
+    };
+    let extra = format!(
+        "[talos]\ntalosconfig = \"{}\"\ncluster = \"bench\"\n\n[s3]\nendpoint = \"{}\"\naccess_key_id = \"env:BENCH_KEY\"\nsecret_access_key = \"env:BENCH_SECRET\"\n\n[etcd_snapshot]\nbucket = \"etcd\"\nprefix = \"drill/\"\ncompression = \"zstd\"\nage_recipients = [\"{}\"]\nmin_size_ratio = 0.0\ntimeout = \"1h\"\n\n[restore_drill]\nage_identity = \"env:BENCH_AGE_IDENTITY\"\ntimeout = \"2h\"\n",
+        talosconfig.display(),
+        s3.endpoint,
+        identity.to_public()
+    );
+    let env = [
+        ("BENCH_KEY", "bench".to_string()),
+        ("BENCH_SECRET", "bench-secret".to_string()),
+        ("BENCH_AGE_IDENTITY", identity_text.clone()),
+    ];
+    let client = nats.client().await;
+    let key = {
+        let snapper = AgentProcess::start(nats, "drill-snapshot", &extra, &env).await;
+        let job = crate::submit(&client, "snapshot").await;
+        let done = settled(&client, &job).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        drop(snapper);
+        done["result"]["object"]
+            .as_str()
+            .expect("object key")
+            .to_string()
+    };
+    let _ = std::fs::remove_file(&snapshot);
+    drop(talos);
+
+    // A fresh agent: its peak RSS is the drill's alone.
+    let driller = AgentProcess::start(nats, "drill", &extra, &env).await;
+    let started = Instant::now();
+    let job = crate::submit(&client, "drill etcd").await;
+    let done = settled(&client, &job).await;
+    let drill_job = started.elapsed().as_secs_f64();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let target = &done["result"]["targets"][0];
+    let (_, drill_peak_rss_kib) = rss_kib(driller.pid());
+    drop(driller);
+    let keys = target["checks"]
+        .as_array()
+        .and_then(|c| {
+            c.iter().find_map(|c| {
+                c["name"]
+                    .as_str()?
+                    .strip_prefix("registry keys: ")?
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or(0);
+
+    // The floor, by hand: aws s3 cp, decryption and decompression in a process of its own
+    // (no age binary here: the same crates, see `decrypt_file`), etcdctl snapshot restore,
+    // then etcd started on the result and the same key count read.
+    let stored = dir.path().join("stored.db.zst.age");
+    let t = Instant::now();
+    let status = Command::new("aws")
+        .args([
+            "s3",
+            "cp",
+            "--only-show-errors",
+            "--endpoint-url",
+            &s3.endpoint,
+        ])
+        .arg(format!("s3://etcd/{key}"))
+        .arg(&stored)
+        .env("AWS_ACCESS_KEY_ID", "bench")
+        .env("AWS_SECRET_ACCESS_KEY", "bench-secret")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run aws ({e}); pip install awscli"));
+    assert!(status.success(), "aws s3 cp failed");
+    let download = t.elapsed().as_secs_f64();
+    let stored_bytes = std::fs::metadata(&stored).map_or(0, |m| m.len());
+    let identity_file = dir.path().join("identity.txt");
+    std::fs::write(&identity_file, &identity_text).expect("identity file");
+    let restored_file = dir.path().join("restored.db");
+    let t = Instant::now();
+    let status = Command::new(std::env::current_exe().expect("this binary"))
+        .args(["decrypt", "--identity"])
+        .arg(&identity_file)
+        .arg("--in")
+        .arg(&stored)
+        .arg("--out")
+        .arg(&restored_file)
+        .status()
+        .expect("the decrypt floor");
+    assert!(status.success(), "decrypting by hand failed");
+    let decrypt = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&stored);
+    let data_dir = dir.path().join("restored-etcd");
+    let peer = free_port();
+    let t = Instant::now();
+    restore_snapshot(&restored_file, &data_dir, "bench", peer).expect("etcdctl snapshot restore");
+    let restore = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&restored_file);
+    let t = Instant::now();
+    let etcd = Etcd::start(&data_dir, "bench", peer).await;
+    let floor_keys = etcd.count("/registry/");
+    let serve = t.elapsed().as_secs_f64();
+    assert_eq!(
+        floor_keys, keys,
+        "the drill and the floor read the same data"
+    );
+    drop(etcd);
+    EtcdDrillBench {
+        snapshot_bytes,
+        stored_bytes,
+        keys,
+        drill_rto: target["rto_seconds"].as_f64().unwrap_or(f64::NAN),
+        drill_job,
+        drill_peak_rss_kib,
+        floor: [download, decrypt, restore, serve],
+    }
+}
+
+/// The floor's decryption: age, then zstd, file to file, streaming, in a process of its own.
+pub fn decrypt_file(
+    identity_file: &std::path::Path,
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> std::io::Result<u64> {
+    use std::io::{BufReader, BufWriter};
+    let text = std::fs::read_to_string(identity_file)?;
+    let identity: age::x25519::Identity = text
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no age identity in the file"))?;
+    let decryptor = age::Decryptor::new_buffered(BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(input)?,
+    ))
+    .map_err(std::io::Error::other)?;
+    let reader = decryptor
+        .decrypt(std::iter::once(&identity as &dyn age::Identity))
+        .map_err(std::io::Error::other)?;
+    let mut decoder = zstd::stream::read::Decoder::new(reader)?;
+    let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(output)?);
+    let n = std::io::copy(&mut decoder, &mut out)?;
+    std::io::Write::flush(&mut out)?;
+    Ok(n)
+}
+
+/// The drill's rows of the table.
+pub fn etcd_drill_rows(b: &EtcdDrillBench) -> Vec<Row> {
+    let floor = b.floor_total();
+    let ratio = b.drill_rto / floor;
+    vec![
+        Row::new(
+            &format!(
+                "etcd drill, {} MiB snapshot ({} MiB stored, {} keys)",
+                b.snapshot_bytes >> 20,
+                b.stored_bytes >> 20,
+                b.keys
+            ),
+            format!(
+                "{:.1} s RTO ({:.1} s the whole job)",
+                b.drill_rto, b.drill_job
+            ),
+            format!(
+                "{floor:.1} s by hand (aws s3 cp {:.1} + decrypt {:.1} + restore {:.1} + serve and read {:.1})",
+                b.floor[0], b.floor[1], b.floor[2], b.floor[3]
+            ),
+            format!("{ratio:.2}×"),
+            "≤ 1.2×",
+            Some(ratio <= 1.2),
+        ),
+        Row::new(
+            "agent peak RSS during the etcd drill",
+            format!("{:.1} MiB", mib(b.drill_peak_rss_kib)),
+            "—".into(),
+            "—".into(),
+            "< 64 MiB",
+            Some(mib(b.drill_peak_rss_kib) < 64.0),
+        ),
+    ]
+}
+
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -1112,6 +1384,16 @@ pub async fn run_all(quick: bool) -> Vec<Row> {
         "(observed)",
         None,
     ));
+    drop(nats);
+
+    let drill_size: u64 = if quick { 128 << 20 } else { 1 << 30 };
+    eprintln!("bench: etcd drill of a {} MiB snapshot", drill_size >> 20);
+    let nats = Nats::start();
+    let s3 = S3Server::start_s3s_fs("etcd", "bench", "bench-secret").await;
+    rows.extend(etcd_drill_rows(
+        &bench_etcd_drill(&nats, &s3, drill_size).await,
+    ));
+    drop(s3);
     drop(nats);
 
     eprintln!("bench: secret scan of 5,000 files");

@@ -409,6 +409,55 @@ impl Etcd {
         (!v.is_empty()).then_some(v)
     }
 
+    /// Puts a value of any size and content (etcdctl reads it from stdin, as an argument
+    /// could not hold a large one).
+    pub fn put_bytes(&self, key: &str, value: &[u8]) {
+        use std::io::Write;
+        let mut child = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.client_url, "put", key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run etcdctl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(value)
+            .expect("value to etcdctl");
+        let out = child.wait_with_output().expect("etcdctl put");
+        assert!(
+            out.status.success(),
+            "etcdctl put {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// How many keys start with `prefix`.
+    pub fn count(&self, prefix: &str) -> u64 {
+        let out = etcdctl(
+            Some(&self.client_url),
+            &[
+                "get",
+                prefix,
+                "--prefix",
+                "--keys-only",
+                "--limit=1",
+                "-w",
+                "json",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "etcdctl get: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        reply["count"].as_u64().unwrap_or(0)
+    }
+
     /// `etcdctl snapshot save`: the real snapshot format, SHA-256 trailer included.
     pub fn snapshot(&self, file: &Path) {
         let out = etcdctl(

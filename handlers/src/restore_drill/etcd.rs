@@ -300,13 +300,25 @@ async fn run(
         .args(["--initial-advertise-peer-urls", &peer_url])
         .args(["--initial-cluster", &format!("{MEMBER}={peer_url}")]);
     let started_server = Background::spawn(cmd).map_err(|e| e.to_string())?;
-    let server = server.insert(started_server);
     ctx.progress
         .report("etcd drill: waiting for the restored etcd to answer")
         .await;
-    let ready = tools
-        .wait_ready(server, &client_url, drill.config.ready_timeout.get())
+    let mut ready = tools
+        .wait_ready(
+            server.insert(started_server),
+            &client_url,
+            drill.config.ready_timeout.get(),
+        )
         .await;
+    if let Err(why) = &mut ready {
+        // What etcd said is why it did not serve: stop it now to read its output.
+        if let Some(stopped) = server.take() {
+            let said = last_lines(&stopped.stop(ctx.kill_grace).await.stderr);
+            if !said.is_empty() {
+                why.push_str(&format!("; etcd said: {said}"));
+            }
+        }
+    }
     report.checks.push(CheckResult::new(
         "etcd serves the restored data",
         ready.is_ok(),

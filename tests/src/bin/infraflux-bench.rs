@@ -8,7 +8,7 @@
 //! it is met (docs/performance.md keeps one from a real run). `infraflux-bench snapshot --size
 //! 1GiB` runs only the snapshot stream, `infraflux-bench footprint --schedules N` only the idle
 //! footprint, `infraflux-bench secret-scan --files 5000` only the secret scan of a generated
-//! repository.
+//! repository, `infraflux-bench etcd-drill --size 1GiB` only the etcd restore drill.
 
 use std::time::Duration;
 
@@ -121,6 +121,24 @@ fn main() {
                 );
             });
         }
+        Some("etcd-drill") => {
+            let size = parse_size(&flag("--size").unwrap_or_else(|| "1GiB".into()))
+                .unwrap_or_else(|e| panic!("{e}"));
+            runtime.block_on(async {
+                let nats = Nats::start();
+                let s3 = S3Server::start_s3s_fs("etcd", "bench", "bench-secret").await;
+                let b = bench::bench_etcd_drill(&nats, &s3, size).await;
+                bench::print_table(&bench::etcd_drill_rows(&b));
+            });
+        }
+        Some("decrypt") => {
+            // The etcd drill's floor: age and zstd by hand, in a process of its own.
+            let path = |name: &str| {
+                std::path::PathBuf::from(flag(name).unwrap_or_else(|| panic!("{name} PATH")))
+            };
+            bench::decrypt_file(&path("--identity"), &path("--in"), &path("--out"))
+                .unwrap_or_else(|e| panic!("decrypt: {e}"));
+        }
         Some("secret-scan") => {
             let files: usize = flag("--files").map_or(5000, |n| n.parse().expect("--files N"));
             let runs: usize = flag("--runs").map_or(5, |n| n.parse().expect("--runs N"));
@@ -129,7 +147,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10] | secret-scan [--files 5000] [--runs 5]"
+                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10] | secret-scan [--files 5000] [--runs 5] | etcd-drill [--size 1GiB]"
             );
             std::process::exit(2);
         }
