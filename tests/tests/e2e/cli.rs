@@ -378,6 +378,7 @@ fn the_shipped_example_config_passes_check_config_once_its_secrets_exist() {
         "github-token",
         "github-webhook-secret",
         "nats-agent-password",
+        "etcd-age-identity",
     ] {
         std::fs::write(credentials.join(name), format!("value-of-{name}\n")).expect("credential");
     }
