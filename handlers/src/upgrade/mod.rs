@@ -1,4 +1,10 @@
 //! `upgrade`: a rolling Talos upgrade, one node at a time, with drain and health gates.
+//!
+//! Not available yet: the version policy ([`policy`]) and the rollout order ([`plan`]) are
+//! built; the gates, the per-node drain and upgrade, halt and resume are not.
+
+pub mod plan;
+pub mod policy;
 
 use serde::Deserialize;
 
