@@ -79,15 +79,36 @@ impl Ord for TalosVersion {
 /// <https://www.talos.dev/v1.12/introduction/support-matrix> (1.11, 1.12) and
 /// <https://docs.siderolabs.com/talos/v1.13/getting-started/support-matrix> (1.12, 1.13); each
 /// page lists its release and the one before. 1.9 and 1.10 follow the same six-version window.
-pub const KUBERNETES_SUPPORT: &[((u32, u32), (u32, u32), (u32, u32))] = &[
-    ((1, 7), (1, 25), (1, 30)),
-    ((1, 8), (1, 26), (1, 31)),
-    ((1, 9), (1, 27), (1, 32)),
-    ((1, 10), (1, 28), (1, 33)),
-    ((1, 11), (1, 29), (1, 34)),
-    ((1, 12), (1, 30), (1, 35)),
-    ((1, 13), (1, 31), (1, 36)),
+pub const KUBERNETES_SUPPORT: &[Support] = &[
+    Support::new((1, 7), (1, 25), (1, 30)),
+    Support::new((1, 8), (1, 26), (1, 31)),
+    Support::new((1, 9), (1, 27), (1, 32)),
+    Support::new((1, 10), (1, 28), (1, 33)),
+    Support::new((1, 11), (1, 29), (1, 34)),
+    Support::new((1, 12), (1, 30), (1, 35)),
+    Support::new((1, 13), (1, 31), (1, 36)),
 ];
+
+/// A minor version line: (major, minor).
+pub type MinorLine = (u32, u32);
+
+/// The Kubernetes versions one Talos minor supports, oldest and newest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Support {
+    pub talos: MinorLine,
+    pub oldest: MinorLine,
+    pub newest: MinorLine,
+}
+
+impl Support {
+    const fn new(talos: MinorLine, oldest: MinorLine, newest: MinorLine) -> Self {
+        Self {
+            talos,
+            oldest,
+            newest,
+        }
+    }
+}
 
 /// `v1.33.4` or `1.33` → (1, 33).
 pub fn kubernetes_minor(version: &str) -> Result<(u32, u32), String> {
@@ -130,13 +151,13 @@ pub fn check_upgrade(
             ));
         }
     }
-    let Some((_, oldest, newest)) = KUBERNETES_SUPPORT
+    let Some(Support { oldest, newest, .. }) = KUBERNETES_SUPPORT
         .iter()
-        .find(|(line, _, _)| *line == target.minor_line())
+        .find(|s| s.talos == target.minor_line())
     else {
         let known: Vec<String> = KUBERNETES_SUPPORT
             .iter()
-            .map(|((a, b), _, _)| format!("{a}.{b}"))
+            .map(|s| format!("{}.{}", s.talos.0, s.talos.1))
             .collect();
         return Err(format!(
             "Talos {target} is not in this agent's support table (Talos {}): the Kubernetes versions it supports are not known; upgrade infraflux-agent first",
@@ -186,7 +207,7 @@ mod tests {
     fn what_the_version_policy_allows() {
         let cluster = [node("cp-1", "v1.12.5"), node("w-1", "v1.12.5")];
         // (case, nodes, target, kubernetes, Ok or a word of the refusal)
-        let cases: Vec<(&str, Vec<RunningNode>, &str, (u32, u32), Result<(), &str>)> = vec![
+        let cases = vec![
             (
                 "the next minor",
                 cluster.to_vec(),
