@@ -494,6 +494,13 @@ impl Config {
                 }
             }
         }
+        if let Some(window) = infraflux_handlers::upgrade::SECTION
+            .get(&self.handlers)
+            .and_then(|u| u.window.as_ref())
+            && let Err(e) = window.validate()
+        {
+            problems.push("upgrade.window", e);
+        }
         if let Some(endpoint) = &self.telemetry.otlp_endpoint
             && !endpoint.starts_with("http://")
             && !endpoint.starts_with("https://")
@@ -942,6 +949,23 @@ webhook_secret = "env:A"
             "{:?}",
             loaded.warnings
         );
+    }
+
+    #[test]
+    fn an_upgrade_window_that_cannot_fire_is_named() {
+        let problems = load(
+            "[upgrade]\nschematic = \"s\"\nwindow = { cron = \"0 2 * * Sat\", duration = \"4h\", timezone = \"Mars/Olympus\" }\n",
+            &[],
+        )
+        .expect_err("invalid");
+        assert_eq!(problems.0[0].key, "upgrade.window", "{problems}");
+        assert!(problems.to_string().contains("6 fields"), "{problems}");
+        let problems = load(
+            "[upgrade]\nschematic = \"s\"\nwindow = { cron = \"0 0 2 * * Sat\", duration = \"4h\", timezone = \"Mars/Olympus\" }\n",
+            &[],
+        )
+        .expect_err("invalid");
+        assert!(problems.to_string().contains("Mars/Olympus"), "{problems}");
     }
 
     #[test]

@@ -569,6 +569,12 @@ mod tests {
         assert_eq!(k, JobKind::UPGRADE);
         assert_eq!(p["version"], "v1.13.2");
         assert_eq!(p["nodes"], serde_json::json!(["cp-1", "10.0.0.12"]));
+        assert!(p.get("force").is_none());
+        let (_, p) = params(parse("upgrade talos v1.13.2 force=true reason=cve-fix").expect("up"));
+        assert_eq!(
+            (&p["force"], &p["reason"]),
+            (&serde_json::json!(true), &serde_json::json!("cve-fix"))
+        );
         let (k, p) = params(parse("drill ns=media etcd").expect("drill"));
         assert_eq!(k, JobKind::RESTORE_DRILL);
         assert_eq!(p["etcd"], true);
@@ -605,6 +611,13 @@ mod tests {
             ("upgrade talos banana", "\"banana\""),
             ("upgrade kubernetes 1.30.0", "\"kubernetes\""),
             ("upgrade talos", "needs a version"),
+            ("upgrade talos v1.13.2 force=true", "needs reason"),
+            (
+                "upgrade talos v1.13.2 force=yes reason=x",
+                "only force=true",
+            ),
+            ("upgrade talos v1.13.2 reason=x", "goes with force=true"),
+            ("upgrade talos v1.13.2 force=true reason=a;b", "';'"),
             ("job", "needs a job id"),
             ("job 123", "\"123\""),
             ("jobs limit=0", "limit"),

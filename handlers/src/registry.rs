@@ -112,7 +112,10 @@ mod tests {
             &mut configs,
             serde_json::from_str(r#"{"timeout":"1s"}"#).expect("restore_drill defaults"),
         );
-        crate::upgrade::SECTION.set(&mut configs, crate::upgrade::Config { timeout: quick() });
+        crate::upgrade::SECTION.set(
+            &mut configs,
+            serde_json::from_str(r#"{"schematic":"s","timeout":"1s"}"#).expect("upgrade"),
+        );
         crate::acceptance::SECTION
             .set(&mut configs, crate::acceptance::Config { timeout: quick() });
         crate::backup::SECTION.set(

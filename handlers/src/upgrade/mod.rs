@@ -5,6 +5,7 @@
 
 pub mod plan;
 pub mod policy;
+pub mod window;
 
 use serde::Deserialize;
 
@@ -17,12 +18,63 @@ use crate::settings::HumanDuration;
 /// `[upgrade]`
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
+    /// The installer image repository; the image is `<installer>/<schematic>:<version>`.
+    #[serde(default = "default_installer")]
+    pub installer: String,
+    /// The Image Factory schematic id (extensions, kernel arguments).
+    pub schematic: String,
+    /// Workers upgraded at once, after the canary worker.
+    #[serde(default = "default_max_parallel")]
+    pub max_parallel: usize,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: HumanDuration,
+    /// A node back, Ready, on the new version.
+    #[serde(default = "default_node_timeout")]
+    pub node_timeout: HumanDuration,
+    /// The newest good etcd snapshot must be younger; else the job takes and verifies one.
+    #[serde(default = "default_snapshot_max_age")]
+    pub snapshot_max_age: HumanDuration,
+    /// After the canary worker, before the rest.
+    #[serde(default = "default_soak")]
+    pub soak: HumanDuration,
+    /// When upgrades may run; absent: any time.
+    #[serde(default)]
+    pub window: Option<window::Window>,
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
 }
 
+fn default_installer() -> String {
+    "factory.talos.dev/installer".to_string()
+}
+fn default_max_parallel() -> usize {
+    1
+}
+fn default_drain_timeout() -> HumanDuration {
+    HumanDuration::from_secs(600)
+}
+fn default_node_timeout() -> HumanDuration {
+    HumanDuration::from_secs(900)
+}
+fn default_snapshot_max_age() -> HumanDuration {
+    HumanDuration::from_secs(3600)
+}
+fn default_soak() -> HumanDuration {
+    HumanDuration::from_secs(600)
+}
 fn default_timeout() -> HumanDuration {
     HumanDuration::from_secs(14400)
+}
+
+impl Config {
+    /// The installer image of `version`.
+    pub fn image(&self, version: &str) -> String {
+        format!(
+            "{}/{}:{version}",
+            self.installer.trim_end_matches('/'),
+            self.schematic
+        )
+    }
 }
 
 pub const SECTION: Section<Config> = Section::new("upgrade");
@@ -35,7 +87,7 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     verbs: &[Verb {
         name: "upgrade",
         aliases: &[],
-        usage: "upgrade talos <version> [nodes=a,b]",
+        usage: "upgrade talos <version> [nodes=a,b] [force=true reason=<word>]",
         summary: "rolling Talos upgrade with drain and health gates",
         kind: Some(KIND),
         params: Some(params),
@@ -67,6 +119,40 @@ fn params(args: &mut Args) -> Result<serde_json::Map<String, serde_json::Value>,
             .map(|n| command::validate_node(n).map(Value::from))
             .collect::<Result<Vec<_>, _>>()?;
         params.insert("nodes".into(), Value::Array(list));
+    }
+    // Outside the window only with a reason, which the record keeps with the requester.
+    let force = args.take("force");
+    let reason = args.take("reason");
+    match (force.as_deref(), reason) {
+        (None, None) => {}
+        (Some("true"), Some(reason)) => {
+            params.insert("force".into(), Value::from(true));
+            params.insert(
+                "reason".into(),
+                Value::from(command::validate_label("reason", &reason)?),
+            );
+        }
+        (Some("true"), None) => {
+            return Err(CommandError::Invalid {
+                name: "force".into(),
+                value: "true".into(),
+                reason: "force=true needs reason=<word>: why the window is overridden".into(),
+            });
+        }
+        (Some(other), _) => {
+            return Err(CommandError::Invalid {
+                name: "force".into(),
+                value: command::clip(other),
+                reason: "only force=true is meaningful".into(),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(CommandError::Invalid {
+                name: "reason".into(),
+                value: String::new(),
+                reason: "reason= goes with force=true".into(),
+            });
+        }
     }
     Ok(params)
 }
