@@ -21,7 +21,9 @@ pub struct Config {
     /// The installer image repository; the image is `<installer>/<schematic>:<version>`.
     #[serde(default = "default_installer")]
     pub installer: String,
-    /// The Image Factory schematic id (extensions, kernel arguments).
+    /// The Image Factory schematic id (extensions, kernel arguments); needed to run an
+    /// upgrade, not to read the section.
+    #[serde(default)]
     pub schematic: String,
     /// Workers upgraded at once, after the canary worker.
     #[serde(default = "default_max_parallel")]
