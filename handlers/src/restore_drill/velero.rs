@@ -258,16 +258,14 @@ impl Drill<'_> {
         for name in &removed {
             self.wait_gone(&namespaces, name).await?;
         }
-        for (kind, plural) in [("Restore", "restores")] {
-            let api = self.velero(kind, plural);
-            let old = api
-                .list(&ListParams::default().labels(&selector))
-                .await
-                .map_err(|e| format!("listing leftover drill restores: {e}"))?;
-            for r in old.items {
-                if let Some(name) = r.metadata.name {
-                    delete_quietly(&api, &name).await?;
-                }
+        let restores = self.velero("Restore", "restores");
+        let old = restores
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| format!("listing leftover drill restores: {e}"))?;
+        for r in old.items {
+            if let Some(name) = r.metadata.name {
+                delete_quietly(&restores, &name).await?;
             }
         }
         let config_maps: Api<ConfigMap> =
@@ -391,10 +389,9 @@ impl Drill<'_> {
                     if let Some(n) = status["errors"].as_u64().filter(|n| *n > 0) {
                         why.push_str(&format!(" with {n} error(s)"));
                     }
-                    for key in ["failureReason"] {
-                        if let Some(reason) = status[key].as_str().filter(|r| !r.is_empty()) {
-                            why.push_str(&format!(": {reason}"));
-                        }
+                    if let Some(reason) = status["failureReason"].as_str().filter(|r| !r.is_empty())
+                    {
+                        why.push_str(&format!(": {reason}"));
                     }
                     if let Some(list) = status["validationErrors"].as_array() {
                         let errors: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
@@ -422,44 +419,46 @@ impl Drill<'_> {
 
     /// What of the scratch namespace is not ready yet, once everything is listed.
     async fn readiness(&self) -> Result<Vec<Readiness>, String> {
-        let ns = &self.scratch;
-        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
-        let statefulsets: Api<StatefulSet> = Api::namespaced(self.client.clone(), ns);
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
-        let lp = ListParams::default();
-        let mut all = Vec::new();
-        let name = |m: &kube::api::ObjectMeta| m.name.clone().unwrap_or_default();
-        for d in deployments
-            .list(&lp)
-            .await
-            .map_err(|e| format!("listing deployments: {e}"))?
-        {
-            all.push(Readiness {
-                what: format!("Deployment {}", name(&d.metadata)),
-                ready: deployment_ready(&d),
-            });
-        }
-        for s in statefulsets
-            .list(&lp)
-            .await
-            .map_err(|e| format!("listing statefulsets: {e}"))?
-        {
-            all.push(Readiness {
-                what: format!("StatefulSet {}", name(&s.metadata)),
-                ready: statefulset_ready(&s),
-            });
-        }
-        for p in claims
-            .list(&lp)
-            .await
-            .map_err(|e| format!("listing persistentvolumeclaims: {e}"))?
-        {
-            all.push(Readiness {
-                what: format!("PersistentVolumeClaim {}", name(&p.metadata)),
-                ready: pvc_bound(&p),
-            });
-        }
+        let mut all = self
+            .readiness_of::<Deployment>("Deployment", deployment_ready)
+            .await?;
+        all.extend(
+            self.readiness_of::<StatefulSet>("StatefulSet", statefulset_ready)
+                .await?,
+        );
+        all.extend(
+            self.readiness_of::<PersistentVolumeClaim>("PersistentVolumeClaim", pvc_bound)
+                .await?,
+        );
         Ok(all)
+    }
+
+    /// Each object of kind `K` in the scratch namespace, and whether `ready` holds for it.
+    async fn readiness_of<K>(
+        &self,
+        kind: &str,
+        ready: fn(&K) -> bool,
+    ) -> Result<Vec<Readiness>, String>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), &self.scratch);
+        let list = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| format!("listing {kind}s: {e}"))?;
+        Ok(list
+            .items
+            .iter()
+            .map(|o| Readiness {
+                what: format!("{kind} {}", o.meta().name.clone().unwrap_or_default()),
+                ready: ready(o),
+            })
+            .collect())
     }
 
     /// Waits until every Deployment and StatefulSet is available and every PVC bound.

@@ -27,6 +27,15 @@ fn pull_request(number: u64, sha: &str, association: &str, head_repo: &str) -> V
     serde_json::to_vec(&p).expect("json")
 }
 
+/// A webhook answered `200 {"ignored": ...}` with `why` in the reason.
+fn assert_ignored(status: u16, reply: &Value, why: &str) {
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["ignored"].as_str().unwrap_or_default().contains(why),
+        "{reply}"
+    );
+}
+
 fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
@@ -86,23 +95,9 @@ TF_VAR_api_token = "env:TEST_PLAN_TOKEN"
     let head = lab.repo.commit("Probe the credentials");
 
     let (status, reply) = lab.pull_request(7, &head, "OWNER", "someone/infra").await;
-    assert_eq!(status, 200, "{reply}");
-    assert!(
-        reply["ignored"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("fork"),
-        "{reply}"
-    );
+    assert_ignored(status, &reply, "fork");
     let (status, reply) = lab.pull_request(8, &head, "CONTRIBUTOR", "lab/infra").await;
-    assert_eq!(status, 200, "{reply}");
-    assert!(
-        reply["ignored"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("CONTRIBUTOR"),
-        "{reply}"
-    );
+    assert_ignored(status, &reply, "CONTRIBUTOR");
     // No job, and nothing fetched: the agent has no copy of the repository at all.
     assert!(all_records(&lab.client).await.is_empty());
     let cache = lab.agent.dir.path().join("reconcile");
@@ -240,7 +235,7 @@ impl Lab {
         post_webhook(
             &self.agent.http,
             event,
-            &format!("comment-{id}-{}", rand_suffix()),
+            &format!("comment-{id}-{}", infraflux_handlers::new_job_id()),
             &comment_payload(event, id, login, body, on),
         )
         .await
@@ -254,10 +249,6 @@ impl Lab {
             .filter(|b| b.contains("infraflux:approval"))
             .collect()
     }
-}
-
-fn rand_suffix() -> String {
-    infraflux_handlers::new_job_id()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,25 +266,11 @@ async fn approval_comments_from_a_non_approver_the_pusher_and_an_approver() {
     let (status, reply) = lab
         .comment("commit_comment", 501, "mallory", &command, &c1)
         .await;
-    assert_eq!(status, 200, "{reply}");
-    assert!(
-        reply["ignored"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("not one of [reconcile] approvers"),
-        "{reply}"
-    );
+    assert_ignored(status, &reply, "not one of [reconcile] approvers");
     let (status, reply) = lab
         .comment("commit_comment", 502, "alice", &command, &c1)
         .await;
-    assert_eq!(status, 200, "{reply}");
-    assert!(
-        reply["ignored"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("two-person rule"),
-        "{reply}"
-    );
+    assert_ignored(status, &reply, "two-person rule");
     let answers = lab.answers();
     assert_eq!(answers.len(), 2, "{answers:?}");
     assert!(
@@ -375,25 +352,14 @@ async fn without_approvers_github_write_permission_decides_and_chatops_approvals
         let (status, reply) = lab
             .comment("commit_comment", id, login, &command, &c1)
             .await;
-        assert_eq!(status, 200, "{reply}");
-        assert!(
-            reply["ignored"].as_str().unwrap_or_default().contains(why),
-            "{reply}"
-        );
+        assert_ignored(status, &reply, why);
     }
     // A plan of another commit is not approved from this one.
     let elsewhere = "0123456789abcdef0123456789abcdef01234567";
     let (status, reply) = lab
         .comment("commit_comment", 603, "dave", &command, elsewhere)
         .await;
-    assert_eq!(status, 200, "{reply}");
-    assert!(
-        reply["ignored"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("not of commit"),
-        "{reply}"
-    );
+    assert_ignored(status, &reply, "not of commit");
 
     let (status, reply) = lab
         .comment("commit_comment", 604, "dave", &command, &c1)
@@ -503,7 +469,7 @@ impl Lab {
         headers.insert("X-GitHub-Event", event);
         headers.insert(
             "Nats-Msg-Id",
-            format!("actions-{id}-{}", rand_suffix()).as_str(),
+            format!("actions-{id}-{}", infraflux_handlers::new_job_id()).as_str(),
         );
         let reply = self
             .client
