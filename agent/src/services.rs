@@ -59,15 +59,15 @@ pub async fn build(
         },
         None => None,
     };
-    let kube = match infraflux_handlers::clients::KUBERNETES.get(&config.handlers) {
+    let (kube, kube_config) = match infraflux_handlers::clients::KUBERNETES.get(&config.handlers) {
         Some(section) => match kube_client(section, env).await {
-            Ok(c) => Some(c),
+            Ok((client, config)) => (Some(client), Some(config)),
             Err(e) => {
                 problems.push("kubernetes.kubeconfig", e);
-                None
+                (None, None)
             }
         },
-        None => None,
+        None => (None, None),
     };
     if let Some(talos) = infraflux_handlers::clients::TALOS.get(&config.handlers)
         && let Err(e) = check_talosconfig(talos, secrets)
@@ -88,6 +88,7 @@ pub async fn build(
         secrets: secrets.clone(),
         github,
         kube,
+        kube_config,
         talos: infraflux_handlers::clients::TALOS
             .get(&config.handlers)
             .cloned(),
@@ -112,11 +113,12 @@ pub async fn build(
     })
 }
 
-/// A client for `[kubernetes]`: its kubeconfig, else `$KUBECONFIG`, else in-cluster.
+/// A client for `[kubernetes]`: its kubeconfig, else `$KUBECONFIG`, else in-cluster; and the
+/// config it was built from, for clients with another stack.
 async fn kube_client(
     section: &infraflux_handlers::clients::KubernetesConfig,
     env: &HashMap<String, String>,
-) -> Result<kube::Client, String> {
+) -> Result<(kube::Client, kube::Config), String> {
     let path = section
         .kubeconfig
         .clone()
@@ -143,7 +145,8 @@ async fn kube_client(
         None => kube::Config::incluster()
             .map_err(|e| format!("no kubeconfig given and not in a cluster: {e}"))?,
     };
-    kube::Client::try_from(config).map_err(|e| e.to_string())
+    let client = kube::Client::try_from(config.clone()).map_err(|e| e.to_string())?;
+    Ok((client, config))
 }
 
 /// Reads and parses the talosconfig once at start, so a missing or broken one stops the agent

@@ -18,6 +18,9 @@ pub struct Context {
     pub secrets: Secrets,
     pub github: Option<GitHub>,
     pub kube: Option<kube::Client>,
+    /// What `kube` was built from, for clients with another stack (evictions answered without
+    /// the default client's retries: [`crate::upgrade::kube::Evictor`]).
+    pub kube_config: Option<kube::Config>,
     /// `[talos]`, when present.
     pub talos: Option<TalosConfig>,
     /// `[s3]`, when present.

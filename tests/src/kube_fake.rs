@@ -1,6 +1,8 @@
 //! A fake Kubernetes API that speaks the real HTTP/JSON shapes: Argo CD Applications, Velero
 //! objects and the core and apps resources a restore drill touches, with small controllers
-//! standing in for Argo CD, Velero and the kubelet.
+//! standing in for Argo CD, Velero and the kubelet; and for a rolling upgrade, Nodes, Pods on
+//! them, PodDisruptionBudgets and the eviction subresource, with the ReplicaSet and StatefulSet
+//! controllers and the scheduler replacing evicted pods.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -41,6 +43,8 @@ struct KubeState {
     hold_restores: bool,
     /// What a GET through the service proxy answers.
     proxy_status: u16,
+    /// Evicted pods stay terminating (on their node, with a deletionTimestamp) while set.
+    hold_pod_termination: bool,
 }
 
 #[derive(Clone)]
@@ -74,6 +78,13 @@ impl FakeKube {
             .route(
                 "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
                 any(kube_object),
+            )
+            .route("/api/v1/nodes", any(core_nodes))
+            .route("/api/v1/nodes/{name}", any(core_node))
+            .route("/api/v1/pods", any(core_all_pods))
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}/eviction",
+                any(pod_eviction),
             )
             .route("/api/v1/namespaces", any(core_namespaces))
             .route("/api/v1/namespaces/{name}", any(core_namespace))
@@ -136,6 +147,7 @@ impl FakeKube {
                     workload_controller(key, obj, never);
                 }
                 restore_controller(&mut st);
+                pod_controller(&mut st);
             }
         });
         let _ = namespace;
@@ -299,6 +311,221 @@ impl FakeKube {
         self.add_object("backupstoragelocations", namespace, name, bsl);
     }
 
+    /// A Talos node: the control-plane role label when `control_plane`, Ready, its
+    /// `InternalIP`, and `status.nodeInfo` with the kubelet's version and Talos's in the OS
+    /// image (`Talos (v1.12.5)`).
+    pub fn add_node(
+        &self,
+        name: &str,
+        control_plane: bool,
+        internal_ip: &str,
+        talos_version: &str,
+        kubelet_version: &str,
+    ) {
+        let mut labels = json!({
+            "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+        });
+        let mut spec = json!({"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24"]});
+        if control_plane {
+            labels["node-role.kubernetes.io/control-plane"] = json!("");
+            // Talos's default: workloads stay off control planes.
+            spec["taints"] =
+                json!([{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]);
+        }
+        let now = Utc::now().to_rfc3339();
+        let condition = |kind: &str, status: &str, reason: &str, message: &str| {
+            json!({"type": kind, "status": status, "reason": reason, "message": message,
+                   "lastHeartbeatTime": now, "lastTransitionTime": now})
+        };
+        let node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "uid": format!("uid-node-{name}"), "resourceVersion": "1",
+                         "creationTimestamp": now, "labels": labels, "annotations": {}},
+            "spec": spec,
+            "status": {
+                "conditions": [
+                    condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+                    condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+                    condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+                    condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+                ],
+                "addresses": [{"type": "InternalIP", "address": internal_ip}, {"type": "Hostname", "address": name}],
+                "nodeInfo": {
+                    "architecture": "amd64", "bootID": format!("boot-{name}"), "containerRuntimeVersion": "containerd://2.1.4",
+                    "kernelVersion": "6.12.48-talos", "kubeProxyVersion": "", "kubeletVersion": kubelet_version,
+                    "machineID": format!("machine-{name}"), "operatingSystem": "linux",
+                    "osImage": format!("Talos ({talos_version})"), "systemUUID": format!("uuid-{name}"),
+                },
+            },
+        });
+        self.add_object("nodes", "", name, node);
+    }
+
+    fn update_node(&self, name: &str, change: impl FnOnce(&mut Value)) {
+        let mut st = self.lock();
+        if let Some(node) = st.objects.get_mut(&object_key("nodes", "", name)) {
+            change(node);
+            bump_resource_version(node);
+        }
+    }
+
+    /// The node's `Ready` condition: `True`, or `False` (a rebooting node).
+    pub fn set_node_ready(&self, name: &str, ready: bool) {
+        self.update_node(name, |node| {
+            for c in node["status"]["conditions"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+            {
+                if c["type"] == "Ready" {
+                    c["status"] = json!(if ready { "True" } else { "False" });
+                    c["reason"] = json!(if ready {
+                        "KubeletReady"
+                    } else {
+                        "KubeletNotReady"
+                    });
+                    c["lastTransitionTime"] = json!(Utc::now().to_rfc3339());
+                }
+            }
+        });
+    }
+
+    /// Talos `version` in the node's OS image, as after an upgrade.
+    pub fn set_node_talos(&self, name: &str, version: &str) {
+        self.update_node(name, |node| {
+            node["status"]["nodeInfo"]["osImage"] = json!(format!("Talos ({version})"));
+        });
+    }
+
+    /// `spec.unschedulable`, set as a person with kubectl would (no annotation).
+    pub fn set_node_unschedulable(&self, name: &str, unschedulable: bool) {
+        self.update_node(name, |node| {
+            node["spec"]["unschedulable"] = json!(unschedulable);
+        });
+    }
+
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.object("nodes", "", name)
+    }
+
+    /// A Running pod on `node`. `owner_kind` is its controller: `ReplicaSet`, `StatefulSet`
+    /// or `DaemonSet` (named after the pod without its last `-suffix`), or `Node` for a
+    /// static pod's mirror (owned by the node, with the `kubernetes.io/config.mirror`
+    /// annotation); `None` for a bare pod.
+    pub fn add_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        labels: Value,
+        owner_kind: Option<&str>,
+    ) {
+        let mut metadata = json!({
+            "name": name, "namespace": namespace, "uid": format!("uid-pod-{namespace}-{name}"),
+            "resourceVersion": "1", "creationTimestamp": Utc::now().to_rfc3339(), "labels": labels,
+        });
+        match owner_kind {
+            Some("Node") => {
+                metadata["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "Node", "name": node,
+                    "uid": format!("uid-node-{node}"), "controller": true}]);
+                metadata["annotations"] = json!({
+                    "kubernetes.io/config.mirror": format!("mirror-{name}"),
+                    "kubernetes.io/config.source": "file",
+                });
+            }
+            Some(kind) => {
+                let owner = name.rsplit_once('-').map_or(name, |(owner, _)| owner);
+                metadata["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": kind, "name": owner,
+                    "uid": format!("uid-{}-{owner}", kind.to_lowercase()), "controller": true, "blockOwnerDeletion": true}]);
+            }
+            None => {}
+        }
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "registry.example/app:1"}],
+                     "restartPolicy": "Always", "terminationGracePeriodSeconds": 30},
+            "status": running_status(),
+        });
+        self.add_object("pods", namespace, name, pod);
+    }
+
+    /// The pod's `status.phase` (`Succeeded`, `Failed`: a finished pod).
+    pub fn set_pod_phase(&self, namespace: &str, name: &str, phase: &str) {
+        if let Some(pod) = self
+            .lock()
+            .objects
+            .get_mut(&object_key("pods", namespace, name))
+        {
+            pod["status"]["phase"] = json!(phase);
+            bump_resource_version(pod);
+        }
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.object("pods", namespace, name)
+    }
+
+    /// The pods bound to `node` (terminating ones included), as `namespace/name`.
+    pub fn pods_on(&self, node: &str) -> Vec<String> {
+        self.objects("pods")
+            .iter()
+            .filter(|p| p["spec"]["nodeName"] == node)
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p["metadata"]["namespace"].as_str().unwrap_or_default(),
+                    p["metadata"]["name"].as_str().unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    /// Evicted pods stay terminating on their node while `hold` is set.
+    pub fn hold_pod_termination(&self, hold: bool) {
+        self.lock().hold_pod_termination = hold;
+    }
+
+    /// A policy/v1 PodDisruptionBudget over the pods with `match_labels`, keeping
+    /// `min_available` of them: equal to their number, it allows no eviction at all.
+    pub fn add_pdb(&self, namespace: &str, name: &str, match_labels: Value, min_available: i64) {
+        let pdb = json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-pdb-{name}"), "resourceVersion": "1"},
+            "spec": {"minAvailable": min_available, "selector": {"matchLabels": match_labels}},
+        });
+        self.add_object("poddisruptionbudgets", namespace, name, pdb);
+    }
+
+    /// An apps/v1 DaemonSet (kube-proxy, Cilium's agent).
+    pub fn add_daemonset(&self, namespace: &str, name: &str) {
+        let labels = json!({"k8s-app": name});
+        let ds = json!({
+            "apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-ds-{name}"), "resourceVersion": "1", "labels": labels},
+            "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels},
+                     "spec": {"containers": [{"name": name, "image": format!("registry.k8s.io/{name}:v1.34.1")}]}}},
+            "status": {"currentNumberScheduled": 3, "desiredNumberScheduled": 3, "numberMisscheduled": 0, "numberReady": 3},
+        });
+        self.add_object("daemonsets", namespace, name, ds);
+    }
+
+    /// A ConfigMap with `data` (string values).
+    pub fn add_config_map(&self, namespace: &str, name: &str, data: Value) {
+        let cm = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-cm-{name}"), "resourceVersion": "1"},
+            "data": data,
+        });
+        self.add_object("configmaps", namespace, name, cm);
+    }
+
+    /// Removes an object, as a `kubectl delete` would.
+    pub fn remove_object(&self, plural: &str, namespace: &str, name: &str) {
+        self.lock()
+            .objects
+            .remove(&object_key(plural, namespace, name));
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.lock().requests.clone()
     }
@@ -313,6 +540,16 @@ impl FakeKube {
         std::fs::write(&path, text).expect("kubeconfig");
         path
     }
+}
+
+/// The object changed: its `resourceVersion` moves on.
+fn bump_resource_version(object: &mut Value) {
+    let rv = object["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1)
+        + 1;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
 }
 
 /// RFC 7386 JSON merge patch.
@@ -398,28 +635,73 @@ fn matches_selector(object: &Value, selector: Option<&str>) -> bool {
     })
 }
 
-fn label_selector(uri: &Uri) -> Option<String> {
-    uri.query()?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == "labelSelector").then(|| {
-            v.replace("%3D", "=")
-                .replace("%3d", "=")
-                .replace("%2C", ",")
-                .replace("%2c", ",")
-                .replace("%2F", "/")
-                .replace("%2f", "/")
-        })
+/// `spec.nodeName=w-1,status.phase!=Failed`: a field selector, over the object's JSON (a
+/// missing field reads as empty, as the API server's do).
+fn matches_fields(object: &Value, selector: Option<&str>) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    selector.split(',').all(|term| {
+        let (path, wanted, equal) = if let Some((p, v)) = term.split_once("!=") {
+            (p, v, false)
+        } else if let Some((p, v)) = term.split_once("==") {
+            (p, v, true)
+        } else if let Some((p, v)) = term.split_once('=') {
+            (p, v, true)
+        } else {
+            return false;
+        };
+        let actual = path
+            .trim()
+            .split('.')
+            .fold(object, |at, part| &at[part])
+            .as_str()
+            .unwrap_or_default();
+        (actual == wanted.trim()) == equal
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `%XX` escapes and `+` (form encoding, as kube-rs builds queries) decoded.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
 fn collection(
     st: &mut KubeState,
     target: &Target,
     method: &Method,
     headers: &HeaderMap,
     body: &Bytes,
-    selector: Option<&str>,
+    uri: &Uri,
 ) -> Response {
     kube_record(st, method, target.path(), headers, body);
     let (group, ns, plural) = (&target.group, &target.ns, &target.plural);
@@ -466,11 +748,22 @@ fn collection(
             (StatusCode::CREATED, axum::Json(object)).into_response()
         }
         Method::GET => {
-            let prefix = format!("{plural}/{ns}/");
+            // Without a namespace: a cluster-scoped kind, or a namespaced one in all namespaces.
+            let prefix = if ns.is_empty() {
+                format!("{plural}/")
+            } else {
+                format!("{plural}/{ns}/")
+            };
+            let labels = query_param(uri, "labelSelector");
+            let fields = query_param(uri, "fieldSelector");
             let items: Vec<Value> = st
                 .objects
                 .iter()
-                .filter(|(k, v)| k.starts_with(&prefix) && matches_selector(v, selector))
+                .filter(|(k, v)| {
+                    k.starts_with(&prefix)
+                        && matches_selector(v, labels.as_deref())
+                        && matches_fields(v, fields.as_deref())
+                })
                 .map(|(_, v)| v.clone())
                 .collect();
             axum::Json(json!({"apiVersion": target.api_version(), "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items})).into_response()
@@ -531,18 +824,25 @@ fn object(
                 );
             }
             let patch: Value = serde_json::from_slice(body).unwrap_or_default();
+            // A resourceVersion in the patch is a precondition, as the API server reads it.
+            if let Some(expected) = patch["metadata"]["resourceVersion"].as_str()
+                && object["metadata"]["resourceVersion"].as_str() != Some(expected)
+            {
+                return kube_status(
+                    409,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                    ),
+                );
+            }
             let mut patched = object.clone();
             merge(&mut patched, &patch);
             if let Some(problem) = schema_problem(group, plural, &patched) {
                 return kube_status(422, "Invalid", &problem);
             }
             *object = patched;
-            let rv = object["metadata"]["resourceVersion"]
-                .as_str()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(1)
-                + 1;
-            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            bump_resource_version(object);
             axum::Json(object.clone()).into_response()
         }
         Method::DELETE => {
@@ -568,14 +868,7 @@ async fn kube_collection(
         ns,
         plural,
     };
-    collection(
-        &mut st,
-        &target,
-        &method,
-        &headers,
-        &body,
-        label_selector(&uri).as_deref(),
-    )
+    collection(&mut st, &target, &method, &headers, &body, &uri)
 }
 
 async fn kube_object(
@@ -618,7 +911,7 @@ async fn core_namespaces(
         &method,
         &headers,
         &body,
-        label_selector(&uri).as_deref(),
+        &uri,
     )
 }
 
@@ -649,14 +942,7 @@ async fn core_collection(
     body: Bytes,
 ) -> Response {
     let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
-    collection(
-        &mut st,
-        &core(&ns, &plural),
-        &method,
-        &headers,
-        &body,
-        label_selector(&uri).as_deref(),
-    )
+    collection(&mut st, &core(&ns, &plural), &method, &headers, &body, &uri)
 }
 
 async fn core_object(
@@ -675,6 +961,389 @@ async fn core_object(
         &headers,
         &body,
     )
+}
+
+async fn core_nodes(
+    State(s): KubeShared,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    collection(&mut st, &core("", "nodes"), &method, &headers, &body, &uri)
+}
+
+async fn core_node(
+    State(s): KubeShared,
+    Path(name): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    object(&mut st, &core("", "nodes"), &name, &method, &headers, &body)
+}
+
+/// Pods of every namespace (`GET /api/v1/pods`, with label and field selectors).
+async fn core_all_pods(
+    State(s): KubeShared,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    if method != Method::GET {
+        return kube_status(405, "MethodNotAllowed", "method not allowed");
+    }
+    collection(&mut st, &core("", "pods"), &method, &headers, &body, &uri)
+}
+
+/// `POST /api/v1/namespaces/{ns}/pods/{name}/eviction` with a policy/v1 Eviction.
+async fn pod_eviction(
+    State(s): KubeShared,
+    Path((ns, name)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let path = format!("/api/v1/namespaces/{ns}/pods/{name}/eviction");
+    kube_record(&mut st, &method, path, &headers, &body);
+    if method != Method::POST {
+        return kube_status(405, "MethodNotAllowed", "method not allowed");
+    }
+    let eviction: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return kube_status(400, "BadRequest", &e.to_string()),
+    };
+    if eviction["kind"].as_str().is_some_and(|k| k != "Eviction") {
+        return kube_status(400, "BadRequest", "the body is not an Eviction");
+    }
+    if eviction["metadata"]["name"].as_str() != Some(name.as_str()) {
+        return kube_status(
+            400,
+            "BadRequest",
+            "name in URL does not match name in Eviction object",
+        );
+    }
+    evict(&mut st, &ns, &name)
+}
+
+fn is_terminal_pod(pod: &Value) -> bool {
+    matches!(
+        pod["status"]["phase"].as_str(),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+fn is_deleting(object: &Value) -> bool {
+    object["metadata"]["deletionTimestamp"].is_string()
+}
+
+/// Running and Ready, not on its way out: what a disruption budget counts as healthy.
+fn is_healthy_pod(pod: &Value) -> bool {
+    let ready = pod["status"]["conditions"].as_array().is_none_or(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    });
+    pod["status"]["phase"] == "Running" && ready && !is_deleting(pod)
+}
+
+/// A `metav1.LabelSelector` over `labels`: matchLabels and matchExpressions. An empty selector
+/// selects everything (policy/v1), a missing one nothing.
+fn selector_matches(selector: &Value, labels: &Value) -> bool {
+    if !selector.is_object() {
+        return false;
+    }
+    let match_labels = selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels[k] == *v);
+    let expressions = selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            let key = e["key"].as_str().unwrap_or_default();
+            let value = labels.get(key);
+            let values = e["values"].as_array().cloned().unwrap_or_default();
+            match e["operator"].as_str() {
+                Some("In") => value.is_some_and(|v| values.contains(v)),
+                Some("NotIn") => value.is_none_or(|v| !values.contains(v)),
+                Some("Exists") => value.is_some(),
+                Some("DoesNotExist") => value.is_none(),
+                _ => false,
+            }
+        });
+    match_labels && expressions
+}
+
+/// An int-or-string budget field: `2`, or `"50%"` of `of`, rounded up.
+fn scaled(value: &Value, of: i64) -> Option<i64> {
+    if let Some(n) = value.as_i64() {
+        return Some(n);
+    }
+    let percent: i64 = value.as_str()?.strip_suffix('%')?.parse().ok()?;
+    Some((percent * of + 99) / 100)
+}
+
+/// A budget's pods now: (healthy, desired healthy), as the disruption controller computes
+/// them, with the pods that exist standing in for the controller's scale.
+fn budget_health(st: &KubeState, ns: &str, pdb: &Value) -> (i64, i64) {
+    let prefix = format!("pods/{ns}/");
+    let pods: Vec<&Value> = st
+        .objects
+        .iter()
+        .filter(|(k, p)| {
+            k.starts_with(&prefix)
+                && !is_terminal_pod(p)
+                && !is_deleting(p)
+                && selector_matches(&pdb["spec"]["selector"], &p["metadata"]["labels"])
+        })
+        .map(|(_, p)| p)
+        .collect();
+    let expected = i64::try_from(pods.len()).unwrap_or(i64::MAX);
+    let healthy = i64::try_from(pods.iter().filter(|p| is_healthy_pod(p)).count()).unwrap_or(0);
+    let spec = &pdb["spec"];
+    let desired = if let Some(min) = scaled(&spec["minAvailable"], expected) {
+        min
+    } else if let Some(max) = scaled(&spec["maxUnavailable"], expected) {
+        expected - max
+    } else {
+        // Neither: the API server defaults minAvailable to 1.
+        1
+    };
+    (healthy, desired.max(0))
+}
+
+/// The API server's eviction: refused (429) when the pod's disruption budget allows no
+/// disruption, else the pod starts terminating and its controller replaces it.
+fn evict(st: &mut KubeState, ns: &str, name: &str) -> Response {
+    let key = object_key("pods", ns, name);
+    let Some(pod) = st.objects.get(&key).cloned() else {
+        return kube_status(404, "NotFound", &format!("pods \"{name}\" not found"));
+    };
+    let accepted = || {
+        (
+            StatusCode::CREATED,
+            axum::Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})),
+        )
+            .into_response()
+    };
+    // Terminating already, or finished: no budget to honour.
+    if is_deleting(&pod) {
+        return accepted();
+    }
+    if !is_terminal_pod(&pod) {
+        let budgets: Vec<(String, Value)> = st
+            .objects
+            .iter()
+            .filter(|(k, b)| {
+                k.starts_with(&format!("poddisruptionbudgets/{ns}/"))
+                    && selector_matches(&b["spec"]["selector"], &pod["metadata"]["labels"])
+            })
+            .map(|(_, b)| {
+                (
+                    b["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    b.clone(),
+                )
+            })
+            .collect();
+        if budgets.len() > 1 {
+            return kube_status(
+                500,
+                "InternalError",
+                "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+            );
+        }
+        if let Some((budget, pdb)) = budgets.first() {
+            let (healthy, desired) = budget_health(st, ns, pdb);
+            // An unhealthy pod may go while the budget is met (IfHealthyBudget, the default).
+            let refused = if is_healthy_pod(&pod) {
+                healthy - desired <= 0
+            } else {
+                healthy < desired
+            };
+            if refused {
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    axum::Json(json!({
+                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": "Cannot evict pod as it would violate the pod's disruption budget.",
+                        "reason": "TooManyRequests",
+                        "details": {"causes": [{"reason": "DisruptionBudget", "message": format!("The disruption budget {budget} needs {desired} healthy pods and has {healthy} currently")}]},
+                        "code": 429,
+                    })),
+                )
+                    .into_response();
+            }
+        }
+    }
+    if let Some(pod) = st.objects.get_mut(&key) {
+        pod["metadata"]["deletionTimestamp"] = json!(Utc::now().to_rfc3339());
+        pod["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+        bump_resource_version(pod);
+    }
+    // A ReplicaSet replaces a terminating pod at once, under a new name; a StatefulSet waits
+    // until it is gone to create it again under the same name (see `pod_controller`).
+    if controller_kind(&pod) == Some("ReplicaSet") {
+        let owner = pod["metadata"]["ownerReferences"][0]["name"]
+            .as_str()
+            .unwrap_or(name)
+            .to_string();
+        st.next_uid += 1;
+        let replacement_name = format!("{owner}-r{:04}", st.next_uid);
+        let replacement = replacement(st, &pod, &replacement_name);
+        st.objects
+            .insert(object_key("pods", ns, &replacement_name), replacement);
+    }
+    accepted()
+}
+
+fn controller_kind(pod: &Value) -> Option<&str> {
+    pod["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|o| o["controller"] == true)?["kind"]
+        .as_str()
+}
+
+/// `pod` tolerates every NoSchedule and NoExecute taint of `node`.
+fn tolerates(pod: &Value, node: &Value) -> bool {
+    let tolerations = pod["spec"]["tolerations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    node["spec"]["taints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["effect"] != "PreferNoSchedule")
+        .all(|taint| {
+            tolerations.iter().any(|t| {
+                let key_fits = t["key"].is_null() || t["key"] == taint["key"];
+                let value_fits = t["operator"] == "Exists" || t["value"] == taint["value"];
+                let effect_fits = t["effect"].is_null() || t["effect"] == taint["effect"];
+                key_fits && value_fits && effect_fits
+            })
+        })
+}
+
+/// The scheduler's choice for `pod`: a Ready, schedulable node whose taints it tolerates,
+/// with the fewest pods (then by name).
+fn schedule(st: &KubeState, pod: &Value) -> Option<String> {
+    let load = |node: &str| {
+        st.objects
+            .iter()
+            .filter(|(k, p)| k.starts_with("pods/") && p["spec"]["nodeName"] == node)
+            .count()
+    };
+    st.objects
+        .iter()
+        .filter(|(k, n)| {
+            k.starts_with("nodes/")
+                && n["spec"]["unschedulable"] != true
+                && tolerates(pod, n)
+                && n["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+        })
+        .filter_map(|(_, n)| n["metadata"]["name"].as_str())
+        .min_by_key(|name| (load(name), name.to_string()))
+        .map(str::to_string)
+}
+
+/// A pod `name` made from `template` (the pod it replaces), placed by [`schedule`]: Running
+/// there, or Pending with no node when none fits.
+fn replacement(st: &mut KubeState, template: &Value, name: &str) -> Value {
+    let mut pod = template.clone();
+    st.next_uid += 1;
+    if let Some(meta) = pod["metadata"].as_object_mut() {
+        meta.remove("deletionTimestamp");
+        meta.remove("deletionGracePeriodSeconds");
+        meta.insert("name".into(), json!(name));
+        meta.insert("uid".into(), json!(format!("uid-{}", st.next_uid)));
+        meta.insert("resourceVersion".into(), json!("1"));
+        meta.insert("creationTimestamp".into(), json!(Utc::now().to_rfc3339()));
+    }
+    place(st, &mut pod);
+    pod
+}
+
+/// Binds `pod` to a node and runs it, or leaves it Pending and unscheduled.
+fn place(st: &KubeState, pod: &mut Value) {
+    match schedule(st, pod) {
+        Some(node) => {
+            pod["spec"]["nodeName"] = json!(node);
+            pod["status"] = running_status();
+        }
+        None => {
+            if let Some(spec) = pod["spec"].as_object_mut() {
+                spec.remove("nodeName");
+            }
+            pod["status"] = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/0 nodes are available: no node is Ready and schedulable."}]});
+        }
+    }
+}
+
+fn running_status() -> Value {
+    let now = Utc::now().to_rfc3339();
+    json!({"phase": "Running", "startTime": now, "conditions": [
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+        {"type": "Ready", "status": "True", "lastTransitionTime": now},
+    ]})
+}
+
+/// The kubelet and the pod controllers, each tick: terminating pods are removed (unless held)
+/// and a StatefulSet's recreated under the same name; Pending pods are scheduled once a node
+/// fits.
+fn pod_controller(st: &mut KubeState) {
+    if !st.hold_pod_termination {
+        let gone: Vec<(String, Value)> = st
+            .objects
+            .iter()
+            .filter(|(k, p)| k.starts_with("pods/") && is_deleting(p))
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
+        for (key, pod) in gone {
+            st.objects.remove(&key);
+            if controller_kind(&pod) == Some("StatefulSet") {
+                let name = pod["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let again = replacement(st, &pod, &name);
+                st.objects.insert(key, again);
+            }
+        }
+    }
+    let unscheduled: Vec<String> = st
+        .objects
+        .iter()
+        .filter(|(k, p)| {
+            k.starts_with("pods/")
+                && p["spec"]["nodeName"].is_null()
+                && p["status"]["phase"] == "Pending"
+                && !is_deleting(p)
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in unscheduled {
+        let Some(mut pod) = st.objects.get(&key).cloned() else {
+            continue;
+        };
+        place(st, &mut pod);
+        if pod["spec"]["nodeName"].is_string() {
+            st.objects.insert(key, pod);
+        }
+    }
 }
 
 /// The API server's service proxy: `<name>:<port>` of a Service in the namespace answers

@@ -3,6 +3,7 @@
 //! Not available yet: the version policy ([`policy`]) and the rollout order ([`plan`]) are
 //! built; the gates, the per-node drain and upgrade, halt and resume are not.
 
+pub mod kube;
 pub mod plan;
 pub mod policy;
 pub mod window;
