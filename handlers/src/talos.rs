@@ -9,7 +9,8 @@ use base64::Engine;
 use serde::Deserialize;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-/// The API subset in `proto/`, generated at build time.
+/// The API subset in `proto/`, generated at build time: `machine` holds the machine, image
+/// (`ImageService`) and lifecycle (`LifecycleService`) services, which share that package.
 pub mod proto {
     pub mod google {
         pub mod rpc {
@@ -24,6 +25,8 @@ pub mod proto {
     }
 }
 
+use proto::machine::image_service_client::ImageServiceClient;
+use proto::machine::lifecycle_service_client::LifecycleServiceClient;
 use proto::machine::machine_service_client::MachineServiceClient;
 
 /// apid's port (`ApidPort` in Talos' constants).
@@ -129,6 +132,20 @@ pub fn endpoint_host(endpoint: &str) -> String {
     }
 }
 
+/// The port an endpoint names, if any (`10.0.0.11:50000`, `[fd00::1]:50000`; not `fd00::1`).
+pub fn endpoint_port(endpoint: &str) -> Option<u16> {
+    let e = endpoint.trim_start_matches("https://");
+    if let Some(rest) = e.strip_prefix('[') {
+        return rest
+            .split_once("]:")
+            .and_then(|(_, port)| port.parse().ok());
+    }
+    match e.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => port.parse().ok(),
+        _ => None,
+    }
+}
+
 fn endpoint_url(endpoint: &str) -> String {
     let e = endpoint.trim_start_matches("https://");
     let has_port = if e.starts_with('[') {
@@ -185,7 +202,9 @@ impl TalosClient {
         })
     }
 
-    async fn channel(&self, endpoint: &str) -> Result<Channel, TalosError> {
+    /// A mutual-TLS connection to `endpoint` (the connection attempt gives up after 10 s);
+    /// calls on it name their node with [`to_node`].
+    pub async fn channel(&self, endpoint: &str) -> Result<Channel, TalosError> {
         let err = |message: String| TalosError::Call {
             endpoint: endpoint.to_string(),
             message,
@@ -207,6 +226,19 @@ impl TalosClient {
         endpoint: &str,
     ) -> Result<MachineServiceClient<Channel>, TalosError> {
         Ok(MachineServiceClient::new(self.channel(endpoint).await?))
+    }
+
+    /// `ImageService` (Talos >= v1.13.0) through `endpoint`.
+    pub async fn images(&self, endpoint: &str) -> Result<ImageServiceClient<Channel>, TalosError> {
+        Ok(ImageServiceClient::new(self.channel(endpoint).await?))
+    }
+
+    /// `LifecycleService` (Talos >= v1.13.0) through `endpoint`.
+    pub async fn lifecycle(
+        &self,
+        endpoint: &str,
+    ) -> Result<LifecycleServiceClient<Channel>, TalosError> {
+        Ok(LifecycleServiceClient::new(self.channel(endpoint).await?))
     }
 }
 
@@ -253,6 +285,11 @@ mod tests {
         assert_eq!(endpoint_host("10.0.0.11:50000"), "10.0.0.11");
         assert_eq!(endpoint_host("[fd00::1]:50000"), "fd00::1");
         assert_eq!(endpoint_host("cp-1.lab"), "cp-1.lab");
+        assert_eq!(endpoint_port("10.0.0.11:50001"), Some(50001));
+        assert_eq!(endpoint_port("https://cp-1.lab:50000"), Some(50000));
+        assert_eq!(endpoint_port("[fd00::1]:50002"), Some(50002));
+        assert_eq!(endpoint_port("10.0.0.11"), None);
+        assert_eq!(endpoint_port("fd00::1"), None);
     }
 
     #[test]

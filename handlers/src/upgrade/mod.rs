@@ -1,11 +1,12 @@
 //! `upgrade`: a rolling Talos upgrade, one node at a time, with drain and health gates.
 //!
-//! Not available yet: the version policy ([`policy`]) and the rollout order ([`plan`]) are
-//! built; the gates, the per-node drain and upgrade, halt and resume are not.
+//! Not available yet: the version policy ([`policy`]), the rollout order ([`plan`]) and the
+//! Talos API calls ([`talos`]) are built; the gates, the per-node drain, halt and resume are not.
 
 pub mod kube;
 pub mod plan;
 pub mod policy;
+pub mod talos;
 pub mod window;
 
 use serde::Deserialize;

@@ -20,6 +20,7 @@ mod secret_scan;
 mod shutdown;
 mod trust;
 mod upgrade_kube;
+mod upgrade_talos;
 mod webhook;
 
 use std::path::PathBuf;
