@@ -346,7 +346,11 @@ impl Delivery {
             }
         };
 
-        if let Some(deferral) = handler.not_before(&self.envelope, Utc::now()) {
+        // A job that saved progress has started (a rollout half done): it resumes, never waits
+        // for the next window with a node cordoned.
+        if record.checkpoint.is_null()
+            && let Some(deferral) = handler.not_before(&self.envelope, Utc::now())
+        {
             return self.defer(deferral).await;
         }
         if record.not_before.is_some() {

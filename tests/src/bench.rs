@@ -1173,6 +1173,61 @@ pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rolling upgrade: the agent's own time per node
+
+/// A rollout of the five-node lab by an agent process; what the fake nodes spent rebooting is
+/// taken out, what is left is the agent's (and the fakes' API answers').
+pub struct UpgradeBench {
+    pub nodes: usize,
+    pub total: Duration,
+    /// The sum of the nodes' down intervals (one node down at a time).
+    pub rebooting: Duration,
+}
+
+impl UpgradeBench {
+    pub fn per_node(&self) -> Duration {
+        self.total.saturating_sub(self.rebooting) / self.nodes.max(1) as u32
+    }
+}
+
+pub async fn bench_upgrade(reboot: Duration) -> UpgradeBench {
+    use crate::upgrade_lab::{S3_ENV, TARGET, upgrade_lab};
+    let lab = upgrade_lab(["v1.12.5"; 5], "soak = \"0s\"\n").await;
+    lab.set_reboot_duration(reboot);
+    let env: Vec<(&str, String)> = S3_ENV.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    let _agent = AgentProcess::start(&lab.nats, "bench-upgrade", &lab.toml, &env).await;
+    let started = Instant::now();
+    let done = lab.run(&format!("upgrade talos {TARGET}")).await;
+    let total = started.elapsed();
+    assert_eq!(
+        done["state"], "succeeded",
+        "the benchmark's rollout failed: {done}"
+    );
+    let rebooting = lab.rebooting();
+    UpgradeBench {
+        nodes: lab.upgraded().len(),
+        total,
+        rebooting,
+    }
+}
+
+pub fn upgrade_row(b: &UpgradeBench) -> Row {
+    let per_node = b.per_node().as_secs_f64();
+    Row::new(
+        "rolling upgrade, agent time per node (5 nodes)",
+        format!("{per_node:.2} s"),
+        format!(
+            "{:.1} s rollout, {:.1} s of it rebooting",
+            b.total.as_secs_f64(),
+            b.rebooting.as_secs_f64()
+        ),
+        "—".into(),
+        "< 5 s",
+        Some(per_node < 5.0),
+    )
+}
+
 /// Run every benchmark; the table rows.
 pub async fn run_all(quick: bool) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -1398,5 +1453,8 @@ pub async fn run_all(quick: bool) -> Vec<Row> {
 
     eprintln!("bench: secret scan of 5,000 files");
     rows.push(secret_scan_row(&bench_secret_scan(5000, 5)));
+
+    eprintln!("bench: rolling upgrade of 5 fake nodes (2 s reboots)");
+    rows.push(upgrade_row(&bench_upgrade(Duration::from_secs(2)).await));
     rows
 }

@@ -12,6 +12,7 @@ pub mod nats_proxy;
 pub mod otlp;
 pub mod peers;
 pub mod talos_fake;
+pub mod upgrade_lab;
 
 use std::collections::HashMap;
 use std::net::TcpListener;

@@ -106,6 +106,77 @@ fn metadata(hostname: &str) -> Option<Metadata> {
 
 type DataStream = Pin<Box<dyn Stream<Item = Result<Data, Status>> + Send>>;
 
+/// The bytes of an etcd snapshot as `b` describes them, in chunks.
+fn snapshot_stream(b: Behaviour) -> DataStream {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Data, Status>>(4);
+    tokio::spawn(async move {
+        let send = |bytes: Vec<u8>| Data {
+            metadata: None,
+            bytes: Bytes::from(bytes),
+        };
+        let mut offset = 0u64;
+        let mut emit = |mut chunk: Vec<u8>| {
+            if let Some(flip) = b.flip_byte
+                && flip >= offset
+                && flip < offset + chunk.len() as u64
+            {
+                chunk[(flip - offset) as usize] ^= 0x01;
+            }
+            offset += chunk.len() as u64;
+            send(chunk)
+        };
+        match b.source {
+            SnapshotSource::File(path) => {
+                use tokio::io::AsyncReadExt;
+                let Ok(mut file) = tokio::fs::File::open(&path).await else {
+                    let _ = tx
+                        .send(Err(Status::internal("snapshot file missing")))
+                        .await;
+                    return;
+                };
+                loop {
+                    let mut buf = vec![0u8; b.chunk];
+                    match file.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            if tx.send(Ok(emit(buf))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            SnapshotSource::Synthetic { size } => {
+                // etcd pads its database to pages: the file is a multiple of 512, plus 32.
+                let db_len = size.saturating_sub(32) / 512 * 512;
+                let mut hasher = Sha256::new();
+                let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+                let mut produced = 0u64;
+                while produced < db_len {
+                    let n = (b.chunk as u64).min(db_len - produced) as usize;
+                    let mut buf = vec![0u8; n];
+                    // xorshift: cheap bytes that do not compress to nothing.
+                    for byte in buf.iter_mut() {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        *byte = (state >> 24) as u8;
+                    }
+                    hasher.update(&buf);
+                    produced += n as u64;
+                    if tx.send(Ok(emit(buf))).await.is_err() {
+                        return;
+                    }
+                }
+                let trailer = hasher.finalize().to_vec();
+                let _ = tx.send(Ok(emit(trailer))).await;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 #[tonic::async_trait]
 impl MachineService for Fake {
     type EtcdSnapshotStream = DataStream;
@@ -124,74 +195,7 @@ impl MachineService for Fake {
             .lock()
             .map_err(|_| Status::internal("lock"))?
             .clone();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Data, Status>>(4);
-        tokio::spawn(async move {
-            let send = |bytes: Vec<u8>| Data {
-                metadata: None,
-                bytes: Bytes::from(bytes),
-            };
-            let mut offset = 0u64;
-            let mut emit = |mut chunk: Vec<u8>| {
-                if let Some(flip) = b.flip_byte
-                    && flip >= offset
-                    && flip < offset + chunk.len() as u64
-                {
-                    chunk[(flip - offset) as usize] ^= 0x01;
-                }
-                offset += chunk.len() as u64;
-                send(chunk)
-            };
-            match b.source {
-                SnapshotSource::File(path) => {
-                    use tokio::io::AsyncReadExt;
-                    let Ok(mut file) = tokio::fs::File::open(&path).await else {
-                        let _ = tx
-                            .send(Err(Status::internal("snapshot file missing")))
-                            .await;
-                        return;
-                    };
-                    loop {
-                        let mut buf = vec![0u8; b.chunk];
-                        match file.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                buf.truncate(n);
-                                if tx.send(Ok(emit(buf))).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                }
-                SnapshotSource::Synthetic { size } => {
-                    // etcd pads its database to pages: the file is a multiple of 512, plus 32.
-                    let db_len = size.saturating_sub(32) / 512 * 512;
-                    let mut hasher = Sha256::new();
-                    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-                    let mut produced = 0u64;
-                    while produced < db_len {
-                        let n = (b.chunk as u64).min(db_len - produced) as usize;
-                        let mut buf = vec![0u8; n];
-                        // xorshift: cheap bytes that do not compress to nothing.
-                        for byte in buf.iter_mut() {
-                            state ^= state << 13;
-                            state ^= state >> 7;
-                            state ^= state << 17;
-                            *byte = (state >> 24) as u8;
-                        }
-                        hasher.update(&buf);
-                        produced += n as u64;
-                        if tx.send(Ok(emit(buf))).await.is_err() {
-                            return;
-                        }
-                    }
-                    let trailer = hasher.finalize().to_vec();
-                    let _ = tx.send(Ok(emit(trailer))).await;
-                }
-            }
-        });
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(snapshot_stream(b)))
     }
 
     async fn etcd_status(
@@ -719,11 +723,22 @@ type InstallStream =
 impl MachineService for ClusterApid {
     type EtcdSnapshotStream = DataStream;
 
+    /// A synthetic 1 MiB snapshot from a control plane that is up (the upgrade's gate).
     async fn etcd_snapshot(
         &self,
-        _request: Request<EtcdSnapshotRequest>,
+        request: Request<EtcdSnapshotRequest>,
     ) -> Result<Response<Self::EtcdSnapshotStream>, Status> {
-        Err(Status::unimplemented("not faked: see FakeTalos::start"))
+        let node = self.route(&request, "EtcdSnapshot")?;
+        if !lock(&self.state)?.nodes[node].spec.control_plane {
+            return Err(Status::unimplemented("etcd runs on control planes only"));
+        }
+        Ok(Response::new(snapshot_stream(Behaviour {
+            source: SnapshotSource::Synthetic { size: 1 << 20 },
+            flip_byte: None,
+            chunk: 64 * 1024,
+            talos_version: String::new(),
+            etcd_errors: Vec::new(),
+        })))
     }
 
     async fn etcd_status(

@@ -431,6 +431,45 @@ impl EtcdSnapshotHandler {
         Ok(manifest)
     }
 
+    /// Takes one snapshot, from the first control plane that gives a good one, verifies and
+    /// stores it with its manifest. The upgrade calls it in process: a separate snapshot job
+    /// would wait for the cluster lock the upgrade holds.
+    pub async fn take(&self, ctx: &JobContext, store: &AmazonS3) -> Result<Manifest, HandlerError> {
+        let talos = self.talos_client()?;
+        let (_, previous) = inventory(store, &self.cluster_dir()).await?;
+        let mut failures = Vec::new();
+        for (endpoint, node) in talos.targets() {
+            match self
+                .snapshot_from(ctx, &talos, &endpoint, &node, store, previous.as_ref())
+                .await
+            {
+                Ok(manifest) => return Ok(manifest),
+                Err(Attempt::Next(reason)) => {
+                    tracing::warn!(%endpoint, %reason, "Snapshot from this node failed; trying the next");
+                    ctx.progress
+                        .report(&format!("{reason}; trying the next node"))
+                        .await;
+                    failures.push(reason);
+                }
+                Err(Attempt::Cancelled) => return Err(HandlerError::Cancelled),
+                Err(Attempt::Stop(e)) => return Err(e),
+            }
+        }
+        let corrupt = failures
+            .iter()
+            .any(|f| f.contains("corrupt") || f.contains("trailer") || f.contains("empty"));
+        let message = format!(
+            "no control-plane node gave a good snapshot: {}",
+            failures.join("; ")
+        );
+        // A corrupt snapshot is not fixed by asking again at once; an unreachable node may be.
+        Err(if corrupt {
+            HandlerError::Failed(message)
+        } else {
+            HandlerError::Retryable(message)
+        })
+    }
+
     #[tracing::instrument(name = "retention", skip_all)]
     async fn prune(&self, store: &AmazonS3) -> Result<usize, HandlerError> {
         let Some(rules) = &self.config.retention else {
@@ -476,46 +515,8 @@ impl Handler for EtcdSnapshotHandler {
 
     async fn run(&self, ctx: &JobContext, _job: &JobEnvelope) -> Result<Outcome, HandlerError> {
         let started = std::time::Instant::now();
-        let talos = self.talos_client()?;
         let store = self.store()?;
-        let (_, previous) = inventory(&store, &self.cluster_dir()).await?;
-        let mut failures = Vec::new();
-        let mut done = None;
-        for (endpoint, node) in talos.targets() {
-            match self
-                .snapshot_from(ctx, &talos, &endpoint, &node, &store, previous.as_ref())
-                .await
-            {
-                Ok(m) => {
-                    done = Some(m);
-                    break;
-                }
-                Err(Attempt::Next(reason)) => {
-                    tracing::warn!(%endpoint, %reason, "Snapshot from this node failed; trying the next");
-                    ctx.progress
-                        .report(&format!("{reason}; trying the next node"))
-                        .await;
-                    failures.push(reason);
-                }
-                Err(Attempt::Cancelled) => return Err(HandlerError::Cancelled),
-                Err(Attempt::Stop(e)) => return Err(e),
-            }
-        }
-        let Some(manifest) = done else {
-            let corrupt = failures
-                .iter()
-                .any(|f| f.contains("corrupt") || f.contains("trailer") || f.contains("empty"));
-            let message = format!(
-                "no control-plane node gave a good snapshot: {}",
-                failures.join("; ")
-            );
-            // A corrupt snapshot is not fixed by asking again at once; an unreachable node may be.
-            return Err(if corrupt {
-                HandlerError::Failed(message)
-            } else {
-                HandlerError::Retryable(message)
-            });
-        };
+        let manifest = self.take(ctx, &store).await?;
         // The snapshot is stored: a pruning error must not make the job retry and take another.
         let (pruned, prune_note) = match self.prune(&store).await {
             Ok(n) => (n, format!("{n} old snapshot(s) pruned")),

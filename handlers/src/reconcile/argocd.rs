@@ -89,6 +89,20 @@ impl SyncReport {
     }
 }
 
+/// The Application's sync and health now, without asking for a sync: the upgrade's gate.
+pub async fn state(
+    client: kube::Client,
+    namespace: &str,
+    app: &str,
+) -> Result<AppState, HandlerError> {
+    let what = format!("Application {namespace}/{app}");
+    let current = applications(client, namespace)
+        .get(app)
+        .await
+        .map_err(|e| kube_error(&what, e))?;
+    Ok(AppState::of(&current))
+}
+
 /// Requests a sync of `app` and waits up to `timeout` for it to be synced and healthy.
 pub async fn sync(
     client: kube::Client,

@@ -207,6 +207,41 @@ pub async fn uncordon(client: &kube::Client, node: &str, job_id: &str) -> Result
     ))
 }
 
+/// Makes this job the owner of a cordon an earlier upgrade job left (a halted rollout run
+/// again), so this job uncordons the node when it is done. `Ok(false)` when the annotation no
+/// longer names `earlier` or the node is schedulable: nothing is taken over.
+pub async fn take_over(
+    client: &kube::Client,
+    node: &str,
+    earlier: &str,
+    job_id: &str,
+) -> Result<bool, String> {
+    let api: Api<Node> = Api::all(client.clone());
+    for _ in 0..CONFLICT_ATTEMPTS {
+        let current = read_node(&api, node).await?;
+        let view = NodeView::from(&current);
+        if !view.unschedulable || view.cordoned_by.as_deref() != Some(earlier) {
+            return Ok(false);
+        }
+        let patch = cordon_patch(
+            current.metadata.resource_version.as_deref(),
+            Value::Bool(true),
+            Value::from(job_id),
+        );
+        match api
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(e) if is_conflict(&e) => continue,
+            Err(e) => return Err(api_error(&format!("taking over {node}'s cordon"), &e)),
+        }
+    }
+    Err(format!(
+        "taking over {node}'s cordon: the Node kept changing while it was patched"
+    ))
+}
+
 /// A client for evictions that returns every answer as it comes. kube-rs's default client
 /// retries 429 (a disruption budget's refusal) with backoff for minutes, inside one call; the
 /// drain retries refusals itself, on its own clock, and reports the pods still blocked.

@@ -1,20 +1,32 @@
 //! `upgrade`: a rolling Talos upgrade, one node at a time, with drain and health gates.
 //!
-//! Not available yet: the version policy ([`policy`]), the rollout order ([`plan`]) and the
-//! Talos API calls ([`talos`]) are built; the gates, the per-node drain, halt and resume are not.
+//! The version policy ([`policy`]) and the order ([`plan`]) are pure; [`kube`] cordons, drains
+//! and watches Nodes, [`talos`] upgrades a node through the API its running version offers,
+//! [`window`] says when a rollout may start, and [`rollout`] is the job: gates, node after
+//! node, halt and resume (see `docs/upgrades.md`).
 
 pub mod kube;
 pub mod plan;
 pub mod policy;
+pub mod rollout;
 pub mod talos;
 pub mod window;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::command::{self, Args, CommandError, Verb};
-use crate::descriptor::KindDescriptor;
+use crate::context::Context;
+use crate::descriptor::{KindDescriptor, Requirement};
+use crate::handler::{Deferral, Handler, HandlerError, JobContext, LockRequest, Outcome};
+use crate::job::JobEnvelope;
 use crate::kind::JobKind;
-use crate::sections::Section;
+use crate::sections::{HandlerConfigs, Section};
 use crate::settings::HumanDuration;
 
 /// `[upgrade]`
@@ -85,7 +97,6 @@ pub const SECTION: Section<Config> = Section::new("upgrade");
 
 pub const KIND: JobKind = JobKind::UPGRADE;
 
-/// Not implemented yet: a job fails with "not available yet" (see [`crate::unavailable`]).
 pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
     kind: KIND,
     verbs: &[Verb {
@@ -97,10 +108,97 @@ pub static DESCRIPTOR: KindDescriptor = KindDescriptor {
         params: Some(params),
     }],
     config: SECTION.descriptor(),
-    requires: &[],
+    requires: &[
+        Requirement {
+            section: "kubernetes",
+            why: "nodes are listed, cordoned and drained through the Kubernetes API",
+        },
+        Requirement {
+            section: "talos",
+            why: "nodes are upgraded through the Talos API",
+        },
+        Requirement {
+            section: "etcd_snapshot",
+            why: "no upgrade starts without a fresh verified etcd snapshot",
+        },
+    ],
     option_requires: crate::descriptor::no_option_requires,
-    build: crate::unavailable::not_yet,
+    build,
 };
+
+pub struct UpgradeHandler {
+    pub config: Config,
+    pub context: Context,
+    /// Where the snapshots the gate looks for are.
+    pub snapshots: Option<crate::etcd_snapshot::Config>,
+    /// The Argo CD root app (namespace, name), shared with `[reconcile]`.
+    pub argocd: Option<(String, String)>,
+}
+
+fn build(configs: &HandlerConfigs, context: &Context) -> Option<Arc<dyn Handler>> {
+    let argocd = crate::reconcile::SECTION.get(configs).and_then(|r| {
+        r.argocd_app
+            .clone()
+            .map(|app| (r.argocd_namespace.clone(), app))
+    });
+    Some(Arc::new(UpgradeHandler {
+        config: SECTION.get(configs)?.clone(),
+        context: context.clone(),
+        snapshots: crate::etcd_snapshot::SECTION.get(configs).cloned(),
+        argocd,
+    }))
+}
+
+#[async_trait]
+impl Handler for UpgradeHandler {
+    fn kind(&self) -> JobKind {
+        KIND
+    }
+
+    /// The cluster alone: snapshots, backups and drills (read locks) wait for the rollout.
+    fn locks(&self, _job: &JobEnvelope) -> Vec<LockRequest> {
+        vec![LockRequest::write(format!(
+            "cluster:{}",
+            self.context.cluster
+        ))]
+    }
+
+    fn timeout(&self) -> Duration {
+        self.config.timeout.get()
+    }
+
+    /// Outside the window the job waits, holding nothing, unless forced.
+    fn not_before(&self, job: &JobEnvelope, now: DateTime<Utc>) -> Option<Deferral> {
+        if job.params.get("force").and_then(Value::as_bool) == Some(true) {
+            return None;
+        }
+        let window = self.config.window.as_ref()?;
+        match window.state_at(now) {
+            Ok(window::WindowState::Closed { opens_at }) => Some(Deferral {
+                until: opens_at,
+                reason: format!(
+                    "outside the upgrade window ({} for {}, {}); force=true reason=<word> overrides it",
+                    window.cron, window.duration, window.timezone
+                ),
+            }),
+            Ok(window::WindowState::Open { .. }) => None,
+            // check-config names a window that cannot fire; the job does not wait forever.
+            Err(e) => {
+                tracing::warn!(error = %e, "The upgrade window cannot be read; not waiting for it");
+                None
+            }
+        }
+    }
+
+    /// A cancel finishes the node in progress: it is drained, upgraded, back and uncordoned.
+    fn cancel_grace(&self) -> Duration {
+        self.config.drain_timeout.get() + self.config.node_timeout.get() * 2
+    }
+
+    async fn run(&self, ctx: &JobContext, job: &JobEnvelope) -> Result<Outcome, HandlerError> {
+        self.rollout(ctx, job).await
+    }
+}
 
 /// `upgrade talos <version> [nodes=a,b]`.
 fn params(args: &mut Args) -> Result<serde_json::Map<String, serde_json::Value>, CommandError> {

@@ -2,11 +2,11 @@
 //! the other workers `max_parallel` at a time. Nodes already on the target are skipped. Pure:
 //! the job reads the nodes, asks for the plan, records it in its first event and its result.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::policy::TalosVersion;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     #[serde(rename = "controlplane")]
@@ -25,7 +25,7 @@ pub struct ClusterNode {
 }
 
 /// One node of the plan, in rollout order, as the result lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedNode {
     pub name: String,
     pub role: Role,

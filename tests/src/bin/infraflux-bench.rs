@@ -8,7 +8,8 @@
 //! it is met (docs/performance.md keeps one from a real run). `infraflux-bench snapshot --size
 //! 1GiB` runs only the snapshot stream, `infraflux-bench footprint --schedules N` only the idle
 //! footprint, `infraflux-bench secret-scan --files 5000` only the secret scan of a generated
-//! repository, `infraflux-bench etcd-drill --size 1GiB` only the etcd restore drill.
+//! repository, `infraflux-bench etcd-drill --size 1GiB` only the etcd restore drill, `infraflux-bench upgrade
+//! --reboot-seconds 2` only a rolling upgrade of five fake nodes.
 
 use std::time::Duration;
 
@@ -138,6 +139,12 @@ fn main() {
             };
             bench::decrypt_file(&path("--identity"), &path("--in"), &path("--out"))
                 .unwrap_or_else(|e| panic!("decrypt: {e}"));
+        }
+        Some("upgrade") => {
+            let reboot: u64 =
+                flag("--reboot-seconds").map_or(2, |n| n.parse().expect("--reboot-seconds N"));
+            let b = runtime.block_on(bench::bench_upgrade(Duration::from_secs(reboot)));
+            bench::print_table(&[bench::upgrade_row(&b)]);
         }
         Some("secret-scan") => {
             let files: usize = flag("--files").map_or(5000, |n| n.parse().expect("--files N"));

@@ -19,6 +19,7 @@ mod schedules;
 mod secret_scan;
 mod shutdown;
 mod trust;
+mod upgrade;
 mod upgrade_kube;
 mod upgrade_talos;
 mod webhook;
