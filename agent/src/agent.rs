@@ -176,17 +176,20 @@ async fn run(
     // Everything but the runner stops as soon as shutdown starts.
     let mut background = JoinSet::new();
     let stop = shutdown.clone();
+    // Commands, GitHub events and cancel notices.
+    const SUBSCRIPTIONS: usize = 3;
+    let (subscribed, mut subscriptions) = tokio::sync::mpsc::unbounded_channel();
     background.spawn(log_failure(
         "chatops",
-        chatops::serve(app.clone(), stop.clone()),
+        chatops::serve(app.clone(), stop.clone(), subscribed.clone()),
     ));
     background.spawn(log_failure(
         "github events",
-        github::serve_nats(app.clone(), stop.clone()),
+        github::serve_nats(app.clone(), stop.clone(), subscribed.clone()),
     ));
     background.spawn(log_failure(
         "cancel notices",
-        chatops::serve_cancels(app.clone(), stop.clone()),
+        chatops::serve_cancels(app.clone(), stop.clone(), subscribed),
     ));
     background.spawn(scheduler::run(app.clone(), stop.clone()));
     background.spawn(poller::poll(app.clone(), stop.clone()));
@@ -205,6 +208,17 @@ async fn run(
         housekeeping_stop.clone(),
     ));
 
+    // READY means commands are answered: every subscription is made (a failed one closes the
+    // channel early and is logged) and the server has it.
+    let wait_subscribed = async {
+        for _ in 0..SUBSCRIPTIONS {
+            if subscriptions.recv().await.is_none() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), wait_subscribed).await;
+    let _ = app.store.client.flush().await;
     tracing::info!(agent = %app.agent_id, version = VERSION, "Agent ready");
     let _ = ready.send(true);
     // No-op without systemd (no NOTIFY_SOCKET).

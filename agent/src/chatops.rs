@@ -82,10 +82,18 @@ struct JsonCommand {
 }
 
 /// Serves commands until `shutdown` fires.
-pub async fn serve(app: Arc<App>, shutdown: CancellationToken) -> Result<(), async_nats::Error> {
+pub async fn serve(
+    app: Arc<App>,
+    shutdown: CancellationToken,
+    subscribed: Subscribed,
+) -> Result<(), async_nats::Error> {
     let subject = app.store.names.cmd_subject("*");
-    serve_queue(app, subject, shutdown, answer).await
+    serve_queue(app, subject, shutdown, subscribed, answer).await
 }
+
+/// Told once a server's subscription is in place: the agent says it is ready only after every
+/// subscription it answers on is, or a command right after READY finds no responder.
+pub type Subscribed = tokio::sync::mpsc::UnboundedSender<()>;
 
 /// Serves request/reply on `subject` in the agents' queue group until `shutdown`: each request
 /// is answered by `answer` in its own task, and requests already delivered to this agent are
@@ -94,6 +102,7 @@ pub async fn serve_queue<F, Fut>(
     app: Arc<App>,
     subject: String,
     shutdown: CancellationToken,
+    subscribed: Subscribed,
     answer: F,
 ) -> Result<(), async_nats::Error>
 where
@@ -105,6 +114,7 @@ where
         .client
         .queue_subscribe(subject, app.store.names.queue_group.clone())
         .await?;
+    let _ = subscribed.send(());
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -611,12 +621,14 @@ fn age(d: chrono::Duration) -> String {
 pub async fn serve_cancels(
     app: Arc<App>,
     shutdown: CancellationToken,
+    subscribed: Subscribed,
 ) -> Result<(), async_nats::Error> {
     let mut notices = app
         .store
         .client
         .subscribe(app.store.names.cancel_subject())
         .await?;
+    let _ = subscribed.send(());
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,

@@ -537,11 +537,16 @@ pub(crate) async fn accept(
 pub async fn serve_nats(
     app: std::sync::Arc<crate::app::App>,
     shutdown: tokio_util::sync::CancellationToken,
+    subscribed: crate::chatops::Subscribed,
 ) -> Result<(), async_nats::Error> {
     let subject = app.store.names.github_subject("*");
-    crate::chatops::serve_queue(app, subject, shutdown, |app, message| async move {
-        nats_event(&app, &message).await
-    })
+    crate::chatops::serve_queue(
+        app,
+        subject,
+        shutdown,
+        subscribed,
+        |app, message| async move { nats_event(&app, &message).await },
+    )
     .await
 }
 

@@ -170,6 +170,7 @@ mod tests {
             vec![
                 (JobKind::BACKUP, vec!["kubernetes"]),
                 (JobKind::ETCD_SNAPSHOT, vec!["talos", "s3"]),
+                (JobKind::UPGRADE, vec!["kubernetes", "talos"]),
             ]
         );
         let registry = Registry::from_sections(&configs, &Context::default());

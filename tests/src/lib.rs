@@ -91,16 +91,31 @@ impl Nats {
     }
 
     fn start_configured(dir: tempfile::TempDir, config: Option<NatsConfig>) -> Nats {
-        let port = free_port();
-        let nats = Nats {
-            port,
-            url: format!("nats://127.0.0.1:{port}"),
+        let mut nats = Nats {
+            port: 0,
+            url: String::new(),
             dir,
             child: Mutex::new(None),
             config,
         };
-        nats.spawn();
-        nats
+        // A free port may be taken by another test's server between the probe and the bind:
+        // then ours exits while the port answers, and this test would talk to the other one.
+        for _ in 0..5 {
+            nats.port = free_port();
+            nats.url = format!("nats://127.0.0.1:{}", nats.port);
+            nats.spawn();
+            std::thread::sleep(Duration::from_millis(100));
+            let exited = nats
+                .child
+                .lock()
+                .expect("lock")
+                .as_mut()
+                .is_none_or(|c| !matches!(c.try_wait(), Ok(None)));
+            if !exited {
+                return nats;
+            }
+        }
+        panic!("nats-server kept exiting at start: no free port?");
     }
 
     fn spawn(&self) {
@@ -368,17 +383,31 @@ pub async fn command_as(client: &async_nats::Client, text: &str, who: &str) -> V
         .unwrap_or("help")
         .to_ascii_lowercase();
     let body = json!({"command": text, "requested_by": who});
-    let reply = tokio::time::timeout(
-        Duration::from_secs(15),
-        client.request(
-            format!("infraflux.cmd.{verb}"),
-            serde_json::to_vec(&body).expect("json").into(),
-        ),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("no reply to {text:?} within 15s"))
-    .unwrap_or_else(|e| panic!("request {text:?} failed: {e}"));
-    serde_json::from_slice(&reply.payload).expect("reply is JSON")
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(15),
+            client.request(
+                format!("infraflux.cmd.{verb}"),
+                serde_json::to_vec(&body).expect("json").into(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no reply to {text:?} within 15s"));
+        match reply {
+            Ok(reply) => return serde_json::from_slice(&reply.payload).expect("reply is JSON"),
+            // The test client's own connection may still be reconnecting on a loaded machine:
+            // the agent is there, the request never reached it. Ask again, briefly.
+            Err(e)
+                if e.kind() == async_nats::client::RequestErrorKind::NoResponders
+                    && std::time::Instant::now() < deadline =>
+            {
+                eprintln!("no responders for {text:?}; asking again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("request {text:?} failed: {e}"),
+        }
+    }
 }
 
 /// A job's record, read from the records bucket (so it works while no agent runs).

@@ -346,3 +346,74 @@ async fn an_agent_killed_mid_rollout_resumes_and_never_upgrades_a_node_twice() {
         assert_eq!(lab.os_image(name), format!("Talos ({TARGET})"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_gate_touches_nothing_and_says_which() {
+    let lab = upgrade_lab(["v1.12.5"; 5], "").await;
+    let _agent = lab.agent("upgrader").await;
+    let refused = |done: &Value, needle: &str| {
+        assert_eq!(done["state"], "failed", "{done}");
+        let message = done["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("gate failed, nothing was touched") && message.contains(needle),
+            "{needle:?} not in {message}"
+        );
+    };
+    lab.kube
+        .add_app("argocd", "root", "Synced", "Degraded", &[]);
+    refused(
+        &lab.run(&format!("upgrade talos {TARGET}")).await,
+        "Argo CD argocd/root is Degraded",
+    );
+    lab.kube.add_app("argocd", "root", "Synced", "Healthy", &[]);
+    lab.talos.set_node("cp-2", |b| {
+        b.etcd_errors = vec!["etcdserver: no leader".into()]
+    });
+    refused(
+        &lab.run(&format!("upgrade talos {TARGET}")).await,
+        "etcdserver: no leader",
+    );
+    lab.talos.set_node("cp-2", |b| b.etcd_errors.clear());
+    lab.kube.add_daemonset("kube-system", "kube-proxy");
+    refused(
+        &lab.run(&format!("upgrade talos {TARGET}")).await,
+        "kube-proxy",
+    );
+    lab.kube.set_node_ready("w-2", false);
+    lab.kube
+        .remove_object("daemonsets", "kube-system", "kube-proxy");
+    refused(
+        &lab.run(&format!("upgrade talos {TARGET}")).await,
+        "not Ready: w-2",
+    );
+    assert!(lab.upgraded().is_empty());
+    for (name, _, _) in NODES {
+        assert!(!lab.cordoned(name), "{name}");
+    }
+    // No snapshot is taken before the cheaper gates pass.
+    assert!(lab.s3.keys("etcd").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_after_the_node_in_progress_is_back_and_uncordoned() {
+    let lab = upgrade_lab(["v1.12.5"; 5], "").await;
+    lab.set_reboot_duration(Duration::from_secs(2));
+    let _agent = lab.agent("upgrader").await;
+    let job = submit(&lab.client, &format!("upgrade talos {TARGET}")).await;
+    wait_for(
+        Duration::from_secs(60),
+        "cp-1's upgrade to be asked for",
+        || async { (lab.upgraded().len() == 1).then_some(()) },
+    )
+    .await;
+    command(&lab.client, &format!("cancel {job}")).await;
+    let done = wait_settled(&lab.client, &job, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    // cp-1 was finished: back on the new version and uncordoned; nothing else was touched.
+    assert_eq!(lab.upgraded(), ["cp-1"]);
+    assert_eq!(lab.os_image("cp-1"), format!("Talos ({TARGET})"));
+    for (name, _, _) in NODES {
+        assert!(!lab.cordoned(name), "{name} left cordoned");
+    }
+    assert_eq!(lab.os_image("cp-2"), "Talos (v1.12.5)");
+}
