@@ -4,6 +4,7 @@
 //! A handler receives a [`JobEnvelope`] and a [`JobContext`] and returns an [`Outcome`] or a
 //! [`HandlerError`]; the runner owns queueing, locks, retries, timeouts and records.
 
+pub mod checks;
 pub mod clients;
 pub mod command;
 pub mod context;
