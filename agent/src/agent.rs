@@ -218,7 +218,7 @@ async fn run(
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), wait_subscribed).await;
-    let _ = app.store.client.flush().await;
+    subscriptions_registered(&app.store.client).await;
     tracing::info!(agent = %app.agent_id, version = VERSION, "Agent ready");
     let _ = ready.send(true);
     // No-op without systemd (no NOTIFY_SOCKET).
@@ -324,6 +324,21 @@ async fn watchdog(app: Arc<App>, stop: CancellationToken) {
             () = tokio::time::sleep(interval / 3) => {}
         }
     }
+}
+
+/// Returns once the server has registered every subscription this connection made: a message
+/// to our own inbox comes back only after the server processed what we sent before it (a
+/// flush only empties our socket buffer). Bounded, so a slow server delays READY, never stops it.
+async fn subscriptions_registered(client: &async_nats::Client) {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let Ok(mut echo) = client.subscribe(inbox.clone()).await else {
+        return;
+    };
+    if client.publish(inbox, bytes::Bytes::new()).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), echo.next()).await;
 }
 
 /// Asks JetStream for the jobs stream every two seconds so `/readyz` can answer from memory.
