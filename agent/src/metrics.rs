@@ -35,6 +35,13 @@ pub struct TargetLabel {
     pub target: String,
 }
 
+/// A named check of a `preflight` or `acceptance` run.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindCheck {
+    pub kind: String,
+    pub check: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EnvLabel {
     pub env: String,
@@ -65,6 +72,7 @@ pub struct Metrics {
     pub drill_last_success: Family<TargetLabel, Gauge<f64, AtomicU64>>,
     pub drill_rto: Family<TargetLabel, Gauge<f64, AtomicU64>>,
     pub drill_data_age: Family<TargetLabel, Gauge<f64, AtomicU64>>,
+    pub check_ok: Family<KindCheck, Gauge>,
     pub nats_connected: Gauge,
     pub queue_pending: Gauge,
     pub jobs_running: Gauge,
@@ -116,6 +124,22 @@ impl Metrics {
             if let Some(age) = figures.get("data_age_seconds") {
                 self.drill_data_age.get_or_create(&target).set(*age);
             }
+        }
+    }
+
+    /// The verdict of each check a job ran (`result.checks`); a skipped check leaves its last
+    /// value, since it says nothing new.
+    pub fn checks_of(&self, kind: &str, result: &serde_json::Value) {
+        for check in infraflux_handlers::checks::Report::of_result(result) {
+            if check.skipped {
+                continue;
+            }
+            self.check_ok
+                .get_or_create(&KindCheck {
+                    kind: kind.to_string(),
+                    check: check.name,
+                })
+                .set(i64::from(check.ok));
         }
     }
 
@@ -193,6 +217,12 @@ impl Metrics {
             "Age of the data the last successful drill of a target restored, at the restore",
             drill_data_age.clone(),
         );
+        let check_ok = Family::<KindCheck, Gauge>::default();
+        registry.register(
+            "check_ok",
+            "1 when a preflight or acceptance check passed in its last run, 0 when it failed",
+            check_ok.clone(),
+        );
         let nats_connected = Gauge::default();
         registry.register(
             "nats_connected",
@@ -231,6 +261,7 @@ impl Metrics {
             drill_last_success,
             drill_rto,
             drill_data_age,
+            check_ok,
             nats_connected,
             queue_pending,
             jobs_running,
@@ -332,5 +363,37 @@ mod tests {
         assert!(classic.contains("infraflux_jobs_total{kind=\"backup\",outcome=\"succeeded\"} 1"));
         assert!(classic.contains("# TYPE infraflux_nats_connected gauge"));
         assert!(!classic.contains("# EOF"));
+    }
+
+    #[test]
+    fn each_check_that_ran_is_a_series_and_a_skipped_one_keeps_its_value() {
+        let m = Metrics::new();
+        let run = |ready: bool, skip_ready: bool| {
+            let mut report = infraflux_handlers::checks::Report::default();
+            report.push(if skip_ready {
+                infraflux_handlers::checks::Check::skip("nodes.ready", "no cluster")
+            } else if ready {
+                infraflux_handlers::checks::Check::pass("nodes.ready", "5/5")
+            } else {
+                infraflux_handlers::checks::Check::fail("nodes.ready", "w-1 not Ready", "look")
+            });
+            report.push(infraflux_handlers::checks::Check::pass(
+                "argocd.apps",
+                "all",
+            ));
+            m.checks_of("acceptance", &report.result());
+            to_classic_text(&m.encode())
+        };
+        let series = |ok: u8| {
+            format!("infraflux_check_ok{{kind=\"acceptance\",check=\"nodes.ready\"}} {ok}")
+        };
+        assert!(run(false, false).contains(&series(0)));
+        assert!(
+            run(false, true).contains(&series(0)),
+            "a skip keeps the failure"
+        );
+        let text = run(true, false);
+        assert!(text.contains(&series(1)), "{text}");
+        assert!(text.contains("infraflux_check_ok{kind=\"acceptance\",check=\"argocd.apps\"} 1"));
     }
 }

@@ -689,6 +689,9 @@ impl Delivery {
                         record.state.as_str()
                     };
                     self.app.metrics.job_ended(record.kind.as_str(), outcome);
+                    self.app
+                        .metrics
+                        .checks_of(record.kind.as_str(), &record.result);
                     for figures in crate::records::target_figures(&record) {
                         self.app.metrics.last_success_of(
                             record.kind.as_str(),
