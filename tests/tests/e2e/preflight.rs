@@ -263,7 +263,8 @@ async fn preflight_refuses_an_invalid_config_with_exit_2() {
     .await;
     assert_eq!(run.code, Some(2), "{}\n{}", run.stdout, run.stderr);
     assert!(
-        run.stderr.contains("proxmox: missing configuration field \"token_id\""),
+        run.stderr
+            .contains("proxmox: missing configuration field \"token_id\""),
         "{}",
         run.stderr
     );
