@@ -52,6 +52,13 @@ enum Command {
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Check the platform before it is built (Proxmox token, S3 buckets, secrets, GitHub
+    /// token, APIs), without NATS: one line per check. Exit 0 all passed, 1 a check failed,
+    /// 2 config invalid.
+    Preflight {
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Send a ChatOps command over NATS and print the reply.
     Ctl(ctl::CtlArgs),
     /// Print each schedule's next fire times in its time zone.
@@ -83,6 +90,7 @@ pub fn main_with(customize: fn(&mut Registry)) -> ExitCode {
         match cli.command {
             Command::Run { config, log_format } => run(config, log_format, customize).await,
             Command::CheckConfig { config } => check_config(config).await,
+            Command::Preflight { config } => crate::preflight::run(&config, &process_env()).await,
             Command::Ctl(args) => ExitCode::from(ctl::run(args).await),
             Command::Schedules { config, next } => schedules(config, next),
         }

@@ -639,6 +639,9 @@ impl Config {
         {
             refs.push(("restore_drill.age_identity".into(), identity));
         }
+        if let Some(proxmox) = clients::PROXMOX.get(&self.handlers) {
+            refs.push(("proxmox.token_secret".into(), &proxmox.token_secret));
+        }
         refs
     }
 }

@@ -19,6 +19,7 @@ mod job_book;
 pub(crate) mod locks;
 pub(crate) mod metrics;
 pub(crate) mod poller;
+pub mod preflight;
 pub mod records;
 pub(crate) mod runner;
 pub(crate) mod scheduler;

@@ -43,6 +43,21 @@ pub async fn build(
     secrets: &Secrets,
     env: &HashMap<String, String>,
 ) -> Result<Context, Problems> {
+    let (context, problems) = build_each(config, secrets, env).await;
+    if problems.is_empty() {
+        Ok(context)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Like [`build`], but with what could be built when some client could not, and a problem for
+/// each that could not (`preflight` checks the rest, and names these).
+pub async fn build_each(
+    config: &Config,
+    secrets: &Secrets,
+    env: &HashMap<String, String>,
+) -> (Context, Problems) {
     let mut problems = Problems::default();
     let github = match &config.github {
         Some(gh) => match GitHub::new(
@@ -74,9 +89,6 @@ pub async fn build(
     {
         problems.push("talos.talosconfig", e);
     }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
     let mut tool_env: Vec<(String, String)> = TOOL_ENV
         .iter()
         .filter_map(|k| env.get(*k).map(|v| (k.to_string(), v.clone())))
@@ -84,7 +96,7 @@ pub async fn build(
     if !env.contains_key("PATH") {
         tool_env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
-    Ok(Context {
+    let context = Context {
         secrets: secrets.clone(),
         github,
         kube,
@@ -110,7 +122,8 @@ pub async fn build(
             .as_ref()
             .map_or_else(|| "main".to_string(), |g| g.default_branch.clone()),
         tool_env,
-    })
+    };
+    (context, problems)
 }
 
 /// A client for `[kubernetes]`: its kubeconfig, else `$KUBECONFIG`, else in-cluster; and the

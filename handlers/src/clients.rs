@@ -8,10 +8,15 @@ use crate::sections::{Section, SectionDescriptor};
 pub const KUBERNETES: Section<KubernetesConfig> = Section::new("kubernetes");
 pub const TALOS: Section<TalosConfig> = Section::new("talos");
 pub const S3: Section<S3Config> = Section::new("s3");
+pub const PROXMOX: Section<ProxmoxConfig> = Section::new("proxmox");
 
 /// The sections of the clients that kinds share.
-pub static SECTIONS: &[SectionDescriptor] =
-    &[KUBERNETES.descriptor(), TALOS.descriptor(), S3.descriptor()];
+pub static SECTIONS: &[SectionDescriptor] = &[
+    KUBERNETES.descriptor(),
+    TALOS.descriptor(),
+    S3.descriptor(),
+    PROXMOX.descriptor(),
+];
 
 /// `[kubernetes]`: how to reach the cluster's API.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,4 +79,17 @@ fn default_region() -> String {
 
 fn default_true() -> bool {
     true
+}
+
+/// `[proxmox]`: the Proxmox VE API that Terraform's VM module uses (read by `preflight`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProxmoxConfig {
+    /// `https://10.0.0.10:8006/api2/json` (the `/api2/json` suffix may be left out).
+    pub api_url: String,
+    /// `user@realm!tokenname`
+    pub token_id: String,
+    pub token_secret: SecretRef,
+    /// Proxmox's own CA (`/etc/pve/pve-root-ca.pem` on a node); absent: the system roots.
+    #[serde(default)]
+    pub ca_cert: Option<String>,
 }

@@ -93,6 +93,8 @@ impl Delivery {
 #[derive(Clone)]
 pub struct GitHub {
     octo: Octocrab,
+    /// As configured, for requests octocrab does not make (the preflight's token probes).
+    api_url: String,
     owner: String,
     repo: String,
     /// Scrubs what this client writes where everyone with read access sees it: commit status
@@ -129,10 +131,21 @@ impl GitHub {
             .map_err(|e| GitHubError::Setup(e.to_string()))?;
         Ok(Self {
             octo,
+            api_url: api_url.trim_end_matches('/').to_string(),
             owner: owner.to_string(),
             repo: name.to_string(),
             redactor,
         })
+    }
+
+    /// The API's base URL, without a trailing `/`.
+    pub fn api_url(&self) -> &str {
+        &self.api_url
+    }
+
+    /// `owner/name`.
+    pub fn repo_name(&self) -> String {
+        format!("{}/{}", self.owner, self.repo)
     }
 
     fn route(&self, rest: &str) -> String {

@@ -27,6 +27,7 @@ impl JobKind {
     pub const RESTORE_DRILL: JobKind = JobKind("restore-drill");
     pub const UPGRADE: JobKind = JobKind("upgrade");
     pub const ACCEPTANCE: JobKind = JobKind("acceptance");
+    pub const PREFLIGHT: JobKind = JobKind("preflight");
 
     /// Every kind, in the order of [`crate::KINDS`].
     pub fn all() -> impl Iterator<Item = JobKind> {

@@ -27,6 +27,7 @@ pub mod unavailable;
 pub mod acceptance;
 pub mod backup;
 pub mod etcd_snapshot;
+pub mod preflight;
 pub mod reconcile;
 pub mod restore_drill;
 pub mod upgrade;
@@ -53,6 +54,7 @@ pub static KINDS: &[&descriptor::KindDescriptor] = &[
     &restore_drill::DESCRIPTOR,
     &upgrade::DESCRIPTOR,
     &acceptance::DESCRIPTOR,
+    &preflight::DESCRIPTOR,
 ];
 
 /// Every config section the handlers read, each once: the clients', then the kinds' in the

@@ -118,6 +118,7 @@ mod tests {
         );
         crate::acceptance::SECTION
             .set(&mut configs, crate::acceptance::Config { timeout: quick() });
+        crate::preflight::SECTION.set(&mut configs, crate::preflight::Config::default());
         crate::backup::SECTION.set(
             &mut configs,
             serde_json::from_str("{}").expect("backup defaults"),

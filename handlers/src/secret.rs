@@ -276,6 +276,8 @@ pub enum SecretKey {
     OtlpHeader(String),
     /// `[restore_drill] age_identity`: decrypts the etcd snapshots a drill restores.
     DrillAgeIdentity,
+    /// `[proxmox] token_secret`: the API token the preflight checks.
+    ProxmoxTokenSecret,
 }
 
 impl SecretKey {
@@ -294,6 +296,7 @@ impl SecretKey {
             SecretKey::ReconcilePlanEnvVar(name) => format!("reconcile.plan_env_vars.{name}"),
             SecretKey::OtlpHeader(name) => format!("telemetry.otlp_headers.{name}"),
             SecretKey::DrillAgeIdentity => "restore_drill.age_identity".into(),
+            SecretKey::ProxmoxTokenSecret => "proxmox.token_secret".into(),
         }
     }
 }
@@ -342,6 +345,15 @@ impl Secrets {
             .range(prefix.to_string()..)
             .take_while(move |(k, _)| k.starts_with(prefix))
             .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// How many secrets resolved.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
     }
 
     pub fn redactor(&self) -> &Redactor {

@@ -11,6 +11,7 @@ pub mod kube_fake;
 pub mod nats_proxy;
 pub mod otlp;
 pub mod peers;
+pub mod proxmox_fake;
 pub mod talos_fake;
 pub mod upgrade_lab;
 

@@ -14,6 +14,7 @@ mod multi_agent;
 mod nats_outage;
 mod operations;
 mod platform;
+mod preflight;
 mod reconcile;
 mod schedules;
 mod secret_scan;
