@@ -51,6 +51,13 @@ pub struct VerbResult {
     pub result: String,
 }
 
+/// A named check of a kind that runs checks (`acceptance`, `preflight`): a bounded name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindCheck {
+    pub kind: String,
+    pub check: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub jobs: Family<KindOutcome, Counter>,
@@ -69,6 +76,8 @@ pub struct Metrics {
     pub queue_pending: Gauge,
     pub jobs_running: Gauge,
     pub webhooks_in_flight: Gauge,
+    /// `infraflux_check_ok{kind, check}`: 1 passed, 0 failed, at its last run.
+    pub check_ok: Family<KindCheck, Gauge>,
 }
 
 impl Metrics {
@@ -217,6 +226,12 @@ impl Metrics {
             "Webhook requests being handled now; at http.max_in_flight, more are refused",
             webhooks_in_flight.clone(),
         );
+        let check_ok = Family::<KindCheck, Gauge>::default();
+        registry.register(
+            "check_ok",
+            "Whether a named check passed (1) or failed (0) at its last run; a skipped check keeps its last value",
+            check_ok.clone(),
+        );
         Self {
             registry,
             jobs,
@@ -235,6 +250,19 @@ impl Metrics {
             queue_pending,
             jobs_running,
             webhooks_in_flight,
+            check_ok,
+        }
+    }
+
+    /// The verdicts of a job's checks; skipped ones say nothing new.
+    pub fn checks_of(&self, kind: &str, checks: &[infraflux_handlers::checks::Check]) {
+        for check in checks.iter().filter(|c| !c.skipped) {
+            self.check_ok
+                .get_or_create(&KindCheck {
+                    kind: kind.to_string(),
+                    check: check.name.clone(),
+                })
+                .set(i64::from(check.ok));
         }
     }
 

@@ -29,7 +29,11 @@ impl Check {
         }
     }
 
-    pub fn fail(name: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub fn fail(
+        name: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         Self {
             name: name.into(),
             ok: false,
@@ -60,7 +64,9 @@ impl Check {
         match (self.ok, self.skipped) {
             (_, true) => format!("SKIP {}: {}", self.name, self.message),
             (true, false) => format!("PASS {}: {}", self.name, self.message),
-            (false, false) if self.fix.is_empty() => format!("FAIL {}: {}", self.name, self.message),
+            (false, false) if self.fix.is_empty() => {
+                format!("FAIL {}: {}", self.name, self.message)
+            }
             (false, false) => format!("FAIL {}: {} (fix: {})", self.name, self.message, self.fix),
         }
     }
@@ -154,19 +160,31 @@ mod tests {
             "check cert-manager's logs and the ClusterIssuer",
         ));
         report.push(Check::skip("talos.version", "no [talos] section"));
-        assert_eq!((report.passed(), report.failed(), report.skipped()), (1, 1, 1));
+        assert_eq!(
+            (report.passed(), report.failed(), report.skipped()),
+            (1, 1, 1)
+        );
         assert_eq!(
             report.summary("acceptance"),
             "acceptance: 1/2 passed, 1 skipped; failed: certificate apps/home expires in 3 days"
         );
         assert!(report.checks[1].line().starts_with("FAIL certificates: "));
         assert!(report.checks[1].line().contains("(fix: check cert-manager"));
-        assert_eq!(report.checks[2].line(), "SKIP talos.version: no [talos] section");
+        assert_eq!(
+            report.checks[2].line(),
+            "SKIP talos.version: no [talos] section"
+        );
         let result = report.result();
         assert_eq!(result["failed"], 1);
         assert_eq!(Report::of_result(&result), report.checks);
-        assert!(matches!(report.outcome("acceptance"), Outcome::Failed { .. }));
+        assert!(matches!(
+            report.outcome("acceptance"),
+            Outcome::Failed { .. }
+        ));
         report.checks.remove(1);
-        assert!(matches!(report.outcome("acceptance"), Outcome::Succeeded { .. }));
+        assert!(matches!(
+            report.outcome("acceptance"),
+            Outcome::Succeeded { .. }
+        ));
     }
 }
