@@ -371,6 +371,8 @@ pub fn route_accepted(route: &Value) -> Result<(), String> {
                 "Gateway {ns}/{name} has not reported on it (no status.parents entry: is the Gateway's controller running?)"
             ));
         };
+        // A parent's conditions sit in the entry itself, not under `status`.
+        let status = &serde_json::json!({"status": {"conditions": status["conditions"].clone()}});
         if let Err(why) = holds(status, "Accepted") {
             return Err(format!("not Accepted by Gateway {ns}/{name}: {why}"));
         }
