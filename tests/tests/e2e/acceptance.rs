@@ -462,7 +462,7 @@ async fn a_successful_job_of_a_kind_in_after_is_followed_by_one_acceptance() {
     let log = RunLog::default();
     let upgrade_log = log.clone();
     let lab = lab(
-        "[upgrade]\n[acceptance]\nafter = [\"upgrade\"]\nstorage = false\n",
+        "[upgrade]\n[acceptance]\nafter = [\"upgrade\"]\nstorage = false\npod_security_exceptions = [\"longhorn-system\"]\n",
         move |r| {
             r.register(Arc::new(TestHandler::new(
                 JobKind::UPGRADE,
