@@ -718,6 +718,7 @@ impl Delivery {
                             .set(i64::from(drift));
                     }
                     self.app.records.record_last_result(&record, duration).await;
+                    self.follow_up(&record).await;
                     return Settle::Ack;
                 }
                 Err(RecordError::NotFound(_) | RecordError::Corrupt(..)) => return Settle::Ack,
@@ -734,6 +735,31 @@ impl Delivery {
             "Job end could not be recorded; leaving it for redelivery"
         );
         Settle::Nothing
+    }
+
+    /// Queues the acceptance job that follows a successful job of a kind `[acceptance] after`
+    /// lists; once per parent (the follow-up's idempotency key), so a redelivered end does
+    /// not queue it twice. A skipped job changed nothing and is not followed.
+    async fn follow_up(&self, record: &JobRecord) {
+        let acceptance = infraflux_handlers::JobKind::ACCEPTANCE;
+        if record.state != JobState::Succeeded
+            || record.skipped
+            || record.kind == acceptance
+            || !self.app.registry.is_enabled(acceptance)
+            || !infraflux_handlers::acceptance::follows(&self.app.config.handlers, record.kind)
+        {
+            return;
+        }
+        let envelope = JobEnvelope::follow_up_of(&self.envelope, acceptance, Default::default());
+        match self.app.ingest.submit(envelope).await {
+            Ok(submitted) => {
+                tracing::info!(
+                    follow_up = submitted.job_id(),
+                    "Acceptance queued after the job"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "Acceptance after the job not queued"),
+        }
     }
 
     /// Applies `change` unless the record already ended (a concurrent `cancel`).

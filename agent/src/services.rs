@@ -251,7 +251,7 @@ drift_issue = true
         assert_eq!(found.len(), 4, "{found:?}");
 
         let problems = missing_sections(&loaded(
-            "[reconcile]\nrepo_url = \"file:///r\"\nworkdir = \"tf\"\nenv = \"prod\"\n[acceptance]\n",
+            "[reconcile]\nrepo_url = \"file:///r\"\nworkdir = \"tf\"\nenv = \"prod\"\n[kubernetes]\n[acceptance]\n",
         ));
         assert!(problems.is_empty(), "{problems}");
     }

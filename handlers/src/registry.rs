@@ -98,7 +98,6 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::command::{self, Request};
-    use crate::settings::HumanDuration;
 
     fn all_sections() -> HandlerConfigs {
         all_sections_but(&[])
@@ -107,7 +106,6 @@ mod tests {
     /// Every section, with each of `except` left out.
     fn all_sections_but(except: &[&str]) -> HandlerConfigs {
         let mut configs = HandlerConfigs::default();
-        let quick = || HumanDuration::from_secs(1);
         crate::restore_drill::SECTION.set(
             &mut configs,
             serde_json::from_str(r#"{"timeout":"1s"}"#).expect("restore_drill defaults"),
@@ -116,8 +114,10 @@ mod tests {
             &mut configs,
             serde_json::from_str(r#"{"schematic":"s","timeout":"1s"}"#).expect("upgrade"),
         );
-        crate::acceptance::SECTION
-            .set(&mut configs, crate::acceptance::Config { timeout: quick() });
+        crate::acceptance::SECTION.set(
+            &mut configs,
+            serde_json::from_str(r#"{"timeout":"1s"}"#).expect("acceptance defaults"),
+        );
         crate::preflight::SECTION.set(&mut configs, crate::preflight::Config::default());
         crate::backup::SECTION.set(
             &mut configs,
@@ -169,6 +169,7 @@ mod tests {
         assert_eq!(
             missing,
             vec![
+                (JobKind::ACCEPTANCE, vec!["kubernetes"]),
                 (JobKind::BACKUP, vec!["kubernetes"]),
                 (JobKind::ETCD_SNAPSHOT, vec!["talos", "s3"]),
                 (JobKind::UPGRADE, vec!["kubernetes", "talos"]),

@@ -465,8 +465,15 @@ pub async fn bench_chatops(nats: &Nats, n: usize) -> (Latencies, Latencies) {
 pub async fn bench_dispatch(nats: &Nats, agents: usize, n: usize) -> Latencies {
     let mut running = Vec::new();
     for i in 0..agents {
-        running
-            .push(AgentProcess::start(nats, &format!("dispatch-{i}"), "[acceptance]\n", &[]).await);
+        running.push(
+            AgentProcess::start(
+                nats,
+                &format!("dispatch-{i}"),
+                &crate::acceptance_stand_in(),
+                &[],
+            )
+            .await,
+        );
     }
     let client = nats.client().await;
     let kv = async_nats::jetstream::new(client.clone())
@@ -530,7 +537,7 @@ pub struct Footprint {
 }
 
 pub async fn bench_footprint(nats: &Nats, schedules: usize, idle: Duration) -> Footprint {
-    let mut extra = String::from("[acceptance]\n");
+    let mut extra = crate::acceptance_stand_in();
     for i in 0..schedules {
         extra.push_str(&format!(
             "\n[[schedules]]\nname = \"s{i}\"\ncron = \"{} {} {} * * *\"\ntimezone = \"Europe/Berlin\"\ncommand = \"acceptance\"\n",
@@ -680,7 +687,7 @@ pub async fn bench_growth(
             &nats.url,
             "preload",
             &dir.path().join("state"),
-            "[acceptance]\n",
+            &crate::acceptance_stand_in(),
         ),
     )
     .expect("config");
@@ -714,7 +721,7 @@ pub async fn bench_growth(
             }
         })
         .await;
-    let agent = AgentProcess::start(nats, "growth", "[acceptance]\n", &[]).await;
+    let agent = AgentProcess::start(nats, "growth", &crate::acceptance_stand_in(), &[]).await;
     let started = Instant::now();
     loop {
         let info = store.consumer.get_info().await.expect("consumer");

@@ -45,6 +45,11 @@ struct KubeState {
     proxy_status: u16,
     /// Evicted pods stay terminating (on their node, with a deletionTimestamp) while set.
     hold_pod_termination: bool,
+    /// The fake LB IPAM's addresses, handed to LoadBalancer Services in order; none: no
+    /// Service gets an address.
+    lb_addresses: Vec<String>,
+    /// The fake provisioner binds no new claim while set.
+    withhold_claims: bool,
 }
 
 #[derive(Clone)]
@@ -78,6 +83,15 @@ impl FakeKube {
             .route(
                 "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
                 any(kube_object),
+            )
+            // Cluster-scoped custom objects, and namespaced ones listed across namespaces.
+            .route(
+                "/apis/{group}/{version}/{plural}",
+                any(kube_cluster_collection),
+            )
+            .route(
+                "/apis/{group}/{version}/{plural}/{name}",
+                any(kube_cluster_object),
             )
             .route("/api/v1/nodes", any(core_nodes))
             .route("/api/v1/nodes/{name}", any(core_node))
@@ -114,6 +128,8 @@ impl FakeKube {
                 let message = st.controller_message.clone();
                 let outcome = st.backup_outcome.clone();
                 let never_available = st.never_available.clone();
+                let held = claims_held(&st);
+                lb_ipam_controller(&mut st);
                 for (key, obj) in st.objects.iter_mut() {
                     if key.starts_with("applications/")
                         && obj.get("operation").is_some_and(|o| !o.is_null())
@@ -144,7 +160,9 @@ impl FakeKube {
                         }
                     }
                     let never = is_never_available(&never_available, key, obj);
-                    workload_controller(key, obj, never);
+                    if !held.contains(key) {
+                        workload_controller(key, obj, never);
+                    }
                 }
                 restore_controller(&mut st);
                 pod_controller(&mut st);
@@ -519,6 +537,33 @@ impl FakeKube {
         self.add_object("configmaps", namespace, name, cm);
     }
 
+    /// The fake LB IPAM (Cilium's) hands these addresses to new LoadBalancer Services, in
+    /// order; empty: Services stay without an address.
+    pub fn set_lb_addresses(&self, addresses: &[&str]) {
+        let mut st = self.lock();
+        st.lb_addresses = addresses.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// A StorageClass; `default` carries the default-class annotation, `binding_mode` is
+    /// `Immediate` or `WaitForFirstConsumer` (the fake provisioner binds such a claim once a
+    /// pod names it).
+    pub fn add_storage_class(&self, name: &str, default: bool, binding_mode: &str) {
+        let class = json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": name, "uid": format!("uid-sc-{name}"), "resourceVersion": "1",
+                         "annotations": {"storageclass.kubernetes.io/is-default-class": default.to_string()}},
+            "provisioner": "driver.longhorn.io", "reclaimPolicy": "Delete",
+            "volumeBindingMode": binding_mode, "allowVolumeExpansion": true,
+            "parameters": {"numberOfReplicas": "3"},
+        });
+        self.add_object("storageclasses", "", name, class);
+    }
+
+    /// The fake provisioner binds no new claim while `withhold` is set (a broken Longhorn).
+    pub fn withhold_claims(&self, withhold: bool) {
+        self.lock().withhold_claims = withhold;
+    }
+
     /// Removes an object, as a `kubectl delete` would.
     pub fn remove_object(&self, plural: &str, namespace: &str, name: &str) {
         self.lock()
@@ -869,6 +914,43 @@ async fn kube_collection(
         plural,
     };
     collection(&mut st, &target, &method, &headers, &body, &uri)
+}
+
+/// `/apis/{group}/{version}/{plural}`: a cluster-scoped kind, or a namespaced one across
+/// namespaces.
+async fn kube_cluster_collection(
+    State(s): KubeShared,
+    Path((group, version, plural)): Path<(String, String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let target = Target {
+        group,
+        version,
+        ns: String::new(),
+        plural,
+    };
+    collection(&mut st, &target, &method, &headers, &body, &uri)
+}
+
+async fn kube_cluster_object(
+    State(s): KubeShared,
+    Path((group, version, plural, name)): Path<(String, String, String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let target = Target {
+        group,
+        version,
+        ns: String::new(),
+        plural,
+    };
+    object(&mut st, &target, &name, &method, &headers, &body)
 }
 
 async fn kube_object(
@@ -1433,6 +1515,83 @@ fn workload_controller(key: &str, obj: &mut Value, never: bool) {
     if key.starts_with("persistentvolumeclaims/") && obj["status"]["phase"].is_null() {
         obj["status"] = json!({"phase": "Bound"});
     }
+}
+
+/// Cilium's LB IPAM: a LoadBalancer Service without an address gets the next free one of
+/// the pool the test set.
+fn lb_ipam_controller(st: &mut KubeState) {
+    let taken: std::collections::BTreeSet<String> = st
+        .objects
+        .iter()
+        .filter(|(k, _)| k.starts_with("services/"))
+        .filter_map(|(_, s)| s["status"]["loadBalancer"]["ingress"][0]["ip"].as_str())
+        .map(str::to_string)
+        .collect();
+    let mut free = st
+        .lb_addresses
+        .iter()
+        .filter(|a| !taken.contains(*a))
+        .cloned()
+        .collect::<Vec<_>>()
+        .into_iter();
+    for (key, service) in st.objects.iter_mut() {
+        if key.starts_with("services/")
+            && service["spec"]["type"] == "LoadBalancer"
+            && service["status"]["loadBalancer"]["ingress"].is_null()
+        {
+            let Some(address) = free.next() else {
+                return;
+            };
+            service["status"]["loadBalancer"] =
+                json!({"ingress": [{"ip": address, "ipMode": "VIP"}]});
+            bump_resource_version(service);
+        }
+    }
+}
+
+/// The claims the fake provisioner does not bind yet: all new ones while withheld, and those
+/// of a `WaitForFirstConsumer` class (named, or the default) that no pod names.
+fn claims_held(st: &KubeState) -> std::collections::BTreeSet<String> {
+    let classes: Vec<&Value> = st
+        .objects
+        .iter()
+        .filter(|(k, _)| k.starts_with("storageclasses/"))
+        .map(|(_, c)| c)
+        .collect();
+    let default = classes.iter().find(|c| {
+        c["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
+    });
+    let consumed = |ns: &str, claim: &str| {
+        st.objects.iter().any(|(k, p)| {
+            k.starts_with(&format!("pods/{ns}/"))
+                && p["spec"]["volumes"].as_array().is_some_and(|volumes| {
+                    volumes
+                        .iter()
+                        .any(|v| v["persistentVolumeClaim"]["claimName"] == claim)
+                })
+        })
+    };
+    st.objects
+        .iter()
+        .filter(|(k, c)| k.starts_with("persistentvolumeclaims/") && c["status"]["phase"].is_null())
+        .filter(|(_, claim)| {
+            if st.withhold_claims {
+                return true;
+            }
+            let class = match claim["spec"]["storageClassName"].as_str() {
+                Some(name) => classes.iter().find(|c| c["metadata"]["name"] == name),
+                None => default,
+            };
+            let on_consumer =
+                class.is_some_and(|c| c["volumeBindingMode"] == "WaitForFirstConsumer");
+            on_consumer
+                && !consumed(
+                    claim["metadata"]["namespace"].as_str().unwrap_or_default(),
+                    claim["metadata"]["name"].as_str().unwrap_or_default(),
+                )
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 fn is_never_available(never: &std::collections::BTreeSet<String>, key: &str, obj: &Value) -> bool {

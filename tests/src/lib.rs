@@ -170,6 +170,26 @@ impl Drop for Nats {
     }
 }
 
+/// `[acceptance]` for an agent whose acceptance handler a test replaces (marker handlers,
+/// sleepers), with the `[kubernetes]` section the kind requires: a kubeconfig naming a server
+/// nothing contacts, since the replacement never reads the cluster.
+pub fn acceptance_stand_in() -> String {
+    static KUBECONFIG: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let path = KUBECONFIG.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!(
+            "infraflux-stand-in-kubeconfig-{}",
+            std::process::id()
+        ));
+        let text = "apiVersion: v1\nkind: Config\nclusters:\n- name: none\n  cluster:\n    server: http://127.0.0.1:9\ncontexts:\n- name: none\n  context:\n    cluster: none\n    user: none\ncurrent-context: none\nusers:\n- name: none\n  user:\n    token: none\n";
+        std::fs::write(&path, text).expect("stand-in kubeconfig");
+        path
+    });
+    format!(
+        "[kubernetes]\nkubeconfig = \"{}\"\n[acceptance]\n",
+        path.display()
+    )
+}
+
 /// The `[agent]`, `[nats]`, `[http]` and `[github]` sections of a test agent; short timers so
 /// redelivery and lease expiry happen within seconds.
 pub fn base_toml(nats_url: &str, agent_id: &str, state_dir: &Path) -> String {

@@ -86,7 +86,11 @@ async fn a_job_survives_kill_9_of_its_agent_and_records_the_interruption() {
         let path = dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &path,
-            format!("{}\n[acceptance]\n", base_toml(&nats.url, id, &state)),
+            format!(
+                "{}\n{}",
+                base_toml(&nats.url, id, &state),
+                acceptance_stand_in()
+            ),
         )
         .expect("config");
         path

@@ -1,5 +1,6 @@
 //! End-to-end tests: a real nats-server per test, agents in process or as child processes.
 
+mod acceptance;
 mod backups;
 mod cancel;
 mod chatops;
