@@ -233,25 +233,7 @@ impl UpgradeHandler {
         let views = nodes_api::nodes(&clients.kube)
             .await
             .map_err(HandlerError::Retryable)?;
-        views
-            .into_iter()
-            .map(|v| {
-                let address = v.internal_ip.clone().ok_or_else(|| {
-                    HandlerError::Failed(format!(
-                        "node {} has no InternalIP: its Talos address is not known",
-                        v.name
-                    ))
-                })?;
-                Ok((
-                    v.name.clone(),
-                    Target {
-                        name: v.name,
-                        address,
-                        role: v.role,
-                    },
-                ))
-            })
-            .collect()
+        targets_of(&views)
     }
 
     /// The plan and the gates before anything moves.
@@ -270,7 +252,7 @@ impl UpgradeHandler {
                 "the Kubernetes API lists no nodes".into(),
             ));
         }
-        let targets = self.targets(clients).await?;
+        let targets = targets_of(&views)?;
         let control_planes = control_plane_addresses(&targets);
         let endpoints = talos_api::endpoints_avoiding(&clients.talos, None, &control_planes);
         let mut cluster = Vec::new();
@@ -873,6 +855,29 @@ impl UpgradeHandler {
             },
         }
     }
+}
+
+/// Every node by name with its Talos address (its `InternalIP`) and role.
+fn targets_of(views: &[NodeView]) -> Result<BTreeMap<String, Target>, HandlerError> {
+    views
+        .iter()
+        .map(|v| {
+            let address = v.internal_ip.clone().ok_or_else(|| {
+                HandlerError::Failed(format!(
+                    "node {} has no InternalIP: its Talos address is not known",
+                    v.name
+                ))
+            })?;
+            Ok((
+                v.name.clone(),
+                Target {
+                    name: v.name.clone(),
+                    address,
+                    role: v.role,
+                },
+            ))
+        })
+        .collect()
 }
 
 fn control_plane_addresses(targets: &BTreeMap<String, Target>) -> Vec<String> {
