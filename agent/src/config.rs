@@ -501,6 +501,11 @@ impl Config {
         {
             problems.push("upgrade.window", e);
         }
+        if let Some(acceptance) = infraflux_handlers::acceptance::SECTION.get(&self.handlers) {
+            for (key, message) in acceptance.problems() {
+                problems.push(key, message);
+            }
+        }
         if let Some(endpoint) = &self.telemetry.otlp_endpoint
             && !endpoint.starts_with("http://")
             && !endpoint.starts_with("https://")
@@ -972,6 +977,27 @@ webhook_secret = "env:A"
     }
 
     #[test]
+    fn acceptance_after_names_known_kinds() {
+        let problems = load(
+            "[kubernetes]\n[acceptance]\nafter = [\"apply\", \"upgrades\"]\nhostnames = [\"home.lab:x\"]\n",
+            &[],
+        )
+        .expect_err("invalid");
+        let keys: Vec<&str> = problems.0.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["acceptance.after[1]", "acceptance.hostnames[0]"],
+            "{problems}"
+        );
+        assert!(
+            problems
+                .to_string()
+                .contains("unknown job kind \"upgrades\""),
+            "{problems}"
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once_with_its_key() {
         let toml = r#"
 [agent]
@@ -1074,6 +1100,8 @@ a = 1
             "nightly-etcd",
             "weekly-drill",
             "drift-check",
+            "daily-acceptance",
+            "weekly-preflight",
         ] {
             assert!(names.contains(&wanted), "{wanted} missing from {names:?}");
         }

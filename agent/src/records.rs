@@ -99,6 +99,18 @@ pub struct JobRecord {
     /// What the handler saved of its progress, for an attempt that resumes the job.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub checkpoint: Value,
+    /// The acceptance job queued behind this one (`[acceptance] after`), and how it ended:
+    /// a change that broke the platform shows on the change itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acceptance: Option<FollowUpNote>,
+}
+
+/// A follow-up job as its parent's record notes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FollowUpNote {
+    pub job_id: String,
+    pub state: JobState,
+    pub message: String,
 }
 
 impl JobRecord {
@@ -126,6 +138,7 @@ impl JobRecord {
             skipped: false,
             not_before: None,
             checkpoint: Value::Null,
+            acceptance: None,
         }
     }
 }

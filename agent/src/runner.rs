@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use crate::app::{App, CancelReason, RunningJob};
 use crate::locks::{self, Acquire, Owner};
-use crate::records::{Change, JobRecord, JobState, RecordError};
+use crate::records::{Change, FollowUpNote, JobRecord, JobState, RecordError};
 use crate::telemetry;
 
 /// How long one pull request waits for a job before asking again.
@@ -718,6 +718,7 @@ impl Delivery {
                             .set(i64::from(drift));
                     }
                     self.app.records.record_last_result(&record, duration).await;
+                    self.note_on_parent(&record).await;
                     self.follow_up(&record).await;
                     return Settle::Ack;
                 }
@@ -756,9 +757,53 @@ impl Delivery {
                 tracing::info!(
                     follow_up = submitted.job_id(),
                     "Acceptance queued after the job"
-                )
+                );
+                let note = FollowUpNote {
+                    job_id: submitted.job_id().to_string(),
+                    state: JobState::Queued,
+                    message: format!("acceptance {} queued", submitted.job_id()),
+                };
+                self.note(&record.job_id, note).await;
             }
             Err(e) => tracing::warn!(error = %e, "Acceptance after the job not queued"),
+        }
+    }
+
+    /// An acceptance job that followed another notes how it ended on that job's record, so a
+    /// change that broke the platform says so where the change is looked at.
+    async fn note_on_parent(&self, record: &JobRecord) {
+        if record.kind != infraflux_handlers::JobKind::ACCEPTANCE {
+            return;
+        }
+        let Some(parent) =
+            infraflux_handlers::job::follow_up_parent(record.source, &record.idempotency_key)
+        else {
+            return;
+        };
+        let note = FollowUpNote {
+            job_id: record.job_id.clone(),
+            state: record.state,
+            message: record.message.clone(),
+        };
+        self.note(parent, note).await;
+    }
+
+    /// Writes `note` on job `parent`'s record (which has ended: no state changes, no event).
+    /// A newer note of the same follow-up is never overwritten by an older one.
+    async fn note(&self, parent: &str, note: FollowUpNote) {
+        let written = self
+            .app
+            .records
+            .transition(parent, |r| match &r.acceptance {
+                Some(old) if old.job_id == note.job_id && old.state.is_terminal() => Change::Keep,
+                _ => {
+                    r.acceptance = Some(note.clone());
+                    Change::Write
+                }
+            })
+            .await;
+        if let Err(e) = written {
+            tracing::warn!(error = %e, parent, "Acceptance not noted on the job it followed");
         }
     }
 

@@ -67,6 +67,19 @@ impl JobEnvelope {
     }
 }
 
+/// The job a follow-up was queued behind: its idempotency key is `follow-up/<parent>/<kind>`
+/// ([`JobEnvelope::follow_up_of`]).
+pub fn follow_up_parent(source: Source, idempotency_key: &str) -> Option<&str> {
+    if source != Source::FollowUp {
+        return None;
+    }
+    let mut parts = idempotency_key.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("follow-up"), Some(parent), Some(_kind), None) if !parent.is_empty() => Some(parent),
+        _ => None,
+    }
+}
+
 impl JobEnvelope {
     /// The follow-up `kind` of job `parent`: one per parent and kind (its idempotency key), in
     /// the parent's trace, requested by the parent.

@@ -13,6 +13,7 @@ pub mod otlp;
 pub mod peers;
 pub mod proxmox_fake;
 pub mod talos_fake;
+pub mod tls;
 pub mod upgrade_lab;
 
 use std::collections::HashMap;

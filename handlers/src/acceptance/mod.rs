@@ -9,6 +9,7 @@
 //! (the runner queues it, see [`follows`]).
 
 mod cluster;
+pub mod hostnames;
 mod temporary;
 pub mod verdicts;
 
@@ -43,9 +44,13 @@ pub struct Config {
     /// `namespace/name` of HTTPRoutes: Accepted by their Gateway, their certificate Ready.
     #[serde(default)]
     pub http_routes: Vec<String>,
-    /// Resolve from this host and serve a valid certificate (not checked yet: see docs).
+    /// `host` or `host:port`: each resolves from this host and answers HTTPS with a
+    /// certificate valid for it for at least `cert_min_days`.
     #[serde(default)]
     pub hostnames: Vec<String>,
+    /// A PEM CA trusted for `hostnames` besides the system's roots (a lab CA).
+    #[serde(default)]
+    pub ca_cert: Option<String>,
     /// A certificate valid for fewer days than this fails.
     #[serde(default = "default_cert_min_days")]
     pub cert_min_days: u32,
@@ -116,6 +121,44 @@ fn default_velero_namespace() -> String {
 }
 fn default_timeout() -> HumanDuration {
     HumanDuration::from_secs(1800)
+}
+
+impl Config {
+    /// What `check-config` refuses, by key: a kind `after` cannot follow, a pool that is no
+    /// CIDR, a route that is not `namespace/name`, a hostname that is no DNS name.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        for (i, name) in self.after.iter().enumerate() {
+            let key = format!("acceptance.after[{i}]");
+            match name.parse::<JobKind>() {
+                Ok(KIND) => problems.push((key, "acceptance cannot follow itself".to_string())),
+                Ok(_) => {}
+                Err(e) => problems.push((key, e)),
+            }
+        }
+        if let Some(pool) = &self.lb_pool
+            && let Err(e) = verdicts::in_cidr("0.0.0.0", pool)
+        {
+            problems.push(("acceptance.lb_pool".to_string(), e));
+        }
+        for (i, route) in self.http_routes.iter().enumerate() {
+            let valid = route.split_once('/').is_some_and(|(ns, name)| {
+                !ns.is_empty() && !name.is_empty() && !name.contains('/')
+            });
+            if !valid {
+                problems.push((
+                    format!("acceptance.http_routes[{i}]"),
+                    format!("{route:?} is not namespace/name"),
+                ));
+            }
+        }
+        for (i, entry) in self.hostnames.iter().enumerate() {
+            if let Err(e) = hostnames::Hostname::parse(entry) {
+                problems.push((format!("acceptance.hostnames[{i}]"), e));
+            }
+        }
+        problems
+    }
 }
 
 pub const SECTION: Section<Config> = Section::new("acceptance");
@@ -227,25 +270,23 @@ impl Handler for AcceptanceHandler {
         }
         ctx.progress.report(&check.line()).await;
         report.push(check);
-        report.push(hostnames(&self.config));
+        if self.config.hostnames.is_empty() {
+            report.push(Check::skip("hostnames", "no [acceptance] hostnames"));
+        }
+        for entry in &self.config.hostnames {
+            let check = hostnames::check(&self.config, entry, HOSTNAME_TIMEOUT).await;
+            if ctx.stop_requested.is_cancelled() {
+                return Err(HandlerError::Cancelled);
+            }
+            ctx.progress.report(&check.line()).await;
+            report.push(check);
+        }
         Ok(report.outcome("acceptance"))
     }
 }
 
-/// `hostnames`: not checked yet; said so rather than passed.
-fn hostnames(config: &Config) -> Check {
-    if config.hostnames.is_empty() {
-        Check::skip("hostnames", "no [acceptance] hostnames")
-    } else {
-        Check::skip(
-            "hostnames",
-            format!(
-                "resolving and fetching {} over HTTPS is not built yet",
-                config.hostnames.join(", ")
-            ),
-        )
-    }
-}
+/// Resolving one hostname, and its HTTPS GET.
+const HOSTNAME_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Builds the handler from its section; `[restore_drill]` names the drill targets.
 pub fn build(configs: &HandlerConfigs, context: &Context) -> Option<Arc<dyn Handler>> {
@@ -276,5 +317,32 @@ mod tests {
         assert!(follows(&configs, JobKind::UPGRADE));
         assert!(!follows(&configs, JobKind::BACKUP));
         assert!(!follows(&HandlerConfigs::default(), JobKind::APPLY));
+    }
+
+    #[test]
+    fn problems_name_the_key_and_what_is_wrong() {
+        let config: Config = serde_json::from_str(
+            r#"{"after": ["apply", "aply", "acceptance"], "lb_pool": "10.0.0.240",
+                "http_routes": ["apps/home", "home"], "hostnames": ["home.lab:443", "https://home.lab"]}"#,
+        )
+        .expect("config");
+        let problems = config.problems();
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "acceptance.after[1]",
+                "acceptance.after[2]",
+                "acceptance.lb_pool",
+                "acceptance.http_routes[1]",
+                "acceptance.hostnames[1]"
+            ],
+            "{problems:?}"
+        );
+        assert!(
+            problems[0].1.contains("unknown job kind \"aply\""),
+            "{problems:?}"
+        );
+        assert!(problems[2].1.contains("not a CIDR"), "{problems:?}");
     }
 }

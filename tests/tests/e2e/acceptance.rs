@@ -488,12 +488,139 @@ async fn a_successful_job_of_a_kind_in_after_is_followed_by_one_acceptance() {
     let child = wait_settled(&lab.client, &id, Duration::from_secs(30)).await;
     assert_eq!(child["state"], "succeeded", "{child}");
     assert_eq!(check(&child, "nodes.ready")["ok"], true, "{child}");
-    // A job of a kind `after` does not list is not followed.
+    // The upgrade's record says how its acceptance went.
+    let noted = wait_for(
+        Duration::from_secs(10),
+        "the note on the upgrade",
+        || async {
+            let parent = record(&lab.client, &parent).await;
+            (parent["acceptance"]["state"] == "succeeded").then_some(parent)
+        },
+    )
+    .await;
+    assert_eq!(noted["acceptance"]["job_id"], id.as_str(), "{noted}");
+    assert_eq!(noted["state"], "succeeded", "{noted}");
+
+    // An upgrade that leaves a node NotReady: its acceptance fails, and the upgrade's record
+    // says so with the check that failed.
+    lab.kube.set_node_ready("w1", false);
+    let broken = submit(&lab.client, "upgrade talos v1.13.1").await;
+    let done = wait_settled(&lab.client, &broken, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let noted = wait_for(Duration::from_secs(30), "the failure noted", || async {
+        let parent = record(&lab.client, &broken).await;
+        (parent["acceptance"]["state"] == "failed").then_some(parent)
+    })
+    .await;
+    let message = noted["acceptance"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("failed") && message.contains("w1"),
+        "{noted}"
+    );
+    assert_eq!(
+        noted["state"], "succeeded",
+        "the upgrade itself stays succeeded"
+    );
+    // Each successful upgrade got one acceptance; nothing else was followed.
     let acceptances = all_records(&lab.client)
         .await
         .into_iter()
         .filter(|r| r["kind"] == "acceptance")
         .count();
-    assert_eq!(acceptances, 1);
+    assert_eq!(acceptances, 2);
+    lab.agent.stop().await;
+}
+
+/// `hostnames`: resolved from this host, fetched over HTTPS, the certificate checked for the
+/// name, the issuer and `cert_min_days`; each failure names the host and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hostname_resolves_and_serves_a_valid_certificate() {
+    use infraflux_tests::tls::{TestCa, serve};
+    let ca = TestCa::new("infraflux lab CA");
+    let ok = |_: &infraflux_tests::tls::Request| ("200 OK".to_string(), "{}".to_string());
+    let good = serve(ca.server_config(&["localhost"], 90), ok);
+    let expiring = serve(ca.server_config(&["localhost"], 4), ok);
+    let other_name = serve(ca.server_config(&["other.lab.example"], 90), ok);
+    let failing = serve(ca.server_config(&["localhost"], 90), |_| {
+        ("503 Service Unavailable".to_string(), "{}".to_string())
+    });
+    let stranger = TestCa::new("someone else's CA");
+    let untrusted = serve(stranger.server_config(&["localhost"], 90), ok);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_path = dir.path().join("lab-ca.pem");
+    std::fs::write(&ca_path, &ca.pem).expect("ca");
+    let hosts = [
+        format!("localhost:{good}"),
+        format!("localhost:{expiring}"),
+        format!("localhost:{other_name}"),
+        format!("localhost:{failing}"),
+        format!("localhost:{untrusted}"),
+        "nowhere.invalid".to_string(),
+    ];
+    let listed: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();
+    let lab = lab(
+        &format!(
+            "[acceptance]\nstorage = false\npod_security_exceptions = [\"longhorn-system\"]\nhostnames = [{}]\nca_cert = \"{}\"\n",
+            listed.join(", "),
+            ca_path.display()
+        ),
+        |_| {},
+    )
+    .await;
+    let done = lab.run().await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let host = |i: usize| check(&done, &format!("hostname.{}", hosts[i]));
+    let text = |c: &Value, key: &str| c[key].as_str().unwrap_or_default().to_string();
+
+    assert_eq!(host(0)["ok"], true, "{}", host(0));
+    let message = text(host(0), "message");
+    assert!(
+        message.contains("resolves to 127.0.0.1")
+            && message.contains("answered 200 OK")
+            && message.contains("certificate valid for 89 more days"),
+        "{message}"
+    );
+
+    let expiring = host(1);
+    assert_eq!(expiring["ok"], false);
+    assert!(
+        text(expiring, "message").contains("expires in 3 days")
+            && text(expiring, "message").contains("cert_min_days = 14")
+            && text(expiring, "fix").contains("kubectl get certificate"),
+        "{expiring}"
+    );
+    let other = host(2);
+    assert!(
+        other["ok"] == false && text(other, "fix").contains("does not name localhost"),
+        "{other}"
+    );
+    let failing = host(3);
+    assert!(
+        failing["ok"] == false && text(failing, "message").contains("503"),
+        "{failing}"
+    );
+    let untrusted = host(4);
+    assert!(
+        untrusted["ok"] == false
+            && text(untrusted, "fix").contains("neither a public CA nor acceptance.ca_cert"),
+        "{untrusted}"
+    );
+    let nowhere = host(5);
+    assert!(
+        nowhere["ok"] == false
+            && text(nowhere, "message").contains("nowhere.invalid does not resolve")
+            && text(nowhere, "fix").contains("add a DNS record for nowhere.invalid"),
+        "{nowhere}"
+    );
+    assert_eq!(done["result"]["failed"], 5, "{done}");
+    let metrics = metrics_text(&lab.agent.http).await;
+    assert!(
+        metrics.contains(&format!(
+            r#"infraflux_check_ok{{kind="acceptance",check="hostname.localhost:{good}"}} 1"#
+        )) && metrics.contains(
+            r#"infraflux_check_ok{kind="acceptance",check="hostname.nowhere.invalid"} 0"#
+        ),
+        "{metrics}"
+    );
     lab.agent.stop().await;
 }

@@ -418,7 +418,7 @@ fn the_shipped_example_config_passes_check_config_once_its_secrets_exist() {
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{all}");
     assert!(
-        all.contains("valid; agent runner-1, 4 schedule(s)"),
+        all.contains("valid; agent runner-1, 6 schedule(s)"),
         "{all}"
     );
     for secret in ["value-of-github-token", "from-1password"] {
