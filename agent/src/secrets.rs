@@ -125,7 +125,7 @@ async fn op_read(uri: &str, env: &Environment) -> Result<Secret, String> {
     if !out.status.success() {
         // op's stderr describes the failure (not signed in, no such item); it holds no value.
         let reason = String::from_utf8_lossy(&out.stderr);
-        let reason = reason.lines().last().unwrap_or("").trim();
+        let reason = op_reason(reason.lines().last().unwrap_or(""));
         return Err(format!("1Password CLI could not read {uri}: {reason}"));
     }
     let value = String::from_utf8(out.stdout).map_err(|_| format!("{uri} is not UTF-8"))?;
@@ -133,6 +133,27 @@ async fn op_read(uri: &str, env: &Environment) -> Result<Secret, String> {
         return Err(format!("{uri} is empty"));
     }
     Ok(Secret::new(value))
+}
+
+/// op's error line without its `[ERROR] 2026/12/01 12:00:00 ` prefix: the level and the time
+/// say nothing about why.
+fn op_reason(line: &str) -> &str {
+    let line = line.trim();
+    let Some(rest) = line.strip_prefix("[ERROR]") else {
+        return line;
+    };
+    let rest = rest.trim_start();
+    let mut words = rest.splitn(3, ' ');
+    match (words.next(), words.next(), words.next()) {
+        (Some(date), Some(time), Some(why))
+            if date.len() == 10
+                && date.chars().all(|c| c.is_ascii_digit() || c == '/')
+                && time.chars().all(|c| c.is_ascii_digit() || c == ':') =>
+        {
+            why
+        }
+        _ => rest,
+    }
 }
 
 #[cfg(test)]
@@ -221,5 +242,18 @@ mod tests {
             err.contains("item not found") && err.contains("op://v/minio/other"),
             "{err}"
         );
+        assert!(!err.contains("[ERROR]"), "{err}");
+    }
+
+    #[test]
+    fn op_errors_lose_their_level_and_time() {
+        assert_eq!(
+            op_reason(
+                "[ERROR] 2026/12/01 12:00:00 \"missing\" isn't an item in the \"infra\" vault."
+            ),
+            "\"missing\" isn't an item in the \"infra\" vault."
+        );
+        assert_eq!(op_reason("[ERROR] item not found\n"), "item not found");
+        assert_eq!(op_reason("  not signed in "), "not signed in");
     }
 }

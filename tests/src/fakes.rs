@@ -67,6 +67,20 @@ struct GithubState {
     next_id: u64,
     /// Where redeliveries are sent, and the secret they are signed with.
     webhook: Option<(String, String)>,
+    /// The tokens GitHub knows. Empty: every request is accepted, whatever it carries.
+    tokens: BTreeMap<String, FakeToken>,
+}
+
+/// What a token registered with [`FakeGithub::set_token`] may do on the fake's repositories,
+/// which are all private.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeToken {
+    /// A classic personal access token: its scopes come back in `X-OAuth-Scopes`; without
+    /// `repo` a private repository is not found (404), as GitHub hides what a token cannot see.
+    Classic { scopes: Vec<String> },
+    /// A fine-grained token with the repository selected (Metadata: read always);
+    /// `contents_read` is Contents: read, needed to list commits.
+    FineGrained { contents_read: bool },
 }
 
 #[derive(Clone)]
@@ -118,7 +132,13 @@ impl FakeGithub {
                 "/repos/{o}/{r}/hooks/{h}/deliveries/{d}/attempts",
                 post(gh_redeliver),
             )
+            .route("/repos/{o}/{r}", get(gh_repository))
+            .route("/repos/{o}/{r}/commits", get(gh_list_commits))
             .fallback(gh_not_found)
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                gh_authenticate,
+            ))
             .with_state(state.clone());
         let addr = serve(router).await;
         FakeGithub {
@@ -130,6 +150,12 @@ impl FakeGithub {
     /// Where redeliveries go (the agent's webhook) and how they are signed.
     pub fn set_webhook(&self, url: &str, secret: &str) {
         self.lock().webhook = Some((url.to_string(), secret.to_string()));
+    }
+
+    /// Registers a token. Once one is, requests with any other token (or none) are refused
+    /// with GitHub's 401 "Bad credentials".
+    pub fn set_token(&self, token: &str, kind: FakeToken) {
+        self.lock().tokens.insert(token.to_string(), kind);
     }
 
     pub fn add_delivery(&self, delivery: FakeDelivery) {
@@ -587,6 +613,180 @@ async fn gh_redeliver(
         ..delivery
     });
     (StatusCode::ACCEPTED, axum::Json(json!({}))).into_response()
+}
+
+/// GitHub's token handling, in front of every route: unknown tokens get 401 once any token is
+/// registered; a classic token's answers carry its scopes, and without `repo` the (private)
+/// repository is not found; a fine-grained token without Contents: read cannot list commits.
+async fn gh_authenticate(
+    State(s): GhState,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let token = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("token "))
+        })
+        .map(str::to_string);
+    // Some(None): tokens are registered and this one is not among them.
+    let known = {
+        let st = s.lock().unwrap_or_else(|p| p.into_inner());
+        (!st.tokens.is_empty()).then(|| token.and_then(|t| st.tokens.get(&t).cloned()))
+    };
+    let kind = match known {
+        None => return next.run(request).await,
+        Some(Some(kind)) => kind,
+        Some(None) => {
+            return gh_error(
+                StatusCode::UNAUTHORIZED,
+                "Bad credentials",
+                &[("www-authenticate", "Bearer realm=\"GitHub\"")],
+            );
+        }
+    };
+    let segments: Vec<&str> = request.uri().path().split('/').skip(1).collect();
+    let on_repository = segments.first() == Some(&"repos") && segments.len() >= 3;
+    let listing_commits = on_repository && segments.len() == 4 && segments[3] == "commits";
+    match kind {
+        FakeToken::Classic { scopes } => {
+            let joined = scopes.join(", ");
+            let mut response = if on_repository && !scopes.iter().any(|s| s == "repo") {
+                gh_404()
+            } else {
+                next.run(request).await
+            };
+            let headers = response.headers_mut();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&joined) {
+                headers.insert("x-oauth-scopes", v);
+            }
+            headers.insert(
+                "x-accepted-oauth-scopes",
+                axum::http::HeaderValue::from_static("repo"),
+            );
+            response
+        }
+        FakeToken::FineGrained { contents_read } => {
+            if listing_commits && !contents_read {
+                return gh_error(
+                    StatusCode::FORBIDDEN,
+                    "Resource not accessible by personal access token",
+                    &[("x-accepted-github-permissions", "contents=read")],
+                );
+            }
+            next.run(request).await
+        }
+    }
+}
+
+fn gh_error(
+    status: StatusCode,
+    message: &str,
+    headers: &[(&'static str, &'static str)],
+) -> Response {
+    let mut response = (
+        status,
+        axum::Json(json!({
+            "message": message,
+            "documentation_url": "https://docs.github.com/rest",
+            "status": status.as_u16().to_string(),
+        })),
+    )
+        .into_response();
+    for (name, value) in headers {
+        response
+            .headers_mut()
+            .insert(*name, axum::http::HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// `GET /repos/{o}/{r}`: every repository exists, private, with `main` as its default branch.
+async fn gh_repository(
+    State(s): GhState,
+    Path((o, r)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    record(
+        &s,
+        "GET",
+        &format!("/repos/{o}/{r}"),
+        &headers,
+        &Bytes::new(),
+    );
+    axum::Json(json!({
+        "id": 1296269,
+        "node_id": "MDEwOlJlcG9zaXRvcnkxMjk2MjY5",
+        "name": r,
+        "full_name": format!("{o}/{r}"),
+        "private": true,
+        "visibility": "private",
+        "owner": {"login": o, "id": 1, "node_id": "MDQ6VXNlcjE=", "type": "Organization", "site_admin": false},
+        "html_url": format!("https://github.com/{o}/{r}"),
+        "description": "The platform's infrastructure",
+        "fork": false,
+        "url": format!("https://api.github.com/repos/{o}/{r}"),
+        "default_branch": "main",
+        "archived": false,
+        "disabled": false,
+        "created_at": "2024-03-01T09:00:00Z",
+        "updated_at": Utc::now().to_rfc3339(),
+        "pushed_at": Utc::now().to_rfc3339(),
+        "permissions": {"admin": false, "maintain": false, "push": true, "triage": true, "pull": true},
+    }))
+    .into_response()
+}
+
+/// `GET /repos/{o}/{r}/commits`: the default branch's commits, newest first, `per_page` of them.
+async fn gh_list_commits(
+    State(s): GhState,
+    Path((o, r)): Path<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let path = match uri.query() {
+        Some(q) => format!("/repos/{o}/{r}/commits?{q}"),
+        None => format!("/repos/{o}/{r}/commits"),
+    };
+    record(&s, "GET", &path, &headers, &Bytes::new());
+    let per_page = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("per_page="))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(30);
+    let commits: Vec<Value> = [
+        ("9f2c1e4b7a0d3c5e8f1a2b4c6d8e0f1a3b5c7d9e", "talos: v1.13.2 on the workers"),
+        ("4b1d3f5a7c9e0b2d4f6a8c0e2b4d6f8a0c2e4b6d", "apps: home web with two replicas"),
+    ]
+    .iter()
+    .take(per_page)
+    .map(|(sha, message)| {
+        let author = json!({"name": "Alice", "email": "alice@example.com", "date": "2026-11-30T18:04:12Z"});
+        json!({
+            "sha": sha,
+            "node_id": "C_kwDOABCD",
+            "url": format!("https://api.github.com/repos/{o}/{r}/commits/{sha}"),
+            "html_url": format!("https://github.com/{o}/{r}/commit/{sha}"),
+            "commit": {
+                "author": author,
+                "committer": author,
+                "message": message,
+                "tree": {"sha": "6dcb09b5b57875f334f61aebed695e2e4193db5e", "url": format!("https://api.github.com/repos/{o}/{r}/git/trees/6dcb09b5b57875f334f61aebed695e2e4193db5e")},
+                "url": format!("https://api.github.com/repos/{o}/{r}/git/commits/{sha}"),
+                "comment_count": 0,
+            },
+            "author": user("alice"),
+            "committer": user("alice"),
+            "parents": [],
+        })
+    })
+    .collect();
+    axum::Json(commits).into_response()
 }
 
 fn gh_404() -> Response {

@@ -116,6 +116,7 @@ impl FakeKube {
                 "/api/v1/namespaces/{ns}/services/{service}/proxy/{*rest}",
                 any(service_proxy_path),
             )
+            .route("/version", any(kube_version))
             .fallback(kube_not_found)
             .with_state(state.clone());
         let addr = serve(router).await;
@@ -1965,6 +1966,30 @@ fn kube_status(code: u16, reason: &str, message: &str) -> Response {
         axum::Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})),
     )
         .into_response()
+}
+
+/// The version the fake API server reports at `GET /version`.
+pub const FAKE_KUBE_VERSION: &str = "v1.34.1";
+
+/// `GET /version`: the API server's build, as kube-apiserver answers it (every field of
+/// `version.Info` is required by clients).
+async fn kube_version() -> Response {
+    axum::Json(json!({
+        "major": "1",
+        "minor": "34",
+        "emulationMajor": "1",
+        "emulationMinor": "34",
+        "minCompatibilityMajor": "1",
+        "minCompatibilityMinor": "33",
+        "gitVersion": FAKE_KUBE_VERSION,
+        "gitCommit": "93248f9ae092f571eb870b7664c534bfc7d00f03",
+        "gitTreeState": "clean",
+        "buildDate": "2025-09-09T19:44:50Z",
+        "goVersion": "go1.24.6",
+        "compiler": "gc",
+        "platform": "linux/amd64"
+    }))
+    .into_response()
 }
 
 async fn kube_not_found(uri: Uri) -> Response {

@@ -101,6 +101,25 @@ pub async fn check(preflight: &Preflight) -> Check {
             );
         }
         s if s == StatusCode::NOT_FOUND || s == StatusCode::FORBIDDEN => {
+            // GitHub hides a private repository from a classic token without `repo` (404), but
+            // still lists the token's scopes: name the one missing rather than guess.
+            if let Some(scopes) = &scopes {
+                let missing = missing_scopes(scopes);
+                if !missing.is_empty() {
+                    return classic_lacks(
+                        Some(format!("cannot read {repo} ({s})")),
+                        &missing,
+                        scopes,
+                    );
+                }
+                return Check::fail(
+                    NAME,
+                    format!("classic token cannot read {repo} ({s}){accepted}"),
+                    format!(
+                        "check github.repo ({repo}) and that the token's owner can read it (an organization using SSO must also authorize the token)"
+                    ),
+                );
+            }
             return Check::fail(
                 NAME,
                 format!("the token cannot read {repo} ({s}){accepted}"),
@@ -126,22 +145,7 @@ pub async fn check(preflight: &Preflight) -> Check {
                 format!("classic token reads {repo}; scopes: {scopes}"),
             );
         }
-        return Check::fail(
-            NAME,
-            format!(
-                "classic token lacks the scope(s) {} (it has: {})",
-                missing.join(", "),
-                if scopes.trim().is_empty() {
-                    "none"
-                } else {
-                    scopes.trim()
-                }
-            ),
-            format!(
-                "edit the token on GitHub (Settings, Developer settings) and add: {}",
-                missing.join(", ")
-            ),
-        );
+        return classic_lacks(None, &missing, &scopes);
     }
     // A fine-grained token (or an app's): no scopes to read, so probe the reads.
     match get(format!("/repos/{repo}/commits?per_page=1")).await {
@@ -168,6 +172,29 @@ pub async fn check(preflight: &Preflight) -> Check {
             "check that this host reaches GitHub",
         ),
     }
+}
+
+/// A classic token without the `missing` scopes, and what it `cannot` do for lack of them.
+fn classic_lacks(cannot: Option<String>, missing: &[&str], scopes: &str) -> Check {
+    let granted = match scopes.trim() {
+        "" => "none",
+        listed => listed,
+    };
+    let lacks = format!(
+        "lacks the scope(s) {} (it has: {granted})",
+        missing.join(", ")
+    );
+    Check::fail(
+        NAME,
+        match cannot {
+            Some(cannot) => format!("classic token {cannot}: it {lacks}"),
+            None => format!("classic token {lacks}"),
+        },
+        format!(
+            "edit the token on GitHub (Settings, Developer settings) and add: {}",
+            missing.join(", ")
+        ),
+    )
 }
 
 /// GitHub names the permission a refused request needed in `X-Accepted-GitHub-Permissions`.

@@ -291,6 +291,14 @@ impl Preflight {
                 "no [kubernetes] section (the cluster may not exist yet)",
             );
         };
+        // Which server, and the deepest cause (a refused connection, a TLS alert): kube's own
+        // message is only "client error (Connect)".
+        let server = self
+            .context
+            .kube_config
+            .as_ref()
+            .map(|c| format!(" at {}", c.cluster_url))
+            .unwrap_or_default();
         match kube.apiserver_version().await {
             Ok(info) => Check::pass(
                 NAME,
@@ -298,7 +306,7 @@ impl Preflight {
             ),
             Err(e) => Check::fail(
                 NAME,
-                format!("the Kubernetes API does not answer: {e}"),
+                format!("the Kubernetes API{server} does not answer: {}", cause(&e)),
                 "check the kubeconfig's server address and credentials, and that this host reaches it (port 6443)",
             ),
         }
