@@ -194,6 +194,7 @@ async fn run(
     background.spawn(scheduler::run(app.clone(), stop.clone()));
     background.spawn(poller::poll(app.clone(), stop.clone()));
     background.spawn(poller::redeliver(app.clone(), stop.clone()));
+    background.spawn(crate::requeue::run(app.clone(), stop.clone()));
     // Heartbeat and readiness keep going until the runner has drained.
     let housekeeping_stop = CancellationToken::new();
     background.spawn(heartbeat(app.clone(), housekeeping_stop.clone()));

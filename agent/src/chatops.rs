@@ -516,7 +516,11 @@ async fn status(app: &Arc<App>) -> Reply {
         agents.len(),
         agents
             .iter()
-            .map(|a| format!("{}: {} running", a.agent, a.running.len()))
+            .map(|a| if a.running.is_empty() {
+                format!("{}: idle", a.agent)
+            } else {
+                format!("{}: running {}", a.agent, a.running.join(" "))
+            })
             .collect::<Vec<_>>()
             .join(", ")
     )];

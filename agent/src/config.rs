@@ -40,6 +40,10 @@ pub struct AgentSection {
     /// A job whose agent stops acknowledging it is redelivered after this long.
     #[serde(default = "default_ack_wait")]
     pub ack_wait: HumanDuration,
+    /// A job still `queued` this long after it was created is published again (its queue
+    /// message may never have been stored); also how often agents look.
+    #[serde(default = "default_requeue_after")]
+    pub requeue_after: HumanDuration,
     /// A lock or job lease expires this long after its holder's last renewal.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl: HumanDuration,
@@ -59,6 +63,7 @@ impl Default for AgentSection {
             concurrency: default_concurrency(),
             shutdown_timeout: default_shutdown_timeout(),
             ack_wait: default_ack_wait(),
+            requeue_after: default_requeue_after(),
             lease_ttl: default_lease_ttl(),
             max_deliveries: default_max_deliveries(),
             kill_grace: default_kill_grace(),
@@ -408,6 +413,9 @@ impl Config {
         if self.agent.ack_wait.get() < Duration::from_secs(1) {
             problems.push("agent.ack_wait", "must be at least 1s");
         }
+        if self.agent.requeue_after.get() < Duration::from_secs(1) {
+            problems.push("agent.requeue_after", "must be at least 1s");
+        }
         if self.agent.lease_ttl.get() < Duration::from_secs(1) {
             problems.push("agent.lease_ttl", "must be at least 1s");
         }
@@ -692,6 +700,9 @@ fn default_shutdown_timeout() -> HumanDuration {
 }
 fn default_ack_wait() -> HumanDuration {
     HumanDuration::from_secs(30)
+}
+fn default_requeue_after() -> HumanDuration {
+    HumanDuration::from_secs(600)
 }
 fn default_lease_ttl() -> HumanDuration {
     HumanDuration::from_secs(30)

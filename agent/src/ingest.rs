@@ -1,20 +1,22 @@
-//! Turning a job envelope into a durable, deduplicated job.
+//! Turning a job envelope into a durable, deduplicated job, in four JetStream writes.
 //!
 //! The order of writes is what makes "202 means stored" and "nothing twice" hold together:
 //!
-//! 1. claim the idempotency key in the dedup bucket (`create`: exactly one claimant wins);
+//! 1. claim the idempotency key in the dedup bucket (`create`: exactly one claimant wins, and
+//!    the claim names the job id for good);
 //! 2. send the record, the `queued` event and the job back to back, then wait for JetStream's
-//!    acks: once the job's ack is in, the job is durable, and only now is the caller told so;
-//! 3. mark the claim `enqueued`, in the background.
+//!    acks: once the job's ack is in, the job is durable, and only now is the caller told so.
 //!
-//! If the job's acknowledgement does not come, the job may be stored all the same (the ack was
-//! lost, or came after the timeout): the caller gets "unavailable" (a webhook answers 503, so
-//! GitHub can redeliver), and the claim is marked `unconfirmed` with the job id. The sender's
-//! retry takes it over at once and publishes again with the same job id as `Nats-Msg-Id`, so
-//! JetStream stores it once, and the sender is told that same id. If the agent dies before 3,
-//! the claim stays `pending`; a later submission of the same key takes it over after
-//! [`STALE_CLAIM`], the same way. The runner runs a job id at most once (its record is checked
-//! first), also if a message carrying it were stored twice outside the duplicate window.
+//! A later submission of the same key (a redelivery, the poller seeing the same commit) is a
+//! duplicate of the claimed job id. Whether the first submission got its job stored is not
+//! written down (that was a fifth write): the duplicate reads the job's record, and unless it
+//! shows the job has started, publishes the job again under the same id. That is harmless:
+//! `Nats-Msg-Id` is the job id, so JetStream stores it once within the jobs stream's duplicate
+//! window, the record is created only if absent, and the runner runs a job id at most once
+//! (its record is checked first), also if a message carrying it were stored twice outside the
+//! window. So a submission whose job's acknowledgement never came (the caller got
+//! "unavailable", a webhook 503, and GitHub redelivers), or whose agent died mid-way, is
+//! completed by the next submission of its key, at once and with the same job id.
 
 use std::time::Duration;
 
@@ -27,14 +29,13 @@ use infraflux_handlers::JobEnvelope;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::records::{JobRecord, Records};
+use crate::records::{JobRecord, JobState, Records};
 use crate::store::{Store, kv_key};
 use crate::telemetry;
 
-/// A pending claim older than this belongs to a submission that died.
-pub const STALE_CLAIM: Duration = Duration::from_secs(30);
-/// How long a submission waits for a concurrent one with the same key to finish.
-const CONCURRENT_WAIT: Duration = Duration::from_secs(5);
+/// How long a submission retries a claim that keeps vanishing under it (an operator purging
+/// the dedup bucket) before answering "unavailable".
+const CLAIM_PATIENCE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Submitted {
@@ -56,19 +57,11 @@ pub enum IngestError {
     Unavailable(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum ClaimStatus {
-    Pending,
-    Enqueued,
-    /// Published, but JetStream's acknowledgement never came: stored or not, nobody knows.
-    Unconfirmed,
-}
-
+/// What the dedup bucket holds per idempotency key. Claims written by older agents also
+/// carry a `status`, which is not read any more.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Claim {
     job_id: String,
-    status: ClaimStatus,
     at: DateTime<Utc>,
 }
 
@@ -88,15 +81,14 @@ impl Ingestor {
         self.ensure_connected()?;
         let key = kv_key(&envelope.idempotency_key);
         let dedup = &self.store.dedup;
-        let deadline = tokio::time::Instant::now() + CONCURRENT_WAIT;
-        loop {
+        let deadline = tokio::time::Instant::now() + CLAIM_PATIENCE;
+        let existing = loop {
             let claim = Claim {
                 job_id: envelope.job_id.clone(),
-                status: ClaimStatus::Pending,
                 at: Utc::now(),
             };
             match dedup.create(&key, encode(&claim)).await {
-                Ok(revision) => return self.enqueue(envelope, &key, revision, false).await,
+                Ok(_) => return self.enqueue(envelope, false).await,
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                 Err(e) => return Err(IngestError::Unavailable(e.to_string())),
             }
@@ -104,41 +96,39 @@ impl Ingestor {
                 .entry(&key)
                 .await
                 .map_err(|e| IngestError::Unavailable(e.to_string()))?;
-            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-                continue; // withdrawn meanwhile: try to claim again
-            };
-            let Ok(existing) = serde_json::from_slice::<Claim>(&entry.value) else {
-                return Err(IngestError::Unavailable(format!("unreadable claim {key}")));
-            };
-            if existing.status == ClaimStatus::Enqueued {
-                return Ok(Submitted::Duplicate {
-                    job_id: existing.job_id,
-                });
+            if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) {
+                break serde_json::from_slice::<Claim>(&entry.value)
+                    .map_err(|_| IngestError::Unavailable(format!("unreadable claim {key}")))?;
             }
-            let age = (Utc::now() - existing.at).to_std().unwrap_or_default();
-            if existing.status == ClaimStatus::Unconfirmed || age >= STALE_CLAIM {
-                // Take over with the same job id, so a job that did reach the queue is not
-                // queued under a second id.
-                envelope.job_id = existing.job_id.clone();
-                let claim = Claim {
-                    job_id: existing.job_id,
-                    status: ClaimStatus::Pending,
-                    at: Utc::now(),
-                };
-                match dedup.update(&key, encode(&claim), entry.revision).await {
-                    Ok(revision) => return self.enqueue(envelope, &key, revision, true).await,
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                    Err(e) => return Err(IngestError::Unavailable(e.to_string())),
-                }
-            }
+            // Withdrawn meanwhile: claim again, not in a tight loop.
             if tokio::time::Instant::now() >= deadline {
                 return Err(IngestError::Unavailable(format!(
-                    "another submission of {} is in progress",
+                    "the claim of {} keeps vanishing",
                     envelope.idempotency_key
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Our own claim: the create was stored but its answer lost (a leader election).
+        if existing.job_id == envelope.job_id {
+            return self.enqueue(envelope, false).await;
         }
+        let job_id = existing.job_id;
+        envelope.job_id = job_id.clone();
+        match self.records.get(&job_id).await {
+            // Started or ended: its job was stored.
+            Ok(Some((record, _))) if record.state != JobState::Queued => {}
+            // Maybe stored, maybe in flight: publish it again under its own id, JetStream
+            // keeps one.
+            Ok(Some(_)) => {
+                self.enqueue(envelope, true).await?;
+            }
+            // Its submission stored nothing visible (it died, or was answered "unavailable"):
+            // this one stores the job, under the claimed id.
+            Ok(None) => return self.enqueue(envelope, false).await,
+            Err(e) => return Err(IngestError::Unavailable(e.to_string())),
+        }
+        Ok(Submitted::Duplicate { job_id })
     }
 
     /// The job already stored (or being stored) under `idempotency_key`, if any: a request that
@@ -167,12 +157,12 @@ impl Ingestor {
         }
     }
 
+    /// Stores the record, the `queued` event (not for a `duplicate`: the first submission
+    /// sent it) and the job.
     async fn enqueue(
         &self,
         mut envelope: JobEnvelope,
-        key: &str,
-        revision: u64,
-        takeover: bool,
+        duplicate: bool,
     ) -> Result<Submitted, IngestError> {
         // The queue hop is its own span, the producer side: the runner's job span becomes its
         // child, so a trace reads ingress → enqueue → job → handler steps.
@@ -183,17 +173,13 @@ impl Ingestor {
         if let Some(tp) = telemetry::traceparent_of(&span) {
             envelope.traceparent = Some(tp);
         }
-        self.publish(envelope, key, revision, takeover)
-            .instrument(span)
-            .await
+        self.publish(envelope, duplicate).instrument(span).await
     }
 
     async fn publish(
         &self,
         envelope: JobEnvelope,
-        key: &str,
-        revision: u64,
-        takeover: bool,
+        duplicate: bool,
     ) -> Result<Submitted, IngestError> {
         let job_id = envelope.job_id.clone();
         let trace_id = envelope
@@ -208,8 +194,8 @@ impl Ingestor {
         // envelope if not), and the `queued` event precedes any later event of the job in
         // the events stream.
         let record_ack = self.records.start_create(&record).await;
-        // A takeover may find the record written and the job running: no second `queued`.
-        let event_ack = if takeover {
+        // A duplicate may find the record written and the job running: no second `queued`.
+        let event_ack = if duplicate {
             None
         } else {
             Some(self.records.start_event(&record).await)
@@ -237,9 +223,8 @@ impl Ingestor {
             tracing::warn!(%job_id, error = %e, "Job `queued` event not stored");
         }
         if let Err(e) = queued {
-            // The job may be stored although its ack is missing, and a runner may already hold
-            // its record: keep both, and let a retry publish the same job id again.
-            self.mark_unconfirmed(key, revision, &job_id).await;
+            // The job may be stored although its ack is missing: the claim stays, and the
+            // sender's retry publishes the same job id again (see the module docs).
             return Err(IngestError::Unavailable(e));
         }
         match recorded {
@@ -252,35 +237,18 @@ impl Ingestor {
             // The job is durable; the runner writes its record from the envelope.
             Err(e) => tracing::warn!(%job_id, error = %e, "Job queued without its record"),
         }
-        // Marking the claim is off the critical path: a claim left `pending` makes a later
-        // duplicate wait and then take over with this same job id, which runs at most once.
-        let dedup = self.store.dedup.clone();
-        let key = key.to_string();
-        let claim = Claim {
-            job_id: job_id.clone(),
-            status: ClaimStatus::Enqueued,
-            at: Utc::now(),
-        };
-        tokio::spawn(async move {
-            if let Err(e) = dedup.update(&key, encode(&claim), revision).await {
-                tracing::warn!(job_id = %claim.job_id, error = %e, "Job queued but its claim stayed pending");
-            }
-        });
         Ok(Submitted::Created { job_id })
     }
 
-    /// Marks a claim whose job may or may not be stored, so the next submission of the key
-    /// takes it over at once with the same job id; if even that fails, the claim goes stale and
-    /// is taken over later, also with the same job id.
-    async fn mark_unconfirmed(&self, key: &str, revision: u64, job_id: &str) {
-        let claim = Claim {
-            job_id: job_id.to_string(),
-            status: ClaimStatus::Unconfirmed,
-            at: Utc::now(),
-        };
-        if let Err(e) = self.store.dedup.update(key, encode(&claim), revision).await {
-            tracing::warn!(%job_id, error = %e, "Unconfirmed job's claim not marked; a retry waits for it to go stale");
-        }
+    /// Publishes `envelope`'s job again under its own id, for a record left `queued` (see
+    /// `requeue`); JetStream keeps one copy within its duplicate window.
+    pub async fn requeue(&self, envelope: &JobEnvelope) -> Result<(), IngestError> {
+        self.ensure_connected()?;
+        self.start_publish_job(envelope)
+            .await?
+            .await
+            .map(|_| ())
+            .map_err(|e| IngestError::Unavailable(e.to_string()))
     }
 
     async fn start_publish_job(

@@ -21,6 +21,7 @@ pub(crate) mod metrics;
 pub(crate) mod poller;
 pub mod preflight;
 pub mod records;
+pub(crate) mod requeue;
 pub(crate) mod runner;
 pub(crate) mod scheduler;
 #[cfg(test)]

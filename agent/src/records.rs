@@ -628,6 +628,33 @@ impl Records {
         .await
     }
 
+    /// Records still `queued` that were created before `before` (by their job id, a ULID),
+    /// oldest first: jobs whose queue message may never have been stored.
+    pub async fn stranded(&self, before: DateTime<Utc>) -> Result<Vec<JobRecord>, RecordError> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut stream = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| RecordError::Unavailable(e.to_string()))?;
+        while let Some(key) = stream.next().await {
+            keys.push(key.map_err(|e| RecordError::Unavailable(e.to_string()))?);
+        }
+        let cutoff = std::time::SystemTime::from(before);
+        keys.retain(|k| ulid::Ulid::from_string(k).is_ok_and(|id| id.datetime() < cutoff));
+        keys.sort_unstable();
+        let mut out = Vec::new();
+        for key in keys {
+            if let Some((record, _)) = self.get(&key).await?
+                && record.state == JobState::Queued
+                && record.created_at < before
+            {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` records that `keep`, newest first, among the newest [`MAX_SCAN`].
     async fn scan(
         &self,

@@ -722,7 +722,11 @@ impl Delivery {
                     self.follow_up(&record).await;
                     return Settle::Ack;
                 }
-                Err(RecordError::NotFound(_) | RecordError::Corrupt(..)) => return Settle::Ack,
+                // A record that cannot be decoded never will be: the job ends here, logged.
+                Err(RecordError::Corrupt(..)) => return Settle::Ack,
+                // Not found is retried, never acknowledged: a record that seems missing was
+                // read where it had not arrived yet, and acknowledging would leave the job
+                // `queued` forever with nothing left to run it.
                 Err(e) => {
                     tracing::warn!(error = %e, "Job end not recorded yet; retrying");
                     tokio::time::sleep(backoff).await;

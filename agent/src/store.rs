@@ -191,111 +191,118 @@ fn reconnect_delay(attempts: usize) -> Duration {
     Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(5))
 }
 
+/// How long one setup request may take: short, so a request lost in a leader election (which
+/// nats-server 2.9 may leave unanswered) costs little before it is asked again.
+const SETUP_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one setup step is retried before the whole setup is reported as failed (and
+/// retried by the caller).
+const SETUP_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Creates or updates every stream, bucket and the runner's consumer. Idempotent: every agent
-/// runs it at every start, and a changed setting (a longer event retention) is applied.
+/// runs it at every start, and a changed setting (a longer event retention, a new replica
+/// count) is applied. A stream already as configured is not updated: on a cluster, an update
+/// is a meta-group proposal that 2.9 answers only from a stream leader, and several agents
+/// starting together would otherwise keep proposing. Steps run concurrently and each retries
+/// on its own, so a lost request costs one short timeout, not a restart of the whole setup.
 pub async fn bootstrap(client: Client, config: &Config) -> Result<Store, StoreError> {
     let mut js = jetstream::new(client.clone());
     js.set_timeout(JETSTREAM_TIMEOUT);
+    let mut setup_js = jetstream::new(client.clone());
+    setup_js.set_timeout(SETUP_REQUEST_TIMEOUT);
     let names = Names::new(&config.nats.subject_prefix);
     let replicas = config.nats.replicas;
 
-    let jobs = ensure_stream(
-        &js,
-        stream::Config {
-            name: names.jobs_stream.clone(),
-            description: Some("infraflux jobs: work queue, one message per queued job".into()),
-            subjects: vec![names.jobs_wildcard()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            // A second line of defence only: the dedup bucket remembers for days.
-            duplicate_window: Duration::from_secs(600),
-            ..Default::default()
-        },
-    )
-    .await?;
-    ensure_stream(
-        &js,
-        stream::Config {
-            name: names.events_stream.clone(),
-            description: Some("infraflux job events: the audit trail".into()),
-            subjects: vec![names.events_wildcard()],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            max_age: config.nats.events_max_age.get(),
-            ..Default::default()
-        },
-    )
-    .await?;
-
-    let records = ensure_bucket(
-        &js,
-        &names.bucket_records,
-        "infraflux job records",
-        1,
-        config.nats.records_max_age.get(),
-        replicas,
-    )
-    .await?;
-    let locks = ensure_bucket(
-        &js,
-        &names.bucket_locks,
-        "infraflux locks and job leases",
-        1,
-        crate::locks::bucket_max_age(config.agent.lease_ttl.get()),
-        replicas,
-    )
-    .await?;
-    let dedup = ensure_bucket(
-        &js,
-        &names.bucket_dedup,
-        "infraflux idempotency keys: deliveries, commits, schedule fires",
-        1,
-        config.nats.dedup_window.get(),
-        replicas,
-    )
-    .await?;
-    let agents = ensure_bucket(
-        &js,
-        &names.bucket_agents,
-        "infraflux agents alive",
-        1,
-        PRESENCE_TTL,
-        replicas,
-    )
-    .await?;
-    let state = ensure_bucket(
-        &js,
-        &names.bucket_state,
-        "infraflux state: schedule cursors, last result per kind",
-        1,
-        Duration::ZERO,
-        replicas,
-    )
-    .await?;
-
-    let ack_wait = config.agent.ack_wait.get();
-    let consumer_config = consumer::pull::Config {
-        durable_name: Some(names.consumer.clone()),
-        description: Some("infraflux runner, shared by every agent".into()),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait,
-        // Redelivery is bounded by the runner (agent.max_deliveries), which records why it
-        // gave up; a server-side limit would drop the message silently.
-        max_deliver: -1,
-        max_ack_pending: 10_000,
-        deliver_policy: consumer::DeliverPolicy::All,
+    let jobs_config = stream::Config {
+        name: names.jobs_stream.clone(),
+        description: Some("infraflux jobs: work queue, one message per queued job".into()),
+        subjects: vec![names.jobs_wildcard()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        // A second line of defence only: the dedup bucket remembers for days.
+        duplicate_window: Duration::from_secs(600),
         ..Default::default()
     };
-    let artifacts = ensure_object_store(&js, &names.bucket_artifacts, replicas).await?;
+    let events_config = stream::Config {
+        name: names.events_stream.clone(),
+        description: Some("infraflux job events: the audit trail".into()),
+        subjects: vec![names.events_wildcard()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_age: config.nats.events_max_age.get(),
+        ..Default::default()
+    };
+    let buckets = [
+        bucket_config(
+            &names.bucket_records,
+            "infraflux job records",
+            config.nats.records_max_age.get(),
+            replicas,
+        ),
+        bucket_config(
+            &names.bucket_locks,
+            "infraflux locks and job leases",
+            crate::locks::bucket_max_age(config.agent.lease_ttl.get()),
+            replicas,
+        ),
+        bucket_config(
+            &names.bucket_dedup,
+            "infraflux idempotency keys: deliveries, commits, schedule fires",
+            config.nats.dedup_window.get(),
+            replicas,
+        ),
+        bucket_config(
+            &names.bucket_agents,
+            "infraflux agents alive",
+            PRESENCE_TTL,
+            replicas,
+        ),
+        bucket_config(
+            &names.bucket_state,
+            "infraflux state: schedule cursors, last result per kind",
+            Duration::ZERO,
+            replicas,
+        ),
+    ];
+    let mut wanted = vec![jobs_config, events_config];
+    wanted.extend(buckets);
+    futures::future::try_join_all(wanted.into_iter().map(|c| ensure_stream(&setup_js, c))).await?;
+    ensure_object_store(&setup_js, &names.bucket_artifacts, replicas).await?;
 
-    // nats-server 2.9 treats a create of an existing durable as an update of the fields it
-    // allows to change (ack_wait among them), so this is idempotent.
-    let consumer = jobs
-        .create_consumer(consumer_config)
-        .await
-        .map_err(|e| setup(&format!("consumer {}", names.consumer), e.to_string()))?;
+    // The handles keep the context they were made with: the agent's, with its own timeout.
+    let jobs = patiently(&format!("stream {}", names.jobs_stream), || async {
+        js.get_stream(&names.jobs_stream)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await?;
+    let bucket = |name: String| {
+        let js = js.clone();
+        async move {
+            patiently(&format!("bucket {name}"), || async {
+                js.get_key_value(&name).await.map_err(|e| e.to_string())
+            })
+            .await
+        }
+    };
+    let (records, locks, dedup, agents, state) = tokio::try_join!(
+        bucket(names.bucket_records.clone()),
+        bucket(names.bucket_locks.clone()),
+        bucket(names.bucket_dedup.clone()),
+        bucket(names.bucket_agents.clone()),
+        bucket(names.bucket_state.clone()),
+    )?;
+    let artifacts = patiently(
+        &format!("object store {}", names.bucket_artifacts),
+        || async {
+            js.get_object_store(&names.bucket_artifacts)
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await?;
+    let consumer = ensure_consumer(&jobs, &names, config.agent.ack_wait.get()).await?;
 
     Ok(Store {
         client,
@@ -312,45 +319,104 @@ pub async fn bootstrap(client: Client, config: &Config) -> Result<Store, StoreEr
     })
 }
 
+/// The runner's durable consumer, created when absent and updated only when its `ack_wait`
+/// changed (nats-server 2.9 treats a create of an existing durable as an update of the
+/// fields it allows to change).
+async fn ensure_consumer(
+    jobs: &stream::Stream,
+    names: &Names,
+    ack_wait: Duration,
+) -> Result<consumer::Consumer<consumer::pull::Config>, StoreError> {
+    let wanted = consumer::pull::Config {
+        durable_name: Some(names.consumer.clone()),
+        description: Some("infraflux runner, shared by every agent".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        // Redelivery is bounded by the runner (agent.max_deliveries), which records why it
+        // gave up; a server-side limit would drop the message silently.
+        max_deliver: -1,
+        max_ack_pending: 10_000,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    patiently(&format!("consumer {}", names.consumer), || async {
+        match jobs
+            .get_consumer::<consumer::pull::Config>(&names.consumer)
+            .await
+        {
+            Ok(existing) if existing.cached_info().config.ack_wait == ack_wait => Ok(existing),
+            _ => jobs
+                .create_consumer(wanted.clone())
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    })
+    .await
+}
+
+/// Retries `step` with a short jittered backoff until it succeeds or [`SETUP_PATIENCE`]
+/// passes; then the last error, naming `what`.
+async fn patiently<T, F, Fut>(what: &str, mut step: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match step().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(setup(what, e)),
+            Err(e) => {
+                tracing::debug!(what, error = %e, "JetStream setup step failed; retrying");
+                // Agents that collided once should not collide again in step.
+                let jitter = rand::random_range(0..=backoff.as_millis() as u64);
+                tokio::time::sleep(backoff / 2 + Duration::from_millis(jitter / 2)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 /// An object store bucket; artifacts older than a week are dropped (plans expire sooner).
+/// Its backing stream takes a changed replica count like every other stream does.
 async fn ensure_object_store(
     js: &jetstream::Context,
     bucket: &str,
     replicas: usize,
-) -> Result<async_nats::jetstream::object_store::ObjectStore, StoreError> {
-    if let Ok(store) = js.get_object_store(bucket).await {
-        // Its backing stream takes a changed replica count like every other stream does.
-        let name = format!("OBJ_{bucket}");
-        let mut stream = js
-            .get_stream(&name)
-            .await
-            .map_err(|e| setup(&format!("object store {bucket}"), e.to_string()))?;
-        let config = stream
-            .info()
-            .await
-            .map_err(|e| setup(&format!("object store {bucket}"), e.to_string()))?
-            .config
-            .clone();
-        if config.num_replicas != replicas {
-            js.update_stream(stream::Config {
-                num_replicas: replicas,
-                ..config
-            })
-            .await
-            .map_err(|e| setup(&format!("object store {bucket}"), e.to_string()))?;
+) -> Result<(), StoreError> {
+    let name = format!("OBJ_{bucket}");
+    patiently(&format!("object store {bucket}"), || async {
+        match js.get_stream(&name).await {
+            Ok(stream) => {
+                let existing = stream.cached_info().config.clone();
+                if existing.num_replicas != replicas {
+                    js.update_stream(stream::Config {
+                        num_replicas: replicas,
+                        ..existing
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            Err(e) if stream_missing(&e) => js
+                .create_object_store(async_nats::jetstream::object_store::Config {
+                    bucket: bucket.to_string(),
+                    description: Some("infraflux artifacts: saved terraform plans".into()),
+                    max_age: Duration::from_secs(7 * 86_400),
+                    storage: stream::StorageType::File,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                // Another agent's create won: the next round finds it.
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         }
-        return Ok(store);
-    }
-    js.create_object_store(async_nats::jetstream::object_store::Config {
-        bucket: bucket.to_string(),
-        description: Some("infraflux artifacts: saved terraform plans".into()),
-        max_age: Duration::from_secs(7 * 86_400),
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
     })
     .await
-    .map_err(|e| setup(&format!("object store {bucket}"), e.to_string()))
 }
 
 fn setup(what: &str, reason: impl Into<String>) -> StoreError {
@@ -360,70 +426,91 @@ fn setup(what: &str, reason: impl Into<String>) -> StoreError {
     }
 }
 
-async fn ensure_stream(
-    js: &jetstream::Context,
-    config: stream::Config,
-) -> Result<stream::Stream, StoreError> {
-    let name = config.name.clone();
-    match js.get_stream(&name).await {
-        Ok(_) => {
-            js.update_stream(config)
-                .await
-                .map_err(|e| setup(&format!("stream {name}"), e.to_string()))?;
-        }
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
-            js.create_stream(config)
-                .await
-                .map_err(|e| setup(&format!("stream {name}"), e.to_string()))?;
-        }
-        Err(e) => return Err(setup(&format!("stream {name}"), e.to_string())),
-    }
-    js.get_stream(&name)
-        .await
-        .map_err(|e| setup(&format!("stream {name}"), e.to_string()))
+fn stream_missing(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(ref j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
 }
 
-/// A KV bucket, created as its backing stream with the KV conventions.
-async fn ensure_bucket(
-    js: &jetstream::Context,
+/// Creates the stream, or updates it when a setting we own differs. A create that lost a race
+/// with another agent's, or whose answer was lost, is settled by the next round's get.
+async fn ensure_stream(js: &jetstream::Context, wanted: stream::Config) -> Result<(), StoreError> {
+    let name = wanted.name.clone();
+    patiently(&format!("stream {name}"), || async {
+        match js.get_stream(&name).await {
+            Ok(stream) if !differs(&stream.cached_info().config, &wanted) => Ok(()),
+            Ok(_) => js
+                .update_stream(wanted.clone())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) if stream_missing(&e) => {
+                js.create_stream(wanted.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// Whether a setting this agent sets differs from what the server holds. Settings left at
+/// their default are the server's to fill in (a duplicate window of 0 becomes 2 minutes, a
+/// per-subject limit of 0 becomes -1).
+fn differs(existing: &stream::Config, wanted: &stream::Config) -> bool {
+    let mut have = existing.subjects.clone();
+    let mut want = wanted.subjects.clone();
+    have.sort();
+    want.sort();
+    have != want
+        || existing.description != wanted.description
+        || existing.retention != wanted.retention
+        || existing.storage != wanted.storage
+        || existing.num_replicas != wanted.num_replicas
+        || existing.max_age != wanted.max_age
+        || (wanted.max_messages_per_subject != 0
+            && existing.max_messages_per_subject != wanted.max_messages_per_subject)
+        || existing.allow_rollup != wanted.allow_rollup
+        || existing.deny_delete != wanted.deny_delete
+        || existing.allow_direct != wanted.allow_direct
+        || existing.discard != wanted.discard
+        || (wanted.duplicate_window != Duration::ZERO
+            && existing.duplicate_window != wanted.duplicate_window)
+}
+
+/// A KV bucket's backing stream, with the KV conventions. Reads go to the stream leader
+/// (`allow_direct: false`): with direct gets, nats-server 2.9 lets any replica answer, and a
+/// replica still catching up after a restart answers with an old record (a job `queued`
+/// that has run).
+fn bucket_config(
     bucket: &str,
     description: &str,
-    history: i64,
     max_age: Duration,
     replicas: usize,
-) -> Result<kv::Store, StoreError> {
-    ensure_stream(
-        js,
-        stream::Config {
-            name: format!("KV_{bucket}"),
-            description: Some(description.to_string()),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: history,
-            max_age,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            duplicate_window: if max_age > Duration::ZERO && max_age < Duration::from_secs(120) {
-                max_age
-            } else {
-                Duration::from_secs(120)
-            },
-            ..Default::default()
+) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_string()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: false,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: if max_age > Duration::ZERO && max_age < Duration::from_secs(120) {
+            max_age
+        } else {
+            Duration::from_secs(120)
         },
-    )
-    .await?;
-    js.get_key_value(bucket)
-        .await
-        .map_err(|e| setup(&format!("bucket {bucket}"), e.to_string()))
+        ..Default::default()
+    }
 }
 
 /// Makes any string a valid KV key: kept as is when it already is one, else hashed.
@@ -461,6 +548,32 @@ mod tests {
         let n = Names::new("lab.a-b");
         assert_eq!(n.jobs_stream, "LAB_A_B_JOBS");
         assert_eq!(n.bucket_locks, "lab_a_b-locks");
+    }
+
+    #[test]
+    fn a_stream_as_configured_is_not_updated_but_a_changed_setting_is() {
+        let wanted = bucket_config("infraflux-jobs", "records", Duration::ZERO, 3);
+        // As the server answers: the defaults filled in.
+        let mut held = wanted.clone();
+        held.max_messages = -1;
+        held.max_bytes = -1;
+        assert!(!differs(&held, &wanted));
+        let events = stream::Config {
+            name: "INFRAFLUX_EVENTS".into(),
+            subjects: vec!["infraflux.events.>".into()],
+            num_replicas: 1,
+            ..Default::default()
+        };
+        let mut held_events = events.clone();
+        held_events.duplicate_window = Duration::from_secs(120);
+        held_events.max_messages_per_subject = -1;
+        assert!(!differs(&held_events, &events));
+        let mut fewer = held.clone();
+        fewer.num_replicas = 1;
+        assert!(differs(&fewer, &wanted), "a new replica count is applied");
+        let mut direct = held.clone();
+        direct.allow_direct = true;
+        assert!(differs(&direct, &wanted), "direct gets are switched off");
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //! A missing `nats-server` fails the test loudly; nothing here skips.
 
 pub mod bench;
+pub mod cluster;
 pub mod fakes;
 pub mod handlers;
 pub mod kube_fake;
 pub mod nats_proxy;
 pub mod otlp;
 pub mod peers;
+pub mod process;
 pub mod proxmox_fake;
 pub mod talos_fake;
 pub mod tls;
@@ -352,6 +354,36 @@ pub async fn post_webhook_raw(
     signature: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, Value) {
+    try_post_webhook_raw(http, event, delivery, signature, body)
+        .await
+        .expect("webhook request")
+}
+
+/// Posts a webhook signed with [`WEBHOOK_SECRET`]; a connection that fails (an agent killed
+/// mid-request) is an error, not a panic.
+pub async fn try_post_webhook(
+    http: &str,
+    event: &str,
+    delivery: &str,
+    body: &[u8],
+) -> Result<(u16, Value), reqwest::Error> {
+    try_post_webhook_raw(
+        http,
+        Some(event),
+        Some(delivery),
+        Some(&sign(WEBHOOK_SECRET, body)),
+        body.to_vec(),
+    )
+    .await
+}
+
+pub async fn try_post_webhook_raw(
+    http: &str,
+    event: Option<&str>,
+    delivery: Option<&str>,
+    signature: Option<&str>,
+    body: Vec<u8>,
+) -> Result<(u16, Value), reqwest::Error> {
     let client = reqwest::Client::new();
     let mut request = client
         .post(format!("{http}/webhooks/github"))
@@ -366,13 +398,13 @@ pub async fn post_webhook_raw(
     if let Some(s) = signature {
         request = request.header("X-Hub-Signature-256", s);
     }
-    let response = request.send().await.expect("webhook request");
+    let response = request.send().await?;
     let status = response.status().as_u16();
     let text = response.text().await.unwrap_or_default();
-    (
+    Ok((
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    ))
 }
 
 /// Sends a ChatOps command the way a chat bridge does and returns the reply.

@@ -1,77 +1,32 @@
 //! kill -9 of an agent mid-job: the job is redelivered, completes elsewhere, and its record and
 //! its handler know it was interrupted.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use infraflux_tests::*;
 
-/// The agent binary as a child process, so it can be killed like a crash kills it.
-pub struct AgentProcess {
-    child: Child,
+pub use infraflux_tests::process::AgentProcess;
+
+/// The test agent binary as a child process, so it can be killed like a crash kills it.
+pub fn spawn_agent(
+    config: &std::path::Path,
+    env: &[(&str, String)],
+    log: &std::path::Path,
+) -> AgentProcess {
+    AgentProcess::spawn(&crate::test_agent_bin(), config, env, log)
 }
 
-impl AgentProcess {
-    pub fn spawn(config: &std::path::Path, env: &[(&str, String)], log: &std::path::Path) -> Self {
-        let child = Command::new(crate::test_agent_bin())
-            .args(["run", "--config"])
-            .arg(config)
-            .envs(test_env())
-            .env("RUST_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log file"))
-            .spawn()
-            .expect("spawn test agent");
-        Self { child }
-    }
-
-    fn with_markers(
-        config: &std::path::Path,
-        markers: &std::path::Path,
-        log: &std::path::Path,
-    ) -> Self {
-        let env = [
-            ("IFX_TEST_MARKERS", markers.display().to_string()),
-            ("IFX_TEST_SLEEP_MS", "4000".to_string()),
-        ];
-        Self::spawn(config, &env, log)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for the process to exit; its exit code.
-    pub fn wait(&mut self) -> Option<i32> {
-        self.child.wait().ok().and_then(|s| s.code())
-    }
-
-    /// Its exit code once it exits; `None` if it is still running after `limit`.
-    pub fn exit_within(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return status.code(),
-                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-
-    pub fn kill9(&mut self) {
-        // Child::kill is SIGKILL: no shutdown code runs, exactly like a crash.
-        self.child.kill().expect("kill -9");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// An agent whose acceptance jobs write markers and take 4 s.
+fn with_markers(
+    config: &std::path::Path,
+    markers: &std::path::Path,
+    log: &std::path::Path,
+) -> AgentProcess {
+    let env = [
+        ("IFX_TEST_MARKERS", markers.display().to_string()),
+        ("IFX_TEST_SLEEP_MS", "4000".to_string()),
+    ];
+    spawn_agent(config, &env, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +52,7 @@ async fn a_job_survives_kill_9_of_its_agent_and_records_the_interruption() {
     };
     let first = write_config("crash-a");
     let second = write_config("crash-b");
-    let mut a = AgentProcess::with_markers(&first, &markers, &dir.path().join("a.log"));
+    let mut a = with_markers(&first, &markers, &dir.path().join("a.log"));
     let client = nats.client().await;
     let reply = wait_for(Duration::from_secs(20), "agent a to answer", || async {
         let r = tokio::time::timeout(
@@ -121,7 +76,7 @@ async fn a_job_survives_kill_9_of_its_agent_and_records_the_interruption() {
     .await;
     a.kill9();
 
-    let _b = AgentProcess::with_markers(&second, &markers, &dir.path().join("b.log"));
+    let _b = with_markers(&second, &markers, &dir.path().join("b.log"));
     let done = wait_settled(&client, &job_id, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["agent"], "crash-b");
@@ -143,4 +98,57 @@ async fn a_job_survives_kill_9_of_its_agent_and_records_the_interruption() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".start"))
         .count();
     assert_eq!(attempts, 2, "one interrupted attempt, one complete");
+}
+
+/// An agent killed between writing a job's record and its queue message (or a `503` during
+/// a leader election) leaves a record `queued` with nothing to run it: agents publish such a
+/// job again after `requeue_after`, under its own id, and it runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_left_queued_without_its_queue_message_is_queued_again_and_runs_once() {
+    init();
+    let nats = Nats::start();
+    let client = nats.client().await;
+    let log = infraflux_tests::handlers::RunLog::default();
+    let handler = infraflux_tests::handlers::TestHandler::new(
+        infraflux_handlers::JobKind::ACCEPTANCE,
+        infraflux_tests::handlers::Behaviour::Sleep(Duration::from_millis(50)),
+        log.clone(),
+    );
+    let agent = start_agent_with_env(
+        &nats,
+        "requeue",
+        "[acceptance]\n",
+        &[("INFRAFLUX_AGENT__REQUEUE_AFTER", "2s")],
+        handler.install(),
+    )
+    .await;
+    // The record as ingest writes it, created a minute ago, and no queue message.
+    let envelope = infraflux_handlers::JobEnvelope {
+        job_id: infraflux_handlers::new_job_id(),
+        kind: infraflux_handlers::JobKind::ACCEPTANCE,
+        params: Default::default(),
+        source: infraflux_handlers::Source::Chatops,
+        requested_by: "tester".into(),
+        idempotency_key: "chatops.stranded-1".into(),
+        traceparent: None,
+        commit: None,
+        created_at: chrono::Utc::now() - chrono::Duration::minutes(1),
+    };
+    let record = infraflux_agent::records::JobRecord::new(&envelope, "");
+    async_nats::jetstream::new(client.clone())
+        .get_key_value("infraflux-jobs")
+        .await
+        .expect("records bucket")
+        .create(
+            &envelope.job_id,
+            serde_json::to_vec(&record).expect("json").into(),
+        )
+        .await
+        .expect("record");
+    let done = wait_settled(&client, &envelope.job_id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    // A second look finds nothing to do: it ran once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(log.runs_of(&envelope.job_id).len(), 1);
+    agent.stop().await;
 }

@@ -89,7 +89,7 @@ async fn spawn_agent(
         ("INFRAFLUX_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
         ("INFRAFLUX_HTTP__READ_TIMEOUT", read_timeout.to_string()),
     ];
-    let agent = AgentProcess::spawn(&config, &env, &dir.join("agent.log"));
+    let agent = crate::crash::spawn_agent(&config, &env, &dir.join("agent.log"));
     wait_for(Duration::from_secs(30), "the agent to be ready", || async {
         reqwest::get(format!("http://127.0.0.1:{http_port}/readyz"))
             .await

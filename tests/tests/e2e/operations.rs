@@ -58,7 +58,7 @@ otlp_headers = {{ authorization = "env:TEST_OTLP_AUTH" }}
         // A quiet log must not quiet the trace.
         ("RUST_LOG", "warn".to_string()),
     ];
-    let agent = crate::crash::AgentProcess::spawn(&config, &env, &dir.path().join("agent.log"));
+    let agent = crate::crash::spawn_agent(&config, &env, &dir.path().join("agent.log"));
     let http = format!("http://127.0.0.1:{http_port}");
     wait_for(Duration::from_secs(30), "the agent to be ready", || async {
         reqwest::get(format!("{http}/readyz"))
@@ -302,7 +302,7 @@ async fn under_systemd_the_agent_signals_ready_feeds_the_watchdog_and_says_it_is
         ("NOTIFY_SOCKET", socket_path.display().to_string()),
         ("WATCHDOG_USEC", "1500000".to_string()),
     ];
-    let mut agent = crate::crash::AgentProcess::spawn(&config, &env, &dir.path().join("agent.log"));
+    let mut agent = crate::crash::spawn_agent(&config, &env, &dir.path().join("agent.log"));
     let receive = |socket: &UnixDatagram| {
         let mut buf = [0u8; 256];
         let n = socket.recv(&mut buf).expect("a notification");

@@ -998,7 +998,7 @@ async fn an_apply_whose_agent_dies_stops_terraform_releases_its_lock_and_is_neve
     )
     .expect("config");
     let env = lab_env(http_port);
-    let mut first = crate::crash::AgentProcess::spawn(&config, &env, &p.dir.path().join("1.log"));
+    let mut first = crate::crash::spawn_agent(&config, &env, &p.dir.path().join("1.log"));
     let http = format!("http://127.0.0.1:{http_port}");
     wait_for(
         Duration::from_secs(30),
@@ -1064,7 +1064,7 @@ async fn an_apply_whose_agent_dies_stops_terraform_releases_its_lock_and_is_neve
         vec![("INFRAFLUX_AGENT__ID", "crash-2".to_string())],
     ]
     .concat();
-    let _second = crate::crash::AgentProcess::spawn(&config, &env2, &p.dir.path().join("2.log"));
+    let _second = crate::crash::spawn_agent(&config, &env2, &p.dir.path().join("2.log"));
     let done = wait_settled(&client, &apply_job, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "failed", "{done}");
     let message = done["message"].as_str().unwrap_or_default();

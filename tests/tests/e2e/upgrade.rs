@@ -10,8 +10,6 @@ use infraflux_tests::upgrade_lab::{NODES, S3_ENV, TARGET, upgrade_lab};
 use infraflux_tests::*;
 use serde_json::{Value, json};
 
-use crate::crash::AgentProcess;
-
 fn node_states(done: &Value) -> Vec<(String, String)> {
     done["result"]["nodes"]
         .as_array()
@@ -301,7 +299,8 @@ async fn an_agent_killed_mid_rollout_resumes_and_never_upgrades_a_node_twice() {
         path
     };
     let env: Vec<(&str, String)> = S3_ENV.iter().map(|(k, v)| (*k, v.to_string())).collect();
-    let mut first = AgentProcess::spawn(&write_config("up-a"), &env, &lab.dir.path().join("a.log"));
+    let mut first =
+        crate::crash::spawn_agent(&write_config("up-a"), &env, &lab.dir.path().join("a.log"));
     let job = wait_for(
         Duration::from_secs(20),
         "agent a to take the upgrade",
@@ -334,7 +333,8 @@ async fn an_agent_killed_mid_rollout_resumes_and_never_upgrades_a_node_twice() {
     assert!(!lab.cordoned("cp-1"));
     assert!(lab.cordoned("cp-2"));
 
-    let _second = AgentProcess::spawn(&write_config("up-b"), &env, &lab.dir.path().join("b.log"));
+    let _second =
+        crate::crash::spawn_agent(&write_config("up-b"), &env, &lab.dir.path().join("b.log"));
     let done = wait_settled(&lab.client, &job, Duration::from_secs(120)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["agent"], "up-b");
