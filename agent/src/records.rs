@@ -628,9 +628,8 @@ impl Records {
         .await
     }
 
-    /// Records still `queued` that were created before `before` (by their job id, a ULID),
-    /// oldest first: jobs whose queue message may never have been stored.
-    pub async fn stranded(&self, before: DateTime<Utc>) -> Result<Vec<JobRecord>, RecordError> {
+    /// Every record's key (a job id).
+    async fn keys(&self) -> Result<Vec<String>, RecordError> {
         let mut keys: Vec<String> = Vec::new();
         let mut stream = self
             .kv
@@ -640,19 +639,41 @@ impl Records {
         while let Some(key) = stream.next().await {
             keys.push(key.map_err(|e| RecordError::Unavailable(e.to_string()))?);
         }
+        Ok(keys)
+    }
+
+    /// Records still `queued` that were created before `before` (by their job id, a ULID),
+    /// oldest first: jobs whose queue message may never have been stored. Only keys from
+    /// `from` on are read; the returned key is where the next look may start: every record
+    /// before it had ended, and an ended record never changes again.
+    pub async fn stranded(
+        &self,
+        before: DateTime<Utc>,
+        from: Option<&str>,
+    ) -> Result<(Vec<JobRecord>, Option<String>), RecordError> {
         let cutoff = std::time::SystemTime::from(before);
-        keys.retain(|k| ulid::Ulid::from_string(k).is_ok_and(|id| id.datetime() < cutoff));
+        let mut keys = self.keys().await?;
+        keys.retain(|k| {
+            from.is_none_or(|f| k.as_str() >= f)
+                && ulid::Ulid::from_string(k).is_ok_and(|id| id.datetime() < cutoff)
+        });
         keys.sort_unstable();
+        let mut next = from.map(str::to_string);
+        let mut all_ended = true;
         let mut out = Vec::new();
         for key in keys {
-            if let Some((record, _)) = self.get(&key).await?
-                && record.state == JobState::Queued
-                && record.created_at < before
-            {
+            let Some((record, _)) = self.get(&key).await? else {
+                continue;
+            };
+            all_ended &= record.state.is_terminal();
+            if all_ended {
+                next = Some(key);
+            }
+            if record.state == JobState::Queued && record.created_at < before {
                 out.push(record);
             }
         }
-        Ok(out)
+        Ok((out, next))
     }
 
     /// Up to `limit` records that `keep`, newest first, among the newest [`MAX_SCAN`].
@@ -661,15 +682,7 @@ impl Records {
         keep: impl Fn(&JobRecord) -> bool,
         limit: usize,
     ) -> Result<Vec<JobRecord>, RecordError> {
-        let mut keys: Vec<String> = Vec::new();
-        let mut stream = self
-            .kv
-            .keys()
-            .await
-            .map_err(|e| RecordError::Unavailable(e.to_string()))?;
-        while let Some(key) = stream.next().await {
-            keys.push(key.map_err(|e| RecordError::Unavailable(e.to_string()))?);
-        }
+        let mut keys = self.keys().await?;
         keys.sort_unstable_by(|a, b| b.cmp(a));
         let mut out = Vec::new();
         for key in keys.iter().take(MAX_SCAN) {

@@ -26,12 +26,16 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
     // The first look soon after start, where an agent that died mid-ingest left its jobs;
     // agents started together look at different moments.
     let mut wait = every / 4 + jitter(every / 4);
+    // Records before this key had all ended at the last look: they are not read again. (A job
+    // id made on an agent whose clock runs `requeue_after` behind could sort before it; clocks
+    // are assumed NTP-synchronized, as for leases.)
+    let mut from: Option<String> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        match sweep(&app).await {
+        match sweep(&app, &mut from).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
                 jobs = n,
@@ -51,11 +55,15 @@ fn jitter(up_to: Duration) -> Duration {
 }
 
 /// Publishes again every job whose record is still `queued` `agent.requeue_after` after it
-/// was created; returns how many.
-pub async fn sweep(app: &App) -> Result<usize, RecordError> {
+/// was created, reading records from `from` on (and moving it on); returns how many.
+pub async fn sweep(app: &App, from: &mut Option<String>) -> Result<usize, RecordError> {
     let age = chrono::Duration::from_std(app.config.agent.requeue_after.get())
         .unwrap_or(chrono::Duration::MAX);
-    let stranded = app.records.stranded(Utc::now() - age).await?;
+    let (stranded, next) = app
+        .records
+        .stranded(Utc::now() - age, from.as_deref())
+        .await?;
+    *from = next;
     let mut queued = 0;
     for record in stranded {
         let envelope = envelope_of(&record);

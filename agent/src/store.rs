@@ -363,12 +363,19 @@ where
 {
     let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
     let mut backoff = Duration::from_millis(100);
+    let mut failures = 0u32;
     loop {
         match step().await {
             Ok(value) => return Ok(value),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(setup(what, e)),
             Err(e) => {
-                tracing::debug!(what, error = %e, "JetStream setup step failed; retrying");
+                failures += 1;
+                // A lost race with another agent fails once or twice; more is worth a look.
+                if failures >= 3 {
+                    tracing::warn!(what, error = %e, "JetStream setup step keeps failing; retrying");
+                } else {
+                    tracing::debug!(what, error = %e, "JetStream setup step failed; retrying");
+                }
                 // Agents that collided once should not collide again in step.
                 let jitter = rand::random_range(0..=backoff.as_millis() as u64);
                 tokio::time::sleep(backoff / 2 + Duration::from_millis(jitter / 2)).await;

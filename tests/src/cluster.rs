@@ -112,11 +112,6 @@ cluster {{
         panic!("nats-server {} did not listen", server.name);
     }
 
-    /// One server's client URL.
-    pub fn server_url(&self, i: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.servers[i].client_port)
-    }
-
     pub fn name(&self, i: usize) -> &str {
         &self.servers[i].name
     }

@@ -337,14 +337,9 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
 
 /// Posts a webhook signed with [`WEBHOOK_SECRET`].
 pub async fn post_webhook(http: &str, event: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
-    post_webhook_raw(
-        http,
-        Some(event),
-        Some(delivery),
-        Some(&sign(WEBHOOK_SECRET, body)),
-        body.to_vec(),
-    )
-    .await
+    try_post_webhook(http, event, delivery, body)
+        .await
+        .expect("webhook request")
 }
 
 pub async fn post_webhook_raw(

@@ -53,15 +53,6 @@ impl AgentProcess {
         self.child.kill().expect("kill -9");
         let _ = self.child.wait();
     }
-
-    /// SIGTERM, as systemd stops the service.
-    pub fn terminate(&self) {
-        use nix::sys::signal::{Signal, kill};
-        use nix::unistd::Pid;
-        // A process already gone makes this fail harmlessly.
-        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    }
 }
 
 impl Drop for AgentProcess {

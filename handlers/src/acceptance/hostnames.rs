@@ -60,12 +60,12 @@ impl Hostname {
 }
 
 /// The check's name: one per hostname, so a metric says which one fails.
-pub fn check_name(entry: &str) -> String {
+fn check_name(entry: &str) -> String {
     format!("hostname.{entry}")
 }
 
 /// The system's roots, plus `ca_cert` when set; a client per run, as the CA file may change.
-pub fn client(config: &Config, timeout: Duration) -> Result<reqwest::ClientBuilder, String> {
+fn client(config: &Config, timeout: Duration) -> Result<reqwest::ClientBuilder, String> {
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
