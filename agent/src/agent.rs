@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::http::{self, HttpState, Readiness};
 use crate::metrics::Metrics;
@@ -89,6 +90,16 @@ pub async fn start(
     services: Context,
     registry: Registry,
 ) -> Result<AgentHandle, AgentError> {
+    start_with_clock(config, services, registry, Arc::new(SystemClock)).await
+}
+
+/// [`start`] with the wall clock its schedules fire by.
+pub async fn start_with_clock(
+    config: Config,
+    services: Context,
+    registry: Registry,
+    clock: Arc<dyn Clock>,
+) -> Result<AgentHandle, AgentError> {
     let (listener, http_addr) =
         http::bind(&config.http.listen)
             .await
@@ -106,6 +117,7 @@ pub async fn start(
         listener,
         shutdown.clone(),
         ready_tx,
+        clock,
     ));
     Ok(AgentHandle {
         http_addr,
@@ -123,6 +135,7 @@ async fn run(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
     ready: watch::Sender<bool>,
+    clock: Arc<dyn Clock>,
 ) -> Result<(), AgentError> {
     let agent_id = config.agent_id();
     let metrics = Arc::new(Metrics::new());
@@ -191,7 +204,7 @@ async fn run(
         "cancel notices",
         chatops::serve_cancels(app.clone(), stop.clone(), subscribed),
     ));
-    background.spawn(scheduler::run(app.clone(), stop.clone()));
+    background.spawn(scheduler::run(app.clone(), clock, stop.clone()));
     background.spawn(poller::poll(app.clone(), stop.clone()));
     background.spawn(poller::redeliver(app.clone(), stop.clone()));
     background.spawn(crate::requeue::run(app.clone(), stop.clone()));

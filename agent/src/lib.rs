@@ -10,6 +10,7 @@ pub(crate) mod app;
 pub(crate) mod approval;
 pub(crate) mod chatops;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub(crate) mod ctl;
 pub mod github;
@@ -32,5 +33,5 @@ pub(crate) mod status;
 pub mod store;
 pub mod telemetry;
 
-pub use agent::{AgentError, AgentHandle, start};
+pub use agent::{AgentError, AgentHandle, start, start_with_clock};
 pub use config::Config;

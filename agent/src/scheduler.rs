@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::App;
+use crate::clock::Clock;
 use crate::config::ScheduleSection;
 use crate::telemetry;
 
@@ -37,9 +38,9 @@ pub struct Cursor {
 
 /// Runs every schedule until `shutdown` fires: one task for all of them (a lab may have a
 /// thousand), each remembering when it next needs a look.
-pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
+pub async fn run(app: Arc<App>, clock: Arc<dyn Clock>, shutdown: CancellationToken) {
     // A fire due before this agent started watching was missed while no agent ran.
-    let watching_since = Utc::now();
+    let watching_since = clock.now();
     let mut watches = Vec::with_capacity(app.config.schedules.len());
     for section in app.config.schedules.clone() {
         let schedule = match app.config.parse_schedule(&section) {
@@ -50,7 +51,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                 continue;
             }
         };
-        let Some(cursor) = load_cursor(&app, schedule.name(), &shutdown).await else {
+        let Some(cursor) = load_cursor(&app, &*clock, schedule.name(), &shutdown).await else {
             return;
         };
         watches.push(Watch {
@@ -63,11 +64,11 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         });
     }
     let mut fires = tokio::task::JoinSet::new();
-    let mut last_now = Utc::now();
+    let mut last_now = clock.now();
     let mut next_full_look = last_now;
     loop {
         while fires.try_join_next().is_some() {}
-        let now = Utc::now();
+        let now = clock.now();
         // Every MAX_SLEEP, and after the wall clock went back, every schedule is looked at
         // again, so a clock jump or a DST change is noticed.
         let full = now >= next_full_look || now < last_now;
@@ -86,6 +87,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                     watch.section.clone(),
                     at,
                     missed,
+                    clock.clone(),
                     shutdown.clone(),
                 ));
             }
@@ -94,7 +96,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             .iter()
             .filter_map(|w| w.look_at)
             .fold(next_full_look, DateTime::min);
-        if !sleep_until(wake, &shutdown).await {
+        if !sleep_until(&*clock, wake, &shutdown).await {
             break;
         }
     }
@@ -155,23 +157,28 @@ fn cursor_key(name: &str) -> String {
 }
 
 /// Sleeps until `at` (at most [`MAX_SLEEP`] at once); `false` if shut down meanwhile.
-async fn sleep_until(at: DateTime<Utc>, shutdown: &CancellationToken) -> bool {
-    let wait = (at - Utc::now())
+async fn sleep_until(clock: &dyn Clock, at: DateTime<Utc>, shutdown: &CancellationToken) -> bool {
+    let wait = (at - clock.now())
         .to_std()
         .unwrap_or_default()
         .min(MAX_SLEEP);
     tokio::select! {
         () = shutdown.cancelled() => false,
-        () = tokio::time::sleep(wait) => true,
+        () = clock.sleep(wait) => true,
     }
 }
 
-async fn load_cursor(app: &App, name: &str, shutdown: &CancellationToken) -> Option<Cursor> {
+async fn load_cursor(
+    app: &App,
+    clock: &dyn Clock,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Option<Cursor> {
     let key = cursor_key(name);
     let mut backoff = Duration::from_millis(500);
     loop {
         let fresh = Cursor {
-            watched_since: Utc::now(),
+            watched_since: clock.now(),
             last_fired: None,
         };
         match app
@@ -216,6 +223,7 @@ async fn fire(
     section: Arc<ScheduleSection>,
     at: DateTime<Utc>,
     missed: bool,
+    clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) {
     let (kind, mut params) = match command::parse(&section.command) {
@@ -259,7 +267,7 @@ async fn fire(
                 advance_cursor(&app, schedule.name(), at).await;
                 return;
             }
-            Err(e) if Utc::now() < give_up => {
+            Err(e) if clock.now() < give_up => {
                 tracing::warn!(schedule = %schedule.name(), error = %e, "Schedule fire not stored yet; retrying");
             }
             Err(e) => {

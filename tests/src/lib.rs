@@ -5,6 +5,7 @@
 //! A missing `nats-server` fails the test loudly; nothing here skips.
 
 pub mod bench;
+pub mod clock;
 pub mod cluster;
 pub mod fakes;
 pub mod handlers;
@@ -276,6 +277,36 @@ pub async fn start_agent_at(
     extra_env: &[(&str, &str)],
     customize: impl FnOnce(&mut Registry),
 ) -> TestAgent {
+    launch_agent(
+        nats_url,
+        agent_id,
+        extra,
+        extra_env,
+        Arc::new(infraflux_agent::clock::SystemClock),
+        customize,
+    )
+    .await
+}
+
+/// [`start_agent`] whose schedules fire by `clock`.
+pub async fn start_agent_with_clock(
+    nats: &Nats,
+    agent_id: &str,
+    extra: &str,
+    clock: Arc<dyn infraflux_agent::clock::Clock>,
+    customize: impl FnOnce(&mut Registry),
+) -> TestAgent {
+    launch_agent(&nats.url, agent_id, extra, &[], clock, customize).await
+}
+
+async fn launch_agent(
+    nats_url: &str,
+    agent_id: &str,
+    extra: &str,
+    extra_env: &[(&str, &str)],
+    clock: Arc<dyn infraflux_agent::clock::Clock>,
+    customize: impl FnOnce(&mut Registry),
+) -> TestAgent {
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = agent_config(nats_url, agent_id, dir.path(), extra);
     let path = dir.path().join("agent.toml");
@@ -296,7 +327,7 @@ pub async fn start_agent_at(
         .unwrap_or_else(|p| panic!("test services: {p}"));
     let mut registry = Registry::from_sections(&loaded.config.handlers, &services);
     customize(&mut registry);
-    let mut handle = infraflux_agent::start(loaded.config, services, registry)
+    let mut handle = infraflux_agent::start_with_clock(loaded.config, services, registry, clock)
         .await
         .expect("agent starts");
     let ready = tokio::time::timeout(Duration::from_secs(20), handle.ready()).await;

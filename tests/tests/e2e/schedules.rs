@@ -87,3 +87,95 @@ command = "acceptance"
     assert_eq!(jobs.len(), 1, "still once: {jobs:?}");
     c.stop().await;
 }
+
+/// The fire times of every scheduled job so far, oldest first.
+async fn fire_times(client: &async_nats::Client) -> Vec<String> {
+    let mut fires: Vec<String> = all_records(client)
+        .await
+        .iter()
+        .filter_map(|r| r["params"]["fire_time"].as_str().map(str::to_string))
+        .collect();
+    fires.sort();
+    fires
+}
+
+fn at(s: &str) -> chrono::DateTime<Utc> {
+    s.parse().expect("rfc3339")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_jump_forward_or_back_neither_fires_twice_nor_loses_the_latest_fire() {
+    init();
+    let nats = Nats::start();
+    let toml = r#"
+[acceptance]
+
+[[schedules]]
+name = "minutely-check"
+cron = "0 * * * * *"
+timezone = "UTC"
+catch_up = "5m"
+command = "acceptance"
+"#;
+    let clock = infraflux_tests::clock::JumpClock::reading(at("2030-01-01T00:00:58Z"));
+    let log = RunLog::default();
+    let a =
+        start_agent_with_clock(&nats, "clock-a", toml, clock.clone(), handler(log.clone())).await;
+    let client = nats.client().await;
+    let fired = |want: usize| {
+        let client = client.clone();
+        async move {
+            wait_for(Duration::from_secs(15), "the scheduled jobs", || async {
+                let fires = fire_times(&client).await;
+                (fires.len() >= want).then_some(fires)
+            })
+            .await
+        }
+    };
+    assert_eq!(fired(1).await, ["2030-01-01T00:01:00+00:00"]);
+
+    // Forward ten minutes: nine fires passed unseen. Only the latest runs, once.
+    clock.set_to(at("2030-01-01T00:11:02Z"));
+    assert_eq!(
+        fired(2).await,
+        ["2030-01-01T00:01:00+00:00", "2030-01-01T00:11:00+00:00"]
+    );
+
+    // Back before that fire: when the clock passes it again it does not fire twice.
+    clock.set_to(at("2030-01-01T00:10:58Z"));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(fire_times(&client).await.len(), 2, "no second 00:11:00");
+
+    // An agent started while the clock reads the past again does not fire it either: the
+    // cursor in the store remembers the newest fire.
+    a.stop().await;
+    clock.set_to(at("2030-01-01T00:10:59Z"));
+    let b =
+        start_agent_with_clock(&nats, "clock-b", toml, clock.clone(), handler(log.clone())).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fire_times(&client).await.len(),
+        2,
+        "no second 00:11:00 after a restart"
+    );
+
+    // Then the next fire comes, once.
+    clock.set_to(at("2030-01-01T00:11:58Z"));
+    assert_eq!(
+        fired(3).await,
+        [
+            "2030-01-01T00:01:00+00:00",
+            "2030-01-01T00:11:00+00:00",
+            "2030-01-01T00:12:00+00:00"
+        ]
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fire_times(&client).await.len(), 3, "each fire once");
+    for record in all_records(&client).await {
+        let id = record["job_id"].as_str().expect("id").to_string();
+        let done = wait_settled(&client, &id, Duration::from_secs(15)).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert!(done["params"].get("catch_up").is_none(), "{done}");
+    }
+    b.stop().await;
+}
