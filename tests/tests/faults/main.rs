@@ -13,6 +13,7 @@
 
 mod agents;
 mod leaders;
+mod outage;
 mod startup;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,6 +52,8 @@ pub struct Lab {
     spawns: Mutex<Vec<u32>>,
     /// `nats.replicas` of the agents started from now on.
     replicas: Mutex<usize>,
+    /// More environment for the agents started from now on.
+    extra_env: Mutex<Vec<(&'static str, String)>>,
 }
 
 impl Lab {
@@ -98,6 +101,7 @@ impl Lab {
             alive: Arc::new(Mutex::new(vec![false; n])),
             spawns: Mutex::new(vec![0; n]),
             replicas: Mutex::new(replicas),
+            extra_env: Mutex::default(),
             dir,
         };
         let started = Instant::now();
@@ -123,7 +127,7 @@ impl Lab {
             spawns[i] += 1;
             spawns[i]
         };
-        let env = [
+        let mut env = vec![
             ("IFX_TEST_MARKERS", self.markers.display().to_string()),
             ("IFX_TEST_SLEEP_MS", JOB_MS.to_string()),
             ("IFX_TEST_RECONCILE", "1".to_string()),
@@ -139,6 +143,7 @@ impl Lab {
                 format!("127.0.0.1:{}", self.ports[i]),
             ),
         ];
+        env.extend(self.extra_env.lock().expect("lock").iter().cloned());
         let log = self.dir.path().join(format!("fault-{i}.{start}.log"));
         let process = AgentProcess::spawn(&test_agent_bin(), &self.configs[i], &env, &log);
         self.agents.lock().expect("lock")[i] = Some(process);
@@ -162,6 +167,41 @@ impl Lab {
 
     pub fn set_replicas(&self, replicas: usize) {
         *self.replicas.lock().expect("lock") = replicas;
+    }
+
+    /// Sets an environment variable for the agents started from now on.
+    pub fn set_env(&self, key: &'static str, value: &str) {
+        let mut env = self.extra_env.lock().expect("lock");
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value.to_string()));
+    }
+
+    /// Sends agent `i` SIGTERM (the load stops sending to it first, as a load balancer
+    /// would); its exit code, or `None` if it still runs after `limit`.
+    pub fn sigterm(&self, i: usize, limit: Duration) -> Option<i32> {
+        self.alive.lock().expect("lock")[i] = false;
+        let mut agent = self.agents.lock().expect("lock")[i].take()?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(agent.pid()).expect("pid")),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        agent.exit_within(limit)
+    }
+
+    /// The jobs whose handler started on agent `i` and has not finished.
+    pub fn running_on(&self, i: usize) -> Vec<String> {
+        let agent = format!(".fault-{i}.start");
+        std::fs::read_dir(&self.markers)
+            .expect("markers")
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let stem = name.strip_suffix(".start")?.to_string();
+                (name.ends_with(&agent) && !self.markers.join(format!("{stem}.done")).exists())
+                    .then_some(stem)
+            })
+            .collect()
     }
 
     pub fn kill9(&self, i: usize) {
