@@ -206,7 +206,7 @@ impl Handler for TestHandler {
             Behaviour::Child(script) => {
                 let mut cmd = tokio::process::Command::new("sh");
                 cmd.arg("-c").arg(script);
-                match run_cancellable(cmd, &ctx.cancel, Duration::from_secs(5)).await {
+                match run_cancellable(cmd, &ctx.cancel, ctx.kill_grace).await {
                     Ok(out) if out.status.success() => Ok(Outcome::succeeded("child exited 0")),
                     Ok(out) => Err(HandlerError::Failed(format!("child exited {}", out.status))),
                     Err(ProcessError::Cancelled { .. }) => Err(HandlerError::Cancelled),

@@ -128,3 +128,77 @@ async fn a_job_past_its_kinds_timeout_is_cancelled_and_fails() {
     );
     agent.stop().await;
 }
+
+/// A child that ignores SIGINT and hangs: at the kind's timeout it gets SIGINT, then SIGKILL
+/// (with everything it started) after `kill_grace`; the job fails as timed out and its lock is
+/// free for the job waiting on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_child_that_ignores_sigint_is_killed_after_the_grace_and_its_lock_freed() {
+    init();
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (shell_pid, sleep_pid) = (dir.path().join("shell"), dir.path().join("sleep"));
+    let script = format!(
+        "trap '' INT; sleep 600 & echo $! > {sleep}; echo $$ > {shell}; wait; wait",
+        sleep = sleep_pid.display(),
+        shell = shell_pid.display()
+    );
+    let log = RunLog::default();
+    let (hung_log, waiting_log) = (log.clone(), log.clone());
+    let agent = start_agent_with_env(
+        &nats,
+        "hung-1",
+        "[backup]\n[acceptance]\n",
+        &[("INFRAFLUX_AGENT__KILL_GRACE", "1s")],
+        move |r| {
+            r.register(Arc::new(
+                TestHandler::new(JobKind::BACKUP, Behaviour::Child(script), hung_log)
+                    .with_locks(vec![LockRequest::write("cluster:lab")])
+                    .with_timeout(Duration::from_secs(2)),
+            ));
+            r.register(Arc::new(
+                TestHandler::new(
+                    JobKind::ACCEPTANCE,
+                    Behaviour::Sleep(Duration::from_millis(50)),
+                    waiting_log,
+                )
+                .with_locks(vec![LockRequest::write("cluster:lab")]),
+            ));
+        },
+    )
+    .await;
+    let client = nats.client().await;
+    let started = std::time::Instant::now();
+    let hung = submit(&client, "backup ns=a").await;
+    let pid = |path: std::path::PathBuf| async move {
+        wait_for(Duration::from_secs(10), "the child's pid", || async {
+            std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+        })
+        .await
+    };
+    let (shell, sleep) = (pid(shell_pid).await, pid(sleep_pid).await);
+    let waiting = submit(&client, "acceptance").await;
+    wait_for(Duration::from_secs(5), "the second job to wait", || async {
+        (record(&client, &waiting).await["state"] == "waiting").then_some(())
+    })
+    .await;
+    assert!(process_alive(shell) && process_alive(sleep));
+
+    let done = wait_settled(&client, &hung, Duration::from_secs(20)).await;
+    let took = started.elapsed();
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["message"], "timed out after 2s");
+    // SIGINT did nothing; SIGKILL came a grace later.
+    assert!(took >= Duration::from_secs(3), "ended after {took:?}");
+    wait_for(
+        Duration::from_secs(5),
+        "the child and its own child to die",
+        || async { (!process_alive(shell) && !process_alive(sleep)).then_some(()) },
+    )
+    .await;
+    let next = wait_settled(&client, &waiting, Duration::from_secs(10)).await;
+    assert_eq!(next["state"], "succeeded", "{next}");
+    agent.stop().await;
+}

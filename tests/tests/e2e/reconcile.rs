@@ -920,21 +920,6 @@ fn job_of_webhook(status: u16, reply: &Value) -> String {
     .to_string()
 }
 
-/// Whether `pid` is a live process; a zombie (dead, waiting for init to reap it) is not.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // The state follows the command name, which is in parentheses and may hold spaces.
-            let after = stat.rsplit_once(')')?.1;
-            after
-                .split_whitespace()
-                .next()
-                .map(|state| state != "Z" && state != "X")
-        })
-        .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_status_descriptions_are_scrubbed_of_secrets_like_comments() {
     let lab = lab(LabOptions::default()).await;
@@ -1042,7 +1027,7 @@ async fn an_apply_whose_agent_dies_stops_terraform_releases_its_lock_and_is_neve
             .any(|k| k.ends_with(".tflock")),
         "terraform apply holds the state lock"
     );
-    assert!(alive(terraform) && alive(sleep));
+    assert!(process_alive(terraform) && process_alive(sleep));
     first.kill9();
 
     // The kernel sends terraform SIGTERM as its agent dies; terraform stops the provisioner,
@@ -1050,7 +1035,7 @@ async fn an_apply_whose_agent_dies_stops_terraform_releases_its_lock_and_is_neve
     wait_for(
         Duration::from_secs(30),
         "terraform and its provisioner to end with their agent",
-        || async { (!alive(terraform) && !alive(sleep)).then_some(()) },
+        || async { (!process_alive(terraform) && !process_alive(sleep)).then_some(()) },
     )
     .await;
     let keys = p.s3.keys("tfstate").await;
