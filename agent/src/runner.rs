@@ -596,6 +596,7 @@ impl Delivery {
             }
             Ending::Retry { delay, message } => {
                 self.app.metrics.job_ended(kind_label, "retried");
+                let message = with_disk_hint(message, &self.app.config.agent.state_dir);
                 let _ = self
                     .transition(|r| {
                         r.state = JobState::Queued;
@@ -626,6 +627,11 @@ impl Delivery {
                 if let Some(detail) = internal {
                     tracing::error!(error = %detail, "Job failed with an internal error");
                 }
+                let message = if state == JobState::Failed {
+                    with_disk_hint(message, &self.app.config.agent.state_dir)
+                } else {
+                    message
+                };
                 (state, message, result, skipped)
             }
         };
@@ -882,6 +888,25 @@ fn redact_value(
 }
 
 /// How one attempt of a job ends.
+/// Below this much free space in `state_dir`, a failure says so.
+const LOW_DISK_BYTES: u64 = 16 << 20;
+
+/// A job that fails while `state_dir` is (nearly) full says so: "No space left on device" deep
+/// in a git or terraform error is easy to miss, and freeing the disk is the operator's fix.
+fn with_disk_hint(message: String, state_dir: &std::path::Path) -> String {
+    let free = nix::sys::statvfs::statvfs(state_dir)
+        .ok()
+        .map(|s| u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())));
+    match free {
+        Some(free) if free < LOW_DISK_BYTES => format!(
+            "{message} (state_dir {} is full: {} KiB free)",
+            state_dir.display(),
+            free / 1024
+        ),
+        _ => message,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Ending {
     /// Record this end and acknowledge the message.

@@ -668,3 +668,38 @@ pub fn process_alive(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A tiny tmpfs mounted over a directory and filled, so that writing below it fails with
+/// "No space left on device"; unmounted when dropped. Needs root (CI runs as root); a test
+/// that cannot mount fails and says so.
+pub struct FullDisk {
+    at: PathBuf,
+}
+
+impl FullDisk {
+    pub fn mount_at(at: &Path) -> FullDisk {
+        std::fs::create_dir_all(at).expect("mount point");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(
+            mounted.success(),
+            "cannot mount a tmpfs at {} (the state_dir-full test needs root)",
+            at.display()
+        );
+        let full = FullDisk {
+            at: at.to_path_buf(),
+        };
+        // Fill it: the write stops at the size limit.
+        let _ = std::fs::write(at.join("filler"), vec![0u8; 128 * 1024]);
+        full
+    }
+}
+
+impl Drop for FullDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}

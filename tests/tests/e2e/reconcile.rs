@@ -1281,3 +1281,27 @@ async fn an_automatic_apply_interrupted_by_its_agent_stopping_is_not_applied_aga
     assert_eq!(last["state"], "failure", "{last}");
     second.stop().await;
 }
+
+/// `state_dir` full: the plan fails with an error that says so, the agent keeps serving, and
+/// the next push plans once there is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_dir_fails_the_plan_clearly_and_the_agent_keeps_serving() {
+    let lab = lab(LabOptions::default()).await;
+    let full = FullDisk::mount_at(lab.agent.dir.path());
+    let c1 = lab.repo.commit("Add the control plane");
+    let failed = lab.settled(&lab.push(&c1, "alice").await).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let message = failed["message"].as_str().unwrap_or_default();
+    assert!(message.contains("No space left on device"), "{message}");
+    let hint = format!("state_dir {} is full", lab.agent.dir.path().display());
+    assert!(message.contains(&hint), "{message}");
+    let ready = reqwest::get(format!("{}/readyz", lab.agent.http))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+
+    drop(full);
+    let c2 = lab.repo.commit("Add the workers");
+    let planned = lab.settled(&lab.push(&c2, "alice").await).await;
+    assert_eq!(planned["state"], "awaiting_approval", "{planned}");
+}
