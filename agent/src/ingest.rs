@@ -53,8 +53,26 @@ impl Submitted {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("job store unavailable: {0}")]
+    #[error("job store unavailable: {}", explain_store_error(.0))]
     Unavailable(String),
+}
+
+/// NATS reports a full store as "insufficient resources" deep in a nested error; the sender
+/// (GitHub's delivery log, a chat reply) should read what it means and what to do.
+fn explain_store_error(error: &str) -> String {
+    const FULL: [&str; 4] = [
+        "insufficient resources",
+        "insufficient storage",
+        "error code 10023",
+        "error code 10047",
+    ];
+    if FULL.iter().any(|sign| error.contains(sign)) {
+        format!(
+            "JetStream storage is full: a server or account limit is reached (free space, or raise max_file_store or the account's limit); {error}"
+        )
+    } else {
+        error.to_string()
+    }
 }
 
 /// What the dedup bucket holds per idempotency key. Claims written by older agents also

@@ -1,5 +1,6 @@
 //! NATS stops and restarts while deliveries arrive: 503 while down, nothing acknowledged is
-//! lost, the agent reconnects by itself and `/readyz` recovers.
+//! lost, the agent reconnects by itself and `/readyz` recovers. And a full JetStream store:
+//! 503 with the reason, then recovery.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -138,5 +139,79 @@ async fn deliveries_during_a_nats_restart_are_refused_or_kept_never_lost() {
         status == 202 || (status == 200 && reply["duplicate"] == true),
         "{status} {reply}"
     );
+    agent.stop().await;
+}
+
+/// The server's JetStream store full (`max_file_store` reached): a delivery is answered `503`
+/// naming the reason, nothing of it is kept half-written, and once there is room again the
+/// same delivery (GitHub's redelivery) makes exactly one job, which runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_jetstream_store_refuses_deliveries_with_the_reason_and_recovers() {
+    init();
+    let nats = Nats::start_with_config("jetstream {\n  max_file_store: 8388608\n}\n", &[], &[]);
+    let log = RunLog::default();
+    let agent = start_agent(
+        &nats,
+        "store-full",
+        "",
+        TestHandler::new(
+            JobKind::RECONCILE,
+            Behaviour::Sleep(Duration::from_millis(20)),
+            log.clone(),
+        )
+        .install(),
+    )
+    .await;
+    let client = nats.client().await;
+    let (status, reply) = post_webhook(&agent.http, "push", "full-1", &push_for(1)).await;
+    assert_eq!(status, 202, "{reply}");
+    let before = reply["jobs"][0].as_str().expect("job").to_string();
+
+    // Something else on the same server fills its store.
+    let js = async_nats::jetstream::new(client.clone());
+    let mut filler = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "FILLER".into(),
+            subjects: vec!["filler".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("filler stream");
+    let chunk = bytes::Bytes::from(vec![7u8; 256 * 1024]);
+    let mut refused = None;
+    for _ in 0..64 {
+        match js.publish("filler", chunk.clone()).await {
+            Ok(ack) => match ack.await {
+                Ok(_) => continue,
+                Err(e) => refused = Some(e.to_string()),
+            },
+            Err(e) => refused = Some(e.to_string()),
+        }
+        break;
+    }
+    let refused = refused.expect("the store never filled up");
+    eprintln!("the filler was refused: {refused}");
+
+    let (status, reply) = post_webhook(&agent.http, "push", "full-2", &push_for(2)).await;
+    assert_eq!(status, 503, "{reply}");
+    let error = reply["error"].as_str().unwrap_or_default();
+    assert!(error.contains("JetStream storage is full"), "{error}");
+    let ready = reqwest::get(format!("{}/readyz", agent.http))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200, "the agent itself is fine");
+
+    // Room again: the refused delivery, sent again, makes one job that runs.
+    filler.purge().await.expect("purge the filler");
+    let (status, reply) = post_webhook(&agent.http, "push", "full-2", &push_for(2)).await;
+    assert_eq!(status, 202, "{reply}");
+    let after = reply["jobs"][0].as_str().expect("job").to_string();
+    for job in [&before, &after] {
+        let done = wait_settled(&client, job, Duration::from_secs(30)).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+    let records = all_records(&client).await;
+    assert_eq!(records.len(), 2, "one job per delivery: {records:?}");
+    assert!(records.iter().all(|r| r["attempts"] == 1), "{records:?}");
     agent.stop().await;
 }
