@@ -147,6 +147,9 @@ pub struct HttpSection {
     /// long an idle kept-alive connection stays open.
     #[serde(default = "default_read_timeout")]
     pub read_timeout: HumanDuration,
+    /// Connections open at once; more wait in the kernel's accept queue until one closes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for HttpSection {
@@ -155,12 +158,15 @@ impl Default for HttpSection {
             listen: default_listen(),
             max_in_flight: default_max_in_flight(),
             read_timeout: default_read_timeout(),
+            max_connections: default_max_connections(),
         }
     }
 }
 
 /// Far above any real need, and within what a semaphore can count.
 pub const MAX_HTTP_IN_FLIGHT: usize = 10_000;
+/// Each connection holds a file descriptor; this stays well inside a service's usual limit.
+pub const MAX_HTTP_CONNECTIONS: usize = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct GithubSection {
@@ -468,6 +474,12 @@ impl Config {
                 format!("must be from 1 to {MAX_HTTP_IN_FLIGHT}"),
             );
         }
+        if !(1..=MAX_HTTP_CONNECTIONS).contains(&self.http.max_connections) {
+            problems.push(
+                "http.max_connections",
+                format!("must be from 1 to {MAX_HTTP_CONNECTIONS}"),
+            );
+        }
         if self.http.read_timeout.get() < Duration::from_secs(1) {
             problems.push("http.read_timeout", "must be at least 1s");
         }
@@ -736,6 +748,9 @@ fn default_listen() -> String {
 }
 fn default_max_in_flight() -> usize {
     16
+}
+fn default_max_connections() -> usize {
+    512
 }
 fn default_read_timeout() -> HumanDuration {
     HumanDuration::from_secs(30)
@@ -1021,6 +1036,7 @@ dedup_window = "2m"
 [http]
 listen = "nowhere"
 max_in_flight = 0
+max_connections = 0
 read_timeout = "10ms"
 [github]
 repo = "infra"
@@ -1051,6 +1067,7 @@ a = 1
             "nats.bogus",
             "http.listen",
             "http.max_in_flight",
+            "http.max_connections",
             "http.read_timeout",
             "github.repo",
             "github.typo_key",

@@ -75,6 +75,9 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 pub struct Limits {
     /// Webhooks handled at once; one more is refused with 503.
     pub max_in_flight: usize,
+    /// Connections open at once: a burst beyond waits in the accept queue (back-pressure on
+    /// the senders) instead of costing a file descriptor and a task each.
+    pub max_connections: usize,
     /// A request's head must arrive within this (from the connection's start, or from the end
     /// of the previous response: the idle timeout of a kept-alive connection), and a webhook's
     /// body within this again.
@@ -90,6 +93,7 @@ impl Limits {
         let max_in_flight = http.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
         Self {
             max_in_flight,
+            max_connections: http.max_connections.max(1),
             read_timeout: http.read_timeout.get(),
             webhook_slots: Arc::new(Semaphore::new(max_in_flight)),
         }
@@ -136,14 +140,16 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(state.limits.read_timeout);
+    let max_connections = state.limits.max_connections;
     let service = TowerToHyperService::new(router(state));
     let mut connections = JoinSet::new();
     loop {
+        let full = connections.len() >= max_connections;
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
             // Reaps finished connections so the set holds only open ones.
             Some(_) = connections.join_next() => continue,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if !full => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) if is_connection_error(&e) => continue,
                 Err(e) => {

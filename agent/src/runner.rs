@@ -893,6 +893,8 @@ const LOW_DISK_BYTES: u64 = 16 << 20;
 
 /// A job that fails while `state_dir` is (nearly) full says so: "No space left on device" deep
 /// in a git or terraform error is easy to miss, and freeing the disk is the operator's fix.
+// The statvfs fields are u64 here but narrower on 32-bit targets.
+#[allow(clippy::useless_conversion)]
 fn with_disk_hint(message: String, state_dir: &std::path::Path) -> String {
     let free = nix::sys::statvfs::statvfs(state_dir)
         .ok()

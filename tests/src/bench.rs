@@ -12,9 +12,42 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde_json::Value;
 
+use crate::cluster::NatsCluster;
 use crate::peers::S3Server;
 use crate::talos_fake::{FakeTalos, SnapshotSource};
 use crate::{Nats, WEBHOOK_SECRET, agent_config, fixture, free_port, sign, test_env};
+
+/// Where the measured agents' NATS runs: one server, or a 3-server cluster with `replicas = 3`.
+pub trait NatsPeer: Sync {
+    fn url(&self) -> &str;
+    fn client(&self) -> impl std::future::Future<Output = async_nats::Client> + Send;
+    /// The `nats.replicas` agents use here.
+    fn replicas(&self) -> usize;
+}
+
+impl NatsPeer for Nats {
+    fn url(&self) -> &str {
+        &self.url
+    }
+    fn client(&self) -> impl std::future::Future<Output = async_nats::Client> + Send {
+        Nats::client(self)
+    }
+    fn replicas(&self) -> usize {
+        1
+    }
+}
+
+impl NatsPeer for NatsCluster {
+    fn url(&self) -> &str {
+        &self.url
+    }
+    fn client(&self) -> impl std::future::Future<Output = async_nats::Client> + Send {
+        NatsCluster::client(self)
+    }
+    fn replicas(&self) -> usize {
+        3
+    }
+}
 
 /// One line of the result table.
 #[derive(Debug, Clone)]
@@ -155,12 +188,17 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Starts the agent with `extra` config; returns once it signalled READY=1 (timed).
-    pub async fn start(nats: &Nats, id: &str, extra: &str, env: &[(&str, String)]) -> AgentProcess {
+    pub async fn start(
+        nats: &impl NatsPeer,
+        id: &str,
+        extra: &str,
+        env: &[(&str, String)],
+    ) -> AgentProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("agent.toml");
         std::fs::write(
             &config,
-            agent_config(&nats.url, id, &dir.path().join("state"), extra),
+            agent_config(nats.url(), id, &dir.path().join("state"), extra),
         )
         .expect("config");
         let port = free_port();
@@ -176,6 +214,7 @@ impl AgentProcess {
             .envs(test_env())
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("INFRAFLUX_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("INFRAFLUX_NATS__REPLICAS", nats.replicas().to_string())
             .env("NOTIFY_SOCKET", &socket_path)
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
@@ -386,10 +425,23 @@ impl Drop for WebhookTool {
 
 /// Webhook ingest against the baseline; also returns the agent's peak RSS during the run.
 pub async fn bench_ingest(
-    nats: &Nats,
+    nats: &impl NatsPeer,
     connections: usize,
     duration: Duration,
 ) -> (Load, Load, u64) {
+    let (ours, peak) = bench_ingest_alone(nats, connections, duration).await;
+    let tool = WebhookTool::start().await;
+    webhook_load(&tool.url, connections, Duration::from_secs(1), false, 0).await;
+    let theirs = webhook_load(&tool.url, connections, duration, false, 0).await;
+    (ours, theirs, peak)
+}
+
+/// Webhook ingest alone, and the agent's peak RSS.
+pub async fn bench_ingest_alone(
+    nats: &impl NatsPeer,
+    connections: usize,
+    duration: Duration,
+) -> (Load, u64) {
     let agent = AgentProcess::start(nats, "ingest", "", &[]).await;
     // Warm both up, then measure.
     webhook_load(
@@ -409,11 +461,7 @@ pub async fn bench_ingest(
     )
     .await;
     let (_, peak) = rss_kib(agent.pid());
-    drop(agent);
-    let tool = WebhookTool::start().await;
-    webhook_load(&tool.url, connections, Duration::from_secs(1), false, 0).await;
-    let theirs = webhook_load(&tool.url, connections, duration, false, 0).await;
-    (ours, theirs, peak)
+    (ours, peak)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -462,7 +510,7 @@ pub async fn bench_chatops(nats: &Nats, n: usize) -> (Latencies, Latencies) {
 
 /// Submits `n` jobs one at a time; the time from the accepting reply to the handler's start
 /// (the record's `started_at`).
-pub async fn bench_dispatch(nats: &Nats, agents: usize, n: usize) -> Latencies {
+pub async fn bench_dispatch(nats: &impl NatsPeer, agents: usize, n: usize) -> Latencies {
     let mut running = Vec::new();
     for i in 0..agents {
         running.push(
@@ -522,6 +570,192 @@ pub async fn bench_dispatch(nats: &Nats, agents: usize, n: usize) -> Latencies {
     }
     drop(running);
     lat
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3b. Limits under load, and the cluster
+
+pub struct Burst {
+    pub deliveries: usize,
+    pub accepted: usize,
+    pub refused: usize,
+    /// Neither 202 nor 503: a connection that failed or timed out.
+    pub failed: usize,
+    pub seconds: f64,
+    pub rss_before_kib: u64,
+    pub peak_rss_kib: u64,
+    pub peak_fds: usize,
+    pub fds_before: usize,
+    pub fds_after: usize,
+    pub peak_threads: u64,
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// `deliveries` signed pushes sent at the same moment, each on its own connection: what the
+/// agent answers (202, or 503 beyond `max_in_flight`; connections beyond `max_connections`
+/// wait in the accept queue) and the most memory, file descriptors and threads it used.
+pub async fn bench_burst(nats: &impl NatsPeer, deliveries: usize) -> Burst {
+    let agent = AgentProcess::start(nats, "burst", "", &[]).await;
+    let pid = agent.pid();
+    let url = format!("{}/webhooks/github", agent.http);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_before, _) = rss_kib(pid);
+    let fds_before = open_fds(pid);
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let (mut fds, mut threads) = (0usize, 0u64);
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                fds = fds.max(open_fds(pid));
+                threads = threads.max(status_kib(pid, ["Threads:"])[0]);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (fds, threads)
+        })
+    };
+    let template = PushTemplate::new();
+    let client = reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let statuses = futures::future::join_all((0..deliveries).map(|n| {
+        let body = template.body(7_000_000_000 + n as u64);
+        let signature = sign(WEBHOOK_SECRET, &body);
+        let request = client
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .header("X-GitHub-Event", "push")
+            .header("X-GitHub-Delivery", format!("burst-{n}"))
+            .header("X-Hub-Signature-256", signature)
+            .body(body);
+        async move { request.send().await.map_or(0, |r| r.status().as_u16()) }
+    }))
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (peak_fds, peak_threads) = sampler.await.unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let count = |code: u16| statuses.iter().filter(|s| **s == code).count();
+    Burst {
+        deliveries,
+        accepted: count(202),
+        refused: count(503),
+        failed: statuses.iter().filter(|s| **s != 202 && **s != 503).count(),
+        seconds,
+        rss_before_kib: rss_before,
+        peak_rss_kib: rss_kib(pid).1,
+        peak_fds,
+        fds_before,
+        fds_after: open_fds(pid),
+        peak_threads,
+    }
+}
+
+pub fn burst_rows(b: &Burst) -> Vec<Row> {
+    vec![
+        Row::new(
+            &format!("burst of {} deliveries at once: answers", b.deliveries),
+            format!(
+                "{} × 202, {} × 503 (retry), {} failed, in {:.1} s",
+                b.accepted, b.refused, b.failed, b.seconds
+            ),
+            "—".into(),
+            "—".into(),
+            "202 or 503, none lost",
+            Some(b.failed == 0),
+        ),
+        Row::new(
+            "burst: agent RSS before / peak",
+            format!(
+                "{:.1} / {:.1} MiB",
+                mib(b.rss_before_kib),
+                mib(b.peak_rss_kib)
+            ),
+            "—".into(),
+            "—".into(),
+            "< 64 MiB",
+            Some(mib(b.peak_rss_kib) < 64.0),
+        ),
+        Row::new(
+            "burst: agent open files before / peak / after; threads peak",
+            format!(
+                "{} / {} / {}; {} threads",
+                b.fds_before, b.peak_fds, b.fds_after, b.peak_threads
+            ),
+            "—".into(),
+            "—".into(),
+            "≤ max_connections (512) + 64",
+            Some(b.peak_fds <= 512 + 64),
+        ),
+    ]
+}
+
+/// Ingest and dispatch against a 3-server cluster with `replicas = 3`, beside the
+/// single-server ingest figure when given.
+pub async fn run_cluster(
+    quick: bool,
+    connections: usize,
+    duration: Duration,
+    single_server: Option<&Load>,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    eprintln!("bench: webhook ingest on a 3-server cluster, replicas = 3");
+    let cluster = NatsCluster::start().await;
+    let (load, _) = bench_ingest_alone(&cluster, connections, duration).await;
+    drop(cluster);
+    let baseline = |f: &dyn Fn(&Load) -> String| single_server.map_or("—".into(), f);
+    rows.push(Row::new(
+        "cluster (3 servers, replicas 3): webhook ingest",
+        format!("{:.0} req/s ({} errors)", load.rate(), load.errors),
+        baseline(&|s| format!("{:.0} req/s (one server)", s.rate())),
+        single_server.map_or("—".into(), |s| format!("{:.2}×", load.rate() / s.rate())),
+        "(observed)",
+        None,
+    ));
+    rows.push(Row::new(
+        "cluster: webhook ingest latency p50 / p99",
+        format!(
+            "{:.2} / {:.2} ms",
+            load.latencies.ms(0.5),
+            load.latencies.ms(0.99)
+        ),
+        baseline(&|s| {
+            format!(
+                "{:.2} / {:.2} ms (one server)",
+                s.latencies.ms(0.5),
+                s.latencies.ms(0.99)
+            )
+        }),
+        "—".into(),
+        "(observed)",
+        None,
+    ));
+    for agents in [1, 3] {
+        eprintln!("bench: dispatch latency on the cluster, {agents} agent(s)");
+        let cluster = NatsCluster::start().await;
+        let lat = bench_dispatch(&cluster, agents, if quick { 100 } else { 300 }).await;
+        rows.push(Row::new(
+            &format!("cluster: dispatch latency, {agents} agent(s), p50 / p99"),
+            format!(
+                "{:.2} / {:.2} ms ({} jobs)",
+                lat.ms(0.5),
+                lat.ms(0.99),
+                lat.len()
+            ),
+            "—".into(),
+            "—".into(),
+            "p99 < 10 ms",
+            Some(lat.ms(0.99) < 10.0),
+        ));
+    }
+    rows
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1284,6 +1518,14 @@ pub async fn run_all(quick: bool) -> Vec<Row> {
         "< 40 MiB",
         Some(mib(peak) < 40.0),
     ));
+    drop(nats);
+
+    rows.extend(run_cluster(quick, connections, duration, Some(&ours)).await);
+
+    let deliveries = if quick { 1000 } else { 5000 };
+    eprintln!("bench: a burst of {deliveries} deliveries at once");
+    let nats = Nats::start();
+    rows.extend(burst_rows(&bench_burst(&nats, deliveries).await));
     drop(nats);
 
     eprintln!("bench: ChatOps round trip");

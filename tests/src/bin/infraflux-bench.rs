@@ -146,6 +146,27 @@ fn main() {
             let b = runtime.block_on(bench::bench_upgrade(Duration::from_secs(reboot)));
             bench::print_table(&[bench::upgrade_row(&b)]);
         }
+        Some("cluster") => {
+            // Ingest on one server, then ingest and dispatch on a 3-server cluster.
+            let seconds: u64 = flag("--seconds").map_or(10, |n| n.parse().expect("--seconds N"));
+            let duration = Duration::from_secs(seconds);
+            let rows = runtime.block_on(async {
+                let nats = Nats::start();
+                let (single, _) = bench::bench_ingest_alone(&nats, 16, duration).await;
+                drop(nats);
+                bench::run_cluster(false, 16, duration, Some(&single)).await
+            });
+            bench::print_table(&rows);
+        }
+        Some("burst") => {
+            let deliveries: usize =
+                flag("--deliveries").map_or(5000, |n| n.parse().expect("--deliveries N"));
+            let b = runtime.block_on(async {
+                let nats = Nats::start();
+                bench::bench_burst(&nats, deliveries).await
+            });
+            bench::print_table(&bench::burst_rows(&b));
+        }
         Some("secret-scan") => {
             let files: usize = flag("--files").map_or(5000, |n| n.parse().expect("--files N"));
             let runs: usize = flag("--runs").map_or(5, |n| n.parse().expect("--runs N"));
@@ -154,7 +175,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10] | secret-scan [--files 5000] [--runs 5] | etcd-drill [--size 1GiB]"
+                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10] | cluster [--seconds 10] | burst [--deliveries 5000] | secret-scan [--files 5000] [--runs 5] | etcd-drill [--size 1GiB]"
             );
             std::process::exit(2);
         }

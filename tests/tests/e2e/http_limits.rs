@@ -1,5 +1,5 @@
-//! The HTTP listener under idle, slow and too many clients: `[http] read_timeout` and
-//! `max_in_flight`.
+//! The HTTP listener under idle, slow and too many clients: `[http] read_timeout`,
+//! `max_in_flight` and `max_connections`.
 
 use std::time::Duration;
 
@@ -77,6 +77,7 @@ async fn spawn_agent(
     nats: &Nats,
     dir: &std::path::Path,
     read_timeout: &str,
+    extra_env: &[(&'static str, String)],
 ) -> (AgentProcess, u16) {
     let http_port = free_port();
     let config = dir.join("agent.toml");
@@ -85,10 +86,11 @@ async fn spawn_agent(
         agent_config(&nats.url, "http-limits", &dir.join("state"), ""),
     )
     .expect("config");
-    let env = [
+    let mut env = vec![
         ("INFRAFLUX_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
         ("INFRAFLUX_HTTP__READ_TIMEOUT", read_timeout.to_string()),
     ];
+    env.extend_from_slice(extra_env);
     let agent = crate::crash::spawn_agent(&config, &env, &dir.join("agent.log"));
     wait_for(Duration::from_secs(30), "the agent to be ready", || async {
         reqwest::get(format!("http://127.0.0.1:{http_port}/readyz"))
@@ -108,7 +110,7 @@ async fn idle_and_slow_connections_neither_block_requests_nor_stay_open() {
     init();
     let nats = Nats::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_agent, http_port) = spawn_agent(&nats, dir.path(), "4s").await;
+    let (_agent, http_port) = spawn_agent(&nats, dir.path(), "4s", &[]).await;
     let http = format!("http://127.0.0.1:{http_port}");
     let address = format!("127.0.0.1:{http_port}");
     let mut idle = Vec::new();
@@ -270,7 +272,7 @@ async fn half_sent_requests_do_not_hold_up_shutdown() {
     init();
     let nats = Nats::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut agent, http_port) = spawn_agent(&nats, dir.path(), "10m").await;
+    let (mut agent, http_port) = spawn_agent(&nats, dir.path(), "10m", &[]).await;
     let address = format!("127.0.0.1:{http_port}");
     let mut open = Vec::new();
     for i in 0..20 {
@@ -292,4 +294,61 @@ async fn half_sent_requests_do_not_hold_up_shutdown() {
     for stream in &mut open {
         read_until_closed(stream).await;
     }
+}
+
+/// Beyond `max_connections`, a new connection waits in the accept queue: it is served once an
+/// open one closes, and the agent never holds more sockets than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_wait_until_one_closes() {
+    init();
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (agent, http_port) = spawn_agent(
+        &nats,
+        dir.path(),
+        "10m",
+        &[("INFRAFLUX_HTTP__MAX_CONNECTIONS", "3".to_string())],
+    )
+    .await;
+    let address = format!("127.0.0.1:{http_port}");
+    let sockets = || {
+        std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+            .expect("fds")
+            .flatten()
+            .filter(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+            })
+            .count()
+    };
+    // The readiness probe's connection may still be open; let it close.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = sockets();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(&address).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The kernel completes the handshake (the accept queue); the agent does not accept it.
+    let mut waiting = TcpStream::connect(&address).await.expect("connect");
+    waiting
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let early =
+        tokio::time::timeout(Duration::from_secs(2), waiting.read_to_end(&mut answer)).await;
+    assert!(
+        early.is_err(),
+        "answered while 3 connections were open: {answer:?}"
+    );
+    assert_eq!(sockets(), before + 3, "three accepted connections, no more");
+
+    drop(held.pop());
+    tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer))
+        .await
+        .expect("answered once a connection closed")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

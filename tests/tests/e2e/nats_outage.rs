@@ -169,7 +169,7 @@ async fn a_full_jetstream_store_refuses_deliveries_with_the_reason_and_recovers(
 
     // Something else on the same server fills its store.
     let js = async_nats::jetstream::new(client.clone());
-    let mut filler = js
+    let filler = js
         .create_stream(async_nats::jetstream::stream::Config {
             name: "FILLER".into(),
             subjects: vec!["filler".into()],
