@@ -290,6 +290,44 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> (Loaded, Problems) {
+        let file = config::File::from(path)
+            .format(config::FileFormat::Toml)
+            .required(true);
+        Self::load_source(file, &path.display().to_string(), env)
+    }
+
+    /// Like [`Config::load`], from TOML text; a problem with the text as a whole is reported
+    /// under the key `origin` (where a file's would name its path).
+    pub fn load_str(
+        toml: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, Problems> {
+        let (loaded, problems) = Self::load_all_str(toml, origin, env);
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Like [`Config::load_all`], from TOML text.
+    pub fn load_all_str(
+        toml: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Loaded, Problems) {
+        let text = config::File::from_str(toml, config::FileFormat::Toml);
+        Self::load_source(text, origin, env)
+    }
+
+    /// What [`Config::load_all`] and [`Config::load_all_str`] share: everything but where the
+    /// TOML comes from, so a file's parse errors keep naming it as the `config` crate does.
+    fn load_source(
+        source: impl config::Source + Send + Sync + 'static,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Loaded, Problems) {
         let mut problems = Problems::default();
         let unread = |problems: Problems| {
             (
@@ -310,11 +348,7 @@ impl Config {
             .filter_map(|name| Some((override_key(name)?, name.clone())))
             .collect();
         let built = config::Config::builder()
-            .add_source(
-                config::File::from(path)
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            )
+            .add_source(source)
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("_")
@@ -325,14 +359,14 @@ impl Config {
         let root = match built.and_then(|c| c.try_deserialize::<config::Value>()) {
             Ok(v) => v,
             Err(e) => {
-                problems.push(path.display().to_string(), e.to_string());
+                problems.push(origin, e.to_string());
                 return unread(problems);
             }
         };
         let table = match root.into_table() {
             Ok(t) => t,
             Err(e) => {
-                problems.push(path.display().to_string(), e.to_string());
+                problems.push(origin, e.to_string());
                 return unread(problems);
             }
         };
@@ -1068,6 +1102,30 @@ a = 1
         let text = problems.to_string();
         assert!(text.contains("\"forever\""), "{text}");
         assert!(text.contains("etcd_snapshot"), "{text}");
+    }
+
+    #[test]
+    fn text_loads_as_the_same_text_in_a_file_does() {
+        let env = [("INFRAFLUX_AGENT__CONCURRENCY", "0")];
+        let from_file = load(MINIMAL, &env).expect_err("concurrency 0");
+        let from_text = Config::load_str(
+            MINIMAL,
+            "agent.toml",
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .expect_err("concurrency 0");
+        assert_eq!(from_text, from_file);
+        assert!(
+            from_text.to_string().contains("INFRAFLUX_AGENT__CONCURRENCY"),
+            "{from_text}"
+        );
+        // A text that is no TOML is reported under the name given for it.
+        let (loaded, problems) = Config::load_all_str("[agent", "agent.toml", std::iter::empty());
+        assert_eq!(problems.0.len(), 1, "{problems}");
+        assert_eq!(problems.0[0].key, "agent.toml");
+        assert!(loaded.sections.is_empty());
+        let valid = Config::load_str(MINIMAL, "agent.toml", std::iter::empty()).expect("valid");
+        assert_eq!(valid.config.agent_id(), "runner-1");
     }
 
     #[test]
