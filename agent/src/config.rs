@@ -1116,7 +1116,9 @@ a = 1
         .expect_err("concurrency 0");
         assert_eq!(from_text, from_file);
         assert!(
-            from_text.to_string().contains("INFRAFLUX_AGENT__CONCURRENCY"),
+            from_text
+                .to_string()
+                .contains("INFRAFLUX_AGENT__CONCURRENCY"),
             "{from_text}"
         );
         // A text that is no TOML is reported under the name given for it.

@@ -47,9 +47,7 @@ pub fn verify_signature(secrets: &[Secret], header: &str, body: &[u8]) -> bool {
 /// counts as absent, as it did when the handler read a `HeaderMap`.
 pub fn header_text<'a>(headers: &[(&str, &'a [u8])], name: &str) -> Option<&'a str> {
     let (_, value) = headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name))?;
-    let text = value
-        .iter()
-        .all(|&b| b == b'\t' || (32..127).contains(&b));
+    let text = value.iter().all(|&b| b == b'\t' || (32..127).contains(&b));
     if text {
         std::str::from_utf8(value).ok()
     } else {
@@ -170,7 +168,10 @@ mod tests {
         // Unsigned or badly signed: 401 before any other header is looked at.
         assert_eq!(status(&[], b"x"), (401, "unauthorized"));
         assert_eq!(
-            status(&[("x-hub-signature-256", VECTOR_SIGNATURE)], b"Hello, World?"),
+            status(
+                &[("x-hub-signature-256", VECTOR_SIGNATURE)],
+                b"Hello, World?"
+            ),
             (401, "unauthorized")
         );
         // A signature that is not text counts as absent, as HeaderValue::to_str has it.

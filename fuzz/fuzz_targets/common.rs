@@ -69,7 +69,10 @@ pub fn map_and_check(
     match &result {
         Err(BadPayload(message)) => assert!(!message.is_empty(), "an error without a message"),
         Ok(mapping) => {
-            assert!(object, "a body that is no JSON object was mapped: {mapping:?}");
+            assert!(
+                object,
+                "a body that is no JSON object was mapped: {mapping:?}"
+            );
             assert!(
                 serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok(),
                 "malformed JSON was mapped: {mapping:?}"
@@ -79,7 +82,9 @@ pub fn map_and_check(
             if matches!(mapping, Mapping::Job { .. } | Mapping::Command(_))
                 && let Some(value) = &value
             {
-                let repo = value.pointer("/repository/full_name").and_then(Value::as_str);
+                let repo = value
+                    .pointer("/repository/full_name")
+                    .and_then(Value::as_str);
                 assert!(
                     repo.is_some_and(|r| r.eq_ignore_ascii_case(&github.repo)),
                     "{mapping:?} from repository {repo:?}, not {}",
@@ -128,7 +133,10 @@ fn check_mapping(event: &str, github: &GithubSection, mapping: &Mapping) {
                 "{event} started a job"
             );
             assert_eq!(*kind, JobKind::RECONCILE);
-            assert!(is_sha(commit), "job on {commit:?}, which is not a commit sha");
+            assert!(
+                is_sha(commit),
+                "job on {commit:?}, which is not a commit sha"
+            );
             assert_eq!(params.get("trigger").and_then(Value::as_str), Some(event));
             assert!(!requested_by.is_empty(), "a job requested by nobody");
             if event == "push" {
@@ -138,7 +146,10 @@ fn check_mapping(event: &str, github: &GithubSection, mapping: &Mapping) {
             } else {
                 assert_eq!(params.get("plan_only"), Some(&Value::Bool(true)));
                 assert!(idempotency_key.starts_with("pr."), "{idempotency_key}");
-                assert!(idempotency_key.ends_with(commit.as_str()), "{idempotency_key}");
+                assert!(
+                    idempotency_key.ends_with(commit.as_str()),
+                    "{idempotency_key}"
+                );
             }
         }
         Mapping::Command(command) => {

@@ -44,7 +44,11 @@ fuzz_target!(|data: &[u8]| {
     // text (or an environment variable) has.
     let mut roots: Vec<String> = vec![ORIGIN.to_string()];
     roots.extend(AGENT_SECTIONS.iter().map(|s| s.to_string()));
-    roots.extend(infraflux_handlers::config_sections().iter().map(|s| s.name.to_string()));
+    roots.extend(
+        infraflux_handlers::config_sections()
+            .iter()
+            .map(|s| s.name.to_string()),
+    );
     let document = toml::from_str::<toml::Table>(&text).ok();
     if let Some(table) = &document {
         roots.extend(table.keys().map(|k| root(k)));
@@ -54,8 +58,14 @@ fuzz_target!(|data: &[u8]| {
         roots.push(root(section.split("__").next().unwrap_or_default()));
     }
     for problem in problems.0.iter().chain(loaded.warnings.0.iter()) {
-        assert!(!problem.key.is_empty(), "a problem names no key: {problem:?}");
-        assert!(!problem.message.is_empty(), "a problem says nothing: {problem:?}");
+        assert!(
+            !problem.key.is_empty(),
+            "a problem names no key: {problem:?}"
+        );
+        assert!(
+            !problem.message.is_empty(),
+            "a problem says nothing: {problem:?}"
+        );
         // Where the two TOML parsers disagree on the text, its keys are not known here.
         if document.is_some() || problem.key == ORIGIN {
             assert!(
@@ -65,7 +75,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if problems.0.iter().any(|p| p.key == ORIGIN) {
-        assert!(loaded.sections.is_empty(), "an unreadable file has sections");
+        assert!(
+            loaded.sections.is_empty(),
+            "an unreadable file has sections"
+        );
     }
     for section in &loaded.sections {
         assert!(

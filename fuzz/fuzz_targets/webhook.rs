@@ -30,7 +30,9 @@ fn signature(secret: &str, body: &[u8]) -> String {
 /// The first value of `name`, if it is text as HTTP header values go (visible ASCII and tabs).
 fn first_text<'a>(headers: &[(String, &'a [u8])], name: &str) -> Option<&'a str> {
     let (_, value) = headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name))?;
-    let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    let visible = value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
     visible.then(|| std::str::from_utf8(value).expect("ASCII is UTF-8"))
 }
 
@@ -55,7 +57,10 @@ fuzz_target!(|data: &[u8]| {
             Some(colon) => {
                 let value = &line[colon + 1..];
                 let start = value.iter().position(|&b| b != b' ').unwrap_or(value.len());
-                (String::from_utf8_lossy(&line[..colon]).into_owned(), &value[start..])
+                (
+                    String::from_utf8_lossy(&line[..colon]).into_owned(),
+                    &value[start..],
+                )
             }
             None => (String::from_utf8_lossy(line).into_owned(), &[][..]),
         })
@@ -92,7 +97,10 @@ fuzz_target!(|data: &[u8]| {
             delivery: verified_delivery,
         } => {
             assert!(signed, "accepted without a valid signature: {headers:?}");
-            assert!(matches!(mode & 3, 0 | 1), "a wrong injected signature was accepted");
+            assert!(
+                matches!(mode & 3, 0 | 1),
+                "a wrong injected signature was accepted"
+            );
             assert_eq!(Some(*verified_event), event);
             assert_eq!(Some(*verified_delivery), delivery);
             assert!(infraflux_agent::github::valid_event_name(verified_event));
@@ -103,7 +111,10 @@ fuzz_target!(|data: &[u8]| {
             body: answer,
         } => {
             let error = answer.get("error").and_then(serde_json::Value::as_str);
-            assert!(error.is_some_and(|e| !e.is_empty()), "a refusal without an error");
+            assert!(
+                error.is_some_and(|e| !e.is_empty()),
+                "a refusal without an error"
+            );
             if signed {
                 // Signed: refused only for a missing or bad event or delivery header.
                 assert_eq!((status.as_u16(), *result), (400, "bad_request"));
