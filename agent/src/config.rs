@@ -343,10 +343,13 @@ impl Config {
             .into_iter()
             .filter(|(k, _)| override_key(k).is_some())
             .collect();
-        let overrides: Vec<(String, String)> = env
+        let mut overrides: Vec<(String, String)> = env
             .keys()
             .filter_map(|name| Some((override_key(name)?, name.clone())))
             .collect();
+        // `env` is a hash map: sorted, a problem names its variables in the same order on
+        // every load (found by the config fuzz target).
+        overrides.sort();
         let built = config::Config::builder()
             .add_source(source)
             .add_source(
@@ -1128,6 +1131,32 @@ a = 1
         assert!(loaded.sections.is_empty());
         let valid = Config::load_str(MINIMAL, "agent.toml", std::iter::empty()).expect("valid");
         assert_eq!(valid.config.agent_id(), "runner-1");
+    }
+
+    #[test]
+    fn a_problem_names_its_environment_variables_in_the_same_order_every_time() {
+        // The config fuzz target's crash, shortened: several variables behind one problem.
+        let env: Vec<(String, String)> = ["E", "B", "D", "A", "C"]
+            .iter()
+            .map(|k| (format!("INFRAFLUX_WIDGETS__{k}"), "1".to_string()))
+            .collect();
+        let first = Config::load_str(MINIMAL, "agent.toml", env.clone()).expect_err("widgets");
+        let widgets = first
+            .0
+            .iter()
+            .find(|p| p.key == "widgets")
+            .unwrap_or_else(|| panic!("no widgets problem in {first}"));
+        assert!(
+            widgets.message.ends_with(
+                "(set by environment variable INFRAFLUX_WIDGETS__A, INFRAFLUX_WIDGETS__B, \
+                 INFRAFLUX_WIDGETS__C, INFRAFLUX_WIDGETS__D, INFRAFLUX_WIDGETS__E)"
+            ),
+            "{widgets}"
+        );
+        for _ in 0..10 {
+            let again = Config::load_str(MINIMAL, "agent.toml", env.clone()).expect_err("widgets");
+            assert_eq!(again, first);
+        }
     }
 
     #[test]
