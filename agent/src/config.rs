@@ -1,8 +1,8 @@
 //! The agent's configuration: one TOML file, every key overridable from the environment as
 //! `INFRAFLUX_<SECTION>__<KEY>`.
 //!
-//! Loading never stops at the first problem: unknown keys, type errors (one per section),
-//! semantic errors (cron, time zones, commands, addresses) are all collected, each with the key
+//! Loading never stops at the first problem: unknown keys, type errors (every one in a section,
+//! the same ones on every load of the same text), semantic errors (cron, time zones, commands, addresses) are all collected, each with the key
 //! it concerns, so `check-config` can report them at once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -1157,6 +1157,81 @@ a = 1
             let again = Config::load_str(MINIMAL, "agent.toml", env.clone()).expect_err("widgets");
             assert_eq!(again, first);
         }
+    }
+
+    #[test]
+    fn a_section_reports_the_same_problems_every_time_and_all_of_them() {
+        // The config fuzz target's crash, shortened: a section with several bad values, one
+        // inside an array element (which cannot be taken out alone). Read in hash order, which
+        // of them serde met first changed from one load to the next, and the array element's
+        // stopped the section there.
+        let toml = format!(
+            r#"{MINIMAL}
+[restore_drill]
+namespaces = ["home"]
+max_data_age = "soon"
+restore_timeout = "later"
+skip_if_newer_than = "2xh"
+timeout = 7.5
+
+[[restore_drill.checks]]
+namespace = "home"
+
+[[restore_drill.checks]]
+namespmace = "media"
+"#
+        );
+        let first = Config::load_str(&toml, "agent.toml", Vec::new()).expect_err("bad drill");
+        for _ in 0..50 {
+            let again = Config::load_str(&toml, "agent.toml", Vec::new()).expect_err("bad drill");
+            assert_eq!(again, first);
+        }
+        let keys: Vec<&str> = first
+            .0
+            .iter()
+            .map(|p| p.key.as_str())
+            .filter(|k| k.starts_with("restore_drill"))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "restore_drill.checks[1]",
+                "restore_drill.checks[1].namespmace",
+                "restore_drill.max_data_age",
+                "restore_drill.restore_timeout",
+                "restore_drill.skip_if_newer_than",
+                "restore_drill.timeout",
+            ],
+            "{first}"
+        );
+        assert!(
+            first
+                .0
+                .iter()
+                .all(|p| !p.message.contains(" in agent.toml")),
+            "{first}"
+        );
+    }
+
+    #[test]
+    fn an_override_of_an_unknown_section_is_named_lowercased_beyond_ascii() {
+        // What the config fuzz target met (its own check lowercased only ASCII): the section
+        // of `INFRAFLUX_ÉTCD__BUCKET` is `étcd`, as the `config` crate lowercases the name (whose
+        // key paths are ASCII, so it keeps `étcd.bucket` as one key).
+        let env = vec![("INFRAFLUX_ÉTCD__BUCKET".to_string(), "b".to_string())];
+        let problems = Config::load_str(MINIMAL, "agent.toml", env).expect_err("unknown");
+        let problem = problems
+            .0
+            .iter()
+            .find(|p| p.key == "étcd.bucket")
+            .unwrap_or_else(|| panic!("no étcd problem in {problems}"));
+        assert!(
+            problem.message.starts_with("unknown section")
+                && problem
+                    .message
+                    .ends_with("(set by environment variable INFRAFLUX_ÉTCD__BUCKET)"),
+            "{problem}"
+        );
     }
 
     #[test]

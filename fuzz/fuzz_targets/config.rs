@@ -13,12 +13,13 @@ const ORIGIN: &str = "fuzz.toml";
 const AGENT_SECTIONS: &[&str] = &["agent", "nats", "http", "github", "telemetry", "schedules"];
 
 /// The first segment of a key: `reconcile` of `reconcile.env_vars.X`, `schedules` of
-/// `schedules[0].name`.
+/// `schedules[0].name`. Lowercased as the loader lowercases an environment variable's name:
+/// Unicode, not only ASCII (`INFRAFLUX_ÉTCD__X` is the section `étcd`).
 fn root(key: &str) -> String {
     key.split(['.', '['])
         .next()
         .unwrap_or_default()
-        .to_ascii_lowercase()
+        .to_lowercase()
 }
 
 fuzz_target!(|data: &[u8]| {
