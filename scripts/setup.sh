@@ -45,8 +45,16 @@ fi
 PATH="$cargo_bin:$PATH" command -v s3s-fs >/dev/null 2>&1 || {
   echo "setup: s3s-fs is not in $cargo_bin after cargo install" >&2; exit 1; }
 
+# The fuzzer driver for scripts/fuzz.sh (the fuzz targets in fuzz/). Built once, like s3s-fs.
+if ! PATH="$cargo_bin:$PATH" command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz with cargo install (about 2 minutes, once)"
+  cargo install --quiet --locked cargo-fuzz
+fi
+PATH="$cargo_bin:$PATH" command -v cargo-fuzz >/dev/null 2>&1 || {
+  echo "setup: cargo-fuzz is not in $cargo_bin after cargo install" >&2; exit 1; }
+
 # terraform is not in Debian's packages; this machine kind has it on the PATH.
 command -v terraform >/dev/null 2>&1 || {
   echo "setup: terraform (1.10 or newer, for use_lockfile) must be on the PATH" >&2; exit 1; }
 
-echo "setup: nats-server $(nats-server --version | awk '{print $2}'), etcd $(etcd --version | awk 'NR==1{print $3}'), $(terraform version 2>/dev/null | grep -m1 Terraform), moto $(python3 -c 'import moto; print(moto.__version__)'), s3s-fs 0.14.1, $(cargo --version)"
+echo "setup: nats-server $(nats-server --version | awk '{print $2}'), etcd $(etcd --version | awk 'NR==1{print $3}'), $(terraform version 2>/dev/null | grep -m1 Terraform), moto $(python3 -c 'import moto; print(moto.__version__)'), s3s-fs 0.14.1, $(PATH="$cargo_bin:$PATH" cargo fuzz --version), $(cargo --version)"

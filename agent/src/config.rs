@@ -1,8 +1,8 @@
 //! The agent's configuration: one TOML file, every key overridable from the environment as
 //! `INFRAFLUX_<SECTION>__<KEY>`.
 //!
-//! Loading never stops at the first problem: unknown keys, type errors (one per section),
-//! semantic errors (cron, time zones, commands, addresses) are all collected, each with the key
+//! Loading never stops at the first problem: unknown keys, type errors (every one in a section,
+//! the same ones on every load of the same text), semantic errors (cron, time zones, commands, addresses) are all collected, each with the key
 //! it concerns, so `check-config` can report them at once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -296,6 +296,44 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> (Loaded, Problems) {
+        let file = config::File::from(path)
+            .format(config::FileFormat::Toml)
+            .required(true);
+        Self::load_source(file, &path.display().to_string(), env)
+    }
+
+    /// Like [`Config::load`], from TOML text; a problem with the text as a whole is reported
+    /// under the key `origin` (where a file's would name its path).
+    pub fn load_str(
+        toml: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, Problems> {
+        let (loaded, problems) = Self::load_all_str(toml, origin, env);
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Like [`Config::load_all`], from TOML text.
+    pub fn load_all_str(
+        toml: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Loaded, Problems) {
+        let text = config::File::from_str(toml, config::FileFormat::Toml);
+        Self::load_source(text, origin, env)
+    }
+
+    /// What [`Config::load_all`] and [`Config::load_all_str`] share: everything but where the
+    /// TOML comes from, so a file's parse errors keep naming it as the `config` crate does.
+    fn load_source(
+        source: impl config::Source + Send + Sync + 'static,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Loaded, Problems) {
         let mut problems = Problems::default();
         let unread = |problems: Problems| {
             (
@@ -311,16 +349,15 @@ impl Config {
             .into_iter()
             .filter(|(k, _)| override_key(k).is_some())
             .collect();
-        let overrides: Vec<(String, String)> = env
+        let mut overrides: Vec<(String, String)> = env
             .keys()
             .filter_map(|name| Some((override_key(name)?, name.clone())))
             .collect();
+        // `env` is a hash map: sorted, a problem names its variables in the same order on
+        // every load (found by the config fuzz target).
+        overrides.sort();
         let built = config::Config::builder()
-            .add_source(
-                config::File::from(path)
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            )
+            .add_source(source)
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("_")
@@ -331,14 +368,14 @@ impl Config {
         let root = match built.and_then(|c| c.try_deserialize::<config::Value>()) {
             Ok(v) => v,
             Err(e) => {
-                problems.push(path.display().to_string(), e.to_string());
+                problems.push(origin, e.to_string());
                 return unread(problems);
             }
         };
         let table = match root.into_table() {
             Ok(t) => t,
             Err(e) => {
-                problems.push(path.display().to_string(), e.to_string());
+                problems.push(origin, e.to_string());
                 return unread(problems);
             }
         };
@@ -1085,6 +1122,133 @@ a = 1
         let text = problems.to_string();
         assert!(text.contains("\"forever\""), "{text}");
         assert!(text.contains("etcd_snapshot"), "{text}");
+    }
+
+    #[test]
+    fn text_loads_as_the_same_text_in_a_file_does() {
+        let env = [("INFRAFLUX_AGENT__CONCURRENCY", "0")];
+        let from_file = load(MINIMAL, &env).expect_err("concurrency 0");
+        let from_text = Config::load_str(
+            MINIMAL,
+            "agent.toml",
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .expect_err("concurrency 0");
+        assert_eq!(from_text, from_file);
+        assert!(
+            from_text
+                .to_string()
+                .contains("INFRAFLUX_AGENT__CONCURRENCY"),
+            "{from_text}"
+        );
+        // A text that is no TOML is reported under the name given for it.
+        let (loaded, problems) = Config::load_all_str("[agent", "agent.toml", std::iter::empty());
+        assert_eq!(problems.0.len(), 1, "{problems}");
+        assert_eq!(problems.0[0].key, "agent.toml");
+        assert!(loaded.sections.is_empty());
+        let valid = Config::load_str(MINIMAL, "agent.toml", std::iter::empty()).expect("valid");
+        assert_eq!(valid.config.agent_id(), "runner-1");
+    }
+
+    #[test]
+    fn a_problem_names_its_environment_variables_in_the_same_order_every_time() {
+        // The config fuzz target's crash, shortened: several variables behind one problem.
+        let env: Vec<(String, String)> = ["E", "B", "D", "A", "C"]
+            .iter()
+            .map(|k| (format!("INFRAFLUX_WIDGETS__{k}"), "1".to_string()))
+            .collect();
+        let first = Config::load_str(MINIMAL, "agent.toml", env.clone()).expect_err("widgets");
+        let widgets = first
+            .0
+            .iter()
+            .find(|p| p.key == "widgets")
+            .unwrap_or_else(|| panic!("no widgets problem in {first}"));
+        assert!(
+            widgets.message.ends_with(
+                "(set by environment variable INFRAFLUX_WIDGETS__A, INFRAFLUX_WIDGETS__B, \
+                 INFRAFLUX_WIDGETS__C, INFRAFLUX_WIDGETS__D, INFRAFLUX_WIDGETS__E)"
+            ),
+            "{widgets}"
+        );
+        for _ in 0..10 {
+            let again = Config::load_str(MINIMAL, "agent.toml", env.clone()).expect_err("widgets");
+            assert_eq!(again, first);
+        }
+    }
+
+    #[test]
+    fn a_section_reports_the_same_problems_every_time_and_all_of_them() {
+        // The config fuzz target's crash, shortened: a section with several bad values, one
+        // inside an array element (which cannot be taken out alone). Read in hash order, which
+        // of them serde met first changed from one load to the next, and the array element's
+        // stopped the section there.
+        let toml = format!(
+            r#"{MINIMAL}
+[restore_drill]
+namespaces = ["home"]
+max_data_age = "soon"
+restore_timeout = "later"
+skip_if_newer_than = "2xh"
+timeout = 7.5
+
+[[restore_drill.checks]]
+namespace = "home"
+
+[[restore_drill.checks]]
+namespmace = "media"
+"#
+        );
+        let first = Config::load_str(&toml, "agent.toml", Vec::new()).expect_err("bad drill");
+        for _ in 0..50 {
+            let again = Config::load_str(&toml, "agent.toml", Vec::new()).expect_err("bad drill");
+            assert_eq!(again, first);
+        }
+        let keys: Vec<&str> = first
+            .0
+            .iter()
+            .map(|p| p.key.as_str())
+            .filter(|k| k.starts_with("restore_drill"))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "restore_drill.checks[1]",
+                "restore_drill.checks[1].namespmace",
+                "restore_drill.max_data_age",
+                "restore_drill.restore_timeout",
+                "restore_drill.skip_if_newer_than",
+                "restore_drill.timeout",
+            ],
+            "{first}"
+        );
+        assert!(
+            first
+                .0
+                .iter()
+                .all(|p| !p.message.contains(" in agent.toml")),
+            "{first}"
+        );
+    }
+
+    #[test]
+    fn an_override_of_an_unknown_section_is_named_lowercased_beyond_ascii() {
+        // What the config fuzz target met (its own check lowercased only ASCII): the section
+        // of `INFRAFLUX_ÉTCD__BUCKET` is `étcd`, as the `config` crate lowercases the name (whose
+        // key paths are ASCII, so it keeps `étcd.bucket` as one key).
+        let env = vec![("INFRAFLUX_ÉTCD__BUCKET".to_string(), "b".to_string())];
+        let problems = Config::load_str(MINIMAL, "agent.toml", env).expect_err("unknown");
+        let problem = problems
+            .0
+            .iter()
+            .find(|p| p.key == "étcd.bucket")
+            .unwrap_or_else(|| panic!("no étcd problem in {problems}"));
+        assert!(
+            problem.message.starts_with("unknown section")
+                && problem
+                    .message
+                    .ends_with("(set by environment variable INFRAFLUX_ÉTCD__BUCKET)"),
+            "{problem}"
+        );
     }
 
     #[test]

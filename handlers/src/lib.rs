@@ -20,6 +20,7 @@ pub mod schema;
 pub mod secret;
 pub mod sections;
 pub mod settings;
+mod sorted_value;
 pub mod talos;
 pub mod trace;
 pub mod unavailable;

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+use crate::sorted_value::SortedValue;
+
 /// One problem, with the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Problem {
@@ -139,7 +141,9 @@ impl HandlerConfigs {
     }
 }
 
-/// Deserializes one section, reporting every unknown key in it and its first type error.
+/// Deserializes one section, reporting every unknown key in it and every bad value (up to
+/// [`MAX_PROBLEMS_PER_SECTION`]). The same section always reports the same problems: its tables
+/// are read in sorted key order ([`SortedValue`]), not the `config` crate's hash order.
 pub fn read_section<T: DeserializeOwned>(
     name: &str,
     mut value: config::Value,
@@ -148,36 +152,50 @@ pub fn read_section<T: DeserializeOwned>(
     // serde stops at the first bad value; to report every one at once, each bad value is taken
     // out and the section read again, a bounded number of times.
     let mut unknown: BTreeSet<String> = BTreeSet::new();
-    let mut removed: Vec<String> = Vec::new();
+    // The paths taken out, so that the field one leaves missing is not reported again.
+    let mut removed: Vec<Vec<String>> = Vec::new();
     let mut failed = false;
     for _ in 0..MAX_PROBLEMS_PER_SECTION {
         let mut on_unknown = |path: serde_ignored::Path<'_>| {
             unknown.insert(path.to_string());
         };
-        let de = serde_ignored::Deserializer::new(value.clone(), &mut on_unknown);
-        let result: Result<T, _> = serde_path_to_error::deserialize(de);
-        match result {
+        let de = serde_ignored::Deserializer::new(SortedValue(value.clone()), &mut on_unknown);
+        let error = match serde_path_to_error::deserialize::<_, T>(de) {
             Ok(v) => {
                 report_unknown(name, &unknown, problems);
                 return (!failed).then_some(v);
             }
-            Err(e) => {
-                let inner = clean_error(&e.inner().to_string());
-                // A value taken out for being bad now reads as missing: already reported.
-                let missing = missing_name(&inner);
-                let echo = !missing.is_empty()
-                    && inner.starts_with("missing field")
-                    && removed.iter().any(|r| r.ends_with(&missing));
-                if !echo {
-                    problems.push(join_key(name, &e.path().to_string()), inner.clone());
-                }
-                failed = true;
-                let segments: Vec<String> = e.path().iter().map(ToString::to_string).collect();
-                if echo || inner.starts_with("missing field") || !remove_at(&mut value, &segments) {
-                    break;
-                }
-                removed.push(e.path().to_string());
+            Err(error) => error,
+        };
+        failed = true;
+        let Some(segments) = path_segments(error.path()) else {
+            // A path serde could not follow (an untagged enum, say): nothing to take out.
+            problems.push(
+                join_key(name, &error.path().to_string()),
+                clean_error(&error.inner().to_string()),
+            );
+            break;
+        };
+        let echo = match error.inner() {
+            config::ConfigError::NotFound(field) => {
+                let mut path = segments.clone();
+                path.push(field.clone());
+                removed.contains(&path)
             }
+            _ => false,
+        };
+        if !echo {
+            problems.push(
+                join_key(name, &error.path().to_string()),
+                clean_error(&error.inner().to_string()),
+            );
+        }
+        // The bad value, or for a missing field the table missing it; where that is an element
+        // of an array (whose later elements would shift) or the section itself, the nearest
+        // enclosing table key, so the next read goes past it.
+        match remove_nearest(&mut value, &segments) {
+            Some(path) => removed.push(path),
+            None => break,
         }
     }
     report_unknown(name, &unknown, problems);
@@ -193,9 +211,27 @@ fn report_unknown(section: &str, unknown: &BTreeSet<String>, problems: &mut Prob
     }
 }
 
-/// `x` in serde's "missing field `x`".
-fn missing_name(message: &str) -> String {
-    message.split('`').nth(1).unwrap_or_default().to_string()
+/// serde_path_to_error's path as table keys and `[i]` indices; `None` when a segment is unknown.
+fn path_segments(path: &serde_path_to_error::Path) -> Option<Vec<String>> {
+    path.iter()
+        .map(|segment| match segment {
+            serde_path_to_error::Segment::Unknown => None,
+            other => Some(other.to_string()),
+        })
+        .collect()
+}
+
+/// Takes out of `value` the table entry at `segments`, or failing that (an array element) the
+/// nearest enclosing one; returns the path taken out, `None` when there is none to take.
+fn remove_nearest(value: &mut config::Value, segments: &[String]) -> Option<Vec<String>> {
+    let mut path = segments.to_vec();
+    while !path.is_empty() {
+        if remove_at(value, &path) {
+            return Some(path);
+        }
+        path.pop();
+    }
+    None
 }
 
 /// Takes the value at `segments` (table keys and `[i]` indices, as serde_path_to_error prints
