@@ -71,6 +71,10 @@ pub struct S3Config {
     pub secret_access_key: SecretRef,
     #[serde(default = "default_true")]
     pub path_style: bool,
+    /// How long one S3 request is retried (connection refused, 5xx) before the operation
+    /// fails; absent: object_store's 3 minutes. A shorter one fails a job sooner in an outage.
+    #[serde(default)]
+    pub retry_timeout: Option<crate::settings::HumanDuration>,
 }
 
 fn default_region() -> String {

@@ -2,9 +2,13 @@
 //! webhook deliveries. Built on octocrab (auth, base URL for GitHub Enterprise or a test
 //! server); responses are read as JSON values so that only the fields we use must be present.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use http::Method;
 use octocrab::Octocrab;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,11 +27,60 @@ pub enum GitHubError {
         what: String,
         status: u16,
         message: String,
+        /// How long GitHub asked us to wait (`Retry-After`, or until `X-RateLimit-Reset` when
+        /// `X-RateLimit-Remaining` is 0), when it said.
+        retry_after: Option<Duration>,
     },
     #[error("GitHub API {what}: {message}")]
     Transport { what: String, message: String },
     #[error("GitHub client: {0}")]
     Setup(String),
+}
+
+impl GitHubError {
+    /// Worth trying again later: GitHub failing (5xx), rate limiting (429, or 403 with the
+    /// rate-limit headers or message), or not reached. A refusal (401, 404, 422) is not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            GitHubError::Transport { .. } => true,
+            GitHubError::Api {
+                status,
+                message,
+                retry_after,
+                ..
+            } => {
+                *status >= 500
+                    || *status == 429
+                    || (*status == 403
+                        && (retry_after.is_some()
+                            || message.to_ascii_lowercase().contains("rate limit")))
+            }
+            GitHubError::Setup(_) => false,
+        }
+    }
+
+    /// The wait GitHub asked for, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GitHubError::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// What GitHub's headers ask a client to wait: `Retry-After` (secondary rate limits), else,
+/// when `X-RateLimit-Remaining` is 0, until `X-RateLimit-Reset` (primary rate limit).
+fn asked_wait(headers: &http::HeaderMap, now: DateTime<Utc>) -> Option<Duration> {
+    let number =
+        |name: &str| -> Option<i64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
+    if let Some(seconds) = number("retry-after") {
+        return Some(Duration::from_secs(seconds.max(0) as u64));
+    }
+    if number("x-ratelimit-remaining") == Some(0) {
+        let reset = number("x-ratelimit-reset")?;
+        return Some(Duration::from_secs((reset - now.timestamp()).max(1) as u64));
+    }
+    None
 }
 
 fn map_err(what: &str, e: octocrab::Error) -> GitHubError {
@@ -36,6 +89,7 @@ fn map_err(what: &str, e: octocrab::Error) -> GitHubError {
             what: what.to_string(),
             status: source.status_code.as_u16(),
             message: source.message.clone(),
+            retry_after: None,
         },
         // Other variants' Display carries a backtrace; keep the first line.
         other => GitHubError::Transport {
@@ -100,6 +154,47 @@ pub struct GitHub {
     /// Scrubs what this client writes where everyone with read access sees it: commit status
     /// descriptions and issues (plan comments are scrubbed as they are rendered).
     redactor: Redactor,
+    /// Feedback GitHub has not taken yet, retried in the background.
+    backlog: Arc<Mutex<HashMap<String, FeedbackSend>>>,
+    feedback_retry: FeedbackRetry,
+}
+
+/// One delivery of feedback, which may be sent again.
+pub type FeedbackSend = Arc<dyn Fn() -> BoxFuture<'static, Result<(), GitHubError>> + Send + Sync>;
+
+/// How feedback GitHub did not take is tried again: waits doubling from `first_wait` up to
+/// `max_wait`, or as long as GitHub asks (up to `max_asked_wait`); given up after `give_up_after`.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedbackRetry {
+    pub first_wait: Duration,
+    pub max_wait: Duration,
+    pub max_asked_wait: Duration,
+    pub give_up_after: Duration,
+}
+
+impl Default for FeedbackRetry {
+    fn default() -> Self {
+        Self {
+            first_wait: Duration::from_secs(2),
+            max_wait: Duration::from_secs(60),
+            // GitHub's primary rate limit resets within the hour.
+            max_asked_wait: Duration::from_secs(15 * 60),
+            give_up_after: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+impl FeedbackRetry {
+    /// The wait before try `tries + 1`, after `error`.
+    fn wait(&self, error: &GitHubError, tries: u32) -> Duration {
+        match error.retry_after() {
+            Some(asked) => asked.clamp(Duration::from_secs(1), self.max_asked_wait),
+            None => self
+                .first_wait
+                .saturating_mul(1u32 << tries.saturating_sub(1).min(16))
+                .min(self.max_wait),
+        }
+    }
 }
 
 impl std::fmt::Debug for GitHub {
@@ -135,7 +230,179 @@ impl GitHub {
             owner: owner.to_string(),
             repo: name.to_string(),
             redactor,
+            backlog: Arc::default(),
+            feedback_retry: FeedbackRetry::default(),
         })
+    }
+
+    /// This client with feedback retried by `retry`.
+    pub fn with_feedback_retry(mut self, retry: FeedbackRetry) -> Self {
+        self.feedback_retry = retry;
+        self
+    }
+
+    /// Sends one request and reads the answer as JSON. Unlike octocrab's typed calls, a
+    /// refusal keeps what GitHub's headers say about waiting.
+    async fn send(
+        &self,
+        method: Method,
+        what: &str,
+        route: String,
+        body: Option<&Value>,
+    ) -> Result<Value, GitHubError> {
+        let response = match method {
+            Method::GET => self.octo._get(route).await,
+            Method::PATCH => self.octo._patch(route, body).await,
+            _ => self.octo._post(route, body).await,
+        }
+        .map_err(|e| map_err(what, e))?;
+        let status = response.status();
+        let retry_after = asked_wait(response.headers(), Utc::now());
+        let text = self
+            .octo
+            .body_to_string(response)
+            .await
+            .map_err(|e| map_err(what, e))?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_else(|| text.chars().take(200).collect());
+            return Err(GitHubError::Api {
+                what: what.to_string(),
+                status: status.as_u16(),
+                message,
+                retry_after,
+            });
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Delivers feedback (a commit status, a plan comment) without holding up the job: one
+    /// try here; if GitHub fails or rate-limits, it is tried again in the background, waiting
+    /// as GitHub asks. `key` names what it sets: a newer delivery with the same key replaces
+    /// one still waiting, so an older status never lands after a newer one.
+    pub async fn deliver(&self, key: String, send: FeedbackSend) {
+        {
+            let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(waiting) = backlog.get_mut(&key) {
+                // Whoever is sending this key sends the newest at its next try.
+                *waiting = send;
+                return;
+            }
+            backlog.insert(key.clone(), send.clone());
+        }
+        let first_wait = match send().await {
+            Err(e) if e.is_transient() => {
+                let wait = self.feedback_retry.wait(&e, 1);
+                tracing::warn!(error = %e, %key, retry_in = ?wait, "GitHub did not take the feedback; trying again in the background");
+                wait
+            }
+            result => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, %key, "GitHub refused the feedback");
+                }
+                if self.settled(&key, &send) {
+                    return;
+                }
+                Duration::ZERO
+            }
+        };
+        tokio::spawn(self.clone().retry_feedback(key, first_wait));
+    }
+
+    /// Removes `key` from the backlog if `sent` is still its newest delivery; false if a newer
+    /// one came meanwhile (it still has to be sent).
+    fn settled(&self, key: &str, sent: &FeedbackSend) -> bool {
+        let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        match backlog.get(key) {
+            Some(newest) if !Arc::ptr_eq(newest, sent) => false,
+            _ => {
+                backlog.remove(key);
+                true
+            }
+        }
+    }
+
+    async fn retry_feedback(self, key: String, mut wait: Duration) {
+        let started = tokio::time::Instant::now();
+        let mut tries = 1u32;
+        loop {
+            tokio::time::sleep(wait).await;
+            let newest = self
+                .backlog
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .cloned();
+            let Some(send) = newest else { return };
+            tries += 1;
+            match send().await {
+                Err(e) if e.is_transient() => {
+                    if started.elapsed() >= self.feedback_retry.give_up_after {
+                        tracing::warn!(error = %e, %key, tries, "GitHub did not take the feedback; giving up");
+                        self.backlog
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&key);
+                        return;
+                    }
+                    wait = self.feedback_retry.wait(&e, tries);
+                    tracing::info!(error = %e, %key, tries, retry_in = ?wait, "GitHub did not take the feedback yet");
+                }
+                result => {
+                    match result {
+                        Ok(()) => {
+                            tracing::info!(%key, tries, waited = ?started.elapsed(), "Feedback delivered after GitHub recovered")
+                        }
+                        Err(e) => tracing::warn!(error = %e, %key, "GitHub refused the feedback"),
+                    }
+                    if self.settled(&key, &send) {
+                        return;
+                    }
+                    wait = Duration::ZERO;
+                }
+            }
+        }
+    }
+
+    /// [`GitHub::set_status`], delivered even if GitHub fails for a while ([`GitHub::deliver`]).
+    pub async fn set_status_eventually(
+        &self,
+        sha: &str,
+        context: &str,
+        state: StatusState,
+        description: &str,
+    ) {
+        let key = format!("status {sha} {context}");
+        let (gh, sha, context, description) = (
+            self.clone(),
+            sha.to_string(),
+            context.to_string(),
+            description.to_string(),
+        );
+        let send: FeedbackSend = Arc::new(move || {
+            let (gh, sha, context, description) = (
+                gh.clone(),
+                sha.clone(),
+                context.clone(),
+                description.clone(),
+            );
+            Box::pin(async move { gh.set_status(&sha, &context, state, &description).await })
+        });
+        self.deliver(key, send).await;
+    }
+
+    /// [`GitHub::upsert_comments`], delivered even if GitHub fails for a while
+    /// ([`GitHub::deliver`]); a retry finds what an earlier try posted by its marker.
+    pub async fn upsert_comments_eventually(&self, number: u64, marker: &str, parts: Vec<String>) {
+        let key = format!("comments #{number} {marker}");
+        let (gh, marker, parts) = (self.clone(), marker.to_string(), Arc::new(parts));
+        let send: FeedbackSend = Arc::new(move || {
+            let (gh, marker, parts) = (gh.clone(), marker.clone(), parts.clone());
+            Box::pin(async move { gh.upsert_comments(number, &marker, &parts).await })
+        });
+        self.deliver(key, send).await;
     }
 
     /// The API's base URL, without a trailing `/`.
@@ -162,25 +429,35 @@ impl GitHub {
     ) -> Result<(), GitHubError> {
         let description = status_description(&scrub(&self.redactor, description));
         let body = json!({"state": state.as_str(), "context": context, "description": description});
-        self.octo
-            .post::<_, Value>(self.route(&format!("statuses/{sha}")), Some(&body))
-            .await
-            .map(|_| ())
-            .map_err(|e| map_err("create status", e))
+        self.send(
+            Method::POST,
+            "create status",
+            self.route(&format!("statuses/{sha}")),
+            Some(&body),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Every comment of an issue or pull request, oldest first.
     async fn comments(&self, number: u64) -> Result<Vec<Value>, GitHubError> {
         let mut all = Vec::new();
         for page in 1..=50u32 {
-            let batch: Vec<Value> = self
-                .octo
-                .get(
-                    self.route(&format!("issues/{number}/comments")),
-                    Some(&json!({"per_page": 100, "page": page})),
+            let listed = self
+                .send(
+                    Method::GET,
+                    "list comments",
+                    format!(
+                        "{}?per_page=100&page={page}",
+                        self.route(&format!("issues/{number}/comments"))
+                    ),
+                    None,
                 )
-                .await
-                .map_err(|e| map_err("list comments", e))?;
+                .await?;
+            let batch = match listed {
+                Value::Array(batch) => batch,
+                _ => Vec::new(),
+            };
             let n = batch.len();
             all.extend(batch);
             if n < 100 {
@@ -213,22 +490,22 @@ impl GitHub {
             let body = format!("{}\n{part}", part_marker(marker, i));
             match existing.iter().find(|(_, idx)| *idx == i) {
                 Some((id, _)) => {
-                    self.octo
-                        .patch::<Value, _, _>(
-                            self.route(&format!("issues/comments/{id}")),
-                            Some(&json!({"body": body})),
-                        )
-                        .await
-                        .map_err(|e| map_err("update comment", e))?;
+                    self.send(
+                        Method::PATCH,
+                        "update comment",
+                        self.route(&format!("issues/comments/{id}")),
+                        Some(&json!({"body": body})),
+                    )
+                    .await?;
                 }
                 None => {
-                    self.octo
-                        .post::<_, Value>(
-                            self.route(&format!("issues/{number}/comments")),
-                            Some(&json!({"body": body})),
-                        )
-                        .await
-                        .map_err(|e| map_err("create comment", e))?;
+                    self.send(
+                        Method::POST,
+                        "create comment",
+                        self.route(&format!("issues/{number}/comments")),
+                        Some(&json!({"body": body})),
+                    )
+                    .await?;
                 }
             }
         }
@@ -244,6 +521,7 @@ impl GitHub {
                     what: "delete comment".into(),
                     status: response.status().as_u16(),
                     message: String::new(),
+                    retry_after: None,
                 });
             }
         }
@@ -446,6 +724,7 @@ impl GitHub {
                     what: "list deliveries".into(),
                     status: status.as_u16(),
                     message: body.chars().take(200).collect(),
+                    retry_after: None,
                 });
             }
             let batch: Vec<Delivery> =
@@ -482,6 +761,7 @@ impl GitHub {
                 what: "redeliver".into(),
                 status: response.status().as_u16(),
                 message: String::new(),
+                retry_after: None,
             })
         }
     }
@@ -621,6 +901,45 @@ mod tests {
             Some(3)
         );
         assert_eq!(part_index("other comment", "infraflux:plan:prod"), None);
+    }
+
+    #[test]
+    fn rate_limit_headers_say_how_long_to_wait_and_what_is_worth_retrying() {
+        let now = Utc::now();
+        let mut h = http::HeaderMap::new();
+        h.insert("x-ratelimit-remaining", "0".parse().expect("header"));
+        h.insert(
+            "x-ratelimit-reset",
+            (now.timestamp() + 42).to_string().parse().expect("header"),
+        );
+        assert_eq!(asked_wait(&h, now), Some(Duration::from_secs(42)));
+        h.insert("retry-after", "7".parse().expect("header"));
+        assert_eq!(asked_wait(&h, now), Some(Duration::from_secs(7)));
+        let mut left = http::HeaderMap::new();
+        left.insert("x-ratelimit-remaining", "12".parse().expect("header"));
+        assert_eq!(asked_wait(&left, now), None);
+
+        let api = |status, message: &str, retry_after| GitHubError::Api {
+            what: "create status".into(),
+            status,
+            message: message.into(),
+            retry_after,
+        };
+        assert!(api(502, "Server Error", None).is_transient());
+        assert!(api(429, "", None).is_transient());
+        assert!(api(403, "API rate limit exceeded for user ID 1.", None).is_transient());
+        assert!(api(403, "", Some(Duration::from_secs(3))).is_transient());
+        assert!(!api(403, "Resource not accessible by integration", None).is_transient());
+        assert!(!api(422, "Validation Failed", None).is_transient());
+        let retry = FeedbackRetry::default();
+        assert_eq!(retry.wait(&api(502, "", None), 1), Duration::from_secs(2));
+        assert_eq!(retry.wait(&api(502, "", None), 3), Duration::from_secs(8));
+        assert_eq!(retry.wait(&api(502, "", None), 30), Duration::from_secs(60));
+        assert_eq!(
+            retry.wait(&api(403, "", Some(Duration::from_secs(7200))), 1),
+            Duration::from_secs(15 * 60),
+            "a wait GitHub asks for is bounded"
+        );
     }
 
     #[test]

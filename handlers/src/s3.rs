@@ -17,7 +17,12 @@ pub fn bucket(config: &S3Config, secrets: &Secrets, bucket: &str) -> Result<Arc<
     let key = secrets
         .of(&SecretKey::S3SecretAccessKey)
         .ok_or("s3.secret_access_key is not resolved")?;
+    let mut retry = object_store::RetryConfig::default();
+    if let Some(timeout) = &config.retry_timeout {
+        retry.retry_timeout = timeout.get();
+    }
     AmazonS3Builder::new()
+        .with_retry(retry)
         .with_endpoint(&config.endpoint)
         .with_allow_http(config.endpoint.starts_with("http://"))
         .with_region(&config.region)

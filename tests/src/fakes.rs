@@ -69,6 +69,22 @@ struct GithubState {
     webhook: Option<(String, String)>,
     /// The tokens GitHub knows. Empty: every request is accepted, whatever it carries.
     tokens: BTreeMap<String, FakeToken>,
+    /// How the next requests are answered instead of served, one each, in order.
+    faults: std::collections::VecDeque<GithubFault>,
+    /// The requests answered with a fault: (method path, status, when).
+    faulted: Vec<(String, u16, std::time::Instant)>,
+}
+
+/// An answer GitHub gives when it is not serving a request, with its real headers and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GithubFault {
+    /// 500, 502, 503: GitHub having an incident.
+    ServerError(u16),
+    /// The primary rate limit: 403 (or 429) with `x-ratelimit-remaining: 0` and
+    /// `x-ratelimit-reset` `reset_in` seconds from now.
+    RateLimited { status: u16, reset_in: u64 },
+    /// A secondary rate limit: 403 (or 429) with `retry-after`.
+    SecondaryRateLimit { status: u16, retry_after: u64 },
 }
 
 /// What a token registered with [`FakeGithub::set_token`] may do on the fake's repositories,
@@ -139,6 +155,10 @@ impl FakeGithub {
                 state.clone(),
                 gh_authenticate,
             ))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                gh_faults,
+            ))
             .with_state(state.clone());
         let addr = serve(router).await;
         FakeGithub {
@@ -156,6 +176,21 @@ impl FakeGithub {
     /// with GitHub's 401 "Bad credentials".
     pub fn set_token(&self, token: &str, kind: FakeToken) {
         self.lock().tokens.insert(token.to_string(), kind);
+    }
+
+    /// Answers the next requests (whatever they ask) with `faults`, one each, in order.
+    pub fn fail_next(&self, faults: impl IntoIterator<Item = GithubFault>) {
+        self.lock().faults.extend(faults);
+    }
+
+    /// Faults not answered yet.
+    pub fn faults_left(&self) -> usize {
+        self.lock().faults.len()
+    }
+
+    /// The requests answered with a fault, as `(method path, status, when)`.
+    pub fn faulted(&self) -> Vec<(String, u16, std::time::Instant)> {
+        self.lock().faulted.clone()
     }
 
     pub fn add_delivery(&self, delivery: FakeDelivery) {
@@ -680,6 +715,80 @@ async fn gh_authenticate(
             next.run(request).await
         }
     }
+}
+
+/// The next fault, if any, instead of the request: GitHub's bodies and headers as it sends them.
+async fn gh_faults(
+    State(s): GhState,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let fault = {
+        let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+        let fault = st.faults.pop_front();
+        if let Some(f) = &fault {
+            let status = match f {
+                GithubFault::ServerError(status)
+                | GithubFault::RateLimited { status, .. }
+                | GithubFault::SecondaryRateLimit { status, .. } => *status,
+            };
+            let what = format!("{} {}", request.method(), request.uri().path());
+            st.faulted.push((what, status, std::time::Instant::now()));
+        }
+        fault
+    };
+    let Some(fault) = fault else {
+        return next.run(request).await;
+    };
+    let status_of = |code: u16| StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = match &fault {
+        GithubFault::ServerError(code) => (
+            status_of(*code),
+            axum::Json(json!({"message": "Server Error"})),
+        )
+            .into_response(),
+        GithubFault::RateLimited { status, .. } => (
+            status_of(*status),
+            axum::Json(json!({
+                "message": "API rate limit exceeded for user ID 1. If you reach out to GitHub Support for help, please include the request ID 0000:0000:0000000:0000000:00000000.",
+                "documentation_url": "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api",
+                "status": status.to_string(),
+            })),
+        )
+            .into_response(),
+        GithubFault::SecondaryRateLimit { status, .. } => (
+            status_of(*status),
+            axum::Json(json!({
+                "message": "You have exceeded a secondary rate limit. Please wait a few minutes before you try again. If you reach out to GitHub Support for help, please include the request ID 0000:0000:0000000:0000000:00000000.",
+                "documentation_url": "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api#about-secondary-rate-limits",
+                "status": status.to_string(),
+            })),
+        )
+            .into_response(),
+    };
+    let headers = response.headers_mut();
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    };
+    match fault {
+        GithubFault::ServerError(_) => {}
+        GithubFault::RateLimited { reset_in, .. } => {
+            set("x-ratelimit-limit", "5000".into());
+            set("x-ratelimit-remaining", "0".into());
+            set("x-ratelimit-used", "5000".into());
+            set("x-ratelimit-resource", "core".into());
+            set(
+                "x-ratelimit-reset",
+                (Utc::now().timestamp() + reset_in as i64).to_string(),
+            );
+        }
+        GithubFault::SecondaryRateLimit { retry_after, .. } => {
+            set("retry-after", retry_after.to_string());
+        }
+    }
+    response
 }
 
 fn gh_error(

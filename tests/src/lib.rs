@@ -16,6 +16,7 @@ pub mod peers;
 pub mod process;
 pub mod proxmox_fake;
 pub mod talos_fake;
+pub mod tcp_proxy;
 pub mod tls;
 pub mod upgrade_lab;
 

@@ -200,6 +200,19 @@ pub async fn inventory(
     Ok((stored, manifest))
 }
 
+/// `e` with `note` added to its message (for what was left behind).
+fn with_note(e: HandlerError, note: &str) -> HandlerError {
+    if note.is_empty() {
+        return e;
+    }
+    match e {
+        HandlerError::Failed(m) => HandlerError::Failed(format!("{m}{note}")),
+        HandlerError::Retryable(m) => HandlerError::Retryable(format!("{m}{note}")),
+        HandlerError::Internal(m) => HandlerError::Internal(format!("{m}{note}")),
+        other => other,
+    }
+}
+
 pub struct EtcdSnapshotHandler {
     pub config: Config,
     pub context: Context,
@@ -225,6 +238,31 @@ impl EtcdSnapshotHandler {
 
     fn store(&self) -> Result<Arc<AmazonS3>, HandlerError> {
         self.context.s3_bucket(&self.config.bucket)
+    }
+
+    /// The S3 endpoint, for messages: which server failed.
+    fn s3_at(&self) -> &str {
+        self.context
+            .s3
+            .as_ref()
+            .map_or("(no [s3] section)", |s3| s3.endpoint.as_str())
+    }
+
+    /// Aborts a failed upload, trying again while S3 is away (see [`PartUploader::abort`]);
+    /// what the job's message should add: nothing, or that parts were left behind.
+    async fn abandon(&self, ctx: &JobContext, upload: PartUploader, key: &str) -> String {
+        match upload.abort(pipeline::ABORT_RETRY_FOR, &ctx.cancel).await {
+            Ok(aborted) => {
+                tracing::info!(%key, attempts = aborted.attempts, took = ?aborted.took, "Upload aborted");
+                String::new()
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "Aborting the upload failed; its parts stay until an S3 lifecycle rule removes them");
+                format!(
+                    "; aborting the upload failed too, its parts stay in the bucket until an S3 lifecycle rule removes them ({e})"
+                )
+            }
+        }
     }
 
     #[tracing::instrument(name = "snapshot_node", skip_all, fields(endpoint = %endpoint, node = %node))]
@@ -323,6 +361,9 @@ impl EtcdSnapshotHandler {
         ] {
             attributes.insert(Attribute::Metadata(k.into()), v.into());
         }
+        // Before the upload starts: a bad recipient must not leave an upload open.
+        let recipients = pipeline::recipients(&self.config.age_recipients)
+            .map_err(|e| Attempt::Stop(HandlerError::Failed(e)))?;
         let path = ObjectPath::from(key.clone());
         let upload = store
             .put_multipart_opts(
@@ -334,16 +375,16 @@ impl EtcdSnapshotHandler {
             )
             .await
             .map_err(|e| {
-                Attempt::Stop(HandlerError::Retryable(format!(
-                    "starting the upload of {key}: {e}"
-                )))
+                Attempt::Stop(crate::s3::error(
+                    &format!("starting the upload of {key} to S3 at {}", self.s3_at()),
+                    &e,
+                ))
             })?;
 
         let mut upload = PartUploader::new(upload);
         let buffer = PartBuffer::default();
-        let recipients = pipeline::recipients(&self.config.age_recipients)
-            .map_err(|e| Attempt::Stop(HandlerError::Failed(e)))?;
         let level = (self.config.compression == Compression::Zstd).then_some(3);
+        let uploading_part = format!("uploading a part of {key} to S3 at {}", self.s3_at());
         let streamed: Result<pipeline::Verified, Attempt> = async {
             let mut stage = chain(buffer.clone(), level, &recipients)
                 .map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
@@ -362,7 +403,7 @@ impl EtcdSnapshotHandler {
                         stage.write_all(&data.bytes).map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
                         upload.flush(&buffer, PART_SIZE)
                             .await
-                            .map_err(|e| Attempt::Stop(crate::s3::error("uploading a part", &e)))?;
+                            .map_err(|e| Attempt::Stop(crate::s3::error(&uploading_part, &e)))?;
                     }
                     Ok(None) => break,
                     Err(s) => return Err(Attempt::Next(format!("{node}: the stream broke: {}", status_message(&s)))),
@@ -371,7 +412,7 @@ impl EtcdSnapshotHandler {
             stage.finish().map_err(|e| Attempt::Stop(HandlerError::Internal(e.to_string())))?;
             upload.flush(&buffer, 1)
                 .await
-                .map_err(|e| Attempt::Stop(crate::s3::error("uploading a part", &e)))?;
+                .map_err(|e| Attempt::Stop(crate::s3::error(&uploading_part, &e)))?;
             let verified = verifier.verify().map_err(|e| Attempt::Next(format!("{node}: {e}")))?;
             if let Some(prev) = previous {
                 let floor = prev.size_bytes as f64 * self.config.min_size_ratio;
@@ -390,17 +431,27 @@ impl EtcdSnapshotHandler {
         let verified = match streamed {
             Ok(v) => v,
             Err(e) => {
-                if let Err(abort) = upload.abort().await {
-                    tracing::warn!(%key, error = %abort, "Aborting the upload failed; S3 lifecycle rules clean up parts");
-                }
-                return Err(e);
+                let note = self.abandon(ctx, upload, &key).await;
+                return Err(match e {
+                    Attempt::Stop(e) => Attempt::Stop(with_note(e, &note)),
+                    Attempt::Next(reason) => Attempt::Next(format!("{reason}{note}")),
+                    Attempt::Cancelled => Attempt::Cancelled,
+                });
             }
         };
-        let stored = upload.complete().await.map_err(|e| {
-            Attempt::Stop(HandlerError::Retryable(format!(
-                "completing the upload of {key}: {e}"
-            )))
-        })?;
+        let stored = match upload.complete().await {
+            Ok(stored) => stored,
+            Err(e) => {
+                let note = self.abandon(ctx, upload, &key).await;
+                return Err(Attempt::Stop(with_note(
+                    crate::s3::error(
+                        &format!("completing the upload of {key} to S3 at {}", self.s3_at()),
+                        &e,
+                    ),
+                    &note,
+                )));
+            }
+        };
         let manifest = Manifest {
             key: key.clone(),
             cluster: self.context.cluster.clone(),

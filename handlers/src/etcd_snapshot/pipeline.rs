@@ -5,9 +5,11 @@
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use object_store::{MultipartUpload, PutPayload};
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 /// S3 part size: above the 5 MiB minimum, small enough to keep memory flat.
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
@@ -17,6 +19,11 @@ pub const PARTS_IN_FLIGHT: usize = 3;
 /// Room past a part's size for the last chunk written into it, so the buffer never regrows.
 const PART_SLACK: usize = 1024 * 1024;
 const TRAILER: usize = 32;
+/// How long a failed upload's abort is tried again while S3 does not answer: its parts cost
+/// storage until a lifecycle rule (if any) removes them, and an S3 restart takes seconds.
+pub const ABORT_RETRY_FOR: Duration = Duration::from_secs(30);
+const ABORT_FIRST_WAIT: Duration = Duration::from_millis(500);
+const ABORT_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// etcd's integrity check (`hasChecksum` and `copyAndVerifyDB` in etcdutl): the file is the
 /// bbolt database followed by its raw SHA-256, so its size is 32 more than a multiple of 512.
@@ -263,34 +270,66 @@ impl PartUploader {
     }
 
     /// Waits for every part, then completes the upload; what was stored. On failure the
-    /// upload is aborted.
-    pub async fn complete(mut self) -> Result<Stored, object_store::Error> {
-        let mut settled = Ok(());
-        while settled.is_ok() && !self.in_flight.is_empty() {
-            settled = self.settle_one().await;
+    /// upload is still open: the caller aborts it ([`PartUploader::abort`]).
+    pub async fn complete(&mut self) -> Result<Stored, object_store::Error> {
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
         }
-        if let Err(e) = settled {
-            let _ = self.abort().await;
-            return Err(e);
-        }
-        match self.upload.complete().await {
-            Ok(_) => Ok(Stored {
-                bytes: self.stored,
-                sha256: hex::encode(std::mem::take(&mut self.hasher).finalize()),
-            }),
-            Err(e) => {
-                let _ = self.abort().await;
-                Err(e)
-            }
-        }
+        self.upload.complete().await?;
+        Ok(Stored {
+            bytes: self.stored,
+            sha256: hex::encode(std::mem::take(&mut self.hasher).finalize()),
+        })
     }
 
-    /// Stops the parts on the wire and aborts the upload, so no half object is left.
-    pub async fn abort(mut self) -> Result<(), object_store::Error> {
+    /// Stops the parts on the wire and aborts the upload, so no half object is left. S3 may be
+    /// the reason the upload failed: the abort is tried again with backoff for up to `budget`
+    /// (or until `cancel`; a cancelled job tries once), so an outage shorter than that leaves
+    /// no parts behind. An upload S3 no longer knows counts as aborted.
+    pub async fn abort(
+        mut self,
+        budget: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Aborted, object_store::Error> {
         self.in_flight.abort_all();
         while self.in_flight.join_next().await.is_some() {}
-        self.upload.abort().await
+        let started = tokio::time::Instant::now();
+        let deadline = started + budget;
+        let mut wait = ABORT_FIRST_WAIT;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let error = match tokio::time::timeout_at(deadline, self.upload.abort()).await {
+                Ok(Ok(())) | Ok(Err(object_store::Error::NotFound { .. })) => {
+                    return Ok(Aborted {
+                        attempts,
+                        took: started.elapsed(),
+                    });
+                }
+                Ok(Err(e)) => e,
+                Err(_) => object_store::Error::Generic {
+                    store: "S3",
+                    source: format!("no answer to the abort within {budget:?}").into(),
+                },
+            };
+            if cancel.is_cancelled() || tokio::time::Instant::now() + wait >= deadline {
+                return Err(error);
+            }
+            tracing::info!(error = %error, retry_in = ?wait, "Aborting the upload failed; trying again");
+            tokio::select! {
+                () = cancel.cancelled() => return Err(error),
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(ABORT_MAX_WAIT);
+        }
     }
+}
+
+/// How an abort went: tries and time, for the log.
+#[derive(Debug, Clone, Copy)]
+pub struct Aborted {
+    pub attempts: u32,
+    pub took: Duration,
 }
 
 #[cfg(test)]

@@ -482,14 +482,12 @@ impl Reconciler {
             .map_err(|e| HandlerError::Failed(format!("backend preflight failed: {e}")))
     }
 
-    /// Sets the commit status; a GitHub outage must not fail the job, so errors are logged.
+    /// Sets the commit status. A GitHub outage must neither fail nor hold up the job: the
+    /// status is retried in the background until GitHub takes it.
     pub async fn status(&self, commit: &str, state: StatusState, description: &str) {
-        if let Some(gh) = &self.context.github
-            && let Err(e) = gh
-                .set_status(commit, STATUS_CONTEXT, state, description)
-                .await
-        {
-            tracing::warn!(error = %e, commit, "Commit status not set");
+        if let Some(gh) = &self.context.github {
+            gh.set_status_eventually(commit, STATUS_CONTEXT, state, description)
+                .await;
         }
     }
 
@@ -863,12 +861,9 @@ impl Reconciler {
             plan_text: text,
         }
         .render(&ctx.redactor);
-        if let Err(e) = gh
-            .upsert_comments(number, &report::marker(&self.config.env), &parts)
-            .await
-        {
-            tracing::warn!(error = %e, pr = number, "Plan comment not posted");
-        }
+        // Retried in the background while GitHub fails, as the status is.
+        gh.upsert_comments_eventually(number, &report::marker(&self.config.env), parts)
+            .await;
     }
 
     async fn report_drift(&self, ctx: &JobContext, record: &PlanRecord, drift: bool) {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use infraflux_tests::fakes::FakeKube;
 use infraflux_tests::peers::{Etcd, S3Server, restore_snapshot};
 use infraflux_tests::talos_fake::{FAKE_NODE, FakeTalos, SnapshotSource};
+use infraflux_tests::tcp_proxy::TcpProxy;
 use infraflux_tests::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -50,6 +51,20 @@ async fn snap_lab_on(
     extra: &str,
     dead_endpoint_first: bool,
 ) -> SnapLab {
+    let endpoint = s3.endpoint.clone();
+    snap_lab_at(s3, &endpoint, "", s3_secret, extra, dead_endpoint_first).await
+}
+
+/// [`snap_lab_on`] with the agent reaching S3 at `agent_endpoint` (a proxy in front of `s3`)
+/// and `s3_extra` added to its `[s3]` section.
+async fn snap_lab_at(
+    s3: S3Server,
+    agent_endpoint: &str,
+    s3_extra: &str,
+    s3_secret: &str,
+    extra: &str,
+    dead_endpoint_first: bool,
+) -> SnapLab {
     init();
     let nats = Nats::start();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -82,6 +97,7 @@ endpoint = "{endpoint}"
 access_key_id = "env:TEST_S3_KEY"
 secret_access_key = "env:TEST_S3_SECRET"
 path_style = true
+{s3_extra}
 
 [etcd_snapshot]
 bucket = "etcd"
@@ -91,7 +107,7 @@ compression = "zstd"
 {extra}
 "#,
         talosconfig = talosconfig.display(),
-        endpoint = s3.endpoint,
+        endpoint = agent_endpoint,
         recipient = identity.to_public(),
     );
     let identity_text = identity.to_string();
@@ -332,6 +348,93 @@ async fn a_snapshot_of_many_parts_is_stored_in_order_and_a_late_corruption_abort
         0,
         "no parts left behind"
     );
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_gone_mid_upload_fails_the_attempt_naming_s3_aborts_once_back_and_the_retry_stores_it() {
+    init();
+    let s3 = S3Server::start("etcd").await;
+    let proxy = TcpProxy::start(s3.endpoint.trim_start_matches("http://")).await;
+    let agent_endpoint = format!("http://{}", proxy.addr);
+    // Each S3 request is retried for 2 s: an outage longer than that fails the part.
+    let lab = snap_lab_at(
+        s3,
+        &agent_endpoint,
+        "retry_timeout = \"2s\"",
+        "testing-secret",
+        "",
+        false,
+    )
+    .await;
+    // About four 8 MiB parts; S3 goes away in the middle of the second, for 12 s.
+    let size: u64 = 30 << 20;
+    lab.talos
+        .set(|b| b.source = SnapshotSource::Synthetic { size });
+    let outage = Duration::from_secs(12);
+    proxy.cut_after(12 << 20, outage);
+    let job = submit(&lab.client, "snapshot").await;
+    wait_for(Duration::from_secs(60), "S3 to go away", || async {
+        proxy.is_down().then_some(())
+    })
+    .await;
+    let gone_at = std::time::Instant::now();
+    let mut back_after = None;
+    let failed = wait_for(Duration::from_secs(90), "the first attempt to fail", || {
+        if back_after.is_none() && !proxy.is_down() {
+            back_after = Some(gone_at.elapsed());
+        }
+        let client = lab.client.clone();
+        let job = job.clone();
+        async move {
+            let r = record(&client, &job).await;
+            r["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("attempt 1 failed")
+                .then_some(r)
+        }
+    })
+    .await;
+    let failed_after = gone_at.elapsed();
+    eprintln!(
+        "S3 gone for {outage:?}: back after {back_after:?}, the attempt failed (upload aborted) after {failed_after:?}"
+    );
+    let message = failed["message"].as_str().unwrap_or_default();
+    eprintln!("the first attempt: {message}");
+    // Retried by the kind's policy: 3 attempts, 30 s then 60 s apart.
+    assert_eq!(failed["state"], "queued", "{failed}");
+    assert!(
+        message.contains(&format!("S3 at {agent_endpoint}")) && message.contains("retrying in 30s"),
+        "{message}"
+    );
+    assert!(!message.contains("aborting the upload failed"), "{message}");
+    assert!(!message.contains("testing-secret"), "{message}");
+    // The abort was tried until S3 answered again: the attempt ended only once it was back.
+    assert!(failed_after >= outage, "{failed_after:?}");
+    assert!(
+        lab.objects().await.is_empty(),
+        "no object and no manifest claims a good snapshot"
+    );
+    assert_eq!(
+        lab.s3.pending_uploads("etcd").await,
+        0,
+        "the multipart upload was aborted"
+    );
+
+    let done = wait_settled(&lab.client, &job, Duration::from_secs(90)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2, "{done}");
+    let key = done["result"]["object"].as_str().expect("object key");
+    assert_eq!(
+        lab.objects().await,
+        [key.to_string(), format!("{key}.json")],
+        "the retry stored one snapshot and its manifest"
+    );
+    let file = lab.decrypt(&lab.s3.get("etcd", key).await);
+    let (db, trailer) = file.split_at(file.len() - 32);
+    assert_eq!(Sha256::digest(db).as_slice(), trailer);
+    assert_eq!(lab.s3.pending_uploads("etcd").await, 0);
     lab.agent.stop().await;
 }
 

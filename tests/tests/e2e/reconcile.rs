@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use infraflux_tests::fakes::{FakeDelivery, FakeGithub, FakeKube};
+use infraflux_tests::fakes::{FakeDelivery, FakeGithub, FakeKube, GithubFault};
 use infraflux_tests::peers::{InfraRepo, S3Server, backend, resources};
 use infraflux_tests::*;
 use serde_json::Value;
@@ -497,6 +497,119 @@ async fn a_pull_request_gets_one_plan_comment_without_secrets_edited_on_new_push
         lab.s3.keys("tfstate").await.is_empty(),
         "nothing was applied from a pull request"
     );
+    lab.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_failing_then_rate_limiting_holds_up_no_plan_and_the_feedback_lands_once_later() {
+    let lab = lab(LabOptions::default()).await;
+    lab.repo.checkout_new_branch("feature");
+    let head = lab.repo.commit("Feature");
+    let mut payload: Value =
+        serde_json::from_slice(&fixture("github/pull_request/opened.payload.json")).expect("json");
+    payload["repository"]["full_name"] = "lab/infra".into();
+    payload["pull_request"]["head"]["sha"] = head.as_str().into();
+    payload["pull_request"]["head"]["ref"] = "feature".into();
+    // An incident (5xx), then the primary rate limit (reset in 10 s), then a secondary one.
+    let reset_in = 10;
+    lab.gh.fail_next([
+        GithubFault::ServerError(502),
+        GithubFault::ServerError(503),
+        GithubFault::ServerError(502),
+        GithubFault::ServerError(503),
+        GithubFault::ServerError(502),
+        GithubFault::ServerError(503),
+        GithubFault::RateLimited {
+            status: 403,
+            reset_in,
+        },
+        GithubFault::SecondaryRateLimit {
+            status: 403,
+            retry_after: 3,
+        },
+    ]);
+    let started = std::time::Instant::now();
+    let (status, reply) = post_webhook(
+        &lab.agent.http,
+        "pull_request",
+        "pr-github-down",
+        &serde_json::to_vec(&payload).expect("json"),
+    )
+    .await;
+    assert_eq!(status, 202, "{reply}");
+    let job = reply["jobs"][0].as_str().expect("job").to_string();
+    let done = lab.settled(&job).await;
+    let settled_after = started.elapsed();
+    // The plan ran and ended as it would with GitHub answering: GitHub's errors are not its.
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let message = done["message"].as_str().unwrap_or_default();
+    assert!(message.contains("speculative plan: 1 to add"), "{done}");
+    assert!(!message.contains("GitHub"), "{done}");
+    assert!(
+        lab.gh.statuses(&head).is_empty() && lab.gh.comments().is_empty(),
+        "the job ended while GitHub still refused its feedback: {:?}",
+        lab.gh.faulted()
+    );
+
+    let landed_after = wait_for(Duration::from_secs(60), "the feedback to land", || async {
+        let statuses = lab.gh.statuses(&head);
+        (statuses.last().is_some_and(|s| s["state"] == "success") && lab.gh.comments().len() == 1)
+            .then(|| started.elapsed())
+    })
+    .await;
+    let faulted = lab.gh.faulted();
+    assert_eq!(lab.gh.faults_left(), 0, "{faulted:?}");
+    let primary = faulted
+        .iter()
+        .find(|(_, status, _)| *status == 403)
+        .map(|(_, _, at)| at.duration_since(started))
+        .expect("a rate-limited request");
+    eprintln!(
+        "GitHub faults: {faulted:?}; job settled after {settled_after:?}, primary rate limit hit at {primary:?}, feedback landed after {landed_after:?}"
+    );
+    // x-ratelimit-reset was honoured: nothing landed before the reset, and soon after it.
+    assert!(
+        landed_after + Duration::from_secs(1) >= primary + Duration::from_secs(reset_in),
+        "landed {landed_after:?}, rate limited at {primary:?}"
+    );
+    assert!(
+        landed_after <= primary + Duration::from_secs(reset_in + 15),
+        "landed {landed_after:?}, rate limited at {primary:?}"
+    );
+
+    // Exactly once, and the final status last: an older one never lands after it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let statuses = lab.gh.statuses(&head);
+    assert_eq!(
+        statuses.iter().filter(|s| s["state"] == "success").count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.last().expect("status")["state"], "success");
+    let comments = lab.gh.comments();
+    assert_eq!(comments.len(), 1, "{comments:?}");
+    assert!(
+        comments[0]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 to add, 0 to change, 0 to destroy"),
+        "{comments:?}"
+    );
+    // The token went only to GitHub, in the Authorization header.
+    let token = lab
+        .env
+        .iter()
+        .find(|(k, _)| *k == "TEST_GITHUB_TOKEN")
+        .map(|(_, v)| v.clone())
+        .expect("token");
+    let seen = format!(
+        "{} {:?} {:?} {:?}",
+        record(&lab.client, &job).await,
+        statuses,
+        comments,
+        stored_events(&lab.client).await
+    );
+    assert!(!seen.contains(&token), "the GitHub token leaked");
     lab.agent.stop().await;
 }
 
