@@ -302,15 +302,19 @@ impl LockManager {
 
     /// Every unexpired holder of every resource, for `status`.
     pub async fn held(&self) -> Result<Vec<HeldLock>, LockError> {
-        let mut keys = self
+        let mut listing = self
             .kv
             .keys()
             .await
             .map_err(|e| LockError::Unavailable(e.to_string()))?;
+        // The listing repeats a key updated while it runs.
+        let mut keys = std::collections::BTreeSet::new();
+        while let Some(key) = listing.next().await {
+            keys.insert(key.map_err(|e| LockError::Unavailable(e.to_string()))?);
+        }
         let mut out = Vec::new();
         let now = Utc::now();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| LockError::Unavailable(e.to_string()))?;
+        for key in keys {
             if let Some(e) = self
                 .kv
                 .entry(key.as_str())

@@ -628,18 +628,19 @@ impl Records {
         .await
     }
 
-    /// Every record's key (a job id).
+    /// Every record's key (a job id), each once, in ascending order. The bucket's key listing
+    /// repeats a key that is updated while it runs, which a busy agent's records are.
     async fn keys(&self) -> Result<Vec<String>, RecordError> {
-        let mut keys: Vec<String> = Vec::new();
+        let mut keys = std::collections::BTreeSet::new();
         let mut stream = self
             .kv
             .keys()
             .await
             .map_err(|e| RecordError::Unavailable(e.to_string()))?;
         while let Some(key) = stream.next().await {
-            keys.push(key.map_err(|e| RecordError::Unavailable(e.to_string()))?);
+            keys.insert(key.map_err(|e| RecordError::Unavailable(e.to_string()))?);
         }
-        Ok(keys)
+        Ok(keys.into_iter().collect())
     }
 
     /// Records still `queued` that were created before `before` (by their job id, a ULID),
@@ -657,7 +658,6 @@ impl Records {
             from.is_none_or(|f| k.as_str() >= f)
                 && ulid::Ulid::from_string(k).is_ok_and(|id| id.datetime() < cutoff)
         });
-        keys.sort_unstable();
         let mut next = from.map(str::to_string);
         let mut all_ended = true;
         let mut out = Vec::new();
@@ -682,10 +682,9 @@ impl Records {
         keep: impl Fn(&JobRecord) -> bool,
         limit: usize,
     ) -> Result<Vec<JobRecord>, RecordError> {
-        let mut keys = self.keys().await?;
-        keys.sort_unstable_by(|a, b| b.cmp(a));
+        let keys = self.keys().await?;
         let mut out = Vec::new();
-        for key in keys.iter().take(MAX_SCAN) {
+        for key in keys.iter().rev().take(MAX_SCAN) {
             if out.len() >= limit {
                 break;
             }

@@ -703,6 +703,23 @@ pub fn burst_rows(b: &Burst) -> Vec<Row> {
     ]
 }
 
+/// A dispatch figure against its target.
+fn dispatch_row(figure: &str, lat: &Latencies) -> Row {
+    Row::new(
+        figure,
+        format!(
+            "{:.2} / {:.2} ms ({} jobs)",
+            lat.ms(0.5),
+            lat.ms(0.99),
+            lat.len()
+        ),
+        "—".into(),
+        "—".into(),
+        "p99 < 10 ms",
+        Some(lat.ms(0.99) < 10.0),
+    )
+}
+
 /// Ingest and dispatch against a 3-server cluster with `replicas = 3`, beside the
 /// single-server ingest figure when given.
 pub async fn run_cluster(
@@ -755,18 +772,9 @@ pub async fn run_cluster(
             Duration::from_millis(50),
         )
         .await;
-        rows.push(Row::new(
+        rows.push(dispatch_row(
             &format!("cluster: dispatch latency, {agents} agent(s), a job every 50 ms, p50 / p99"),
-            format!(
-                "{:.2} / {:.2} ms ({} jobs)",
-                lat.ms(0.5),
-                lat.ms(0.99),
-                lat.len()
-            ),
-            "—".into(),
-            "—".into(),
-            "p99 < 10 ms",
-            Some(lat.ms(0.99) < 10.0),
+            &lat,
         ));
     }
     rows
@@ -1570,18 +1578,9 @@ pub async fn run_all(quick: bool) -> Vec<Row> {
             Duration::from_millis(5),
         )
         .await;
-        rows.push(Row::new(
+        rows.push(dispatch_row(
             &format!("dispatch latency, {agents} agent(s), p50 / p99"),
-            format!(
-                "{:.2} / {:.2} ms ({} jobs)",
-                lat.ms(0.5),
-                lat.ms(0.99),
-                lat.len()
-            ),
-            "—".into(),
-            "—".into(),
-            "p99 < 10 ms",
-            Some(lat.ms(0.99) < 10.0),
+            &lat,
         ));
     }
 

@@ -529,6 +529,8 @@ pub async fn all_records(client: &async_nats::Client) -> Vec<Value> {
         .collect()
         .await;
     keys.sort_unstable_by(|a, b| b.cmp(a));
+    // A key updated while the listing runs is listed again.
+    keys.dedup();
     let mut out = Vec::new();
     for key in keys {
         if let Ok(Some(bytes)) = kv.get(&key).await {
