@@ -31,6 +31,8 @@ use crate::store::{self, HEARTBEAT_EVERY};
 use crate::{chatops, github, poller, runner, scheduler};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// How long background tasks get to stop once the runner has drained.
+const BACKGROUND_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -245,9 +247,24 @@ async fn run(
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     housekeeping_stop.cancel();
-    while background.join_next().await.is_some() {}
-    if let Err(e) = app.store.agents.delete(&app.agent_id).await {
-        tracing::debug!(error = %e, "Presence not removed; it expires");
+    // Each task stops at its next await on the token; one stuck on a slow NATS or GitHub
+    // request is dropped after a short grace, as a crash would, rather than hold the exit.
+    let joined = tokio::time::timeout(BACKGROUND_GRACE, async {
+        while background.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!(
+            tasks = background.len(),
+            "Background tasks still busy at shutdown; dropped"
+        );
+        background.shutdown().await;
+    }
+    // Bounded: with NATS hung, the presence expires on its own anyway.
+    match tokio::time::timeout(BACKGROUND_GRACE, app.store.agents.delete(&app.agent_id)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "Presence not removed; it expires"),
+        Err(_) => tracing::debug!("Presence not removed in time; it expires"),
     }
     let _ = app.store.client.flush().await;
     http_stop.cancel();
@@ -290,7 +307,10 @@ async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
             tracing::debug!(error = %e, "Heartbeat not stored");
         }
         if beats.is_multiple_of(METRICS_EVERY) {
-            refresh_shared_metrics(&app).await;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = refresh_shared_metrics(&app) => {}
+            }
         }
         beats += 1;
         tokio::select! {

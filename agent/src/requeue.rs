@@ -35,7 +35,13 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        match sweep(&app, &mut from).await {
+        // A sweep reads every record a new agent has not yet seen end: on SIGTERM it stops
+        // where it is (publishing again is idempotent, the next agent's sweep starts over).
+        let swept = tokio::select! {
+            () = stop.cancelled() => return,
+            swept = sweep(&app, &mut from) => swept,
+        };
+        match swept {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
                 jobs = n,

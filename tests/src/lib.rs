@@ -156,6 +156,23 @@ impl Nats {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as with a
+    /// hung host. `thaw` resumes it.
+    pub fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn thaw(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(child) = self.child.lock().expect("lock").as_ref() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+            nix::sys::signal::kill(pid, signal).expect("signal nats-server");
+        }
+    }
+
     /// Starts it again on the same port with the same store.
     pub fn restart(&self) {
         self.stop();
@@ -171,6 +188,8 @@ impl Nats {
 
 impl Drop for Nats {
     fn drop(&mut self) {
+        // A frozen server does not die of SIGKILL until it is resumed.
+        self.thaw();
         self.stop();
     }
 }

@@ -96,3 +96,38 @@ async fn a_job_that_finishes_within_the_deadline_completes_during_shutdown() {
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 1);
 }
+
+/// SIGTERM while NATS hangs (its process stopped, connections open, nothing answering), with a
+/// stranded-job sweep due: every request the agent makes on the way out would wait its full
+/// timeout, one after another. It still exits within seconds, so systemd does not have to kill
+/// it, and what it was doing is left as a crash would leave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_asked_to_stop_while_nats_hangs_exits_within_seconds() {
+    init();
+    let nats = Nats::start();
+    let a = start_agent_with_env(
+        &nats,
+        "hung-a",
+        "[acceptance]\n",
+        // The first sweep for stranded jobs comes a quarter to a half of this after start.
+        &[("INFRAFLUX_AGENT__REQUEUE_AFTER", "2s")],
+        |_| {},
+    )
+    .await;
+    nats.freeze();
+    // Let the sweep, the heartbeat and the readiness probe start requests that hang.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let asked = std::time::Instant::now();
+    a.handle.shutdown();
+    let joined = tokio::time::timeout(Duration::from_secs(30), a.handle.join()).await;
+    let took = asked.elapsed();
+    nats.thaw();
+    assert!(joined.is_ok(), "still running 30 s after shutdown");
+    // shutdown_timeout (2 s in tests) bounds the runner; the rest gets 2 s plus 2 s for the
+    // presence. Before, each hung request waited its 5 s timeout in turn.
+    assert!(
+        took < Duration::from_secs(7),
+        "took {took:?} to stop with NATS hung"
+    );
+    eprintln!("stopped in {took:?} with NATS hung");
+}

@@ -63,7 +63,8 @@ async fn sigterm_of_agents_during_jobs_under_load_drains_or_hands_back_and_loses
         assert_eq!(
             code,
             Some(0),
-            "fault-{victim} after SIGTERM (round {round})"
+            "fault-{victim} after SIGTERM (round {round}); its output ends:\n{}",
+            lab.log_tail(victim, 40)
         );
         let unfinished: Vec<String> = running
             .iter()
@@ -79,7 +80,8 @@ async fn sigterm_of_agents_during_jobs_under_load_drains_or_hands_back_and_loses
             // With 2 s jobs and a 1 s deadline, the job running at SIGTERM is handed back.
             assert!(
                 took < Duration::from_secs(5),
-                "fault-{victim} took {took:?} to exit with shutdown_timeout = 1s"
+                "fault-{victim} took {took:?} to exit with shutdown_timeout = 1s; its output ends:\n{}",
+                lab.log_tail(victim, 40)
             );
         }
         eprintln!(

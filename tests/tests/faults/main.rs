@@ -215,6 +215,15 @@ impl Lab {
         self.agents.lock().expect("lock")[i].is_some()
     }
 
+    /// The last `lines` lines of agent `i`'s output since its latest start.
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let start = self.spawns.lock().expect("lock")[i];
+        let log = std::fs::read_to_string(self.dir.path().join(format!("fault-{i}.{start}.log")))
+            .unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Every agent's output so far.
     pub fn logs(&self) -> String {
         let mut all = String::new();
