@@ -506,6 +506,63 @@ impl Records {
         }
     }
 
+    /// Progress lines of a running job, oldest first: the newest becomes the record's message
+    /// (one write for the lot) and each is a job event, published together and then awaited,
+    /// so a batch costs about two store round trips however many lines it holds. Nothing is
+    /// written once the job has ended.
+    pub async fn progress(
+        &self,
+        job_id: &str,
+        lines: &[(String, DateTime<Utc>)],
+    ) -> Result<(), RecordError> {
+        let Some((newest, _)) = lines.last() else {
+            return Ok(());
+        };
+        let record = loop {
+            let (mut record, revision) = self
+                .get(job_id)
+                .await?
+                .ok_or_else(|| RecordError::NotFound(job_id.to_string()))?;
+            if record.state.is_terminal() {
+                return Ok(());
+            }
+            record.message = newest.clone();
+            record.updated_at = Utc::now();
+            match self.kv.update(job_id, encode(&record), revision).await {
+                Ok(_) => break record,
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(RecordError::Unavailable(e.to_string())),
+            }
+        };
+        let subject = self.names.event_subject(job_id);
+        let mut acks = Vec::with_capacity(lines.len());
+        for (message, at) in lines {
+            let event = JobEvent {
+                at: *at,
+                message: message.clone(),
+                ..JobEvent::from(&record)
+            };
+            let Ok(payload) = serde_json::to_vec(&event) else {
+                continue;
+            };
+            let payload = Bytes::from(payload);
+            let ack = self.js.publish(subject.clone(), payload.clone()).await;
+            acks.push((event, payload, ack));
+        }
+        for (event, payload, ack) in acks {
+            let stored = match ack {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            };
+            if !stored {
+                // Kept in order only as far as the stream had them; a line retried here may
+                // land after a later one, which its `at` still places.
+                self.publish_payload(&subject, &event, payload).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Publishes the record's current state as an event. A failure is logged, not returned:
     /// the record is the truth, the event stream its audit trail.
     pub async fn publish_event(&self, record: &JobRecord) {
@@ -518,17 +575,21 @@ impl Records {
             }
         };
         let subject = self.names.event_subject(&record.job_id);
+        self.publish_payload(&subject, &event, payload).await;
+    }
+
+    async fn publish_payload(&self, subject: &str, event: &JobEvent, payload: Bytes) {
         for attempt in 1..=3u32 {
-            match self.js.publish(subject.clone(), payload.clone()).await {
+            match self.js.publish(subject.to_string(), payload.clone()).await {
                 Ok(ack) => match ack.await {
                     Ok(_) => return,
                     Err(e) if attempt == 3 => {
-                        tracing::warn!(job_id = %record.job_id, state = record.state.as_str(), error = %e, "Job event not stored");
+                        tracing::warn!(job_id = %event.job_id, state = event.state.as_str(), error = %e, "Job event not stored");
                     }
                     Err(_) => {}
                 },
                 Err(e) if attempt == 3 => {
-                    tracing::warn!(job_id = %record.job_id, state = record.state.as_str(), error = %e, "Job event not published");
+                    tracing::warn!(job_id = %event.job_id, state = event.state.as_str(), error = %e, "Job event not published");
                 }
                 Err(_) => {}
             }

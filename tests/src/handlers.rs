@@ -102,6 +102,8 @@ pub enum Behaviour {
     /// Steps of this length, looking at `stop_requested` between two: a cancel ends the job
     /// at the next step boundary.
     SafePoints(Duration),
+    /// Report this many progress lines ("step i of n") as fast as it can, then succeed.
+    Reports(usize),
     /// Look up the newest succeeded job of `look_for`, queue a follow-up of `follow`; fail
     /// (retryably) on the first attempt, so the second queues it again.
     FollowUp { look_for: JobKind, follow: JobKind },
@@ -214,6 +216,12 @@ impl Handler for TestHandler {
                 }
             }
             Behaviour::Panic(message) => panic!("{message}"),
+            Behaviour::Reports(n) => {
+                for i in 1..=*n {
+                    ctx.progress.report(&format!("step {i} of {n}")).await;
+                }
+                Ok(Outcome::succeeded(format!("reported {n} steps")))
+            }
             Behaviour::Checkpointed => match &ctx.checkpoint {
                 Some(saved) => Ok(Outcome::succeeded(format!("resumed from {saved}"))),
                 None => {

@@ -16,6 +16,7 @@ mod nats_outage;
 mod operations;
 mod platform;
 mod preflight;
+mod progress;
 mod reconcile;
 mod schedules;
 mod secret_scan;
