@@ -1108,6 +1108,9 @@ pub fn remove_stale_job_dirs(state_dir: &std::path::Path) {
     }
 }
 
+/// A progress line and when it was reported.
+type ProgressLine = (String, chrono::DateTime<Utc>);
+
 /// How many progress lines may wait for the writer before a report waits for it.
 const PROGRESS_BACKLOG: usize = 256;
 /// How long the end of a job waits for its last progress lines to be written.
@@ -1122,7 +1125,7 @@ const PROGRESS_FLUSH: Duration = Duration::from_secs(10);
 struct RecordProgress {
     app: Arc<App>,
     job_id: String,
-    lines: Mutex<Option<tokio::sync::mpsc::Sender<(String, chrono::DateTime<Utc>)>>>,
+    lines: Mutex<Option<tokio::sync::mpsc::Sender<ProgressLine>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
