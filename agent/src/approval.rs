@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use infraflux_handlers::github::CommentTarget;
 use infraflux_handlers::reconcile::{self, short};
 use infraflux_handlers::{JobKind, Source};
 use serde_json::{Map, Value, json};
@@ -71,7 +72,7 @@ pub(crate) async fn answer(
                 "{ANSWER_MARKER}\nApproved by @{}: apply job `{job_id}` is queued. Follow it with `job {job_id}`.",
                 command.login
             );
-            reply(app, &command.on, &body).await;
+            reply(app, &command.on, command.comment_id, &body).await;
             Ok(Accepted::Created { job_id })
         }
         Ok(Submitted::Duplicate { job_id }) => Ok(Accepted::Duplicate { job_id }),
@@ -90,7 +91,7 @@ pub(crate) async fn answer(
                     "{ANSWER_MARKER}\nNot applied: {why}. (`{COMMENT_COMMAND} apply` from @{})",
                     command.login
                 );
-                reply(app, &command.on, &body).await;
+                reply(app, &command.on, command.comment_id, &body).await;
             }
             Ok(Accepted::Ignored(format!("approval refused: {why}")))
         }
@@ -272,16 +273,16 @@ fn plan_commit(record: &crate::records::JobRecord) -> Option<String> {
     })
 }
 
-/// Answers on the commit or pull request; GitHub being down loses the answer, not the apply.
-async fn reply(app: &Arc<App>, on: &CommentedOn, body: &str) {
+/// Answers on the commit or pull request, once per approval comment; while GitHub fails the
+/// answer is retried in the background and the apply is not held up.
+async fn reply(app: &Arc<App>, on: &CommentedOn, comment_id: u64, body: &str) {
     let Some(gh) = &app.services.github else {
         return;
     };
-    let posted = match on {
-        CommentedOn::Commit(sha) => gh.comment_on_commit(sha, body).await,
-        CommentedOn::PullRequest(number) => gh.comment_on_issue(*number, body).await,
+    let target = match on {
+        CommentedOn::Commit(sha) => CommentTarget::Commit(sha.clone()),
+        CommentedOn::PullRequest(number) => CommentTarget::Issue(*number),
     };
-    if let Err(e) = posted {
-        tracing::warn!(error = %e, "Answer to an approval comment not posted");
-    }
+    gh.comment_once_eventually(target, &format!("infraflux:reply-to:{comment_id}"), body)
+        .await;
 }

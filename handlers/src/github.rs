@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use http::Method;
 use octocrab::Octocrab;
+use octocrab::service::middleware::retry::RetryConfig;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -146,7 +147,10 @@ impl Delivery {
 
 #[derive(Clone)]
 pub struct GitHub {
+    /// Reads, retried by octocrab on 5xx.
     octo: Octocrab,
+    /// Writes, tried once.
+    writes: Octocrab,
     /// As configured, for requests octocrab does not make (the preflight's token probes).
     api_url: String,
     owner: String,
@@ -213,19 +217,26 @@ impl GitHub {
         let (owner, name) = repo
             .split_once('/')
             .ok_or_else(|| GitHubError::Setup(format!("{repo:?} is not owner/name")))?;
-        let mut builder = Octocrab::builder()
-            .base_uri(api_url)
-            .map_err(|e| GitHubError::Setup(format!("api_url {api_url:?}: {e}")))?
-            .set_connect_timeout(Some(Duration::from_secs(10)))
-            .set_read_timeout(Some(Duration::from_secs(30)));
-        if let Some(token) = token {
-            builder = builder.personal_token(token.expose().to_string());
-        }
-        let octo = builder
-            .build()
-            .map_err(|e| GitHubError::Setup(e.to_string()))?;
+        let client = |retry: RetryConfig| {
+            let mut builder = Octocrab::builder()
+                .base_uri(api_url)
+                .map_err(|e| GitHubError::Setup(format!("api_url {api_url:?}: {e}")))?
+                .set_connect_timeout(Some(Duration::from_secs(10)))
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .add_retry_config(retry);
+            if let Some(token) = token {
+                builder = builder.personal_token(token.expose().to_string());
+            }
+            builder
+                .build()
+                .map_err(|e| GitHubError::Setup(e.to_string()))
+        };
         Ok(Self {
-            octo,
+            octo: client(RetryConfig::Simple(3))?,
+            // octocrab retries any 5xx at once, a POST too: a comment whose answer was lost
+            // (GitHub's gateway timing out after the write) was posted twice. Writes are tried
+            // once here; feedback is retried by `deliver`, which looks before it posts again.
+            writes: client(RetryConfig::None)?,
             api_url: api_url.trim_end_matches('/').to_string(),
             owner: owner.to_string(),
             repo: name.to_string(),
@@ -252,8 +263,8 @@ impl GitHub {
     ) -> Result<Value, GitHubError> {
         let response = match method {
             Method::GET => self.octo._get(route).await,
-            Method::PATCH => self.octo._patch(route, body).await,
-            _ => self.octo._post(route, body).await,
+            Method::PATCH => self.writes._patch(route, body).await,
+            _ => self.writes._post(route, body).await,
         }
         .map_err(|e| map_err(what, e))?;
         let status = response.status();
@@ -405,6 +416,69 @@ impl GitHub {
         self.deliver(key, send).await;
     }
 
+    /// Posts `body` on `target` once, even while GitHub fails for a while: retried in the
+    /// background ([`GitHub::deliver`]). A try first looks for the comment an earlier try may
+    /// have posted before its answer was lost, by `marker` (kept in the body as an HTML
+    /// comment), so a retry never posts it twice.
+    pub async fn comment_once_eventually(&self, target: CommentTarget, marker: &str, body: &str) {
+        let key = format!("comment {marker}");
+        let tag = format!("<!-- {marker} -->");
+        let body = format!("{tag}\n{body}");
+        let (gh, target, tag, body) = (
+            self.clone(),
+            Arc::new(target),
+            Arc::new(tag),
+            Arc::new(body),
+        );
+        let send: FeedbackSend = Arc::new(move || {
+            let (gh, target, tag, body) = (gh.clone(), target.clone(), tag.clone(), body.clone());
+            Box::pin(async move { gh.comment_once(&target, &tag, &body).await })
+        });
+        self.deliver(key, send).await;
+    }
+
+    async fn comment_once(
+        &self,
+        target: &CommentTarget,
+        tag: &str,
+        body: &str,
+    ) -> Result<(), GitHubError> {
+        let route = match target {
+            CommentTarget::Commit(sha) => self.route(&format!("commits/{sha}/comments")),
+            CommentTarget::Issue(number) => self.route(&format!("issues/{number}/comments")),
+        };
+        let posted = self
+            .list_pages(&route)
+            .await?
+            .iter()
+            .any(|c| c["body"].as_str().is_some_and(|b| b.contains(tag)));
+        if posted {
+            return Ok(());
+        }
+        match target {
+            CommentTarget::Commit(sha) => self.comment_on_commit(sha, body).await,
+            CommentTarget::Issue(number) => self.comment_on_issue(*number, body).await,
+        }
+    }
+
+    /// [`GitHub::upsert_issue`], retried in the background while GitHub fails; a newer state
+    /// of the same issue replaces one still waiting.
+    pub async fn upsert_issue_eventually(&self, marker: &str, title: &str, body: &str, open: bool) {
+        let key = format!("issue {marker}");
+        let (gh, marker, title, body) = (
+            self.clone(),
+            Arc::new(marker.to_string()),
+            Arc::new(title.to_string()),
+            Arc::new(body.to_string()),
+        );
+        let send: FeedbackSend = Arc::new(move || {
+            let (gh, marker, title, body) =
+                (gh.clone(), marker.clone(), title.clone(), body.clone());
+            Box::pin(async move { gh.upsert_issue(&marker, &title, &body, open).await })
+        });
+        self.deliver(key, send).await;
+    }
+
     /// The API's base URL, without a trailing `/`.
     pub fn api_url(&self) -> &str {
         &self.api_url
@@ -441,16 +515,19 @@ impl GitHub {
 
     /// Every comment of an issue or pull request, oldest first.
     async fn comments(&self, number: u64) -> Result<Vec<Value>, GitHubError> {
+        self.list_pages(&self.route(&format!("issues/{number}/comments")))
+            .await
+    }
+
+    /// Every item of a paged list (comments), oldest first.
+    async fn list_pages(&self, route: &str) -> Result<Vec<Value>, GitHubError> {
         let mut all = Vec::new();
         for page in 1..=50u32 {
             let listed = self
                 .send(
                     Method::GET,
                     "list comments",
-                    format!(
-                        "{}?per_page=100&page={page}",
-                        self.route(&format!("issues/{number}/comments"))
-                    ),
+                    format!("{route}?per_page=100&page={page}"),
                     None,
                 )
                 .await?;
@@ -589,7 +666,7 @@ impl GitHub {
     /// Posts a new comment on a commit.
     pub async fn comment_on_commit(&self, sha: &str, body: &str) -> Result<(), GitHubError> {
         let body = json!({"body": scrub(&self.redactor, body)});
-        self.octo
+        self.writes
             .post::<_, Value>(self.route(&format!("commits/{sha}/comments")), Some(&body))
             .await
             .map(|_| ())
@@ -599,7 +676,7 @@ impl GitHub {
     /// Posts a new comment on an issue or pull request.
     pub async fn comment_on_issue(&self, number: u64, body: &str) -> Result<(), GitHubError> {
         let body = json!({"body": scrub(&self.redactor, body)});
-        self.octo
+        self.writes
             .post::<_, Value>(
                 self.route(&format!("issues/{number}/comments")),
                 Some(&body),
@@ -745,7 +822,7 @@ impl GitHub {
     /// Asks GitHub to deliver a delivery again.
     pub async fn redeliver(&self, hook_id: u64, delivery_id: u64) -> Result<(), GitHubError> {
         let response = self
-            .octo
+            .writes
             ._post(
                 self.route(&format!(
                     "hooks/{hook_id}/deliveries/{delivery_id}/attempts"
@@ -815,6 +892,14 @@ fn next_cursor(headers: &http::HeaderMap) -> Option<String> {
                 .take_while(|ch| *ch != '&' && *ch != '>')
                 .collect()
         })
+}
+
+/// Where a one-off comment goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommentTarget {
+    Commit(String),
+    /// An issue or a pull request.
+    Issue(u64),
 }
 
 fn part_marker(marker: &str, index: usize) -> String {

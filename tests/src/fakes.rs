@@ -70,7 +70,9 @@ struct GithubState {
     /// The tokens GitHub knows. Empty: every request is accepted, whatever it carries.
     tokens: BTreeMap<String, FakeToken>,
     /// How the next requests are answered instead of served, one each, in order.
-    faults: std::collections::VecDeque<GithubFault>,
+    /// Faults to answer with, each for the next request whose `"METHOD /path"` contains its
+    /// filter (any request without one).
+    faults: std::collections::VecDeque<(Option<String>, GithubFault)>,
     /// The requests answered with a fault: (method path, status, when).
     faulted: Vec<(String, u16, std::time::Instant)>,
 }
@@ -85,6 +87,9 @@ pub enum GithubFault {
     RateLimited { status: u16, reset_in: u64 },
     /// A secondary rate limit: 403 (or 429) with `retry-after`.
     SecondaryRateLimit { status: u16, retry_after: u64 },
+    /// The request is carried out, then answered with this 5xx, as when GitHub's gateway
+    /// times out after the write: the client cannot tell it from one that did nothing.
+    LostAnswer(u16),
 }
 
 /// What a token registered with [`FakeGithub::set_token`] may do on the fake's repositories,
@@ -135,7 +140,7 @@ impl FakeGithub {
             .route("/repos/{o}/{r}/issues/{n}", patch(gh_update_issue))
             .route(
                 "/repos/{o}/{r}/commits/{sha}/comments",
-                post(gh_create_commit_comment),
+                get(gh_list_commit_comments).post(gh_create_commit_comment),
             )
             .route("/repos/{o}/{r}/pulls/{n}", get(gh_pull_request))
             .route(
@@ -180,7 +185,17 @@ impl FakeGithub {
 
     /// Answers the next requests (whatever they ask) with `faults`, one each, in order.
     pub fn fail_next(&self, faults: impl IntoIterator<Item = GithubFault>) {
-        self.lock().faults.extend(faults);
+        self.lock()
+            .faults
+            .extend(faults.into_iter().map(|f| (None, f)));
+    }
+
+    /// Answers the next requests whose `"METHOD /path"` contains `request` with `faults`,
+    /// one each.
+    pub fn fail_next_on(&self, request: &str, faults: impl IntoIterator<Item = GithubFault>) {
+        self.lock()
+            .faults
+            .extend(faults.into_iter().map(|f| (Some(request.to_string()), f)));
     }
 
     /// Faults not answered yet.
@@ -365,6 +380,20 @@ async fn gh_create_comment(
     let c = comment_json(st.next_id, n, req["body"].as_str().unwrap_or_default());
     st.comments.push(c.clone());
     (StatusCode::CREATED, axum::Json(c)).into_response()
+}
+
+async fn gh_list_commit_comments(
+    State(s): GhState,
+    Path((_o, _r, sha)): Path<(String, String, String)>,
+) -> Response {
+    let st = s.lock().unwrap_or_else(|p| p.into_inner());
+    let list: Vec<Value> = st
+        .commit_comments
+        .iter()
+        .filter(|c| c["commit_id"] == sha.as_str())
+        .cloned()
+        .collect();
+    axum::Json(list).into_response()
 }
 
 async fn gh_create_commit_comment(
@@ -725,14 +754,20 @@ async fn gh_faults(
 ) -> Response {
     let fault = {
         let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
-        let fault = st.faults.pop_front();
+        let what = format!("{} {}", request.method(), request.uri().path());
+        let fault = st
+            .faults
+            .iter()
+            .position(|(filter, _)| filter.as_ref().is_none_or(|f| what.contains(f.as_str())))
+            .and_then(|i| st.faults.remove(i))
+            .map(|(_, fault)| fault);
         if let Some(f) = &fault {
             let status = match f {
                 GithubFault::ServerError(status)
+                | GithubFault::LostAnswer(status)
                 | GithubFault::RateLimited { status, .. }
                 | GithubFault::SecondaryRateLimit { status, .. } => *status,
             };
-            let what = format!("{} {}", request.method(), request.uri().path());
             st.faulted.push((what, status, std::time::Instant::now()));
         }
         fault
@@ -742,6 +777,14 @@ async fn gh_faults(
     };
     let status_of = |code: u16| StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut response = match &fault {
+        GithubFault::LostAnswer(code) => {
+            let _done = next.run(request).await;
+            return (
+                status_of(*code),
+                axum::Json(json!({"message": "Server Error"})),
+            )
+                .into_response();
+        }
         GithubFault::ServerError(code) => (
             status_of(*code),
             axum::Json(json!({"message": "Server Error"})),
@@ -773,7 +816,7 @@ async fn gh_faults(
         }
     };
     match fault {
-        GithubFault::ServerError(_) => {}
+        GithubFault::ServerError(_) | GithubFault::LostAnswer(_) => {}
         GithubFault::RateLimited { reset_in, .. } => {
             set("x-ratelimit-limit", "5000".into());
             set("x-ratelimit-remaining", "0".into());

@@ -888,9 +888,9 @@ impl Reconciler {
             ctx.trace_id
         );
         let marker = format!("infraflux:drift:{}", self.config.env);
-        if let Err(e) = gh.upsert_issue(&marker, &title, &body, drift).await {
-            tracing::warn!(error = %e, "Drift issue not updated");
-        }
+        // Retried in the background while GitHub fails, as the status is.
+        gh.upsert_issue_eventually(&marker, &title, &body, drift)
+            .await;
     }
 }
 

@@ -2,7 +2,10 @@
 //! pull requests are planned and with which credentials, secrets in any encoding, and approvals
 //! that GitHub authenticates.
 
+use std::time::Duration;
+
 use futures::StreamExt;
+use infraflux_tests::fakes::GithubFault;
 use infraflux_tests::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -543,5 +546,83 @@ async fn a_comment_forwarded_over_nats_approves_only_as_github_holds_it() {
     assert_eq!(real["ok"], true, "{real}");
     let apply = real["job_id"].as_str().expect("apply job").to_string();
     assert_eq!(lab.settled(&apply).await["state"], "succeeded");
+    lab.agent.stop().await;
+}
+
+/// GitHub failing when the agent answers an approval comment: the apply is queued and runs
+/// regardless; the answer is retried in the background and lands once, also when one try was
+/// carried out by GitHub and its answer lost (the retry finds that comment and posts no other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_answer_github_fails_to_take_is_posted_later_and_once() {
+    let lab = lab(LabOptions {
+        reconcile: "approvers = [\"alice\"]",
+        ..Default::default()
+    })
+    .await;
+    let c1 = lab.repo.commit("Add the control plane");
+    let plan = lab.push(&c1, "bob").await;
+    assert_eq!(lab.settled(&plan).await["state"], "awaiting_approval");
+    let comments = format!("/commits/{c1}/comments");
+    // The first look for an earlier answer fails; the post after it is carried out and its
+    // answer lost.
+    lab.gh.fail_next_on(
+        &format!("GET /repos/lab/infra{comments}"),
+        [GithubFault::ServerError(503)],
+    );
+    lab.gh.fail_next_on(
+        &format!("POST /repos/lab/infra{comments}"),
+        [GithubFault::LostAnswer(502)],
+    );
+    let (status, reply) = lab
+        .comment(
+            "commit_comment",
+            701,
+            "alice",
+            &format!("/infraflux apply {plan}"),
+            &c1,
+        )
+        .await;
+    assert_eq!(status, 202, "{reply}");
+    let apply = reply["jobs"][0].as_str().expect("apply job").to_string();
+    assert_eq!(lab.settled(&apply).await["state"], "succeeded");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(lab.gh.faults_left() == 0 && lab.answers().len() == 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the answer did not land: {} faults left, met {:?}, answers {:?}, requests {:?}",
+            lab.gh.faults_left(),
+            lab.gh.faulted(),
+            lab.answers(),
+            lab.gh
+                .requests()
+                .iter()
+                .map(|r| format!("{r:?}").chars().take(120).collect::<String>())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Later tries (if any were still due) find the answer and post nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let answers = lab.answers();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(
+        answers[0].contains(&format!("apply job `{apply}`")),
+        "{answers:?}"
+    );
+    let faulted: Vec<String> = lab
+        .gh
+        .faulted()
+        .into_iter()
+        .map(|(what, ..)| what)
+        .collect();
+    assert_eq!(
+        faulted,
+        [
+            format!("GET /repos/lab/infra{comments}"),
+            format!("POST /repos/lab/infra{comments}")
+        ],
+        "both faults were met"
+    );
     lab.agent.stop().await;
 }
