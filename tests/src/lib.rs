@@ -5,6 +5,7 @@
 //! A missing `nats-server` fails the test loudly; nothing here skips.
 
 pub mod bench;
+pub mod browser;
 pub mod clock;
 pub mod cluster;
 pub mod fakes;
