@@ -120,7 +120,11 @@ struct CommitAuthorView {
 const MAX_TITLE_CHARS: usize = 200;
 
 fn first_line(text: &str) -> String {
-    let line = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
     line.chars().take(MAX_TITLE_CHARS).collect()
 }
 

@@ -118,7 +118,10 @@ impl Browser {
         std::fs::create_dir_all(&dir).expect("screenshot dir");
         let path = dir.join(name);
         std::fs::write(&path, png).expect("write screenshot");
-        eprintln!("screenshot kept for a person to look at: {}", path.display());
+        eprintln!(
+            "screenshot kept for a person to look at: {}",
+            path.display()
+        );
         path
     }
 

@@ -127,7 +127,11 @@ fn without_token(path: &str, query: Option<&str>) -> String {
 }
 
 pub fn percent_decode(value: &str) -> String {
-    let hex_digit = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let hex_digit = |b: u8| {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -157,14 +161,20 @@ mod tests {
 
     #[test]
     fn the_token_leaves_the_address_and_nothing_redirects_off_site() {
-        assert_eq!(without_token("/jobs", Some("token=abc&kind=backup")), "/jobs?kind=backup");
+        assert_eq!(
+            without_token("/jobs", Some("token=abc&kind=backup")),
+            "/jobs?kind=backup"
+        );
         assert_eq!(without_token("/", Some("token=abc")), "/");
         assert_eq!(without_token("//evil.example/x", Some("token=abc")), "/");
     }
 
     #[test]
     fn query_token_is_decoded() {
-        assert_eq!(query_token(Some("a=1&token=a%2Bb+c")).as_deref(), Some("a+b c"));
+        assert_eq!(
+            query_token(Some("a=1&token=a%2Bb+c")).as_deref(),
+            Some("a+b c")
+        );
         assert_eq!(query_token(Some("a=1")), None);
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
@@ -174,7 +184,10 @@ mod tests {
         let token = Secret::new("s3cret-token");
         let mut headers = HeaderMap::new();
         assert!(!authorized(&headers, &token));
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer wrong"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer wrong"),
+        );
         assert!(!authorized(&headers, &token));
         headers.insert(
             header::AUTHORIZATION,
@@ -183,7 +196,10 @@ mod tests {
         assert!(authorized(&headers, &token));
         let mut headers = HeaderMap::new();
         let cookie = format!("other=1; {COOKIE}={}", session_value(&token));
-        headers.insert(header::COOKIE, HeaderValue::from_str(&cookie).expect("header"));
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&cookie).expect("header"),
+        );
         assert!(authorized(&headers, &token));
         // The cookie holds a derived value, never the token itself.
         let mut headers = HeaderMap::new();

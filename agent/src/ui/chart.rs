@@ -82,7 +82,9 @@ pub fn line(label: &str, unit: Unit, points: &[(DateTime<Utc>, f64)]) -> Markup 
         .map(|(t, v)| format!("{:.1},{:.1}", x(t), y(*v)))
         .collect::<Vec<_>>()
         .join(" ");
-    let first = points.first().map(|(t, _)| t.format("%Y-%m-%d").to_string());
+    let first = points
+        .first()
+        .map(|(t, _)| t.format("%Y-%m-%d").to_string());
     let last = points.last().map(|(t, _)| t.format("%Y-%m-%d").to_string());
     let view_box = format!("0 0 {WIDTH} {HEIGHT}");
     html! {

@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{UiState, app_of, pages};
+use super::{UiState, app_of, pages, starting};
 use crate::app::App;
 use crate::records::JobEvent;
 
@@ -114,9 +114,8 @@ pub async fn stream(
     Query(query): Query<After>,
     headers: HeaderMap,
 ) -> Response {
-    let app = match app_of(&state) {
-        Ok(app) => app,
-        Err(response) => return response,
+    let Some(app) = app_of(&state) else {
+        return starting();
     };
     if !valid_job_id(&job_id) {
         return pages::error_page(StatusCode::NOT_FOUND, "No such job", "Not a job id.");

@@ -100,15 +100,18 @@ async fn security_headers(request: Request, next: Next) -> Response {
     response
 }
 
-/// The app, or a 503 page saying why there is none yet.
-fn app_of(state: &UiState) -> Result<Arc<App>, Response> {
-    state.app.get().cloned().ok_or_else(|| {
-        pages::error_page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Starting",
-            "The agent is still connecting to its job store; reload in a moment.",
-        )
-    })
+/// The app, once the agent has its job store.
+fn app_of(state: &UiState) -> Option<Arc<App>> {
+    state.app.get().cloned()
+}
+
+/// What a page answers before [`app_of`] has an app.
+fn starting() -> Response {
+    pages::error_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Starting",
+        "The agent is still connecting to its job store; reload in a moment.",
+    )
 }
 
 pub async fn bind(listen: &str) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
@@ -116,11 +119,7 @@ pub async fn bind(listen: &str) -> std::io::Result<(tokio::net::TcpListener, Soc
 }
 
 /// Serves the page until `shutdown`, as the HTTP listener is served.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: UiState,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: tokio::net::TcpListener, state: UiState, shutdown: CancellationToken) {
     crate::http::serve_router(
         listener,
         router(state),

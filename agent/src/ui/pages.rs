@@ -16,9 +16,9 @@ use serde_json::Value;
 
 use super::chart::{self, Unit};
 use super::events::{self, valid_job_id};
-use super::{UiState, app_of};
+use super::{UiState, app_of, starting};
 use crate::app::App;
-use crate::records::{JobRecord, JobState, LastResult};
+use crate::records::{JobRecord, JobState, LastResult, RecordError};
 
 /// Jobs per page of the job list.
 const PAGE_SIZE: usize = 25;
@@ -164,9 +164,8 @@ fn redact(app: &App, text: &str) -> String {
 // Overview
 
 pub async fn overview(State(state): State<UiState>) -> Response {
-    let app = match app_of(&state) {
-        Ok(app) => app,
-        Err(response) => return response,
+    let Some(app) = app_of(&state) else {
+        return starting();
     };
     let now = Utc::now();
     let snapshot = app.status.snapshot();
@@ -422,9 +421,8 @@ pub struct JobFilter {
 }
 
 pub async fn jobs(State(state): State<UiState>, Query(filter): Query<JobFilter>) -> Response {
-    let app = match app_of(&state) {
-        Ok(app) => app,
-        Err(response) => return response,
+    let Some(app) = app_of(&state) else {
+        return starting();
     };
     let kind = filter
         .kind
@@ -521,9 +519,8 @@ pub async fn jobs(State(state): State<UiState>, Query(filter): Query<JobFilter>)
 // One job
 
 pub async fn job(State(state): State<UiState>, Path(job_id): Path<String>) -> Response {
-    let app = match app_of(&state) {
-        Ok(app) => app,
-        Err(response) => return response,
+    let Some(app) = app_of(&state) else {
+        return starting();
     };
     if !valid_job_id(&job_id) {
         return not_found().await;
@@ -696,7 +693,9 @@ fn value(v: &Value, depth: usize) -> Markup {
     }
     match v {
         Value::Null => html! { span class="muted" { "—" } },
-        Value::Bool(b) => html! { span class=(if *b { "ok" } else { "fail" }) { (if *b { "yes" } else { "no" }) } },
+        Value::Bool(b) => {
+            html! { span class=(if *b { "ok" } else { "fail" }) { (if *b { "yes" } else { "no" }) } }
+        }
         Value::Number(n) => html! { (n.to_string()) },
         Value::String(s) => html! { (s) },
         Value::Array(items) if items.iter().all(Value::is_object) && !items.is_empty() => {
@@ -752,35 +751,34 @@ fn field(key: &str, v: &Value, depth: usize) -> Markup {
 // ---------------------------------------------------------------------------------------------
 // Charts
 
+/// Figures over time, oldest first.
+type Series = Vec<(DateTime<Utc>, f64)>;
+
 /// When a finished job's figures count: when it finished.
 fn finished(record: &JobRecord) -> DateTime<Utc> {
     record.finished_at.unwrap_or(record.updated_at)
 }
 
-async fn finished_jobs(app: &App, kind: JobKind) -> Result<Vec<JobRecord>, Response> {
+async fn finished_jobs(app: &App, kind: JobKind) -> Result<Vec<JobRecord>, RecordError> {
     let mut records = Vec::new();
     for state in [JobState::Succeeded, JobState::Failed] {
-        match app
+        let found = app
             .records
             .list(Some(kind), Some(state.as_str()), CHART_JOBS)
-            .await
-        {
-            Ok(found) => records.extend(found),
-            Err(e) => return Err(unavailable(e)),
-        }
+            .await?;
+        records.extend(found);
     }
     records.sort_by_key(finished);
     Ok(records)
 }
 
 pub async fn drills(State(state): State<UiState>) -> Response {
-    let app = match app_of(&state) {
-        Ok(app) => app,
-        Err(response) => return response,
+    let Some(app) = app_of(&state) else {
+        return starting();
     };
     let records = match finished_jobs(&app, JobKind::RESTORE_DRILL).await {
         Ok(r) => r,
-        Err(response) => return response,
+        Err(e) => return unavailable(e),
     };
     // target → (finished, job id, ok, rto, data age), oldest first
     type Run = (DateTime<Utc>, String, bool, Option<f64>, Option<f64>);
@@ -791,16 +789,13 @@ pub async fn drills(State(state): State<UiState>) -> Response {
                 continue;
             }
             let figures = t.figures();
-            by_target
-                .entry(redact(&app, &t.target))
-                .or_default()
-                .push((
-                    finished(record),
-                    record.job_id.clone(),
-                    t.ok,
-                    figures.get("rto_seconds").copied(),
-                    figures.get("data_age_seconds").copied(),
-                ));
+            by_target.entry(redact(&app, &t.target)).or_default().push((
+                finished(record),
+                record.job_id.clone(),
+                t.ok,
+                figures.get("rto_seconds").copied(),
+                figures.get("data_age_seconds").copied(),
+            ));
         }
     }
     let now = Utc::now();
@@ -808,8 +803,8 @@ pub async fn drills(State(state): State<UiState>) -> Response {
         h1 { "Restore drills" }
         @if by_target.is_empty() { p class="muted" { "No drill has finished yet." } }
         @for (target, runs) in &by_target {
-            @let rto: Vec<(DateTime<Utc>, f64)> = runs.iter().filter(|r| r.2).filter_map(|r| Some((r.0, r.3?))).collect();
-            @let age: Vec<(DateTime<Utc>, f64)> = runs.iter().filter(|r| r.2).filter_map(|r| Some((r.0, r.4?))).collect();
+            @let rto: Series = runs.iter().filter(|r| r.2).filter_map(|r| Some((r.0, r.3?))).collect();
+            @let age: Series = runs.iter().filter(|r| r.2).filter_map(|r| Some((r.0, r.4?))).collect();
             section class="target" {
                 h2 { (target) }
                 div class="charts" {
@@ -848,15 +843,14 @@ pub async fn drills(State(state): State<UiState>) -> Response {
 }
 
 pub async fn backups(State(state): State<UiState>) -> Response {
-    let app = match app_of(&state) {
-        Ok(app) => app,
-        Err(response) => return response,
+    let Some(app) = app_of(&state) else {
+        return starting();
     };
-    let mut series: BTreeMap<(String, String), Vec<(DateTime<Utc>, f64)>> = BTreeMap::new();
+    let mut series: BTreeMap<(String, String), Series> = BTreeMap::new();
     for kind in [JobKind::BACKUP, JobKind::ETCD_SNAPSHOT] {
         let records = match finished_jobs(&app, kind).await {
             Ok(r) => r,
-            Err(response) => return response,
+            Err(e) => return unavailable(e),
         };
         for record in &records {
             for figures in crate::records::target_figures(record) {
@@ -886,10 +880,7 @@ pub async fn backups(State(state): State<UiState>) -> Response {
             }
         }
     };
-    html_response(
-        StatusCode::OK,
-        layout("Backups", Nav::Backups, None, body),
-    )
+    html_response(StatusCode::OK, layout("Backups", Nav::Backups, None, body))
 }
 
 #[cfg(test)]

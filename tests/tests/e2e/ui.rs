@@ -125,7 +125,10 @@ async fn seed(
     message: &str,
     result: Value,
 ) -> String {
-    let id = ulid::Ulid::from_datetime(finished.into()).to_string();
+    // Lower case, as the agent's own job ids.
+    let id = ulid::Ulid::from_datetime(finished.into())
+        .to_string()
+        .to_lowercase();
     let started = finished - chrono::Duration::minutes(5);
     let record: JobRecord = serde_json::from_value(json!({
         "job_id": id,
@@ -152,16 +155,17 @@ async fn seed(
 }
 
 /// Two weeks of nightly drills, backups and snapshots, and an acceptance run with a failing
-/// check: what the overview, drills and backups pages draw from.
-async fn seed_history(client: &async_nats::Client) {
+/// check: what the overview, drills and backups pages draw from. Returns the newest drill's id.
+async fn seed_history(client: &async_nats::Client) -> String {
     let records = records(client).await;
     let now = Utc::now();
+    let mut newest_drill = String::new();
     for day in (1..=14).rev() {
         let at = now - chrono::Duration::days(day) + chrono::Duration::minutes(7);
         let wobble = ((day * 37) % 11) as f64;
         let rto = 200.0 + wobble * 9.0;
         let drill_ok = day != 9;
-        seed(
+        newest_drill = seed(
             &records,
             JobKind::RESTORE_DRILL,
             if drill_ok { "succeeded" } else { "failed" },
@@ -207,6 +211,7 @@ async fn seed_history(client: &async_nats::Client) {
         ], "passed": 2, "failed": 1, "skipped": 0}),
     )
     .await;
+    newest_drill
 }
 
 async fn wait_browser<F, Fut>(what: &str, mut check: F)
@@ -229,7 +234,7 @@ async fn the_overview_lists_agents_and_last_results_and_a_click_opens_the_job() 
     lab.gate.add_permits(STEPS.len() + 1);
     let done = wait_settled(&lab.client, &job_id, Duration::from_secs(20)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
-    seed_history(&lab.client).await;
+    let _ = seed_history(&lab.client).await;
     // The status cache follows the state bucket: wait until it has the reconcile result.
     status_showing(&lab.client, "reconcile: succeeded").await;
 
@@ -240,20 +245,31 @@ async fn the_overview_lists_agents_and_last_results_and_a_click_opens_the_job() 
     assert!(agents.contains("ui-overview"), "{agents}");
     assert_eq!(browser.text("#agents-alive").await, "1");
     let last = browser.text("#last-results").await;
-    for expected in ["reconcile", "restore-drill", "backup", "etcd-snapshot", "succeeded"] {
+    for expected in [
+        "reconcile",
+        "restore-drill",
+        "backup",
+        "etcd-snapshot",
+        "succeeded",
+    ] {
         assert!(last.contains(expected), "{expected} missing from {last}");
     }
     let targets = browser.text("#targets").await;
-    assert!(targets.contains("media") && targets.contains("RTO"), "{targets}");
+    assert!(
+        targets.contains("media") && targets.contains("RTO"),
+        "{targets}"
+    );
     let failing = browser.text("#failing-checks").await;
     assert!(failing.contains("home-assistant is Degraded"), "{failing}");
 
-    b.find(Locator::Css(&format!("#last-results a[href='/jobs/{job_id}']")))
-        .await
-        .expect("the job's link")
-        .click()
-        .await
-        .expect("click");
+    b.find(Locator::Css(&format!(
+        "#last-results a[href='/jobs/{job_id}']"
+    )))
+    .await
+    .expect("the job's link")
+    .click()
+    .await
+    .expect("click");
     wait_browser("the job's page", || async {
         b.current_url()
             .await
@@ -281,9 +297,12 @@ async fn the_overview_lists_agents_and_last_results_and_a_click_opens_the_job() 
     }
 
     // The job list filters by kind and state.
-    b.goto(&format!("{}/jobs?kind=restore-drill&state=failed", lab.agent.ui))
-        .await
-        .expect("jobs");
+    b.goto(&format!(
+        "{}/jobs?kind=restore-drill&state=failed",
+        lab.agent.ui
+    ))
+    .await
+    .expect("jobs");
     let rows = b
         .find_all(Locator::Css("#jobs tbody tr"))
         .await
@@ -322,7 +341,9 @@ async fn a_running_jobs_timeline_grows_as_its_events_arrive_without_a_reload() {
     let before = count().await;
     assert!(before >= 2, "queued/running and the first step are shown");
     // Survives only if the page is not reloaded.
-    browser.eval("window.stillTheSamePage = 42; return null").await;
+    browser
+        .eval("window.stillTheSamePage = 42; return null")
+        .await;
 
     lab.gate.add_permits(1);
     wait_browser("the second step on the timeline", || async {
@@ -343,7 +364,12 @@ async fn a_running_jobs_timeline_grows_as_its_events_arrive_without_a_reload() {
             && browser.text("#live-marker").await == "ended"
     })
     .await;
-    assert!(browser.text("#timeline").await.contains("applied 2 changes"));
+    assert!(
+        browser
+            .text("#timeline")
+            .await
+            .contains("applied 2 changes")
+    );
     assert_eq!(
         browser.eval("return window.stillTheSamePage").await,
         json!(42),
@@ -390,7 +416,10 @@ async fn a_commit_message_with_markup_shows_as_text_and_runs_nothing() {
         !title.as_str().unwrap_or_default().contains("pwned"),
         "{title}"
     );
-    assert_eq!(browser.eval("return window.pwned === undefined").await, json!(true));
+    assert_eq!(
+        browser.eval("return window.pwned === undefined").await,
+        json!(true)
+    );
     assert_eq!(
         browser
             .eval("return document.querySelectorAll('#record img, #record script').length")
@@ -439,7 +468,11 @@ async fn a_request_without_the_token_is_refused_when_one_is_configured() {
         .expect("open with token");
     let url = b.current_url().await.expect("url");
     assert_eq!(url.path(), "/jobs");
-    assert_eq!(url.query(), Some("state=failed"), "the token left the address");
+    assert_eq!(
+        url.query(),
+        Some("state=failed"),
+        "the token left the address"
+    );
     assert_eq!(browser.text("h1").await, "Jobs");
     // The cookie carries on, and script cannot read it.
     b.goto(&format!("{ui}/")).await.expect("overview");
@@ -458,7 +491,7 @@ async fn the_pages_work_at_a_phones_width() {
     wait_state(&lab.client, &job_id, "running").await;
     lab.gate.add_permits(STEPS.len() + 1);
     wait_settled(&lab.client, &job_id, Duration::from_secs(20)).await;
-    seed_history(&lab.client).await;
+    let drill = seed_history(&lab.client).await;
     status_showing(&lab.client, "restore-drill").await;
 
     let phone = Browser::start(390, 844).await;
@@ -469,7 +502,9 @@ async fn the_pages_work_at_a_phones_width() {
         ("/drills", "drills-390px.png"),
         (job_path.as_str(), "job-390px.png"),
     ] {
-        b.goto(&format!("{}{path}", lab.agent.ui)).await.expect("open");
+        b.goto(&format!("{}{path}", lab.agent.ui))
+            .await
+            .expect("open");
         phone.text("main h1").await;
         let width = phone.eval("return window.innerWidth").await;
         assert_eq!(width, json!(390), "the window is a phone's width");
@@ -490,7 +525,9 @@ async fn the_pages_work_at_a_phones_width() {
         charts.as_u64().unwrap_or(0) == 0,
         "the job page has no chart"
     );
-    b.goto(&format!("{}/drills", lab.agent.ui)).await.expect("drills");
+    b.goto(&format!("{}/drills", lab.agent.ui))
+        .await
+        .expect("drills");
     let points = phone
         .eval("return document.querySelectorAll('svg.chart circle').length")
         .await;
@@ -500,10 +537,12 @@ async fn the_pages_work_at_a_phones_width() {
 
     // Desktop pictures for docs/ui.md.
     let desktop = Browser::start(1280, 1000).await;
+    let drill_path = format!("/jobs/{drill}");
     for (path, name) in [
         ("/", "overview.png"),
         ("/drills", "drills.png"),
         ("/backups", "backups.png"),
+        (drill_path.as_str(), "drill-job.png"),
     ] {
         desktop
             .client
