@@ -95,25 +95,12 @@ struct EventView {
     repository: Option<RepositoryView>,
     pusher: Option<NameView>,
     sender: Option<LoginView>,
-    /// `null` when the push deleted the branch.
-    head_commit: Option<CommitView>,
+    /// `null` when the push deleted the branch. Read loosely: what it says is only shown, so
+    /// an odd field in it must not refuse the push.
+    head_commit: Option<Value>,
     pull_request: Option<PullRequestView>,
     comment: Option<CommentView>,
     issue: Option<IssueView>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct CommitView {
-    message: Option<String>,
-    author: Option<CommitAuthorView>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct CommitAuthorView {
-    name: Option<String>,
-    username: Option<String>,
 }
 
 /// What a record keeps of a commit message or a pull request title: its first line, bounded.
@@ -171,7 +158,8 @@ struct PullRequestView {
     head: Option<HeadView>,
     base: Option<HeadView>,
     author_association: Option<String>,
-    title: Option<String>,
+    /// Only shown (the status page), so read loosely.
+    title: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -403,15 +391,16 @@ fn map_push(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadP
     }
     // Shown by the status page: which change this is, in the author's words.
     if let Some(head_commit) = &payload.head_commit {
-        if let Some(message) = head_commit.message.as_deref() {
+        if let Some(message) = head_commit.get("message").and_then(Value::as_str) {
             params.insert("commit_title".into(), json!(first_line(message)));
         }
-        let author = head_commit
-            .author
-            .as_ref()
-            .and_then(|a| a.username.clone().or_else(|| a.name.clone()));
+        let author = head_commit.get("author").and_then(|a| {
+            a.get("username")
+                .and_then(Value::as_str)
+                .or_else(|| a.get("name").and_then(Value::as_str))
+        });
         if let Some(author) = author {
-            params.insert("commit_author".into(), json!(first_line(&author)));
+            params.insert("commit_author".into(), json!(first_line(author)));
         }
     }
     Ok(Mapping::Job {
@@ -490,7 +479,10 @@ fn map_pull_request(
     params.insert("ref".into(), json!(head_ref));
     params.insert("same_repository".into(), json!(same_repository));
     params.insert("author_association".into(), json!(association));
-    if let Some(title) = pull_request.and_then(|p| p.title.as_deref()) {
+    if let Some(title) = pull_request
+        .and_then(|p| p.title.as_ref())
+        .and_then(Value::as_str)
+    {
         params.insert("pull_request_title".into(), json!(first_line(title)));
     }
     Ok(Mapping::Job {
@@ -679,5 +671,19 @@ mod tests {
         assert_eq!(params["commit_title"], "Bump <script>x</script> chart");
         assert_eq!(params["commit_author"], "ada");
         assert_eq!(first_line(&"x".repeat(500)).len(), MAX_TITLE_CHARS);
+        // An odd head commit is not a reason to refuse the push.
+        let odd = json!({
+            "ref": "refs/heads/main",
+            "after": "b".repeat(40),
+            "repository": {"full_name": "owner/infra"},
+            "head_commit": {"message": 5, "author": "someone"}
+        });
+        let odd = serde_json::to_vec(&odd).expect("json");
+        let Ok(Mapping::Job { params, .. }) =
+            map_event("push", &odd, &github, PullRequestPolicy::default())
+        else {
+            panic!("an odd head_commit refused the push");
+        };
+        assert!(params.get("commit_title").is_none());
     }
 }
