@@ -19,7 +19,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-nats_port=$(free_port); http_port=$(free_port); s3_port=$(free_port)
+nats_port=$(free_port); http_port=$(free_port); ui_port=$(free_port); s3_port=$(free_port)
 export INFRAFLUX_NATS__URL="nats://127.0.0.1:$nats_port"
 export DEMO_WEBHOOK_SECRET="demo-secret-$(date +%s)"
 export DEMO_AWS_KEY="demo" DEMO_AWS_SECRET="demo-secret-key"
@@ -84,6 +84,9 @@ url = "nats://127.0.0.1:$nats_port"
 [http]
 listen = "127.0.0.1:$http_port"
 
+[ui]
+listen = "127.0.0.1:$ui_port"
+
 [github]
 repo = "lab/infra"
 webhook_secret = "env:DEMO_WEBHOOK_SECRET"
@@ -131,7 +134,7 @@ cat >"$payload" <<JSON
   "repository": {"full_name": "lab/infra", "default_branch": "main"},
   "pusher": {"name": "alice"},
   "sender": {"login": "alice"},
-  "head_commit": {"id": "$commit", "message": "Two Talos VMs"}
+  "head_commit": {"id": "$commit", "message": "Two Talos VMs", "author": {"name": "Codertocat", "username": "Codertocat"}}
 }
 JSON
 sig=$(sign "$DEMO_WEBHOOK_SECRET" "$payload")
@@ -171,6 +174,11 @@ say "8. ChatOps: jobs and status"
 "$bin" ctl jobs
 "$bin" ctl status
 
+say "9. The status page (read-only): overview, jobs, this job's record and timeline"
+echo "   http://127.0.0.1:$ui_port/"
+echo "   http://127.0.0.1:$ui_port/jobs/$job"
+curl -fs "http://127.0.0.1:$ui_port/" | python3 -c 'import re,sys; t=sys.stdin.read(); print("   overview: " + ", ".join(a.strip() + " " + b for a, b in re.findall(r"class=\"figure\"[^>]*>([^<]+)</div><div class=\"label\">([^<]+)<", t)))'
+
 cat <<'NOTE'
 
 What ran for real: signature check, durable queueing on JetStream, dedup, the terraform:demo
@@ -179,3 +187,9 @@ check, terraform apply of exactly that plan, and the state written to S3. Argo C
 statuses and pull request comments are configured with [kubernetes] and github.token; see
 docs/reconcile.md.
 NOTE
+
+# From a terminal, leave everything up so the page can be looked at; in CI, end now.
+if [ -t 0 ]; then
+  say "The status page stays up at http://127.0.0.1:$ui_port/ ; press Enter to stop the demo"
+  read -r _
+fi

@@ -12,6 +12,9 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
+# The status page's tests drive a real browser through WebDriver.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} from Debian's packages"
@@ -57,4 +60,4 @@ PATH="$cargo_bin:$PATH" command -v cargo-fuzz >/dev/null 2>&1 || {
 command -v terraform >/dev/null 2>&1 || {
   echo "setup: terraform (1.10 or newer, for use_lockfile) must be on the PATH" >&2; exit 1; }
 
-echo "setup: nats-server $(nats-server --version | awk '{print $2}'), etcd $(etcd --version | awk 'NR==1{print $3}'), $(terraform version 2>/dev/null | grep -m1 Terraform), moto $(python3 -c 'import moto; print(moto.__version__)'), s3s-fs 0.14.1, $(PATH="$cargo_bin:$PATH" cargo fuzz --version), $(cargo --version)"
+echo "setup: nats-server $(nats-server --version | awk '{print $2}'), $(/usr/bin/chromium --version 2>/dev/null | head -1), etcd $(etcd --version | awk 'NR==1{print $3}'), $(terraform version 2>/dev/null | grep -m1 Terraform), moto $(python3 -c 'import moto; print(moto.__version__)'), s3s-fs 0.14.1, $(PATH="$cargo_bin:$PATH" cargo fuzz --version), $(cargo --version)"

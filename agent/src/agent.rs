@@ -28,7 +28,10 @@ use crate::http::{self, HttpState, Readiness};
 use crate::metrics::Metrics;
 use crate::status::Presence;
 use crate::store::{self, HEARTBEAT_EVERY};
-use crate::{chatops, github, poller, runner, scheduler};
+use crate::{chatops, github, poller, runner, scheduler, ui};
+
+/// Where the resolved `[ui] auth_token` is kept among the secrets.
+const UI_AUTH_TOKEN_KEY: &str = "ui.auth_token";
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How long background tasks get to stop once the runner has drained.
@@ -41,6 +44,11 @@ pub enum AgentError {
         listen: String,
         source: std::io::Error,
     },
+    #[error("cannot listen on ui.listen {listen}: {source}")]
+    UiListen {
+        listen: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] store::StoreError),
 }
@@ -48,6 +56,8 @@ pub enum AgentError {
 /// A started agent, for `run` and for tests that start agents in process.
 pub struct AgentHandle {
     pub http_addr: SocketAddr,
+    /// The status page's address; `None` when `[ui] listen` is empty.
+    pub ui_addr: Option<SocketAddr>,
     pub agent_id: String,
     ready: watch::Receiver<bool>,
     shutdown: CancellationToken,
@@ -109,6 +119,20 @@ pub async fn start_with_clock(
                 listen: config.http.listen.clone(),
                 source,
             })?;
+    let ui = if config.ui.enabled() {
+        let (listener, addr) =
+            ui::bind(&config.ui.listen)
+                .await
+                .map_err(|source| AgentError::UiListen {
+                    listen: config.ui.listen.clone(),
+                    source,
+                })?;
+        tracing::info!(address = %format!("http://{addr}/"), "Status page listening");
+        Some((listener, addr))
+    } else {
+        None
+    };
+    let ui_addr = ui.as_ref().map(|(_, addr)| *addr);
     let shutdown = CancellationToken::new();
     let (ready_tx, ready) = watch::channel(false);
     let agent_id = config.agent_id();
@@ -116,13 +140,17 @@ pub async fn start_with_clock(
         config,
         services,
         registry,
-        listener,
+        Listeners {
+            http: listener,
+            ui: ui.map(|(listener, _)| listener),
+        },
         shutdown.clone(),
         ready_tx,
         clock,
     ));
     Ok(AgentHandle {
         http_addr,
+        ui_addr,
         agent_id,
         ready,
         shutdown,
@@ -130,11 +158,17 @@ pub async fn start_with_clock(
     })
 }
 
+/// The sockets bound before the agent starts, so a port in use fails the start at once.
+struct Listeners {
+    http: tokio::net::TcpListener,
+    ui: Option<tokio::net::TcpListener>,
+}
+
 async fn run(
     config: Config,
     services: Context,
     registry: Registry,
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
     ready: watch::Sender<bool>,
     clock: Arc<dyn Clock>,
@@ -155,7 +189,16 @@ async fn run(
     };
     // HTTP outlives everything else so health checks answer during shutdown.
     let http_stop = CancellationToken::new();
-    let http_task = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
+    let http_task = tokio::spawn(http::serve(listeners.http, http_state, http_stop.clone()));
+    // The status page stops with HTTP; its live timelines end at the start of shutdown.
+    let ui_task = listeners.ui.map(|listener| {
+        let state = ui::UiState {
+            app: app_cell.clone(),
+            auth_token: secrets.get(UI_AUTH_TOKEN_KEY).cloned(),
+            stop: shutdown.clone(),
+        };
+        tokio::spawn(ui::serve(listener, state, http_stop.clone()))
+    });
 
     let client = store::connect(
         &config.nats,
@@ -175,6 +218,9 @@ async fn run(
                     () = shutdown.cancelled() => {
                         http_stop.cancel();
                         let _ = http_task.await;
+                        if let Some(task) = ui_task {
+                            let _ = task.await;
+                        }
                         return Ok(());
                     }
                     () = tokio::time::sleep(backoff) => {}
@@ -269,6 +315,9 @@ async fn run(
     let _ = app.store.client.flush().await;
     http_stop.cancel();
     let _ = http_task.await;
+    if let Some(task) = ui_task {
+        let _ = task.await;
+    }
     tracing::info!(agent = %app.agent_id, "Agent stopped");
     Ok(())
 }

@@ -163,6 +163,37 @@ impl Default for HttpSection {
     }
 }
 
+/// The read-only status page (`[ui]`): a listener of its own, so the webhook port that GitHub
+/// reaches never serves it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UiSection {
+    /// `host:port`; empty turns the page off.
+    #[serde(default = "default_ui_listen")]
+    pub listen: String,
+    /// When set, every request must carry it (`Authorization: Bearer`, or `?token=` once,
+    /// which leaves a cookie).
+    #[serde(default)]
+    pub auth_token: Option<SecretRef>,
+}
+
+impl Default for UiSection {
+    fn default() -> Self {
+        Self {
+            listen: default_ui_listen(),
+            auth_token: None,
+        }
+    }
+}
+
+impl UiSection {
+    pub fn enabled(&self) -> bool {
+        !self.listen.trim().is_empty()
+    }
+}
+
+/// Where `[telemetry] trace_url` puts a job's trace id.
+pub const TRACE_ID_PLACEHOLDER: &str = "{trace_id}";
+
 /// Far above any real need, and within what a semaphore can count.
 pub const MAX_HTTP_IN_FLIGHT: usize = 10_000;
 /// Each connection holds a file descriptor; this stays well inside a service's usual limit.
@@ -223,6 +254,9 @@ pub struct TelemetrySection {
     /// A `tracing` filter such as `info,infraflux_agent=debug`; `RUST_LOG` wins.
     #[serde(default)]
     pub log_filter: Option<String>,
+    /// A link to a job's trace, `{trace_id}` replaced: the status page shows it.
+    #[serde(default)]
+    pub trace_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,6 +283,7 @@ pub struct Config {
     pub agent: AgentSection,
     pub nats: NatsSection,
     pub http: HttpSection,
+    pub ui: UiSection,
     pub github: Option<GithubSection>,
     pub telemetry: TelemetrySection,
     pub schedules: Vec<ScheduleSection>,
@@ -265,7 +300,15 @@ pub struct Loaded {
 }
 
 /// The agent's own sections; the handlers' (clients and kinds) come from their descriptors.
-const AGENT_SECTIONS: &[&str] = &["agent", "nats", "http", "github", "telemetry", "schedules"];
+const AGENT_SECTIONS: &[&str] = &[
+    "agent",
+    "nats",
+    "http",
+    "ui",
+    "github",
+    "telemetry",
+    "schedules",
+];
 
 /// Every section name the config accepts.
 fn section_names() -> Vec<&'static str> {
@@ -405,6 +448,7 @@ impl Config {
                 "agent" => set(&mut config.agent, section(&name, value, &mut problems)),
                 "nats" => set(&mut config.nats, section(&name, value, &mut problems)),
                 "http" => set(&mut config.http, section(&name, value, &mut problems)),
+                "ui" => set(&mut config.ui, section(&name, value, &mut problems)),
                 "github" => config.github = section(&name, value, &mut problems),
                 "telemetry" => set(&mut config.telemetry, section(&name, value, &mut problems)),
                 "schedules" => {
@@ -572,6 +616,42 @@ impl Config {
                 format!("{endpoint:?} is not an http(s) URL"),
             );
         }
+        if let Some(url) = &self.telemetry.trace_url {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                problems.push(
+                    "telemetry.trace_url",
+                    format!("{url:?} is not an http(s) URL"),
+                );
+            } else if !url.contains(TRACE_ID_PLACEHOLDER) {
+                problems.push(
+                    "telemetry.trace_url",
+                    format!("{url:?} has no {TRACE_ID_PLACEHOLDER} to put the trace id in"),
+                );
+            }
+        }
+        if self.ui.enabled() {
+            match self.ui.listen.parse::<SocketAddr>() {
+                Err(e) => problems.push(
+                    "ui.listen",
+                    format!(
+                        "{:?} is not host:port ({e}); an empty listen turns the page off",
+                        self.ui.listen
+                    ),
+                ),
+                Ok(addr) if self.http.listen.parse::<SocketAddr>() == Ok(addr) && addr.port() != 0 => {
+                    problems.push(
+                        "ui.listen",
+                        format!("{addr} is http.listen too; the page needs a listener of its own"),
+                    )
+                }
+                Ok(addr) if !addr.ip().is_loopback() && self.ui.auth_token.is_none() => warnings
+                    .push(
+                        "ui.auth_token",
+                        format!("absent, and ui.listen {addr} is not loopback: anyone who reaches it sees the status page"),
+                    ),
+                Ok(_) => {}
+            }
+        }
         let mut names = BTreeSet::new();
         for (i, s) in self.schedules.iter().enumerate() {
             let key = format!("schedules[{i}]");
@@ -680,6 +760,9 @@ impl Config {
                 refs.push(("talos.talosconfig".into(), r));
             }
         }
+        if let Some(token) = &self.ui.auth_token {
+            refs.push(("ui.auth_token".into(), token));
+        }
         for (name, r) in &self.telemetry.otlp_headers {
             refs.push((format!("telemetry.otlp_headers.{name}"), r));
         }
@@ -783,6 +866,9 @@ fn default_dedup_window() -> HumanDuration {
 fn default_listen() -> String {
     "127.0.0.1:8080".to_string()
 }
+fn default_ui_listen() -> String {
+    "127.0.0.1:8081".to_string()
+}
 fn default_max_in_flight() -> usize {
     16
 }
@@ -884,6 +970,41 @@ webhook_secret = ["env:A", "env:B"]
         assert_eq!(gh.default_branch, "main");
         assert_eq!(gh.webhook_secret.0.len(), 2);
         assert!(!c.handlers.enables(infraflux_handlers::JobKind::BACKUP));
+    }
+
+    #[test]
+    fn the_status_page_has_its_own_listener_and_checked_settings() {
+        let c = load(MINIMAL, &[]).expect("valid").config;
+        assert_eq!(c.ui.listen, "127.0.0.1:8081");
+        assert!(c.ui.enabled() && c.ui.auth_token.is_none());
+        let off = format!("{MINIMAL}\n[ui]\nlisten = \"\"\n");
+        assert!(!load(&off, &[]).expect("valid").config.ui.enabled());
+        let with_token = format!(
+            "{MINIMAL}\n[ui]\nlisten = \"0.0.0.0:8081\"\nauth_token = \"env:UI_TOKEN\"\n[telemetry]\ntrace_url = \"https://grafana.lan/explore?traceId={{trace_id}}\"\n"
+        );
+        let loaded = load(&with_token, &[]).expect("valid");
+        assert!(
+            loaded
+                .config
+                .secret_refs()
+                .iter()
+                .any(|(k, _)| k == "ui.auth_token")
+        );
+        assert!(loaded.warnings.0.is_empty(), "{}", loaded.warnings);
+        let open = format!("{MINIMAL}\n[ui]\nlisten = \"0.0.0.0:8081\"\n");
+        let warnings = load(&open, &[]).expect("valid").warnings;
+        assert!(
+            warnings.0.iter().any(|p| p.key == "ui.auth_token"),
+            "{warnings}"
+        );
+        let bad = format!(
+            "{MINIMAL}\n[ui]\nlisten = \"lan\"\n[telemetry]\ntrace_url = \"https://grafana.lan/explore\"\n"
+        );
+        let problems = load(&bad, &[]).expect_err("invalid");
+        let keys: Vec<&str> = problems.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"ui.listen"), "{problems}");
+        assert!(keys.contains(&"telemetry.trace_url"), "{problems}");
+        assert!(problems.to_string().contains("{trace_id}"), "{problems}");
     }
 
     #[test]

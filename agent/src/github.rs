@@ -95,9 +95,24 @@ struct EventView {
     repository: Option<RepositoryView>,
     pusher: Option<NameView>,
     sender: Option<LoginView>,
+    /// `null` when the push deleted the branch. Read loosely: what it says is only shown, so
+    /// an odd field in it must not refuse the push.
+    head_commit: Option<Value>,
     pull_request: Option<PullRequestView>,
     comment: Option<CommentView>,
     issue: Option<IssueView>,
+}
+
+/// What a record keeps of a commit message or a pull request title: its first line, bounded.
+const MAX_TITLE_CHARS: usize = 200;
+
+fn first_line(text: &str) -> String {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    line.chars().take(MAX_TITLE_CHARS).collect()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +158,8 @@ struct PullRequestView {
     head: Option<HeadView>,
     base: Option<HeadView>,
     author_association: Option<String>,
+    /// Only shown (the status page), so read loosely.
+    title: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -372,6 +389,20 @@ fn map_push(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadP
     if payload.forced == Some(true) {
         params.insert("forced".into(), json!(true));
     }
+    // Shown by the status page: which change this is, in the author's words.
+    if let Some(head_commit) = &payload.head_commit {
+        if let Some(message) = head_commit.get("message").and_then(Value::as_str) {
+            params.insert("commit_title".into(), json!(first_line(message)));
+        }
+        let author = head_commit.get("author").and_then(|a| {
+            a.get("username")
+                .and_then(Value::as_str)
+                .or_else(|| a.get("name").and_then(Value::as_str))
+        });
+        if let Some(author) = author {
+            params.insert("commit_author".into(), json!(first_line(author)));
+        }
+    }
     Ok(Mapping::Job {
         kind: JobKind::RECONCILE,
         params,
@@ -448,6 +479,12 @@ fn map_pull_request(
     params.insert("ref".into(), json!(head_ref));
     params.insert("same_repository".into(), json!(same_repository));
     params.insert("author_association".into(), json!(association));
+    if let Some(title) = pull_request
+        .and_then(|p| p.title.as_ref())
+        .and_then(Value::as_str)
+    {
+        params.insert("pull_request_title".into(), json!(first_line(title)));
+    }
     Ok(Mapping::Job {
         kind: JobKind::RECONCILE,
         params,
@@ -599,4 +636,54 @@ pub fn valid_event_name(event: &str) -> bool {
     !event.is_empty()
         && event.len() <= 64
         && event.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_push_keeps_its_commit_title_and_author_for_the_status_page() {
+        let github = GithubSection {
+            repo: "owner/infra".into(),
+            default_branch: "main".into(),
+            api_url: "https://api.github.com".into(),
+            token: None,
+            webhook_secret: infraflux_handlers::secret::SecretRefs(vec![]),
+            webhook_id: None,
+            redeliver: false,
+        };
+        let body = json!({
+            "ref": "refs/heads/main",
+            "after": "a".repeat(40),
+            "repository": {"full_name": "owner/infra"},
+            "head_commit": {
+                "message": "\n  Bump <script>x</script> chart\n\nLong body",
+                "author": {"name": "Ada L", "username": "ada"}
+            }
+        });
+        let body = serde_json::to_vec(&body).expect("json");
+        let mapping =
+            map_event("push", &body, &github, PullRequestPolicy::default()).expect("mapped");
+        let Mapping::Job { params, .. } = mapping else {
+            panic!("not a job: {mapping:?}");
+        };
+        assert_eq!(params["commit_title"], "Bump <script>x</script> chart");
+        assert_eq!(params["commit_author"], "ada");
+        assert_eq!(first_line(&"x".repeat(500)).len(), MAX_TITLE_CHARS);
+        // An odd head commit is not a reason to refuse the push.
+        let odd = json!({
+            "ref": "refs/heads/main",
+            "after": "b".repeat(40),
+            "repository": {"full_name": "owner/infra"},
+            "head_commit": {"message": 5, "author": "someone"}
+        });
+        let odd = serde_json::to_vec(&odd).expect("json");
+        let Ok(Mapping::Job { params, .. }) =
+            map_event("push", &odd, &github, PullRequestPolicy::default())
+        else {
+            panic!("an odd head_commit refused the push");
+        };
+        assert!(params.get("commit_title").is_none());
+    }
 }

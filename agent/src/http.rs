@@ -135,12 +135,31 @@ pub async fn serve(
     state: HttpState,
     shutdown: CancellationToken,
 ) {
+    let read_timeout = state.limits.read_timeout;
+    let max_connections = state.limits.max_connections;
+    serve_router(
+        listener,
+        router(state),
+        read_timeout,
+        max_connections,
+        shutdown,
+    )
+    .await;
+}
+
+/// What [`serve`] does for any router: the status page's listener is served the same way.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    read_timeout: Duration,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(state.limits.read_timeout);
-    let max_connections = state.limits.max_connections;
-    let service = TowerToHyperService::new(router(state));
+        .header_read_timeout(read_timeout);
+    let service = TowerToHyperService::new(router);
     let mut connections = JoinSet::new();
     loop {
         let full = connections.len() >= max_connections;

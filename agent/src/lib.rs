@@ -32,6 +32,7 @@ pub mod services;
 pub(crate) mod status;
 pub mod store;
 pub mod telemetry;
+pub(crate) mod ui;
 pub mod webhook;
 
 pub use agent::{AgentError, AgentHandle, start, start_with_clock};

@@ -864,7 +864,7 @@ impl Delivery {
 }
 
 /// A value with every string in it scrubbed of secrets: records are shown to users.
-fn redact_value(
+pub(crate) fn redact_value(
     redactor: &infraflux_handlers::secret::Redactor,
     value: serde_json::Value,
 ) -> serde_json::Value {

@@ -7,6 +7,7 @@ use infraflux_handlers::schema::keys_of;
 
 use crate::config::{
     AgentSection, GithubSection, HttpSection, NatsSection, ScheduleSection, TelemetrySection,
+    UiSection,
 };
 
 /// `section.key` (and `section.table.key`) for every key of every section: the agent's own,
@@ -16,6 +17,7 @@ pub fn known_keys() -> BTreeSet<String> {
     out.extend(keys_of::<AgentSection>("agent"));
     out.extend(keys_of::<NatsSection>("nats"));
     out.extend(keys_of::<HttpSection>("http"));
+    out.extend(keys_of::<UiSection>("ui"));
     out.extend(keys_of::<GithubSection>("github"));
     out.extend(keys_of::<TelemetrySection>("telemetry"));
     out.extend(keys_of::<ScheduleSection>("schedules"));

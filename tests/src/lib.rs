@@ -5,6 +5,7 @@
 //! A missing `nats-server` fails the test loudly; nothing here skips.
 
 pub mod bench;
+pub mod browser;
 pub mod clock;
 pub mod cluster;
 pub mod fakes;
@@ -234,6 +235,9 @@ url = "{nats_url}"
 [http]
 listen = "127.0.0.1:0"
 
+[ui]
+listen = "127.0.0.1:0"
+
 [github]
 repo = "Codertocat/Hello-World"
 default_branch = "master"
@@ -256,6 +260,8 @@ pub fn agent_config(nats_url: &str, agent_id: &str, state_dir: &Path, extra: &st
 pub struct TestAgent {
     pub handle: AgentHandle,
     pub http: String,
+    /// The status page's base address (`http://127.0.0.1:<port>`).
+    pub ui: String,
     pub dir: tempfile::TempDir,
 }
 
@@ -356,7 +362,16 @@ async fn launch_agent(
         "agent {agent_id} not ready within 20s"
     );
     let http = format!("http://{}", handle.http_addr);
-    TestAgent { handle, http, dir }
+    let ui = handle
+        .ui_addr
+        .map(|addr| format!("http://{addr}"))
+        .unwrap_or_default();
+    TestAgent {
+        handle,
+        http,
+        ui,
+        dir,
+    }
 }
 
 /// The environment a test agent sees: its webhook secret, and what git and terraform need.

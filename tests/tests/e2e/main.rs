@@ -22,6 +22,7 @@ mod schedules;
 mod secret_scan;
 mod shutdown;
 mod trust;
+mod ui;
 mod upgrade;
 mod upgrade_kube;
 mod upgrade_talos;
