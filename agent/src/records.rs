@@ -479,7 +479,24 @@ impl Records {
 
     /// Reads, changes and writes a record with a revision check, retrying on conflict; then
     /// publishes the event if the state or the message changed. Returns the record as written.
-    pub async fn transition<F>(&self, job_id: &str, mut change: F) -> Result<JobRecord, RecordError>
+    pub async fn transition<F>(&self, job_id: &str, change: F) -> Result<JobRecord, RecordError>
+    where
+        F: FnMut(&mut JobRecord) -> Change,
+    {
+        let (record, changed) = self.compare_and_set(job_id, change).await?;
+        if changed {
+            self.publish_event(&record).await;
+        }
+        Ok(record)
+    }
+
+    /// The record after `change`, written with compare-and-set (read again and retried when
+    /// another writer came first), and whether its state or message changed.
+    async fn compare_and_set<F>(
+        &self,
+        job_id: &str,
+        mut change: F,
+    ) -> Result<(JobRecord, bool), RecordError>
     where
         F: FnMut(&mut JobRecord) -> Change,
     {
@@ -490,15 +507,13 @@ impl Records {
                 .ok_or_else(|| RecordError::NotFound(job_id.to_string()))?;
             let before = (record.state, record.message.clone());
             if let Change::Keep = change(&mut record) {
-                return Ok(record);
+                return Ok((record, false));
             }
             record.updated_at = Utc::now();
             match self.kv.update(job_id, encode(&record), revision).await {
                 Ok(_) => {
-                    if before != (record.state, record.message.clone()) {
-                        self.publish_event(&record).await;
-                    }
-                    return Ok(record);
+                    let changed = before != (record.state, record.message.clone());
+                    return Ok((record, changed));
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                 Err(e) => return Err(RecordError::Unavailable(e.to_string())),
@@ -518,22 +533,20 @@ impl Records {
         let Some((newest, _)) = lines.last() else {
             return Ok(());
         };
-        let record = loop {
-            let (mut record, revision) = self
-                .get(job_id)
-                .await?
-                .ok_or_else(|| RecordError::NotFound(job_id.to_string()))?;
-            if record.state.is_terminal() {
-                return Ok(());
-            }
-            record.message = newest.clone();
-            record.updated_at = Utc::now();
-            match self.kv.update(job_id, encode(&record), revision).await {
-                Ok(_) => break record,
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(e) => return Err(RecordError::Unavailable(e.to_string())),
-            }
-        };
+        let (record, _) = self
+            .compare_and_set(job_id, |r| {
+                if r.state.is_terminal() {
+                    Change::Keep
+                } else {
+                    r.message = newest.clone();
+                    Change::Write
+                }
+            })
+            .await?;
+        // Ended meanwhile: its lines come too late for its timeline.
+        if record.state.is_terminal() {
+            return Ok(());
+        }
         let subject = self.names.event_subject(job_id);
         let mut acks = Vec::with_capacity(lines.len());
         for (message, at) in lines {
