@@ -16,7 +16,14 @@ bin="${CARGO_TARGET_DIR:-$root/target}/debug/infraflux-agent"
 
 work=$(mktemp -d /tmp/infraflux-demo.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+# Newest first: the agent stops while NATS is still there to take its last writes.
+cleanup() {
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 nats_port=$(free_port); http_port=$(free_port); ui_port=$(free_port); s3_port=$(free_port)
@@ -191,5 +198,5 @@ NOTE
 # From a terminal, leave everything up so the page can be looked at; in CI, end now.
 if [ -t 0 ]; then
   say "The status page stays up at http://127.0.0.1:$ui_port/ ; press Enter to stop the demo"
-  read -r _
+  read -r _ || true
 fi

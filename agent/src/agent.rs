@@ -49,6 +49,8 @@ pub enum AgentError {
         listen: String,
         source: std::io::Error,
     },
+    #[error("ui.auth_token is configured but its secret was not loaded")]
+    UiTokenMissing,
     #[error(transparent)]
     Store(#[from] store::StoreError),
 }
@@ -112,6 +114,13 @@ pub async fn start_with_clock(
     registry: Registry,
     clock: Arc<dyn Clock>,
 ) -> Result<AgentHandle, AgentError> {
+    // A configured token whose secret is missing must not leave the page open.
+    if config.ui.enabled()
+        && config.ui.auth_token.is_some()
+        && services.secrets.get(UI_AUTH_TOKEN_KEY).is_none()
+    {
+        return Err(AgentError::UiTokenMissing);
+    }
     let (listener, http_addr) =
         http::bind(&config.http.listen)
             .await
@@ -191,10 +200,11 @@ async fn run(
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(http::serve(listeners.http, http_state, http_stop.clone()));
     // The status page stops with HTTP; its live timelines end at the start of shutdown.
+    let ui_token = secrets.get(UI_AUTH_TOKEN_KEY).cloned();
     let ui_task = listeners.ui.map(|listener| {
         let state = ui::UiState {
             app: app_cell.clone(),
-            auth_token: secrets.get(UI_AUTH_TOKEN_KEY).cloned(),
+            auth_token: ui_token,
             stop: shutdown.clone(),
         };
         tokio::spawn(ui::serve(listener, state, http_stop.clone()))
@@ -312,7 +322,8 @@ async fn run(
         Ok(Err(e)) => tracing::debug!(error = %e, "Presence not removed; it expires"),
         Err(_) => tracing::debug!("Presence not removed in time; it expires"),
     }
-    let _ = app.store.client.flush().await;
+    // Bounded too: while NATS is gone the client reconnects forever and a flush never ends.
+    let _ = tokio::time::timeout(BACKGROUND_GRACE, app.store.client.flush()).await;
     http_stop.cancel();
     let _ = http_task.await;
     if let Some(task) = ui_task {

@@ -751,7 +751,7 @@ impl Records {
     }
 
     /// Up to `limit` records that `keep`, newest first, among the newest [`MAX_SCAN`].
-    async fn scan(
+    pub async fn scan(
         &self,
         keep: impl Fn(&JobRecord) -> bool,
         limit: usize,

@@ -489,10 +489,12 @@ fn differs(existing: &stream::Config, wanted: &stream::Config) -> bool {
             && existing.duplicate_window != wanted.duplicate_window)
 }
 
-/// A KV bucket's backing stream, with the KV conventions. Reads go to the stream leader
-/// (`allow_direct: false`): with direct gets, nats-server 2.9 lets any replica answer, and a
-/// replica still catching up after a restart answers with an old record (a job `queued`
-/// that has run).
+/// A KV bucket's backing stream, with the KV conventions. With replicas, reads go to the
+/// stream leader (`allow_direct: false`): with direct gets, nats-server 2.9 lets any replica
+/// answer, and a replica still catching up after a restart answers with an old record (a job
+/// `queued` that has run; nats-server #4162). A single replica is the leader, so it keeps the
+/// cheaper direct get: a leader read is a JetStream API request answered in base64 JSON,
+/// which halved webhook ingest on one server (every job reads its record and last results).
 fn bucket_config(
     bucket: &str,
     description: &str,
@@ -509,7 +511,7 @@ fn bucket_config(
         num_replicas: replicas,
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: false,
+        allow_direct: replicas <= 1,
         discard: stream::DiscardPolicy::New,
         duplicate_window: if max_age > Duration::ZERO && max_age < Duration::from_secs(120) {
             max_age
@@ -580,7 +582,18 @@ mod tests {
         assert!(differs(&fewer, &wanted), "a new replica count is applied");
         let mut direct = held.clone();
         direct.allow_direct = true;
-        assert!(differs(&direct, &wanted), "direct gets are switched off");
+        assert!(
+            differs(&direct, &wanted),
+            "direct gets are switched off with replicas"
+        );
+        let single = bucket_config("infraflux-jobs", "records", Duration::ZERO, 1);
+        assert!(single.allow_direct, "the only replica answers direct gets");
+        let mut leader_reads = single.clone();
+        leader_reads.allow_direct = false;
+        assert!(
+            differs(&leader_reads, &single),
+            "a bucket made with replicas, now one, gets its direct gets back"
+        );
     }
 
     #[test]

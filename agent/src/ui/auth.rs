@@ -25,9 +25,17 @@ pub async fn require(State(state): State<UiState>, request: Request, next: Next)
             return refused();
         }
         let location = without_token(request.uri().path(), request.uri().query());
+        // Lax, not Strict: a `?token=` link opened from a chat or Grafana is a cross-site
+        // navigation, and Strict would withhold the cookie from it and from the redirect.
+        // Every page is a read-only GET, so Lax gives a foreign site nothing to trigger.
+        let behind_tls = request
+            .headers()
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
         let cookie = format!(
-            "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={COOKIE_MAX_AGE}",
-            session_value(token)
+            "{COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={COOKIE_MAX_AGE}{}",
+            session_value(token),
+            if behind_tls { "; Secure" } else { "" }
         );
         let mut response = StatusCode::SEE_OTHER.into_response();
         if let (Ok(location), Ok(cookie)) = (

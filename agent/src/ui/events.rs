@@ -19,8 +19,13 @@ use super::{UiState, app_of, pages, starting};
 use crate::app::App;
 use crate::records::JobEvent;
 
-/// Events shown on a job's page at most (a long upgrade reports per node and step).
+/// Events shown on a job's page at most, the newest (a long upgrade reports per node and step).
 pub const MAX_HISTORY: usize = 1_000;
+/// Events read for a job's page at most: the page stays quick for a job that reported a lot.
+const MAX_HISTORY_READ: usize = 20_000;
+/// A job already ended when its timeline connected: how long to wait for its last events
+/// (the record is written before its event is published) before saying it ended.
+const ENDED_QUIET: Duration = Duration::from_secs(2);
 /// A live timeline ends after this even if its job has not (the browser reconnects).
 const LIVE_LIMIT: Duration = Duration::from_secs(30 * 60);
 /// How long reading the stored events may wait for the next one.
@@ -47,12 +52,9 @@ async fn follow(
         .get_stream(&app.store.names.events_stream)
         .await
         .map_err(|e| e.to_string())?;
-    let deliver_policy = if after == 0 {
-        DeliverPolicy::All
-    } else {
-        DeliverPolicy::ByStartSequence {
-            start_sequence: after + 1,
-        }
+    let deliver_policy = match after.checked_add(1) {
+        Some(start_sequence) if after > 0 => DeliverPolicy::ByStartSequence { start_sequence },
+        _ => DeliverPolicy::All,
     };
     stream
         .create_consumer(consumer::pull::OrderedConfig {
@@ -64,20 +66,29 @@ async fn follow(
         .map_err(|e| e.to_string())
 }
 
-/// The job's stored events, oldest first, each with its stream sequence.
-pub async fn history(app: &App, job_id: &str) -> Result<Vec<(u64, JobEvent)>, String> {
+/// A job's stored events as its page shows them.
+#[derive(Default)]
+pub struct History {
+    /// The newest [`MAX_HISTORY`], oldest first, each with its stream sequence.
+    pub events: std::collections::VecDeque<(u64, JobEvent)>,
+    /// Older events not shown.
+    pub earlier: usize,
+}
+
+/// The job's stored events (see [`History`]).
+pub async fn history(app: &App, job_id: &str) -> Result<History, String> {
     let mut consumer = follow(app, job_id, 0).await?;
     let pending = consumer
         .info()
         .await
         .map(|i| i.num_pending)
         .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
+    let mut out = History::default();
     if pending == 0 {
         return Ok(out);
     }
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    while out.len() < MAX_HISTORY {
+    for _ in 0..MAX_HISTORY_READ {
         let Ok(Some(Ok(message))) = tokio::time::timeout(HISTORY_WAIT, messages.next()).await
         else {
             break;
@@ -85,7 +96,11 @@ pub async fn history(app: &App, job_id: &str) -> Result<Vec<(u64, JobEvent)>, St
         let Ok(info) = message.info() else { break };
         let (sequence, remaining) = (info.stream_sequence, info.pending);
         if let Ok(event) = serde_json::from_slice::<JobEvent>(&message.payload) {
-            out.push((sequence, redacted(app, event)));
+            if out.events.len() == MAX_HISTORY {
+                out.events.pop_front();
+                out.earlier += 1;
+            }
+            out.events.push_back((sequence, redacted(app, event)));
         }
         if remaining == 0 {
             break;
@@ -117,49 +132,80 @@ pub async fn stream(
     let Some(app) = app_of(&state) else {
         return starting();
     };
+    // Any answer but 200 stops the browser's reconnects: one at shutdown would only make
+    // a consumer the stop ends again at once.
+    if state.stop.is_cancelled() {
+        return pages::error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Agent stopping",
+            "The agent is stopping; reload the page once it is back.",
+        );
+    }
     if !valid_job_id(&job_id) {
         return pages::error_page(StatusCode::NOT_FOUND, "No such job", "Not a job id.");
     }
+    let ended = match app.records.get(&job_id).await {
+        Ok(Some((record, _))) => record.state.is_terminal(),
+        Ok(None) => {
+            return pages::error_page(StatusCode::NOT_FOUND, "No such job", "No record.");
+        }
+        Err(e) => return pages::unavailable(e),
+    };
     let reconnected = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let after = reconnected.or(query.after).unwrap_or(0);
+    let messages = match follow(&app, &job_id, after).await {
+        Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    let messages = match messages {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(%job_id, error = %e, "Live timeline not started");
+            return pages::unavailable(e);
+        }
+    };
     let (sender, receiver) = tokio::sync::mpsc::channel(32);
-    tokio::spawn(pump(app, job_id, after, sender, state.stop.clone()));
+    tokio::spawn(pump(app, messages, ended, sender, state.stop.clone()));
     Sse::new(ReceiverStream::new(receiver))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }
 
 /// Forwards the job's events until it ends, the browser goes away, [`LIVE_LIMIT`] passes or
-/// the agent stops.
+/// the agent stops. A job that had `ended` when the browser connected (its end maybe already
+/// shown) gets its remaining events and then `end`, so the browser stops asking.
 async fn pump(
     app: std::sync::Arc<App>,
-    job_id: String,
-    after: u64,
+    mut messages: consumer::pull::Ordered,
+    ended: bool,
     sender: tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
     stop: CancellationToken,
 ) {
-    let consumer = match follow(&app, &job_id, after).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(%job_id, error = %e, "Live timeline not started");
-            return;
-        }
-    };
-    let Ok(mut messages) = consumer.messages().await else {
-        return;
-    };
     let deadline = tokio::time::sleep(LIVE_LIMIT);
     tokio::pin!(deadline);
+    let quiet = tokio::time::sleep(if ended { ENDED_QUIET } else { LIVE_LIMIT });
+    tokio::pin!(quiet);
     loop {
         let message = tokio::select! {
             () = stop.cancelled() => return,
             () = &mut deadline => return,
             () = sender.closed() => return,
+            () = &mut quiet, if ended => {
+                let _ = sender
+                    .send(Ok(Event::default().event("end").data("ended")))
+                    .await;
+                return;
+            }
             message = messages.next() => message,
         };
+        if ended {
+            quiet
+                .as_mut()
+                .reset(tokio::time::Instant::now() + ENDED_QUIET);
+        }
         let Some(Ok(message)) = message else { return };
         let Ok(info) = message.info() else { continue };
         let sequence = info.stream_sequence;
@@ -167,7 +213,7 @@ async fn pump(
             continue;
         };
         let event = redacted(&app, event);
-        let ended = event.state.is_terminal();
+        let last = event.state.is_terminal();
         let data = json!({
             "state": event.state.as_str(),
             "at": event.at.to_rfc3339(),
@@ -181,7 +227,7 @@ async fn pump(
         if sender.send(Ok(sse)).await.is_err() {
             return;
         }
-        if ended {
+        if last {
             let _ = sender
                 .send(Ok(Event::default().event("end").data("ended")))
                 .await;

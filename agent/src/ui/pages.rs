@@ -107,7 +107,7 @@ pub async fn not_found() -> Response {
     )
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Response {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> Response {
     error_page(
         StatusCode::SERVICE_UNAVAILABLE,
         "Job store unavailable",
@@ -147,13 +147,40 @@ fn job_link(job_id: &str) -> Markup {
     html! { a class="mono" href={ "/jobs/" (job_id) } { (job_id) } }
 }
 
-/// A record with every string passed through the secret redactor, as `ctl job` gets it.
-fn redacted(app: &App, record: JobRecord) -> JobRecord {
-    let Ok(value) = serde_json::to_value(&record) else {
-        return record;
-    };
-    let value = crate::runner::redact_value(app.secrets.redactor(), value);
-    serde_json::from_value(value).unwrap_or(record)
+/// A record with every free-text field passed through the secret redactor, as `ctl job`
+/// gets it. Field by field, not through JSON and back: a short secret that also occurs in a
+/// timestamp would make the round trip fail, and a failure must not show the record unredacted.
+fn redacted(app: &App, mut record: JobRecord) -> JobRecord {
+    let redactor = app.secrets.redactor();
+    let text = |s: &mut String| *s = redactor.redact(s);
+    text(&mut record.requested_by);
+    text(&mut record.message);
+    text(&mut record.idempotency_key);
+    for s in [
+        &mut record.commit,
+        &mut record.agent,
+        &mut record.cancel_requested_by,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        text(s);
+    }
+    for interruption in &mut record.interruptions {
+        if let Some(agent) = &mut interruption.agent {
+            text(agent);
+        }
+    }
+    if let Some(acceptance) = &mut record.acceptance {
+        text(&mut acceptance.message);
+    }
+    record.params = std::mem::take(&mut record.params)
+        .into_iter()
+        .map(|(key, value)| (key, crate::runner::redact_value(redactor, value)))
+        .collect();
+    record.result = crate::runner::redact_value(redactor, record.result.take());
+    record.checkpoint = crate::runner::redact_value(redactor, record.checkpoint.take());
+    record
 }
 
 fn redact(app: &App, text: &str) -> String {
@@ -260,7 +287,7 @@ pub async fn overview(State(state): State<UiState>) -> Response {
                             @for (kind, last) in targets {
                                 tr {
                                     td { (kind.as_str()) }
-                                    td { (last.target.as_deref().unwrap_or_default()) }
+                                    td { (redact(&app, last.target.as_deref().unwrap_or_default())) }
                                     td { (badge(last.state)) " " (when(now, last.at)) }
                                     td { (last_success(now, last)) }
                                     td { (figures(last)) }
@@ -292,7 +319,7 @@ pub async fn overview(State(state): State<UiState>) -> Response {
                         tbody {
                             @for l in &locks {
                                 tr {
-                                    td { (l.resource) }
+                                    td { (redact(&app, &l.resource)) }
                                     td { (format!("{:?}", l.holder.mode).to_lowercase()) }
                                     td { (job_link(&l.holder.job_id)) }
                                     td { (l.holder.agent) }
@@ -314,7 +341,7 @@ pub async fn overview(State(state): State<UiState>) -> Response {
                         thead { tr { th { "Schedule" } th { "Command" } th { "Next fire" } } }
                         tbody {
                             @for (name, command, next) in &schedules {
-                                tr { td { (name) } td { code { (command) } } td { (next) } }
+                                tr { td { (name) } td { code { (redact(&app, command)) } } td { (next) } }
                             }
                         }
                     }
@@ -540,12 +567,18 @@ pub async fn job(State(state): State<UiState>, Path(job_id): Path<String>) -> Re
         Ok(h) => h,
         Err(e) => {
             tracing::debug!(%job_id, error = %e, "Job events not read for the page");
-            Vec::new()
+            events::History::default()
         }
     };
-    let last_sequence = history.last().map(|(seq, _)| *seq).unwrap_or(0);
-    let live = (!record.state.is_terminal())
-        .then(|| format!("/jobs/{}/events?after={last_sequence}", record.job_id));
+    let last_sequence = history.events.back().map(|(seq, _)| *seq).unwrap_or(0);
+    // The job may have ended between reading its record and its events: then the timeline
+    // already shows the end and there is nothing to follow.
+    let ended = record.state.is_terminal()
+        || history
+            .events
+            .back()
+            .is_some_and(|(_, e)| e.state.is_terminal());
+    let live = (!ended).then(|| format!("/jobs/{}/events?after={last_sequence}", record.job_id));
     let trace = trace_link(&app, &record.trace_id);
     let now = Utc::now();
     let param_text = |key: &str| {
@@ -554,6 +587,17 @@ pub async fn job(State(state): State<UiState>, Path(job_id): Path<String>) -> Re
             .get(key)
             .and_then(Value::as_str)
             .map(str::to_string)
+    };
+    // A push brings them in its payload; a plan reads them from its checkout (the poller's
+    // and a command's jobs have no payload).
+    let commit_text = |key: &str| {
+        param_text(key).or_else(|| {
+            record
+                .result
+                .get(key)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
     };
     let body = html! {
         h1 { (record.kind.as_str()) " job " span class="mono" { (record.job_id) } }
@@ -579,8 +623,8 @@ pub async fn job(State(state): State<UiState>, Path(job_id): Path<String>) -> Re
                         @if let Some(c) = &record.commit {
                             tr { th { "Commit" } td {
                                 span class="mono" { (c) }
-                                @if let Some(title) = param_text("commit_title") { br; span id="commit-title" class="commit-title" { (title) } }
-                                @if let Some(author) = param_text("commit_author") { br; span class="muted" { "by " (author) } }
+                                @if let Some(title) = commit_text("commit_title") { br; span id="commit-title" class="commit-title" { (title) } }
+                                @if let Some(author) = commit_text("commit_author") { br; span class="muted" { "by " (author) } }
                             } }
                         }
                         @if let Some(title) = param_text("pull_request_title") { tr { th { "Pull request" } td { (title) } } }
@@ -630,8 +674,11 @@ pub async fn job(State(state): State<UiState>, Path(job_id): Path<String>) -> Re
         }
         section {
             h2 { "Timeline" @if live.is_some() { " " span class="live" id="live-marker" { "live" } } }
+            @if history.earlier > 0 {
+                p class="muted" id="earlier-events" { (history.earlier) " earlier events not shown; the newest " (events::MAX_HISTORY) " are." }
+            }
             ol id="timeline" class="timeline" data-live=[live.as_deref()] data-after=(last_sequence) {
-                @for (seq, e) in &history {
+                @for (seq, e) in &history.events {
                     li data-seq=(seq) class={ "event state-" (e.state.as_str()) } {
                         time datetime=(e.at.to_rfc3339()) { (time_text(e.at)) }
                         " " (badge(e.state)) " "
@@ -639,7 +686,7 @@ pub async fn job(State(state): State<UiState>, Path(job_id): Path<String>) -> Re
                     }
                 }
             }
-            @if history.is_empty() { p class="muted" { "No events stored (they expire after nats.events_max_age)." } }
+            @if history.events.is_empty() { p class="muted" { "No events stored (they expire after nats.events_max_age)." } }
             @if live.is_some() {
                 noscript { p class="muted" { "Reload to see new events." } }
             }
@@ -759,15 +806,23 @@ fn finished(record: &JobRecord) -> DateTime<Utc> {
     record.finished_at.unwrap_or(record.updated_at)
 }
 
-async fn finished_jobs(app: &App, kind: JobKind) -> Result<Vec<JobRecord>, RecordError> {
-    let mut records = Vec::new();
-    for state in [JobState::Succeeded, JobState::Failed] {
-        let found = app
-            .records
-            .list(Some(kind), Some(state.as_str()), CHART_JOBS)
-            .await?;
-        records.extend(found);
-    }
+/// Ended jobs of `kinds`, up to [`CHART_JOBS`] each, oldest first: one pass over the newest
+/// records, as `ctl jobs` reads them.
+async fn finished_jobs(app: &App, kinds: &[JobKind]) -> Result<Vec<JobRecord>, RecordError> {
+    let ended = |r: &JobRecord| matches!(r.state, JobState::Succeeded | JobState::Failed);
+    let mut records = app
+        .records
+        .scan(
+            |r| kinds.contains(&r.kind) && ended(r),
+            CHART_JOBS * kinds.len(),
+        )
+        .await?;
+    let mut taken: BTreeMap<JobKind, usize> = BTreeMap::new();
+    records.retain(|r| {
+        let n = taken.entry(r.kind).or_default();
+        *n += 1;
+        *n <= CHART_JOBS
+    });
     records.sort_by_key(finished);
     Ok(records)
 }
@@ -776,7 +831,7 @@ pub async fn drills(State(state): State<UiState>) -> Response {
     let Some(app) = app_of(&state) else {
         return starting();
     };
-    let records = match finished_jobs(&app, JobKind::RESTORE_DRILL).await {
+    let records = match finished_jobs(&app, &[JobKind::RESTORE_DRILL]).await {
         Ok(r) => r,
         Err(e) => return unavailable(e),
     };
@@ -847,24 +902,23 @@ pub async fn backups(State(state): State<UiState>) -> Response {
         return starting();
     };
     let mut series: BTreeMap<(String, String), Series> = BTreeMap::new();
-    for kind in [JobKind::BACKUP, JobKind::ETCD_SNAPSHOT] {
-        let records = match finished_jobs(&app, kind).await {
-            Ok(r) => r,
-            Err(e) => return unavailable(e),
-        };
-        for record in &records {
-            for figures in crate::records::target_figures(record) {
-                if let Some(size) = figures.last_success_size_bytes {
-                    let target = if figures.target.is_empty() {
-                        kind.as_str().to_string()
-                    } else {
-                        redact(&app, &figures.target)
-                    };
-                    series
-                        .entry((kind.as_str().to_string(), target))
-                        .or_default()
-                        .push((finished(record), size as f64));
-                }
+    let records = match finished_jobs(&app, &[JobKind::BACKUP, JobKind::ETCD_SNAPSHOT]).await {
+        Ok(r) => r,
+        Err(e) => return unavailable(e),
+    };
+    for record in &records {
+        let kind = record.kind;
+        for figures in crate::records::target_figures(record) {
+            if let Some(size) = figures.last_success_size_bytes {
+                let target = if figures.target.is_empty() {
+                    kind.as_str().to_string()
+                } else {
+                    redact(&app, &figures.target)
+                };
+                series
+                    .entry((kind.as_str().to_string(), target))
+                    .or_default()
+                    .push((finished(record), size as f64));
             }
         }
     }

@@ -45,6 +45,17 @@
     list.appendChild(item);
     setState(event.state, event.message);
   });
+  // A refusal (the agent stopping, the store unavailable) closes the source for good.
+  source.addEventListener("error", function () {
+    if (source.readyState !== EventSource.CLOSED) {
+      return;
+    }
+    var marker = document.getElementById("live-marker");
+    if (marker) {
+      marker.textContent = "not live: reload";
+      marker.className = "live ended";
+    }
+  });
   source.addEventListener("end", function () {
     source.close();
     var marker = document.getElementById("live-marker");

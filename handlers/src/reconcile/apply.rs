@@ -546,6 +546,8 @@ mod tests {
             plan_object: Some(format!("plans/{PLAN}")),
             planned_at: now() - chrono::Duration::hours(age_hours),
             drift: None,
+            commit_title: None,
+            commit_author: None,
         }
     }
 

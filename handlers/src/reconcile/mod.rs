@@ -283,6 +283,12 @@ pub struct PlanRecord {
     /// for changes with no new commit, `false` for no changes; absent otherwise (a push).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<bool>,
+    /// The commit's first line and author, read from the checkout: a job the poller or a
+    /// command started has no webhook payload to take them from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_author: Option<String>,
 }
 
 impl Reconciler {
@@ -653,6 +659,11 @@ impl Reconciler {
         git_ref: Option<String>,
     ) -> Result<Outcome, HandlerError> {
         let tf = self.prepare(ctx, commit, plan_only).await?;
+        let (commit_title, commit_author) = self
+            .remote()
+            .describe(&self.job_dir(&ctx.job_id), &ctx.cancel)
+            .await
+            .unzip();
         ctx.progress.report("terraform fmt -check, validate").await;
         tf.fmt_check().await?;
         tf.validate().await?;
@@ -679,6 +690,8 @@ impl Reconciler {
             plan_object: None,
             planned_at: Utc::now(),
             drift: None,
+            commit_title,
+            commit_author,
         };
 
         let applied = ctx

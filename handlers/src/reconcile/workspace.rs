@@ -263,6 +263,26 @@ impl Remote {
         .await?;
         Ok(dir.to_path_buf())
     }
+
+    /// The first line of the checked-out commit's message and its author's name; `None` when
+    /// git cannot tell (only shown, so nothing fails on it).
+    pub async fn describe(
+        &self,
+        dir: &Path,
+        cancel: &CancellationToken,
+    ) -> Option<(String, String)> {
+        let dir = dir.to_string_lossy();
+        let out = self
+            .git(
+                &["-C", &dir, "log", "-1", "--format=%s%x1f%an", "HEAD"],
+                cancel,
+                "log",
+            )
+            .await
+            .ok()?;
+        let (title, author) = out.trim_end().split_once('\u{1f}')?;
+        Some((title.to_string(), author.to_string()))
+    }
 }
 
 fn retryable(e: HandlerError) -> HandlerError {

@@ -82,27 +82,67 @@ fn main() {
             });
         }
         Some("ingest") => {
-            // Only the agent's side of the ingest benchmark, for profiling.
+            // Ingest alone, for profiling; `--paced` adds fixed offered rates (open loop), the
+            // same with the runner busy with long jobs (as in a lab, where a job takes minutes,
+            // not the instant the benchmark's failing jobs take), and the baseline.
             let seconds: u64 = flag("--seconds").map_or(10, |n| n.parse().expect("--seconds N"));
+            let paced = std::env::args().any(|a| a == "--paced");
             runtime.block_on(async {
                 let nats = Nats::start();
-                let agent = bench::AgentProcess::start(&nats, "ingest", "", &[]).await;
-                println!("agent pid {}", agent.pid());
-                let load = bench::webhook_load(
-                    &format!("{}/webhooks/github", agent.http),
-                    16,
-                    Duration::from_secs(seconds),
-                    true,
-                    0,
-                )
-                .await;
-                println!(
-                    "ingest rate={:.0}req/s errors={} p50={:.2}ms p99={:.2}ms",
-                    load.rate(),
-                    load.errors,
-                    load.latencies.ms(0.5),
-                    load.latencies.ms(0.99)
-                );
+                let duration = Duration::from_secs(seconds);
+                let line = |what: &str, load: &bench::Load| {
+                    println!(
+                        "{what}: rate={:.0}req/s errors={} p50={:.2}ms p99={:.2}ms",
+                        load.rate(),
+                        load.errors,
+                        load.latencies.ms(0.5),
+                        load.latencies.ms(0.99)
+                    )
+                };
+                let markers = tempfile::tempdir().expect("markers");
+                let runners: &[bool] = if paced { &[false, true] } else { &[false] };
+                let mut next = 0u64;
+                for &busy in runners {
+                    let agent = if busy {
+                        let env = [
+                            ("IFX_TEST_MARKERS", markers.path().display().to_string()),
+                            ("IFX_TEST_RECONCILE", "1".to_string()),
+                            ("IFX_TEST_SLEEP_MS", "3600000".to_string()),
+                        ];
+                        bench::AgentProcess::start_test_agent(&nats, "ingest-busy", "", &env).await
+                    } else {
+                        bench::AgentProcess::start(&nats, "ingest", "", &[]).await
+                    };
+                    println!("agent pid {}", agent.pid());
+                    let runner = if busy {
+                        "runner busy with long jobs"
+                    } else {
+                        "jobs end at once"
+                    };
+                    let url = format!("{}/webhooks/github", agent.http);
+                    let load = bench::webhook_load(&url, 16, duration, true, next).await;
+                    next += 1_000_000_000;
+                    line(
+                        &format!("ingest, 16 connections, closed loop, {runner}"),
+                        &load,
+                    );
+                    if !paced {
+                        continue;
+                    }
+                    for rate in [500.0, 1000.0, 2000.0] {
+                        let load = bench::webhook_load_at(&url, rate, duration, next).await;
+                        next += 1_000_000_000;
+                        line(
+                            &format!("ingest offered at {rate:.0} req/s, {runner}"),
+                            &load,
+                        );
+                    }
+                }
+                if paced {
+                    let tool = bench::WebhookTool::start().await;
+                    let theirs = bench::webhook_load(&tool.url, 16, duration, false, 0).await;
+                    line("baseline webhook 2.8, 16 connections, closed loop", &theirs);
+                }
             });
         }
         Some("footprint") => {
@@ -175,7 +215,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10] | cluster [--seconds 10] | burst [--deliveries 5000] | secret-scan [--files 5000] [--runs 5] | etcd-drill [--size 1GiB]"
+                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10] [--paced] | cluster [--seconds 10] | burst [--deliveries 5000] | secret-scan [--files 5000] [--runs 5] | etcd-drill [--size 1GiB]"
             );
             std::process::exit(2);
         }

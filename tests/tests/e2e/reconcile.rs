@@ -683,6 +683,20 @@ async fn the_poller_catches_a_push_that_came_with_no_webhook() {
     )
     .await;
     assert_eq!(job["kind"], "reconcile");
+    // With no payload to take them from, the plan reads the commit's first line and author
+    // from its checkout (the status page shows them).
+    let job_id = job["job_id"].as_str().expect("job id").to_string();
+    let planned = wait_for(Duration::from_secs(60), "the poller's plan", || async {
+        let r = infraflux_tests::record(&lab.client, &job_id).await;
+        r["result"]["commit_title"].is_string().then_some(r)
+    })
+    .await;
+    assert_eq!(
+        planned["result"]["commit_title"],
+        "Pushed while the webhook could not reach us"
+    );
+    assert_eq!(planned["result"]["commit_author"], "Codertocat");
+    assert!(planned["params"].get("commit_title").is_none());
     // The webhook arriving late (GitHub redelivered it) starts nothing new.
     let (status, reply) =
         post_webhook(&lab.agent.http, "push", "late", &push_payload(&c2, "alice")).await;

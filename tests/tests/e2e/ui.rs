@@ -376,6 +376,32 @@ async fn a_running_jobs_timeline_grows_as_its_events_arrive_without_a_reload() {
         "the page was not reloaded"
     );
     browser.close().await;
+
+    // A timeline that connects once the job has ended, its end already shown (the page read
+    // the record just before the job ended): it is told `end`, not left waiting.
+    let http = reqwest::Client::new();
+    let ended = http
+        .get(format!(
+            "{}/jobs/{job_id}/events?after=999999999",
+            lab.agent.ui
+        ))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(ended.status().as_u16(), 200);
+    let body = ended.text().await.expect("the stream ends on its own");
+    assert!(body.contains("event: end"), "{body}");
+    // An unknown job holds no stream open.
+    let unknown = http
+        .get(format!(
+            "{}/jobs/01JZZZZZZZZZZZZZZZZZZZZZZZ/events",
+            lab.agent.ui
+        ))
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(unknown.status().as_u16(), 404);
     lab.agent.stop().await;
 }
 
@@ -455,6 +481,29 @@ async fn a_request_without_the_token_is_refused_when_one_is_configured() {
     assert_eq!(status(format!("{ui}/"), None).await, 401);
     assert_eq!(status(format!("{ui}/jobs"), None).await, 401);
     assert_eq!(status(format!("{ui}/static/ui.js"), None).await, 401);
+    assert_eq!(status(format!("{ui}/jobs/01JX/events"), None).await, 401);
+    // The cookie left by `?token=`: script cannot read it, and a link from another site
+    // (a chat, Grafana) still carries it.
+    let redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .get(format!("{ui}/jobs?token={TOKEN}"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(redirect.status().as_u16(), 303);
+    let cookie = redirect
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains(TOKEN), "{cookie}");
     assert_eq!(status(format!("{ui}/"), Some("wrong")).await, 401);
     assert_eq!(status(format!("{ui}/?token=wrong"), None).await, 401);
     assert_eq!(status(format!("{ui}/"), Some(TOKEN)).await, 200);
