@@ -1078,7 +1078,15 @@ pub async fn bench_growth(
             }
         })
         .await;
-    let agent = AgentProcess::start(nats, "growth", &crate::acceptance_stand_in(), &[]).await;
+    // Jobs that take no time (the test agent's markers): the drain measures the agent's work
+    // per job, not the stand-in acceptance checks against a cluster that is not there.
+    let markers = tempfile::tempdir().expect("markers");
+    let env = [
+        ("IFX_TEST_MARKERS", markers.path().display().to_string()),
+        ("IFX_TEST_SLEEP_MS", "0".to_string()),
+    ];
+    let agent =
+        AgentProcess::start_test_agent(nats, "growth", &crate::acceptance_stand_in(), &env).await;
     let started = Instant::now();
     loop {
         let info = store.consumer.get_info().await.expect("consumer");
