@@ -23,15 +23,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, UI_AUTH_TOKEN_KEY};
 use crate::http::{self, HttpState, Readiness};
 use crate::metrics::Metrics;
 use crate::status::Presence;
 use crate::store::{self, HEARTBEAT_EVERY};
 use crate::{chatops, github, poller, runner, scheduler, ui};
-
-/// Where the resolved `[ui] auth_token` is kept among the secrets.
-const UI_AUTH_TOKEN_KEY: &str = "ui.auth_token";
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How long background tasks get to stop once the runner has drained.

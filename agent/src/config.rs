@@ -191,6 +191,9 @@ impl UiSection {
     }
 }
 
+/// The key `[ui] auth_token` is resolved under among the secrets.
+pub const UI_AUTH_TOKEN_KEY: &str = "ui.auth_token";
+
 /// Where `[telemetry] trace_url` puts a job's trace id.
 pub const TRACE_ID_PLACEHOLDER: &str = "{trace_id}";
 
@@ -761,7 +764,7 @@ impl Config {
             }
         }
         if let Some(token) = &self.ui.auth_token {
-            refs.push(("ui.auth_token".into(), token));
+            refs.push((UI_AUTH_TOKEN_KEY.into(), token));
         }
         for (name, r) in &self.telemetry.otlp_headers {
             refs.push((format!("telemetry.otlp_headers.{name}"), r));

@@ -4,7 +4,7 @@
 //! its commit, whichever path sees it first.
 
 use chrono::Utc;
-use infraflux_handlers::reconcile::{self, PrPlans, PullRequestAuthor};
+use infraflux_handlers::reconcile::{self, MAX_TITLE_CHARS, PrPlans, PullRequestAuthor};
 use infraflux_handlers::{JobEnvelope, JobKind, Source, new_job_id};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -104,8 +104,6 @@ struct EventView {
 }
 
 /// What a record keeps of a commit message or a pull request title: its first line, bounded.
-const MAX_TITLE_CHARS: usize = 200;
-
 fn first_line(text: &str) -> String {
     let line = text
         .lines()

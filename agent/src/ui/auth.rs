@@ -1,8 +1,8 @@
 //! `[ui] auth_token`: a bearer header, or `?token=` once, which leaves a cookie and redirects
 //! to the same address without the token (so it stays out of history, bookmarks and logs).
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hmac::{Hmac, KeyInit, Mac};
@@ -20,7 +20,7 @@ pub async fn require(State(state): State<UiState>, request: Request, next: Next)
     let Some(token) = &state.auth_token else {
         return next.run(request).await;
     };
-    if let Some(given) = query_token(request.uri().query()) {
+    if let Some(given) = query_token(request.uri()) {
         if !same(token.expose(), &given) {
             return refused();
         }
@@ -32,15 +32,16 @@ pub async fn require(State(state): State<UiState>, request: Request, next: Next)
             .headers()
             .get("x-forwarded-proto")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
-        let cookie = format!(
-            "{COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={COOKIE_MAX_AGE}{}",
-            session_value(token),
-            if behind_tls { "; Secure" } else { "" }
-        );
+        let cookie = session_value(token).map(|session| {
+            format!(
+                "{COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax; Max-Age={COOKIE_MAX_AGE}{}",
+                if behind_tls { "; Secure" } else { "" }
+            )
+        });
         let mut response = StatusCode::SEE_OTHER.into_response();
-        if let (Ok(location), Ok(cookie)) = (
+        if let (Ok(location), Some(Ok(cookie))) = (
             HeaderValue::from_str(&location),
-            HeaderValue::from_str(&cookie),
+            cookie.as_deref().map(HeaderValue::from_str),
         ) {
             response.headers_mut().insert(header::LOCATION, location);
             response.headers_mut().insert(header::SET_COOKIE, cookie);
@@ -77,7 +78,9 @@ fn authorized(headers: &HeaderMap, token: &Secret) -> bool {
     if bearer {
         return true;
     }
-    let expected = session_value(token);
+    let Some(expected) = session_value(token) else {
+        return false;
+    };
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -96,23 +99,22 @@ fn same(expected: &str, given: &str) -> bool {
 
 /// What the cookie holds: derived from the token, so the token itself is never stored by the
 /// browser, and changing the token ends every session.
-fn session_value(token: &Secret) -> String {
-    match Hmac::<Sha256>::new_from_slice(token.expose().as_bytes()) {
-        Ok(mut mac) => {
-            mac.update(b"infraflux-ui-session");
-            hex::encode(mac.finalize().into_bytes())
-        }
-        // HMAC takes a key of any length; unreachable, and then no cookie matches.
-        Err(_) => String::new(),
-    }
+fn session_value(token: &Secret) -> Option<String> {
+    // HMAC takes a key of any length, so this is always `Some`; were it not, no cookie would
+    // be set or accepted.
+    let mut mac = Hmac::<Sha256>::new_from_slice(token.expose().as_bytes()).ok()?;
+    mac.update(b"infraflux-ui-session");
+    Some(hex::encode(mac.finalize().into_bytes()))
 }
 
-fn query_token(query: Option<&str>) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(name, _)| *name == "token")
-        .map(|(_, value)| percent_decode(value))
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// `?token=`, decoded as the page's own forms are.
+fn query_token(uri: &Uri) -> Option<String> {
+    Query::<TokenQuery>::try_from_uri(uri).ok()?.0.token
 }
 
 /// The same address without `token=`; a path such as `//host` is not followed elsewhere.
@@ -134,35 +136,6 @@ fn without_token(path: &str, query: Option<&str>) -> String {
     }
 }
 
-pub fn percent_decode(value: &str) -> String {
-    let hex_digit = |b: u8| {
-        char::from(b)
-            .to_digit(16)
-            .and_then(|d| u8::try_from(d).ok())
-    };
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => match (
-                bytes.get(i + 1).copied().and_then(hex_digit),
-                bytes.get(i + 2).copied().and_then(hex_digit),
-            ) {
-                (Some(high), Some(low)) => {
-                    out.push(high * 16 + low);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,12 +152,11 @@ mod tests {
 
     #[test]
     fn query_token_is_decoded() {
-        assert_eq!(
-            query_token(Some("a=1&token=a%2Bb+c")).as_deref(),
-            Some("a+b c")
-        );
-        assert_eq!(query_token(Some("a=1")), None);
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        let token = |uri: &str| query_token(&uri.parse::<Uri>().expect("uri"));
+        assert_eq!(token("/?a=1&token=a%2Bb+c").as_deref(), Some("a+b c"));
+        assert_eq!(token("/?a=1"), None);
+        // A broken escape is kept as written.
+        assert_eq!(token("/?token=%zz%4").as_deref(), Some("%zz%4"));
     }
 
     #[test]
@@ -203,7 +175,8 @@ mod tests {
         );
         assert!(authorized(&headers, &token));
         let mut headers = HeaderMap::new();
-        let cookie = format!("other=1; {COOKIE}={}", session_value(&token));
+        let session = session_value(&token).expect("an HMAC of any key");
+        let cookie = format!("other=1; {COOKIE}={session}");
         headers.insert(
             header::COOKIE,
             HeaderValue::from_str(&cookie).expect("header"),

@@ -29,16 +29,6 @@ const MAX_DEPTH: usize = 4;
 /// The overview reloads itself this often (seconds), without script.
 const OVERVIEW_REFRESH: &str = "30";
 
-const ALL_STATES: [JobState; 7] = [
-    JobState::Queued,
-    JobState::Waiting,
-    JobState::Running,
-    JobState::AwaitingApproval,
-    JobState::Succeeded,
-    JobState::Failed,
-    JobState::Cancelled,
-];
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Nav {
     Overview,
@@ -459,7 +449,7 @@ pub async fn jobs(State(state): State<UiState>, Query(filter): Query<JobFilter>)
     let job_state = filter
         .state
         .as_deref()
-        .and_then(|s| ALL_STATES.into_iter().find(|st| st.as_str() == s));
+        .and_then(|s| JobState::ALL.into_iter().find(|st| st.as_str() == s));
     let page = filter.page.unwrap_or(0).min(1_000);
     let wanted = (page + 1) * PAGE_SIZE + 1;
     let records = match app
@@ -508,7 +498,7 @@ pub async fn jobs(State(state): State<UiState>, Query(filter): Query<JobFilter>)
             label { "State "
                 select name="state" {
                     option value="" { "any" }
-                    @for s in ALL_STATES {
+                    @for s in JobState::ALL {
                         option value=(s.as_str()) selected[job_state == Some(s)] { (s.as_str()) }
                     }
                 }

@@ -265,6 +265,10 @@ pub struct Reconciler {
     pub context: Context,
 }
 
+/// What a record keeps of a commit's first line, its author or a pull request's title, in
+/// characters: they are only shown.
+pub const MAX_TITLE_CHARS: usize = 200;
+
 /// A reconcile job's result, as stored in its record; `apply` reads it back.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
 pub struct PlanRecord {

@@ -15,6 +15,8 @@ use crate::handler::HandlerError;
 use crate::process::{ProcessError, run_cancellable};
 use crate::secret::Secret;
 
+use super::MAX_TITLE_CHARS;
+
 /// Longest a single git command may take (a first clone of a big repository included).
 const GIT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -281,7 +283,9 @@ impl Remote {
             .await
             .ok()?;
         let (title, author) = out.trim_end().split_once('\u{1f}')?;
-        Some((title.to_string(), author.to_string()))
+        // As a push's title is kept: bounded, however long the commit's first line.
+        let bounded = |s: &str| s.chars().take(MAX_TITLE_CHARS).collect();
+        Some((bounded(title), bounded(author)))
     }
 }
 
