@@ -1,28 +1,40 @@
-//! Turning a job envelope into a durable, deduplicated job, in four JetStream writes.
+//! Turning a job envelope into a durable, deduplicated job: three JetStream writes in one
+//! round trip, then the `queued` event.
 //!
-//! The order of writes is what makes "202 means stored" and "nothing twice" hold together:
+//! A submission sends, back to back, the claim of its idempotency key in the dedup bucket
+//! (`create`: exactly one claimant wins, and the claim names the job id for good), the job's
+//! record and the job itself, then waits for the three acknowledgements. The caller is told
+//! "stored" only when both the claim and the job are acknowledged. The `queued` event follows,
+//! not awaited: it is published only for a job whose claim is its own (a subscriber never
+//! hears of a job that does not exist), and stored only if the job has no event yet, so the
+//! audit trail never has it after the runner's first event. The runner needs a few round
+//! trips (lease, record, locks) before that event; ingest sends `queued` as soon as its
+//! answers are in.
 //!
-//! 1. claim the idempotency key in the dedup bucket (`create`: exactly one claimant wins, and
-//!    the claim names the job id for good);
-//! 2. send the record, the `queued` event and the job back to back, then wait for JetStream's
-//!    acks: once the job's ack is in, the job is durable, and only now is the caller told so.
+//! Sending the job before knowing the claim's fate means a submission that loses the claim
+//! (a redelivery, the poller seeing a pushed commit, two deliveries racing) has stored a job
+//! nobody may run. One rule keeps "nothing twice": **a job runs only if its key's claim names
+//! it.** The runner reads the claim beside the record before a job's first start (one more
+//! read, in parallel) and drops a job whose claim names another; a key nobody claimed (the
+//! claim's write failed, the dedup entry expired) it claims itself. The losing submission also
+//! takes back its record and job message and answers with the winner's id.
 //!
-//! A later submission of the same key (a redelivery, the poller seeing the same commit) is a
-//! duplicate of the claimed job id. Whether the first submission got its job stored is not
-//! written down (that was a fifth write): the duplicate reads the job's record, and unless it
-//! shows the job has started, publishes the job again under the same id. That is harmless:
-//! `Nats-Msg-Id` is the job id, so JetStream stores it once within the jobs stream's duplicate
-//! window, the record is created only if absent, and the runner runs a job id at most once
-//! (its record is checked first), also if a message carrying it were stored twice outside the
-//! window. So a submission whose job's acknowledgement never came (the caller got
-//! "unavailable", a webhook 503, and GitHub redelivers), or whose agent died mid-way, is
-//! completed by the next submission of its key, at once and with the same job id.
+//! A later submission of the same key is a duplicate of the claimed job id. Whether the first
+//! submission got its job stored is not written down: the duplicate reads the job's record,
+//! and unless it shows the job has started, publishes the job again under the same id. That
+//! is harmless: `Nats-Msg-Id` is the job id, so JetStream stores it once within the jobs
+//! stream's duplicate window, the record is created only if absent, and the runner runs a job
+//! id at most once (its record is checked first), also if a message carrying it were stored
+//! twice outside the window. So a submission whose job's acknowledgement never came (the
+//! caller got "unavailable", a webhook 503, and GitHub redelivers), or whose agent died
+//! mid-way, is completed by the next submission of its key, at once and with the same job id.
 
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::kv;
+use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use infraflux_handlers::JobEnvelope;
@@ -30,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::records::{JobRecord, JobState, Records};
-use crate::store::{Store, kv_key};
+use crate::store::{Store, kv_key, start_kv_create};
 use crate::telemetry;
 
 /// How long a submission retries a claim that keeps vanishing under it (an operator purging
@@ -75,6 +87,25 @@ fn explain_store_error(error: &str) -> String {
     }
 }
 
+/// How a claim sent with its job fared.
+#[derive(Debug)]
+enum Claimed {
+    Stored,
+    /// The key was claimed before (or deleted since).
+    Taken,
+    Failed(String),
+}
+
+/// What one round trip of `send` stored, as JetStream answered.
+struct Sent {
+    envelope: JobEnvelope,
+    record: JobRecord,
+    claim: Option<Claimed>,
+    /// `Ok(false)`: a record existed under the job id.
+    recorded: Result<bool, String>,
+    job: Result<PublishAck, String>,
+}
+
 /// What the dedup bucket holds per idempotency key. Claims written by older agents also
 /// carry a `status`, which is not read any more.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,58 +126,82 @@ impl Ingestor {
     }
 
     /// Stores `envelope` as a job unless its idempotency key was seen; see the module docs.
-    pub async fn submit(&self, mut envelope: JobEnvelope) -> Result<Submitted, IngestError> {
+    pub async fn submit(&self, envelope: JobEnvelope) -> Result<Submitted, IngestError> {
         self.ensure_connected()?;
         let key = kv_key(&envelope.idempotency_key);
-        let dedup = &self.store.dedup;
-        let deadline = tokio::time::Instant::now() + CLAIM_PATIENCE;
-        let existing = loop {
-            let claim = Claim {
-                job_id: envelope.job_id.clone(),
-                at: Utc::now(),
-            };
-            match dedup.create(&key, encode(&claim)).await {
-                Ok(_) => return self.enqueue(envelope, false).await,
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-                Err(e) => return Err(IngestError::Unavailable(e.to_string())),
-            }
-            let entry = dedup
-                .entry(&key)
-                .await
-                .map_err(|e| IngestError::Unavailable(e.to_string()))?;
-            if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) {
-                break serde_json::from_slice::<Claim>(&entry.value)
-                    .map_err(|_| IngestError::Unavailable(format!("unreadable claim {key}")))?;
-            }
-            // Withdrawn meanwhile: claim again, not in a tight loop.
-            if tokio::time::Instant::now() >= deadline {
-                return Err(IngestError::Unavailable(format!(
-                    "the claim of {} keeps vanishing",
-                    envelope.idempotency_key
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        // Our own claim: the create was stored but its answer lost (a leader election).
-        if existing.job_id == envelope.job_id {
-            return self.enqueue(envelope, false).await;
+        let ingress_traceparent = envelope.traceparent.clone();
+        let sent = self.enqueue(envelope, Some(&key)).await?;
+        match &sent.claim {
+            Some(Claimed::Stored) => return self.conclude(sent).await,
+            // The job may be stored without its claim: the runner claims it then, and the
+            // sender's retry is a duplicate of it (or wins the claim and this job is dropped).
+            Some(Claimed::Failed(e)) => return Err(IngestError::Unavailable(e.clone())),
+            Some(Claimed::Taken) | None => {}
         }
-        let job_id = existing.job_id;
-        envelope.job_id = job_id.clone();
-        match self.records.get(&job_id).await {
+        // Claimed before (or deleted since, which `claim` tells apart).
+        let claimant = self.claim(&key, &sent.envelope.job_id).await?;
+        // Our own claim: a deleted key claimed now, or a create stored whose answer was lost
+        // (a leader election).
+        if claimant == sent.envelope.job_id {
+            return self.conclude(sent).await;
+        }
+        self.withdraw(&sent).await;
+        let mut envelope = sent.envelope;
+        envelope.job_id = claimant.clone();
+        envelope.traceparent = ingress_traceparent;
+        match self.records.get(&claimant).await {
             // Started or ended: its job was stored.
             Ok(Some((record, _))) if record.state != JobState::Queued => {}
             // Maybe stored, maybe in flight: publish it again under its own id, JetStream
             // keeps one.
             Ok(Some(_)) => {
-                self.enqueue(envelope, true).await?;
+                let sent = self.enqueue(envelope, None).await?;
+                self.conclude(sent).await?;
             }
             // Its submission stored nothing visible (it died, or was answered "unavailable"):
             // this one stores the job, under the claimed id.
-            Ok(None) => return self.enqueue(envelope, false).await,
+            Ok(None) => {
+                let sent = self.enqueue(envelope, None).await?;
+                return self.conclude(sent).await;
+            }
             Err(e) => return Err(IngestError::Unavailable(e.to_string())),
         }
-        Ok(Submitted::Duplicate { job_id })
+        Ok(Submitted::Duplicate { job_id: claimant })
+    }
+
+    /// The job id `key`'s claim names: the existing claim's, or `job_id`'s when the key was
+    /// never claimed (or its claim was deleted or expired) and this call claims it.
+    pub async fn claim(&self, key: &str, job_id: &str) -> Result<String, IngestError> {
+        let dedup = &self.store.dedup;
+        let deadline = tokio::time::Instant::now() + CLAIM_PATIENCE;
+        loop {
+            let entry = dedup
+                .entry(key)
+                .await
+                .map_err(|e| IngestError::Unavailable(e.to_string()))?;
+            if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) {
+                return serde_json::from_slice::<Claim>(&entry.value)
+                    .map(|claim| claim.job_id)
+                    .map_err(|_| IngestError::Unavailable(format!("unreadable claim {key}")));
+            }
+            let claim = Claim {
+                job_id: job_id.to_string(),
+                at: Utc::now(),
+            };
+            match dedup.create(key, encode(&claim)).await {
+                Ok(_) => return Ok(job_id.to_string()),
+                // Claimed meanwhile: read whose it is.
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(IngestError::Unavailable(e.to_string())),
+            }
+            // Claimed and withdrawn again (an operator purging the bucket): not in a tight loop.
+            if tokio::time::Instant::now() >= deadline {
+                return Err(IngestError::Unavailable(format!(
+                    "the claim of {key} keeps vanishing"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The job already stored (or being stored) under `idempotency_key`, if any: a request that
@@ -175,13 +230,13 @@ impl Ingestor {
         }
     }
 
-    /// Stores the record, the `queued` event (not for a `duplicate`: the first submission
-    /// sent it) and the job.
+    /// Sends the claim of `claim_key` (if given), the record and the job, and waits for the
+    /// answers.
     async fn enqueue(
         &self,
         mut envelope: JobEnvelope,
-        duplicate: bool,
-    ) -> Result<Submitted, IngestError> {
+        claim_key: Option<&str>,
+    ) -> Result<Sent, IngestError> {
         // The queue hop is its own span, the producer side: the runner's job span becomes its
         // child, so a trace reads ingress → enqueue → job → handler steps.
         let span = tracing::info_span!("enqueue", kind = envelope.kind.as_str(), job_id = %envelope.job_id);
@@ -191,34 +246,47 @@ impl Ingestor {
         if let Some(tp) = telemetry::traceparent_of(&span) {
             envelope.traceparent = Some(tp);
         }
-        self.publish(envelope, duplicate).instrument(span).await
+        self.send(envelope, claim_key).instrument(span).await
     }
 
-    async fn publish(
+    async fn send(
         &self,
         envelope: JobEnvelope,
-        duplicate: bool,
-    ) -> Result<Submitted, IngestError> {
-        let job_id = envelope.job_id.clone();
+        claim_key: Option<&str>,
+    ) -> Result<Sent, IngestError> {
         let trace_id = envelope
             .traceparent
             .as_deref()
             .and_then(telemetry::trace_id_of)
             .unwrap_or_default();
         let record = JobRecord::new(&envelope, &trace_id);
-        // Record, `queued` event and job go out back to back and their acks are awaited
-        // together: one round trip instead of three. The record is sent first, so it is
-        // almost always stored before an agent sees the job (the runner writes it from the
-        // envelope if not), and the `queued` event precedes any later event of the job in
-        // the events stream.
-        let record_ack = self.records.start_create(&record).await;
-        // A duplicate may find the record written and the job running: no second `queued`.
-        let event_ack = if duplicate {
-            None
-        } else {
-            Some(self.records.start_event(&record).await)
+        // All go out back to back and their acks are awaited together: one round trip. The
+        // claim goes first, the record before the job, so both are almost always stored
+        // before an agent sees the job (the runner claims, or writes the record from the
+        // envelope, if not). The `queued` event waits for the claim (see `conclude`).
+        let claim_ack = match claim_key {
+            Some(key) => {
+                let claim = Claim {
+                    job_id: envelope.job_id.clone(),
+                    at: Utc::now(),
+                };
+                let dedup = &self.store.dedup;
+                Some(start_kv_create(&self.store.js, dedup, key, encode(&claim)).await)
+            }
+            None => None,
         };
+        let record_ack = self.records.start_create(&record).await;
         let job_ack = self.start_publish_job(&envelope).await;
+
+        let claim = match claim_ack {
+            Some(Ok(ack)) => Some(match ack.await {
+                Ok(_) => Claimed::Stored,
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Claimed::Taken,
+                Err(e) => Claimed::Failed(e.to_string()),
+            }),
+            Some(Err(e)) => Some(Claimed::Failed(e.to_string())),
+            None => None,
+        };
         let recorded = match record_ack {
             Ok(ack) => match ack.await {
                 Ok(_) => Ok(true),
@@ -228,34 +296,56 @@ impl Ingestor {
             },
             Err(e) => Err(e.to_string()),
         };
-        let queued = match job_ack {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        let job = match job_ack {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        let event_ack = match event_ack {
-            Some(Ok(ack)) => Some(ack.await.map(|_| ()).map_err(|e| e.to_string())),
-            Some(Err(e)) => Some(Err(e.to_string())),
-            None => None,
-        };
-        if let Some(Err(e)) = &event_ack {
-            tracing::warn!(%job_id, error = %e, "Job `queued` event not stored");
-        }
-        if let Err(e) = queued {
+        Ok(Sent {
+            envelope,
+            record,
+            claim,
+            recorded,
+            job,
+        })
+    }
+
+    /// The answer for what `send` stored under a job id that is the job's to run; its
+    /// `queued` event is sent now, not awaited (see the module docs).
+    async fn conclude(&self, sent: Sent) -> Result<Submitted, IngestError> {
+        let job_id = &sent.envelope.job_id;
+        if let Err(e) = &sent.job {
             // The job may be stored although its ack is missing: the claim stays, and the
             // sender's retry publishes the same job id again (see the module docs).
-            return Err(IngestError::Unavailable(e));
+            return Err(IngestError::Unavailable(e.clone()));
         }
-        match recorded {
-            Ok(true) => {
-                if event_ack.is_none() {
-                    self.records.publish_event(&record).await;
-                }
-            }
-            Ok(false) => {}
+        match &sent.recorded {
+            Ok(true) | Ok(false) => self.records.announce(&sent.record).await,
             // The job is durable; the runner writes its record from the envelope.
             Err(e) => tracing::warn!(%job_id, error = %e, "Job queued without its record"),
         }
-        Ok(Submitted::Created { job_id })
+        Ok(Submitted::Created {
+            job_id: job_id.clone(),
+        })
+    }
+
+    /// Takes back what a submission that lost its key's claim stored under its own job id,
+    /// which nobody was told. Best effort: what is left, the runner drops (the claim names
+    /// another job) and the stranded-job sweep brings a left record to the runner. The record
+    /// goes first, so a job message is only taken back once nothing would queue it again.
+    async fn withdraw(&self, sent: &Sent) {
+        let job_id = &sent.envelope.job_id;
+        if matches!(sent.recorded, Ok(true))
+            && let Err(e) = self.records.forget(job_id).await
+        {
+            tracing::warn!(%job_id, error = %e, "Record of a job that lost its claim not removed; the runner drops the job");
+            return;
+        }
+        if let Ok(ack) = &sent.job
+            && !ack.duplicate
+            && let Err(e) = self.store.jobs.delete_message(ack.sequence).await
+        {
+            tracing::warn!(%job_id, error = %e, "Job that lost its claim not removed; the runner drops it");
+        }
     }
 
     /// Publishes `envelope`'s job again under its own id, for a record left `queued` (see

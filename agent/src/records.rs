@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -150,6 +151,12 @@ impl JobRecord {
             checkpoint: Value::Null,
             acceptance: None,
         }
+    }
+
+    /// Still as ingest wrote it: no delivery of the job got as far as starting it, so whether
+    /// it may run at all is decided by its key's claim (see `ingest`).
+    pub fn never_started(&self) -> bool {
+        self.state == JobState::Queued && self.attempts == 0 && self.interruptions.is_empty()
     }
 }
 
@@ -457,34 +464,57 @@ impl Records {
         &self,
         record: &JobRecord,
     ) -> Result<async_nats::jetstream::context::PublishAckFuture, RecordError> {
-        // The subject and header that `kv::Store::create` uses for a key never written.
-        let subject = format!(
-            "{}{}",
-            self.kv.put_prefix.as_ref().unwrap_or(&self.kv.prefix),
-            record.job_id
-        );
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
-        self.js
-            .publish_with_headers(subject, headers, encode(record))
+        crate::store::start_kv_create(&self.js, &self.kv, &record.job_id, encode(record))
             .await
             .map_err(|e| RecordError::Unavailable(e.to_string()))
     }
 
-    /// Starts publishing a record's event without waiting for the answer.
-    pub async fn start_event(
-        &self,
-        record: &JobRecord,
-    ) -> Result<async_nats::jetstream::context::PublishAckFuture, RecordError> {
-        let payload = serde_json::to_vec(&JobEvent::from(record))
-            .map_err(|e| RecordError::Unavailable(format!("cannot encode job event: {e}")))?;
-        self.js
-            .publish(
-                self.names.event_subject(&record.job_id),
-                Bytes::from(payload),
-            )
+    /// Removes the record of a job that never started and never will (it lost its key's
+    /// claim to another job): nobody was told its id.
+    pub async fn forget(&self, job_id: &str) -> Result<(), RecordError> {
+        self.kv
+            .purge(job_id)
             .await
             .map_err(|e| RecordError::Unavailable(e.to_string()))
+    }
+
+    /// Publishes a job's first event, `queued`, unless the job has an event already; a task
+    /// waits for the answer, so the caller does not. The check ("no message yet on the job's
+    /// subject") keeps the stored events in order whoever sends it and when: ingest sends it
+    /// once the job's claim is known to be its own, after the job (a job that loses its claim
+    /// is never announced), and the runner when it writes a record ingest could not.
+    pub async fn announce(&self, record: &JobRecord) {
+        let payload = match serde_json::to_vec(&JobEvent::from(record)) {
+            Ok(p) => Bytes::from(p),
+            Err(e) => {
+                tracing::error!(job_id = %record.job_id, error = %e, "Cannot encode job event");
+                return;
+            }
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        let subject = self.names.event_subject(&record.job_id);
+        match self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+        {
+            Ok(ack) => {
+                let job_id = record.job_id.clone();
+                tokio::spawn(async move {
+                    match ack.await {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
+                        Err(e) => {
+                            tracing::warn!(%job_id, error = %e, "Job `queued` event not stored")
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %record.job_id, error = %e, "Job `queued` event not published")
+            }
+        }
     }
 
     /// Reads, changes and writes a record with a revision check, retrying on conflict; then

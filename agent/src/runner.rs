@@ -31,6 +31,7 @@ use tracing::Instrument;
 use crate::app::{App, CancelReason, RunningJob};
 use crate::locks::{self, Acquire, Owner};
 use crate::records::{Change, FollowUpNote, JobRecord, JobState, RecordError};
+use crate::store::kv_key;
 use crate::telemetry;
 
 /// How long one pull request waits for a job before asking again.
@@ -254,7 +255,8 @@ impl Delivery {
     /// Everything between taking the lease and settling the message.
     async fn execute(&self) -> Settle {
         let record = match self.load_record().await {
-            Ok(r) => r,
+            Ok(Some(r)) => r,
+            Ok(None) => return Settle::Ack,
             Err(RecordError::Corrupt(id, reason)) => {
                 tracing::error!(job_id = %id, %reason, "Unreadable job record; job terminated");
                 return Settle::Ack;
@@ -834,14 +836,48 @@ impl Delivery {
             .await
     }
 
-    /// The job's record, written from the envelope if ingest could not write it.
-    async fn load_record(&self) -> Result<JobRecord, RecordError> {
-        if let Some((record, _)) = self.app.records.get(self.job_id()).await? {
+    /// The job's record, written from the envelope if ingest could not write it; `None` for
+    /// a job that is not to run: its key's claim names another job (see `ingest`).
+    async fn load_record(&self) -> Result<Option<JobRecord>, RecordError> {
+        let job_id = self.job_id();
+        // The claim is read beside the record: a job's first start waits for one read only.
+        let (record, claimant) = tokio::join!(
+            self.app.records.get(job_id),
+            self.app.ingest.submitted(&self.envelope.idempotency_key)
+        );
+        let mut record = record?.map(|(r, _)| r);
+        if let Some(r) = &record
+            && !r.never_started()
+        {
             return Ok(record);
         }
-        // Ingest sends the record just before the job, to another stream: give it a moment.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if let Some((record, _)) = self.app.records.get(self.job_id()).await? {
+        let claimant = match claimant {
+            Ok(Some(claimant)) => claimant,
+            // Nobody claimed the key (the claim's write failed, or it expired): this job does.
+            Ok(None) => self
+                .app
+                .ingest
+                .claim(&kv_key(&self.envelope.idempotency_key), job_id)
+                .await
+                .map_err(|e| RecordError::Unavailable(e.to_string()))?,
+            Err(e) => return Err(RecordError::Unavailable(e.to_string())),
+        };
+        if claimant != job_id {
+            tracing::info!(
+                claimant = %claimant,
+                "Job lost its key's claim to another job (a concurrent submission of the same key); dropped"
+            );
+            if record.is_some() {
+                self.app.records.forget(job_id).await?;
+            }
+            return Ok(None);
+        }
+        if record.is_none() {
+            // Ingest sends the record just before the job, to another stream: give it a moment.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            record = self.app.records.get(job_id).await?.map(|(r, _)| r);
+        }
+        if record.is_some() {
             return Ok(record);
         }
         let trace_id = self
@@ -852,14 +888,14 @@ impl Delivery {
             .unwrap_or_default();
         let record = JobRecord::new(&self.envelope, &trace_id);
         if self.app.records.create(&record).await? {
-            self.app.records.publish_event(&record).await;
+            self.app.records.announce(&record).await;
         }
         self.app
             .records
-            .get(self.job_id())
+            .get(job_id)
             .await?
-            .map(|(r, _)| r)
-            .ok_or_else(|| RecordError::NotFound(self.job_id().to_string()))
+            .map(|(r, _)| Some(r))
+            .ok_or_else(|| RecordError::NotFound(job_id.to_string()))
     }
 }
 

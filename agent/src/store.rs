@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use async_nats::{Client, ConnectOptions};
+use bytes::Bytes;
 use infraflux_handlers::JobKind;
 use infraflux_handlers::secret::Secrets;
 
@@ -523,6 +524,22 @@ fn bucket_config(
 }
 
 /// Makes any string a valid KV key: kept as is when it already is one, else hashed.
+/// Starts writing `key` in `kv` only if it was never written (or has expired), without waiting
+/// for JetStream's answer, so the caller can send more in the same round trip: the subject and
+/// header `kv::Store::create` uses first. A key deleted or purged since fails here like one that
+/// exists; `kv::Store::create` tells the two apart.
+pub async fn start_kv_create(
+    js: &jetstream::Context,
+    kv: &kv::Store,
+    key: &str,
+    value: Bytes,
+) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
+    let subject = format!("{}{key}", kv.put_prefix.as_ref().unwrap_or(&kv.prefix));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+    js.publish_with_headers(subject, headers, value).await
+}
+
 pub fn kv_key(raw: &str) -> String {
     let valid = !raw.is_empty()
         && raw.len() <= 200

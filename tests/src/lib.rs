@@ -683,6 +683,16 @@ impl EventLog {
             .collect()
     }
 
+    /// Every job id an event was heard of.
+    pub fn job_ids(&self) -> std::collections::BTreeSet<String> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|e| e.job_id.clone())
+            .collect()
+    }
+
     pub fn states_of(&self, job_id: &str) -> Vec<String> {
         self.of(job_id)
             .iter()

@@ -353,11 +353,246 @@ async fn a_lost_publish_ack_and_the_senders_retry_make_one_job_with_one_id() {
     // Once more after a moment: a second job would have run by now.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(log.runs().len(), 1, "{:?}", log.runs());
-    let stream = client
-        .request("$JS.API.STREAM.INFO.INFRAFLUX_JOBS", "".into())
+    // The redelivery's own job message, sent with its claim before the claim was known to be
+    // lost, was taken back: nothing is left to run.
+    assert_eq!(queued_messages(&client).await, 0);
+    agent.stop().await;
+}
+
+/// Messages left in the jobs stream (a work queue: a job's message goes when it is done).
+async fn queued_messages(client: &async_nats::Client) -> u64 {
+    async_nats::jetstream::new(client.clone())
+        .get_stream("INFRAFLUX_JOBS")
         .await
-        .expect("stream info");
-    let info: Value = serde_json::from_slice(&stream.payload).expect("json");
-    assert_eq!(info["state"]["last_seq"], 1, "{info}");
+        .expect("jobs stream")
+        .info()
+        .await
+        .expect("jobs stream info")
+        .state
+        .messages
+}
+
+/// Ingest sends a delivery's claim and its job in one round trip, so a delivery that loses
+/// the claim has stored a job of its own first. Deliveries of one commit racing each other,
+/// and redeliveries after the job ran, are all answered with the one job; the losers leave no
+/// record, no event (not even one heard live) and no queue message; each job runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_that_lose_the_claim_leave_nothing_behind_and_run_nothing() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let agent = start_agent(
+        &nats,
+        "a1",
+        "",
+        TestHandler::new(
+            JobKind::RECONCILE,
+            Behaviour::Sleep(Duration::from_millis(300)),
+            log.clone(),
+        )
+        .install(),
+    )
+    .await;
+    let client = nats.client().await;
+    let events = EventLog::subscribe(&client).await;
+    let mut payload: Value =
+        serde_json::from_slice(&fixture("github/push/push.json")).expect("json");
+    let mut winners = std::collections::BTreeSet::new();
+    for round in 0..5u32 {
+        payload["after"] = format!("{:040x}", 0xc0ffee + round).into();
+        let body = serde_json::to_vec(&payload).expect("json");
+        let replies = futures::future::join_all((0..8).map(|i| {
+            let (http, body) = (agent.http.clone(), body.clone());
+            async move { post_webhook(&http, "push", &format!("race-{round}-{i}"), &body).await }
+        }))
+        .await;
+        let mut jobs = std::collections::BTreeSet::new();
+        for (status, reply) in &replies {
+            let job = match status {
+                202 => reply["jobs"][0].as_str(),
+                200 => reply["job"].as_str(),
+                _ => panic!("round {round}: {status} {reply}"),
+            };
+            jobs.insert(job.expect("a job id").to_string());
+        }
+        assert_eq!(jobs.len(), 1, "round {round}: {replies:?}");
+        assert_eq!(
+            replies.iter().filter(|(status, _)| *status == 202).count(),
+            1,
+            "round {round}: one delivery created the job: {replies:?}"
+        );
+        winners.extend(jobs);
+    }
+    for job_id in &winners {
+        let done = wait_settled(&client, job_id, Duration::from_secs(20)).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+    // Redeliveries after the run: answered with the job, nothing stored.
+    let body = serde_json::to_vec(&payload).expect("json");
+    for i in 0..3 {
+        let (status, reply) = post_webhook(&agent.http, "push", &format!("late-{i}"), &body).await;
+        assert_eq!(status, 200, "{reply}");
+        assert!(
+            winners.contains(reply["job"].as_str().unwrap_or_default()),
+            "{reply}"
+        );
+    }
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records: std::collections::BTreeSet<String> = all_records(&client)
+        .await
+        .iter()
+        .filter_map(|r| r["job_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(records, winners, "records of the winners only");
+    assert_eq!(
+        events.job_ids(),
+        winners,
+        "events heard of the winners only"
+    );
+    let stored: std::collections::BTreeSet<String> = stored_events(&client)
+        .await
+        .iter()
+        .filter_map(|e| e["job_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(stored, winners, "events stored of the winners only");
+    for job_id in &winners {
+        assert_eq!(
+            events.states_of(job_id).first().map(String::as_str),
+            Some("queued"),
+            "{job_id}: {:?}",
+            events.states_of(job_id)
+        );
+        assert_eq!(log.runs_of(job_id).len(), 1, "{job_id} ran once");
+    }
+    assert_eq!(log.runs().len(), winners.len(), "{:?}", log.runs());
+    assert_eq!(queued_messages(&client).await, 0, "no job message left");
+    agent.stop().await;
+}
+
+/// The runner runs a job only if its key's claim names it: a job message whose key is claimed
+/// by another job (left by a submission that lost the claim and died before taking it back)
+/// is dropped with its record, unannounced; a job whose key nobody claimed (its claim's write
+/// failed) is claimed by the runner and runs, announced `queued` first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_runs_a_job_only_if_its_keys_claim_names_it() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let agent = start_agent(
+        &nats,
+        "a1",
+        "",
+        TestHandler::new(
+            JobKind::RECONCILE,
+            Behaviour::Sleep(Duration::from_millis(100)),
+            log.clone(),
+        )
+        .install(),
+    )
+    .await;
+    let client = nats.client().await;
+    let events = EventLog::subscribe(&client).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let (status, reply) = post_webhook(
+        &agent.http,
+        "push",
+        "d-1",
+        &fixture("github/push/push.json"),
+    )
+    .await;
+    assert_eq!(status, 202, "{reply}");
+    let winner = reply["jobs"][0].as_str().expect("job id").to_string();
+    let done = wait_settled(&client, &winner, Duration::from_secs(20)).await;
+    let claimed_key = done["idempotency_key"].as_str().expect("key").to_string();
+
+    let envelope = |key: &str| infraflux_handlers::JobEnvelope {
+        job_id: infraflux_handlers::new_job_id(),
+        kind: JobKind::RECONCILE,
+        params: Default::default(),
+        source: infraflux_handlers::Source::Webhook,
+        requested_by: "tester".into(),
+        idempotency_key: key.into(),
+        traceparent: None,
+        commit: None,
+        created_at: chrono::Utc::now(),
+    };
+    let loser = envelope(&claimed_key);
+    let unclaimed = envelope("test.unclaimed.1");
+    // The loser's record, as its submission wrote it.
+    let record = infraflux_agent::records::JobRecord::new(&loser, "");
+    js.get_key_value("infraflux-jobs")
+        .await
+        .expect("records bucket")
+        .create(
+            &loser.job_id,
+            serde_json::to_vec(&record).expect("json").into(),
+        )
+        .await
+        .expect("record");
+    for job in [&loser, &unclaimed] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", job.job_id.as_str());
+        js.publish_with_headers(
+            "infraflux.jobs.reconcile",
+            headers,
+            serde_json::to_vec(job).expect("json").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    }
+
+    wait_for(
+        Duration::from_secs(10),
+        "the runner to record the unclaimed job",
+        || async {
+            let records = all_records(&client).await;
+            records
+                .iter()
+                .any(|r| r["job_id"] == unclaimed.job_id.as_str())
+                .then_some(())
+        },
+    )
+    .await;
+    let done = wait_settled(&client, &unclaimed.job_id, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let claim = js
+        .get_key_value("infraflux-dedup")
+        .await
+        .expect("dedup bucket")
+        .get("test.unclaimed.1")
+        .await
+        .expect("read claim")
+        .expect("the runner claimed the key");
+    let claim: Value = serde_json::from_slice(&claim).expect("claim json");
+    assert_eq!(claim["job_id"], unclaimed.job_id.as_str(), "{claim}");
+    wait_for(
+        Duration::from_secs(10),
+        "the loser's record to go",
+        || async {
+            let records = all_records(&client).await;
+            (!records.iter().any(|r| r["job_id"] == loser.job_id.as_str())).then_some(())
+        },
+    )
+    .await;
+    wait_for(Duration::from_secs(10), "the queue to empty", || async {
+        (queued_messages(&client).await == 0).then_some(())
+    })
+    .await;
+    assert!(log.runs_of(&loser.job_id).is_empty(), "{:?}", log.runs());
+    assert_eq!(log.runs_of(&unclaimed.job_id).len(), 1);
+    assert_eq!(log.runs_of(&winner).len(), 1);
+    assert!(
+        events.of(&loser.job_id).is_empty(),
+        "{:?}",
+        events.of(&loser.job_id)
+    );
+    assert_eq!(
+        events.states_of(&unclaimed.job_id),
+        ["queued", "running", "running", "succeeded"],
+        "announced before its first start"
+    );
     agent.stop().await;
 }
