@@ -353,6 +353,7 @@ async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
             seen_at: Utc::now(),
             concurrency: app.config.agent.concurrency,
             running: app.running_ids(),
+            checks_claims: true,
         };
         if let Ok(bytes) = serde_json::to_vec(&presence)
             && let Err(e) = app

@@ -104,7 +104,8 @@ impl App {
             agent_id.clone(),
             config.agent.lease_ttl.get(),
         );
-        let ingest = Ingestor::new(store.clone(), records.clone());
+        let status = crate::status::StatusCache::default();
+        let ingest = Ingestor::new(store.clone(), records.clone(), status.clone());
         Self {
             config,
             agent_id,
@@ -118,7 +119,7 @@ impl App {
             metrics,
             running: Mutex::new(HashMap::new()),
             started_at: Utc::now(),
-            status: crate::status::StatusCache::default(),
+            status,
             runner_beat_ms: std::sync::atomic::AtomicI64::new(Utc::now().timestamp_millis()),
         }
     }

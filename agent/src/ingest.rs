@@ -8,8 +8,13 @@
 //! not awaited: it is published only for a job whose claim is its own (a subscriber never
 //! hears of a job that does not exist), and stored only if the job has no event yet, so the
 //! audit trail never has it after the runner's first event. The runner needs a few round
-//! trips (lease, record, locks) before that event; ingest sends `queued` as soon as its
-//! answers are in.
+//! trips (lease, record, locks) before that event and ingest sends `queued` as soon as its
+//! answers are in, so `queued` comes first in practice; if it did not, or if the agent died
+//! before sending it, the trail starts at the runner's first event (the record is complete).
+//!
+//! The claim goes with the job only where a sender waits (webhooks, ChatOps) and only while
+//! every live agent checks claims (an older agent would run a losing job); otherwise the
+//! claim is written first and a loser stores nothing (see `Ingestor::claims_with_job`).
 //!
 //! Sending the job before knowing the claim's fate means a submission that loses the claim
 //! (a redelivery, the poller seeing a pushed commit, two deliveries racing) has stored a job
@@ -17,7 +22,7 @@
 //! it.** The runner reads the claim beside the record before a job's first start (one more
 //! read, in parallel) and drops a job whose claim names another; a key nobody claimed (the
 //! claim's write failed, the dedup entry expired) it claims itself. The losing submission also
-//! takes back its record and job message and answers with the winner's id.
+//! takes back its record and job message and answers as a duplicate of the winner.
 //!
 //! A later submission of the same key is a duplicate of the claimed job id. Whether the first
 //! submission got its job stored is not written down: the duplicate reads the job's record,
@@ -37,11 +42,12 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use infraflux_handlers::JobEnvelope;
+use infraflux_handlers::{JobEnvelope, Source};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::records::{JobRecord, JobState, Records};
+use crate::status::StatusCache;
 use crate::store::{Store, kv_key, start_kv_create};
 use crate::telemetry;
 
@@ -114,15 +120,34 @@ struct Claim {
     at: DateTime<Utc>,
 }
 
+/// Whose an idempotency key is, as the dedup bucket says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimant {
+    Job {
+        job_id: String,
+        at: DateTime<Utc>,
+    },
+    /// Not valid JSON of a claim: written by something else. Ingest refuses the key's new
+    /// submissions until the entry is deleted.
+    Unreadable,
+    Nobody,
+}
+
 #[derive(Clone)]
 pub struct Ingestor {
     store: Store,
     records: Records,
+    /// Which agents are alive and what they can do.
+    fleet: StatusCache,
 }
 
 impl Ingestor {
-    pub fn new(store: Store, records: Records) -> Self {
-        Self { store, records }
+    pub fn new(store: Store, records: Records, fleet: StatusCache) -> Self {
+        Self {
+            store,
+            records,
+            fleet,
+        }
     }
 
     /// Stores `envelope` as a job unless its idempotency key was seen; see the module docs.
@@ -130,23 +155,34 @@ impl Ingestor {
         self.ensure_connected()?;
         let key = kv_key(&envelope.idempotency_key);
         let ingress_traceparent = envelope.traceparent.clone();
-        let sent = self.enqueue(envelope, Some(&key)).await?;
-        match &sent.claim {
-            Some(Claimed::Stored) => return self.conclude(sent).await,
-            // The job may be stored without its claim: the runner claims it then, and the
-            // sender's retry is a duplicate of it (or wins the claim and this job is dropped).
-            Some(Claimed::Failed(e)) => return Err(IngestError::Unavailable(e.clone())),
-            Some(Claimed::Taken) | None => {}
-        }
-        // Claimed before (or deleted since, which `claim` tells apart).
-        let claimant = self.claim(&key, &sent.envelope.job_id).await?;
-        // Our own claim: a deleted key claimed now, or a create stored whose answer was lost
-        // (a leader election).
-        if claimant == sent.envelope.job_id {
-            return self.conclude(sent).await;
-        }
-        self.withdraw(&sent).await;
-        let mut envelope = sent.envelope;
+        let (claimant, envelope) = if self.claims_with_job(&envelope) {
+            let sent = self.enqueue(envelope, Some(&key)).await?;
+            match &sent.claim {
+                Some(Claimed::Stored) => return self.conclude(sent).await,
+                // The job may be stored without its claim: the runner claims it then, and the
+                // sender's retry is a duplicate of it (or wins the claim, and this job is
+                // dropped).
+                Some(Claimed::Failed(e)) => return Err(IngestError::Unavailable(e.clone())),
+                Some(Claimed::Taken) | None => {}
+            }
+            // Claimed before (or deleted since, which `claim` tells apart).
+            let claimant = self.claim(&key, &sent.envelope.job_id).await?;
+            // Our own claim: a deleted key claimed now, or a create stored whose answer was
+            // lost (a leader election).
+            if claimant == sent.envelope.job_id {
+                return self.conclude(sent).await;
+            }
+            self.withdraw(&sent).await;
+            (claimant, sent.envelope)
+        } else {
+            let claimant = self.claim(&key, &envelope.job_id).await?;
+            if claimant == envelope.job_id {
+                let sent = self.enqueue(envelope, None).await?;
+                return self.conclude(sent).await;
+            }
+            (claimant, envelope)
+        };
+        let mut envelope = envelope;
         envelope.job_id = claimant.clone();
         envelope.traceparent = ingress_traceparent;
         match self.records.get(&claimant).await {
@@ -159,7 +195,8 @@ impl Ingestor {
                 self.conclude(sent).await?;
             }
             // Its submission stored nothing visible (it died, or was answered "unavailable"):
-            // this one stores the job, under the claimed id.
+            // this one stores the job, under the claimed id, and answers "created" (nobody
+            // was told of the job before).
             Ok(None) => {
                 let sent = self.enqueue(envelope, None).await?;
                 return self.conclude(sent).await;
@@ -169,12 +206,55 @@ impl Ingestor {
         Ok(Submitted::Duplicate { job_id: claimant })
     }
 
-    /// The job id `key`'s claim names: the existing claim's, or `job_id`'s when the key was
-    /// never claimed (or its claim was deleted or expired) and this call claims it.
+    /// Whether the claim goes out with the job (one round trip) or first (two): together where
+    /// a sender waits for the answer and a key's second submission is rare (a redelivery),
+    /// and only while every live agent checks claims before running a job. Schedules (every
+    /// agent submits each fire), the poller (it mostly sees commits a webhook brought) and
+    /// follow-ups claim first, so their routine losers store nothing.
+    fn claims_with_job(&self, envelope: &JobEnvelope) -> bool {
+        matches!(
+            envelope.source,
+            Source::Webhook | Source::NatsGithub | Source::Chatops
+        ) && self.fleet.every_agent_checks_claims()
+    }
+
+    /// Who holds the claim of `idempotency_key`, for the runner's check before a first start.
+    pub async fn claimant(&self, idempotency_key: &str) -> Result<Claimant, IngestError> {
+        self.ensure_connected()?;
+        let entry = self
+            .store
+            .dedup
+            .entry(kv_key(idempotency_key))
+            .await
+            .map_err(|e| IngestError::Unavailable(e.to_string()))?;
+        Ok(match entry.filter(|e| e.operation == kv::Operation::Put) {
+            None => Claimant::Nobody,
+            Some(entry) => match serde_json::from_slice::<Claim>(&entry.value) {
+                Ok(claim) => Claimant::Job {
+                    job_id: claim.job_id,
+                    at: claim.at,
+                },
+                Err(_) => Claimant::Unreadable,
+            },
+        })
+    }
+
+    /// The job id `key`'s claim names: `job_id` when the key was never claimed (or its claim
+    /// was deleted or expired) and this call claims it, else the existing claim's.
     pub async fn claim(&self, key: &str, job_id: &str) -> Result<String, IngestError> {
         let dedup = &self.store.dedup;
         let deadline = tokio::time::Instant::now() + CLAIM_PATIENCE;
         loop {
+            let claim = Claim {
+                job_id: job_id.to_string(),
+                at: Utc::now(),
+            };
+            match dedup.create(key, encode(&claim)).await {
+                Ok(_) => return Ok(job_id.to_string()),
+                // Claimed already: read whose it is.
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(IngestError::Unavailable(e.to_string())),
+            }
             let entry = dedup
                 .entry(key)
                 .await
@@ -183,16 +263,6 @@ impl Ingestor {
                 return serde_json::from_slice::<Claim>(&entry.value)
                     .map(|claim| claim.job_id)
                     .map_err(|_| IngestError::Unavailable(format!("unreadable claim {key}")));
-            }
-            let claim = Claim {
-                job_id: job_id.to_string(),
-                at: Utc::now(),
-            };
-            match dedup.create(key, encode(&claim)).await {
-                Ok(_) => return Ok(job_id.to_string()),
-                // Claimed meanwhile: read whose it is.
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-                Err(e) => return Err(IngestError::Unavailable(e.to_string())),
             }
             // Claimed and withdrawn again (an operator purging the bucket): not in a tight loop.
             if tokio::time::Instant::now() >= deadline {
@@ -330,13 +400,15 @@ impl Ingestor {
 
     /// Takes back what a submission that lost its key's claim stored under its own job id,
     /// which nobody was told. Best effort: what is left, the runner drops (the claim names
-    /// another job) and the stranded-job sweep brings a left record to the runner. The record
-    /// goes first, so a job message is only taken back once nothing would queue it again.
+    /// another job). Only a record this submission wrote is removed, and the job message only
+    /// after it: a record left behind would be queued again by the stranded-job sweep, so its
+    /// message is left for the runner, which drops both.
     async fn withdraw(&self, sent: &Sent) {
         let job_id = &sent.envelope.job_id;
-        if matches!(sent.recorded, Ok(true))
-            && let Err(e) = self.records.forget(job_id).await
-        {
+        if !matches!(sent.recorded, Ok(true)) {
+            return;
+        }
+        if let Err(e) = self.records.forget(job_id).await {
             tracing::warn!(%job_id, error = %e, "Record of a job that lost its claim not removed; the runner drops the job");
             return;
         }

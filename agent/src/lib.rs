@@ -37,3 +37,4 @@ pub mod webhook;
 
 pub use agent::{AgentError, AgentHandle, start, start_with_clock};
 pub use config::Config;
+pub use status::StatusCache;

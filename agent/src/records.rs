@@ -153,10 +153,14 @@ impl JobRecord {
         }
     }
 
-    /// Still as ingest wrote it: no delivery of the job got as far as starting it, so whether
-    /// it may run at all is decided by its key's claim (see `ingest`).
+    /// Still as ingest wrote it (never changed since: a job put back in the queue by a
+    /// stopping agent was), so whether it may run at all is decided by its key's claim (see
+    /// `ingest`).
     pub fn never_started(&self) -> bool {
-        self.state == JobState::Queued && self.attempts == 0 && self.interruptions.is_empty()
+        self.state == JobState::Queued
+            && self.attempts == 0
+            && self.interruptions.is_empty()
+            && self.updated_at == self.created_at
     }
 }
 

@@ -29,6 +29,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::Instrument;
 
 use crate::app::{App, CancelReason, RunningJob};
+use crate::ingest::Claimant;
 use crate::locks::{self, Acquire, Owner};
 use crate::records::{Change, FollowUpNote, JobRecord, JobState, RecordError};
 use crate::store::kv_key;
@@ -255,8 +256,14 @@ impl Delivery {
     /// Everything between taking the lease and settling the message.
     async fn execute(&self) -> Settle {
         let record = match self.load_record().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Settle::Ack,
+            Ok(Admission::Run(r)) => *r,
+            Ok(Admission::Lost) => return Settle::Ack,
+            Ok(Admission::Superseded { by }) => {
+                let message = format!(
+                    "superseded by job {by}: its idempotency key's claim had expired before it started, and a new submission claimed the key"
+                );
+                return self.finish(JobState::Cancelled, message, None, None).await;
+            }
             Err(RecordError::Corrupt(id, reason)) => {
                 tracing::error!(job_id = %id, %reason, "Unreadable job record; job terminated");
                 return Settle::Ack;
@@ -836,49 +843,69 @@ impl Delivery {
             .await
     }
 
-    /// The job's record, written from the envelope if ingest could not write it; `None` for
-    /// a job that is not to run: its key's claim names another job (see `ingest`).
-    async fn load_record(&self) -> Result<Option<JobRecord>, RecordError> {
+    /// The job's record, written from the envelope if ingest could not write it, unless the
+    /// job is not to run: its key's claim names another job (see `ingest`).
+    async fn load_record(&self) -> Result<Admission, RecordError> {
         let job_id = self.job_id();
         // The claim is read beside the record: a job's first start waits for one read only.
         let (record, claimant) = tokio::join!(
             self.app.records.get(job_id),
-            self.app.ingest.submitted(&self.envelope.idempotency_key)
+            self.app.ingest.claimant(&self.envelope.idempotency_key)
         );
         let mut record = record?.map(|(r, _)| r);
-        if let Some(r) = &record
-            && !r.never_started()
-        {
-            return Ok(record);
+        if let Some(r) = record.take_if(|r| !r.never_started()) {
+            return Ok(Admission::Run(Box::new(r)));
         }
-        let claimant = match claimant {
-            Ok(Some(claimant)) => claimant,
+        let unavailable = |e: crate::ingest::IngestError| RecordError::Unavailable(e.to_string());
+        let claimant = match claimant.map_err(unavailable)? {
+            Claimant::Job {
+                job_id: claimant,
+                at,
+            } => Some((claimant, at)),
             // Nobody claimed the key (the claim's write failed, or it expired): this job does.
-            Ok(None) => self
-                .app
-                .ingest
-                .claim(&kv_key(&self.envelope.idempotency_key), job_id)
-                .await
-                .map_err(|e| RecordError::Unavailable(e.to_string()))?,
-            Err(e) => return Err(RecordError::Unavailable(e.to_string())),
+            Claimant::Nobody => Some((
+                self.app
+                    .ingest
+                    .claim(&kv_key(&self.envelope.idempotency_key), job_id)
+                    .await
+                    .map_err(unavailable)?,
+                Utc::now(),
+            )),
+            // Ingest takes no new submission of the key while its claim is unreadable: this
+            // job is the only one.
+            Claimant::Unreadable => {
+                tracing::warn!(
+                    "The claim of the job's idempotency key is unreadable; the job runs"
+                );
+                None
+            }
         };
-        if claimant != job_id {
+        if let Some((claimant, claimed_at)) = claimant.filter(|(c, _)| c != job_id) {
+            // A job accepted before the key's present claim existed lost its own claim to
+            // expiry: its sender was told of it, so it ends visibly. Otherwise it is a
+            // submission that lost the claim, which nobody was told of: it leaves no trace.
+            let margin = chrono::Duration::from_std(CLAIM_CLOCK_MARGIN).unwrap_or_default();
+            if let Some(r) = &record
+                && r.created_at + margin < claimed_at
+            {
+                return Ok(Admission::Superseded { by: claimant });
+            }
             tracing::info!(
-                claimant = %claimant,
+                %claimant,
                 "Job lost its key's claim to another job (a concurrent submission of the same key); dropped"
             );
             if record.is_some() {
                 self.app.records.forget(job_id).await?;
             }
-            return Ok(None);
+            return Ok(Admission::Lost);
         }
         if record.is_none() {
             // Ingest sends the record just before the job, to another stream: give it a moment.
             tokio::time::sleep(Duration::from_millis(50)).await;
             record = self.app.records.get(job_id).await?.map(|(r, _)| r);
         }
-        if record.is_some() {
-            return Ok(record);
+        if let Some(record) = record {
+            return Ok(Admission::Run(Box::new(record)));
         }
         let trace_id = self
             .envelope
@@ -894,10 +921,26 @@ impl Delivery {
             .records
             .get(job_id)
             .await?
-            .map(|(r, _)| Some(r))
+            .map(|(r, _)| Admission::Run(Box::new(r)))
             .ok_or_else(|| RecordError::NotFound(job_id.to_string()))
     }
 }
+
+/// Whether a delivery may run its job, by its key's claim.
+enum Admission {
+    Run(Box<JobRecord>),
+    /// A submission that lost the claim: dropped without a trace.
+    Lost,
+    /// Accepted, but its claim expired before it started and another job claimed the key.
+    Superseded {
+        by: String,
+    },
+}
+
+/// How much earlier than a key's present claim a job's record must be to count as accepted
+/// before that claim existed: a losing submission writes its record within its claim
+/// patience of the winner's claim, on agents whose clocks may differ a little.
+const CLAIM_CLOCK_MARGIN: Duration = Duration::from_secs(120);
 
 /// A value with every string in it scrubbed of secrets: records are shown to users.
 pub(crate) fn redact_value(

@@ -26,6 +26,10 @@ pub struct Presence {
     pub seen_at: DateTime<Utc>,
     pub concurrency: usize,
     pub running: Vec<String>,
+    /// The agent runs a job only if its key's claim names it (see `ingest`); agents before
+    /// this field do not, and while one is alive, submissions claim before sending the job.
+    #[serde(default)]
+    pub checks_claims: bool,
 }
 
 #[derive(Default)]
@@ -57,6 +61,23 @@ pub struct StatusCache {
 }
 
 impl StatusCache {
+    /// Whether every live agent checks a job's claim before its first start; false while no
+    /// agent has been seen yet.
+    pub fn every_agent_checks_claims(&self) -> bool {
+        let Ok(inner) = self.inner.read() else {
+            return false;
+        };
+        let now = Utc::now();
+        let fresh = chrono::Duration::from_std(PRESENCE_TTL).unwrap_or_default();
+        let mut live = inner.agents.values().filter(|p| now - p.seen_at < fresh);
+        let mut any = false;
+        let every = live.all(|p| {
+            any = true;
+            p.checks_claims
+        });
+        any && every
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let Ok(inner) = self.inner.read() else {
             return Snapshot {

@@ -1058,7 +1058,12 @@ pub async fn bench_growth(
         store.names.clone(),
         store.state.clone(),
     );
-    let ingest = infraflux_agent::ingest::Ingestor::new(store.clone(), records);
+    // No agent is seen by this status cache: claims are written before the jobs.
+    let ingest = infraflux_agent::ingest::Ingestor::new(
+        store.clone(),
+        records,
+        infraflux_agent::StatusCache::default(),
+    );
     futures::stream::iter(0..jobs)
         .for_each_concurrent(64, |i| {
             let ingest = ingest.clone();

@@ -473,7 +473,8 @@ async fn deliveries_that_lose_the_claim_leave_nothing_behind_and_run_nothing() {
 /// The runner runs a job only if its key's claim names it: a job message whose key is claimed
 /// by another job (left by a submission that lost the claim and died before taking it back)
 /// is dropped with its record, unannounced; a job whose key nobody claimed (its claim's write
-/// failed) is claimed by the runner and runs, announced `queued` first.
+/// failed) is claimed by the runner and runs, announced `queued` first; a job accepted long
+/// before the key's present claim (its own expired) ends `cancelled`, naming the newer job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runner_runs_a_job_only_if_its_keys_claim_names_it() {
     init();
@@ -519,18 +520,35 @@ async fn the_runner_runs_a_job_only_if_its_keys_claim_names_it() {
     };
     let loser = envelope(&claimed_key);
     let unclaimed = envelope("test.unclaimed.1");
-    // The loser's record, as its submission wrote it.
-    let record = infraflux_agent::records::JobRecord::new(&loser, "");
-    js.get_key_value("infraflux-jobs")
+    // Accepted an hour ago; its claim expired meanwhile and a newer job claimed the key.
+    let mut expired = envelope("test.expired.1");
+    expired.created_at = chrono::Utc::now() - chrono::Duration::hours(1);
+    let newer_claim = serde_json::json!({"job_id": "01newerjob", "at": chrono::Utc::now()});
+    js.get_key_value("infraflux-dedup")
         .await
-        .expect("records bucket")
+        .expect("dedup bucket")
         .create(
-            &loser.job_id,
-            serde_json::to_vec(&record).expect("json").into(),
+            "test.expired.1",
+            serde_json::to_vec(&newer_claim).expect("json").into(),
         )
         .await
-        .expect("record");
-    for job in [&loser, &unclaimed] {
+        .expect("claim");
+    // The loser's and the expired one's records, as ingest wrote them.
+    let records = js
+        .get_key_value("infraflux-jobs")
+        .await
+        .expect("records bucket");
+    for job in [&loser, &expired] {
+        let record = infraflux_agent::records::JobRecord::new(job, "");
+        records
+            .create(
+                &job.job_id,
+                serde_json::to_vec(&record).expect("json").into(),
+            )
+            .await
+            .expect("record");
+    }
+    for job in [&loser, &unclaimed, &expired] {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", job.job_id.as_str());
         js.publish_with_headers(
@@ -581,6 +599,16 @@ async fn the_runner_runs_a_job_only_if_its_keys_claim_names_it() {
         (queued_messages(&client).await == 0).then_some(())
     })
     .await;
+    let superseded = wait_settled(&client, &expired.job_id, Duration::from_secs(20)).await;
+    assert_eq!(superseded["state"], "cancelled", "{superseded}");
+    assert!(
+        superseded["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("superseded by job 01newerjob"),
+        "{superseded}"
+    );
+    assert!(log.runs_of(&expired.job_id).is_empty());
     assert!(log.runs_of(&loser.job_id).is_empty(), "{:?}", log.runs());
     assert_eq!(log.runs_of(&unclaimed.job_id).len(), 1);
     assert_eq!(log.runs_of(&winner).len(), 1);
@@ -594,5 +622,106 @@ async fn the_runner_runs_a_job_only_if_its_keys_claim_names_it() {
         ["queued", "running", "running", "succeeded"],
         "announced before its first start"
     );
+    agent.stop().await;
+}
+
+/// The claim goes with the job only while every live agent checks claims before running a
+/// job: with an agent of an earlier version alive (its presence has no `checks_claims`), a
+/// redelivery's claim is written first and stores no job message of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_older_agent_alive_a_losing_delivery_stores_no_job() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let agent = start_agent(
+        &nats,
+        "a1",
+        "",
+        TestHandler::new(
+            JobKind::RECONCILE,
+            Behaviour::Sleep(Duration::from_millis(50)),
+            log.clone(),
+        )
+        .install(),
+    )
+    .await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let last_job_sequence = || async {
+        js.get_stream("INFRAFLUX_JOBS")
+            .await
+            .expect("jobs stream")
+            .info()
+            .await
+            .expect("info")
+            .state
+            .last_sequence
+    };
+    let body = fixture("github/push/push.json");
+    let (status, reply) = post_webhook(&agent.http, "push", "d-1", &body).await;
+    assert_eq!(status, 202, "{reply}");
+    let job_id = reply["jobs"][0].as_str().expect("job id").to_string();
+    wait_settled(&client, &job_id, Duration::from_secs(20)).await;
+
+    // Only agents that check claims: a redelivery sends its job with its claim, then takes
+    // it back.
+    let before = last_job_sequence().await;
+    let (status, reply) = post_webhook(&agent.http, "push", "d-2", &body).await;
+    assert_eq!(
+        (status, reply["job"].as_str()),
+        (200, Some(job_id.as_str())),
+        "{reply}"
+    );
+    assert_eq!(
+        last_job_sequence().await,
+        before + 1,
+        "the job went with the claim"
+    );
+
+    // An agent of an earlier version comes up.
+    let old = serde_json::json!({
+        "agent": "old-1",
+        "version": "0.0.9",
+        "started_at": chrono::Utc::now(),
+        "seen_at": chrono::Utc::now(),
+        "concurrency": 1,
+        "running": [],
+    });
+    js.get_key_value("infraflux-agents")
+        .await
+        .expect("agents bucket")
+        .put("old-1", serde_json::to_vec(&old).expect("json").into())
+        .await
+        .expect("presence");
+    status_showing(&client, "old-1").await;
+    let before = last_job_sequence().await;
+    for delivery in ["d-3", "d-4"] {
+        let (status, reply) = post_webhook(&agent.http, "push", delivery, &body).await;
+        assert_eq!(
+            (status, reply["job"].as_str()),
+            (200, Some(job_id.as_str())),
+            "{reply}"
+        );
+    }
+    assert_eq!(
+        last_job_sequence().await,
+        before,
+        "claimed first: no job message stored"
+    );
+    // A new job is still created, claim first.
+    let mut payload: Value = serde_json::from_slice(&body).expect("json");
+    payload["after"] = "b".repeat(40).into();
+    let (status, reply) = post_webhook(
+        &agent.http,
+        "push",
+        "d-5",
+        &serde_json::to_vec(&payload).expect("json"),
+    )
+    .await;
+    assert_eq!(status, 202, "{reply}");
+    let second = reply["jobs"][0].as_str().expect("job id").to_string();
+    let done = wait_settled(&client, &second, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(log.runs().len(), 2, "{:?}", log.runs());
     agent.stop().await;
 }
