@@ -277,17 +277,10 @@ impl Ingestor {
     /// The job already stored (or being stored) under `idempotency_key`, if any: a request that
     /// must not be judged twice (an approval comment delivered again) asks this first.
     pub async fn submitted(&self, idempotency_key: &str) -> Result<Option<String>, IngestError> {
-        self.ensure_connected()?;
-        let entry = self
-            .store
-            .dedup
-            .entry(kv_key(idempotency_key))
-            .await
-            .map_err(|e| IngestError::Unavailable(e.to_string()))?;
-        Ok(entry
-            .filter(|e| e.operation == kv::Operation::Put)
-            .and_then(|e| serde_json::from_slice::<Claim>(&e.value).ok())
-            .map(|claim| claim.job_id))
+        Ok(match self.claimant(idempotency_key).await? {
+            Claimant::Job { job_id, .. } => Some(job_id),
+            Claimant::Unreadable | Claimant::Nobody => None,
+        })
     }
 
     /// Fails fast while disconnected: a request to a dead server would take its whole timeout,

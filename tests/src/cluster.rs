@@ -92,11 +92,18 @@ cluster {{
 
     fn spawn(&self, i: usize) {
         let server = &self.servers[i];
+        // The server's own log, appended across restarts, tells why it did not come up.
+        let log_path = server.config.with_extension("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("server log");
         let child = Command::new("nats-server")
             .arg("-c")
             .arg(&server.config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start nats-server ({e}); install it (Debian: apt-get install nats-server)")
@@ -109,7 +116,14 @@ cluster {{
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("nats-server {} did not listen", server.name);
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
+        panic!(
+            "nats-server {} did not listen on {}; its log ends:\n{}",
+            server.name,
+            server.client_port,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
 
     pub fn name(&self, i: usize) -> &str {

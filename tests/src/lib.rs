@@ -57,7 +57,28 @@ pub fn fixture(path: &str) -> Vec<u8> {
     std::fs::read(&file).unwrap_or_else(|e| panic!("fixture {} is missing ({e})", file.display()))
 }
 
+/// A free loopback port for a peer to listen on, below the kernel's ephemeral range: a port
+/// from that range (what binding port 0 gives) can be taken as the source port of any
+/// outgoing connection between this check and the peer's bind, or while a killed peer is
+/// down, and the peer then fails to listen. Each port is handed out once per process.
 pub fn free_port() -> u16 {
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 10_000;
+    if ephemeral_from > LOWEST + 1_000 {
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..1_000 {
+            let port = rand::random_range(LOWEST..ephemeral_from);
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

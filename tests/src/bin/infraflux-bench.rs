@@ -129,7 +129,7 @@ fn main() {
                     if !paced {
                         continue;
                     }
-                    for rate in [500.0, 1000.0, 2000.0] {
+                    for rate in [100.0, 500.0, 1000.0, 2000.0] {
                         let load = bench::webhook_load_at(&url, rate, duration, next).await;
                         next += 1_000_000_000;
                         line(
