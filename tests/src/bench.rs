@@ -427,6 +427,110 @@ async fn load(
     load
 }
 
+/// The store's floor for one accepted delivery: what ingest writes, without the agent. A plain
+/// client sends a claim (KV create), a record (KV create) and a job (work-queue stream) of
+/// ingest's sizes back to back and awaits the three acks, offered at `rate` a second (open
+/// loop, 16 senders paced as `webhook_load_at`'s), on buckets and a stream of its own.
+pub async fn store_floor_at(nats: &impl NatsPeer, rate: f64, duration: Duration) -> Load {
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client);
+    let replicas = nats.replicas();
+    // Streams as the agent's buckets are (one message per subject, file storage) and its work
+    // queue; the KV API's own create is not used, as nats-server 2.9 refuses its newer fields.
+    let stream =
+        |name: &str, subject: &str, work_queue: bool| async_nats::jetstream::stream::Config {
+            name: name.to_string(),
+            subjects: vec![format!("{subject}.>")],
+            retention: if work_queue {
+                async_nats::jetstream::stream::RetentionPolicy::WorkQueue
+            } else {
+                async_nats::jetstream::stream::RetentionPolicy::Limits
+            },
+            max_messages_per_subject: if work_queue { 0 } else { 1 },
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+    for (name, subject, work_queue) in [
+        ("FLOOR_DEDUP", "floor.dedup", false),
+        ("FLOOR_RECORDS", "floor.records", false),
+        ("FLOOR_JOBS", "floor.jobs", true),
+    ] {
+        js.get_or_create_stream(stream(name, subject, work_queue))
+            .await
+            .unwrap_or_else(|e| panic!("stream {name}: {e}"));
+    }
+    let claim = bytes::Bytes::from(vec![b'c'; 80]);
+    let record = bytes::Bytes::from(vec![b'r'; 650]);
+    let job = bytes::Bytes::from(vec![b'j'; 520]);
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Keys of their own per run: a key created by an earlier run would fail its create.
+    let run = rand::random::<u32>();
+    let started = Instant::now();
+    let deadline = started + duration;
+    let senders = 16u64;
+    let mut tasks = Vec::new();
+    for sender in 0..senders {
+        let (js, counter) = (js.clone(), counter.clone());
+        let (claim, record, job) = (claim.clone(), record.clone(), job.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Latencies::default();
+            let (mut ok, mut errors) = (0u64, 0u64);
+            for k in 0u64.. {
+                let due = started + Duration::from_secs_f64((k * senders + sender) as f64 / rate);
+                if due >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(due.into()).await;
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let key = format!("{run}-{n}");
+                let create = |bucket: &str, value: bytes::Bytes| {
+                    let subject = format!("floor.{bucket}.{key}");
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+                    js.publish_with_headers(subject, headers, value)
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", key.as_str());
+                let acks = async {
+                    let a = create("dedup", claim.clone()).await?;
+                    let b = create("records", record.clone()).await?;
+                    let c = js
+                        .publish_with_headers("floor.jobs.bench", headers, job.clone())
+                        .await?;
+                    a.await?;
+                    b.await?;
+                    c.await?;
+                    Ok::<(), async_nats::Error>(())
+                };
+                match acks.await {
+                    Ok(()) => {
+                        lat.push(due.elapsed());
+                        ok += 1;
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (ok, errors, lat)
+        }));
+    }
+    let mut load = Load {
+        requests: 0,
+        errors: 0,
+        seconds: 0.0,
+        latencies: Latencies::default(),
+    };
+    for t in tasks {
+        if let Ok((ok, errors, lat)) = t.await {
+            load.requests += ok;
+            load.errors += errors;
+            load.latencies.extend(lat);
+        }
+    }
+    load.seconds = duration.as_secs_f64();
+    load
+}
+
 /// Debian's `webhook` (adnanh/webhook) with a payload-hmac-sha256 rule running /bin/true.
 pub struct WebhookTool {
     child: Child,

@@ -139,6 +139,13 @@ fn main() {
                     }
                 }
                 if paced {
+                    for rate in [100.0, 500.0, 1000.0, 2000.0] {
+                        let load = bench::store_floor_at(&nats, rate, duration).await;
+                        line(
+                            &format!("store floor (claim, record, job in one round trip, no agent) at {rate:.0} req/s"),
+                            &load,
+                        );
+                    }
                     let tool = bench::WebhookTool::start().await;
                     let theirs = bench::webhook_load(&tool.url, 16, duration, false, 0).await;
                     line("baseline webhook 2.8, 16 connections, closed loop", &theirs);
