@@ -410,19 +410,7 @@ async fn load(
             (ok, errors, lat)
         }));
     }
-    let mut load = Load {
-        requests: 0,
-        errors: 0,
-        seconds: 0.0,
-        latencies: Latencies::default(),
-    };
-    for t in tasks {
-        if let Ok((ok, errors, lat)) = t.await {
-            load.requests += ok;
-            load.errors += errors;
-            load.latencies.extend(lat);
-        }
-    }
+    let mut load = gather(tasks).await;
     load.seconds = started.elapsed().as_secs_f64();
     load
 }
@@ -514,6 +502,14 @@ pub async fn store_floor_at(nats: &impl NatsPeer, rate: f64, duration: Duration)
             (ok, errors, lat)
         }));
     }
+    let mut load = gather(tasks).await;
+    load.seconds = duration.as_secs_f64();
+    load
+}
+
+/// One load from its senders' counts (answered, failed) and latencies; the caller sets its
+/// seconds.
+async fn gather(tasks: Vec<tokio::task::JoinHandle<(u64, u64, Latencies)>>) -> Load {
     let mut load = Load {
         requests: 0,
         errors: 0,
@@ -527,7 +523,6 @@ pub async fn store_floor_at(nats: &impl NatsPeer, rate: f64, duration: Duration)
             load.latencies.extend(lat);
         }
     }
-    load.seconds = duration.as_secs_f64();
     load
 }
 
