@@ -382,7 +382,7 @@ impl Ingestor {
             return Err(IngestError::Unavailable(e.clone()));
         }
         match &sent.recorded {
-            Ok(true) | Ok(false) => self.records.announce(&sent.record).await,
+            Ok(_) => self.records.announce(&sent.record).await,
             // The job is durable; the runner writes its record from the envelope.
             Err(e) => tracing::warn!(%job_id, error = %e, "Job queued without its record"),
         }

@@ -495,14 +495,8 @@ impl Records {
                 return;
             }
         };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
         let subject = self.names.event_subject(&record.job_id);
-        match self
-            .js
-            .publish_with_headers(subject, headers, payload)
-            .await
-        {
+        match crate::store::publish_if_first(&self.js, subject, payload).await {
             Ok(ack) => {
                 let job_id = record.job_id.clone();
                 tokio::spawn(async move {

@@ -32,6 +32,13 @@ pub struct Presence {
     pub checks_claims: bool,
 }
 
+impl Presence {
+    /// Heartbeated within the presence TTL.
+    fn is_live(&self, now: DateTime<Utc>) -> bool {
+        now - self.seen_at < chrono::Duration::from_std(PRESENCE_TTL).unwrap_or_default()
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     agents: BTreeMap<String, Presence>,
@@ -68,14 +75,8 @@ impl StatusCache {
             return false;
         };
         let now = Utc::now();
-        let fresh = chrono::Duration::from_std(PRESENCE_TTL).unwrap_or_default();
-        let mut live = inner.agents.values().filter(|p| now - p.seen_at < fresh);
-        let mut any = false;
-        let every = live.all(|p| {
-            any = true;
-            p.checks_claims
-        });
-        any && every
+        let mut live = inner.agents.values().filter(|p| p.is_live(now)).peekable();
+        live.peek().is_some() && live.all(|p| p.checks_claims)
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -90,11 +91,10 @@ impl StatusCache {
             };
         };
         let now = Utc::now();
-        let fresh = chrono::Duration::from_std(PRESENCE_TTL).unwrap_or_default();
         let agents = inner
             .agents
             .values()
-            .filter(|p| now - p.seen_at < fresh)
+            .filter(|p| p.is_live(now))
             .cloned()
             .collect();
         let locks = inner

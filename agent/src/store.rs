@@ -523,7 +523,6 @@ fn bucket_config(
     }
 }
 
-/// Makes any string a valid KV key: kept as is when it already is one, else hashed.
 /// Starts writing `key` in `kv` only if it was never written (or has expired), without waiting
 /// for JetStream's answer, so the caller can send more in the same round trip: the subject and
 /// header `kv::Store::create` uses first. A key deleted or purged since fails here like one that
@@ -535,11 +534,22 @@ pub async fn start_kv_create(
     value: Bytes,
 ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
     let subject = format!("{}{key}", kv.put_prefix.as_ref().unwrap_or(&kv.prefix));
+    publish_if_first(js, subject, value).await
+}
+
+/// Publishes `value` to be stored only if its subject holds no message yet (JetStream answers
+/// "wrong last sequence" otherwise), without waiting for the answer.
+pub async fn publish_if_first(
+    js: &jetstream::Context,
+    subject: String,
+    value: Bytes,
+) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
     js.publish_with_headers(subject, headers, value).await
 }
 
+/// Makes any string a valid KV key: kept as is when it already is one, else hashed.
 pub fn kv_key(raw: &str) -> String {
     let valid = !raw.is_empty()
         && raw.len() <= 200

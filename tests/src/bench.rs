@@ -473,10 +473,11 @@ pub async fn store_floor_at(nats: &impl NatsPeer, rate: f64, duration: Duration)
                 let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let key = format!("{run}-{n}");
                 let create = |bucket: &str, value: bytes::Bytes| {
-                    let subject = format!("floor.{bucket}.{key}");
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
-                    js.publish_with_headers(subject, headers, value)
+                    infraflux_agent::store::publish_if_first(
+                        &js,
+                        format!("floor.{bucket}.{key}"),
+                        value,
+                    )
                 };
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert("Nats-Msg-Id", key.as_str());
