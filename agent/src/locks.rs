@@ -180,8 +180,15 @@ impl LockManager {
         line_up: bool,
     ) -> Result<Acquire, LockError> {
         let key = resource_key(&request.resource)?;
+        // First as if the key had never been written (a job's lease always, a free lock
+        // mostly: a released one is purged): a create, no read. If it exists, the create is
+        // refused and the entry read.
+        let mut unread = Some((LockEntry::default(), 0));
         loop {
-            let (mut entry, revision) = self.read(&key).await?;
+            let (mut entry, revision) = match unread.take() {
+                Some(unread) => unread,
+                None => self.read(&key).await?,
+            };
             let now = Utc::now();
             entry
                 .holders

@@ -5,6 +5,7 @@
 //! write one record; the revision check makes their writes serial.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
@@ -376,13 +377,17 @@ impl Records {
         duration_seconds: Option<f64>,
         success: Option<TargetFigures>,
     ) {
-        let previous: Option<LastResult> = self
-            .state
-            .get(key)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        // A success is its own last success: nothing to carry over, nothing to read.
+        let previous: Option<LastResult> = match success {
+            Some(_) => None,
+            None => self
+                .state
+                .get(key)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|b| serde_json::from_slice(&b).ok()),
+        };
         let success = success.or_else(|| {
             previous.map(|p| TargetFigures {
                 target: String::new(),
@@ -521,7 +526,22 @@ impl Records {
     where
         F: FnMut(&mut JobRecord) -> Change,
     {
-        let (record, changed) = self.compare_and_set(job_id, change).await?;
+        self.transition_from(job_id, &KnownRecord::default(), change)
+            .await
+    }
+
+    /// [`Records::transition`] from what `known` holds: written against that copy's revision
+    /// without a read first, and `known` then holds what was written.
+    pub async fn transition_from<F>(
+        &self,
+        job_id: &str,
+        known: &KnownRecord,
+        change: F,
+    ) -> Result<JobRecord, RecordError>
+    where
+        F: FnMut(&mut JobRecord) -> Change,
+    {
+        let (record, changed) = self.compare_and_set(job_id, known, change).await?;
         if changed {
             self.publish_event(&record).await;
         }
@@ -529,27 +549,40 @@ impl Records {
     }
 
     /// The record after `change`, written with compare-and-set (read again and retried when
-    /// another writer came first), and whether its state or message changed.
+    /// another writer came first), and whether its state or message changed. A `change` that
+    /// answers `Keep` leaves the record untouched.
     async fn compare_and_set<F>(
         &self,
         job_id: &str,
+        known: &KnownRecord,
         mut change: F,
     ) -> Result<(JobRecord, bool), RecordError>
     where
         F: FnMut(&mut JobRecord) -> Change,
     {
+        let mut copy = known.take();
         loop {
-            let (mut record, revision) = self
-                .get(job_id)
-                .await?
-                .ok_or_else(|| RecordError::NotFound(job_id.to_string()))?;
+            let from_known = copy.is_some();
+            let (mut record, revision) = match copy.take() {
+                Some(known) => known,
+                None => self
+                    .get(job_id)
+                    .await?
+                    .ok_or_else(|| RecordError::NotFound(job_id.to_string()))?,
+            };
             let before = (record.state, record.message.clone());
             if let Change::Keep = change(&mut record) {
+                if from_known {
+                    // Kept is judged on what the store holds, not on a copy.
+                    continue;
+                }
+                known.keep(&record, revision);
                 return Ok((record, false));
             }
             record.updated_at = Utc::now();
             match self.kv.update(job_id, encode(&record), revision).await {
-                Ok(_) => {
+                Ok(revision) => {
+                    known.keep(&record, revision);
                     let changed = before != (record.state, record.message.clone());
                     return Ok((record, changed));
                 }
@@ -566,13 +599,14 @@ impl Records {
     pub async fn progress(
         &self,
         job_id: &str,
+        known: &KnownRecord,
         lines: &[(String, DateTime<Utc>)],
     ) -> Result<(), RecordError> {
         let Some((newest, _)) = lines.last() else {
             return Ok(());
         };
         let (record, _) = self
-            .compare_and_set(job_id, |r| {
+            .compare_and_set(job_id, known, |r| {
                 if r.state.is_terminal() {
                     Change::Keep
                 } else {
@@ -808,6 +842,42 @@ impl Records {
             }
         }
         Ok(out)
+    }
+}
+
+/// A job's record as its runner last read or wrote it, with the revision it was stored at,
+/// shared by the writes of one delivery (its state, progress lines, checkpoint, commit): each
+/// is written against that revision without a read first. Another writer (a cancel, an
+/// approval, another delivery) makes the copy stale, which costs one refused write and a
+/// read; a stale copy is never written.
+#[derive(Clone, Default)]
+pub struct KnownRecord(Arc<Mutex<Option<(JobRecord, u64)>>>);
+
+impl KnownRecord {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<(JobRecord, u64)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn take(&self) -> Option<(JobRecord, u64)> {
+        self.slot().take()
+    }
+
+    fn keep(&self, record: &JobRecord, revision: u64) {
+        *self.slot() = Some((record.clone(), revision));
+    }
+
+    /// Holds what was just read (or nothing, if nothing was found); returns the record.
+    pub fn remember(&self, read: Option<(JobRecord, u64)>) -> Option<JobRecord> {
+        let record = read.as_ref().map(|(r, _)| r.clone());
+        *self.slot() = read;
+        record
+    }
+
+    /// Holds nothing: the next write reads first.
+    pub fn forget(&self) {
+        self.take();
     }
 }
 

@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::app::{App, CancelReason, RunningJob};
 use crate::ingest::Claimant;
 use crate::locks::{self, Acquire, Owner};
-use crate::records::{Change, FollowUpNote, JobRecord, JobState, RecordError};
+use crate::records::{Change, FollowUpNote, JobRecord, JobState, KnownRecord, RecordError};
 use crate::store::kv_key;
 use crate::telemetry;
 
@@ -160,6 +160,7 @@ async fn run_delivery(app: Arc<App>, message: jetstream::Message) {
         envelope,
         job: RunningJob::new(),
         held: Arc::new(Mutex::new(Vec::new())),
+        known: KnownRecord::default(),
     };
     delivery.run().instrument(span).await;
 }
@@ -173,6 +174,9 @@ struct Delivery {
     job: RunningJob,
     /// Locks held by this attempt, the job lease first; renewed by the keepalive.
     held: Arc<Mutex<Vec<LockRequest>>>,
+    /// The job's record as this delivery last read or wrote it: its next write goes without a
+    /// read first.
+    known: KnownRecord,
 }
 
 /// How the delivery ends for the queue.
@@ -509,7 +513,8 @@ impl Delivery {
             }
         };
         let hard_stop = CancellationToken::new();
-        let progress = RecordProgress::start(self.app.clone(), record.job_id.clone());
+        let progress =
+            RecordProgress::start(self.app.clone(), record.job_id.clone(), self.known.clone());
         let ctx = JobContext {
             job_id: record.job_id.clone(),
             kind,
@@ -615,9 +620,13 @@ impl Delivery {
             }
             Ending::CancelledByUser => {
                 let by = match self.app.records.get(self.job_id()).await {
-                    Ok(Some((r, _))) => r.cancel_requested_by.unwrap_or_else(|| "a user".into()),
-                    _ => "a user".into(),
-                };
+                    Ok(read) => self
+                        .known
+                        .remember(read)
+                        .and_then(|r| r.cancel_requested_by),
+                    Err(_) => None,
+                }
+                .unwrap_or_else(|| "a user".into());
                 (
                     JobState::Cancelled,
                     format!("cancelled by {by}"),
@@ -832,7 +841,7 @@ impl Delivery {
     {
         self.app
             .records
-            .transition(self.job_id(), |r| {
+            .transition_from(self.job_id(), &self.known, |r| {
                 if r.state.is_terminal() {
                     Change::Keep
                 } else {
@@ -852,7 +861,7 @@ impl Delivery {
             self.app.records.get(job_id),
             self.app.ingest.claimant(&self.envelope.idempotency_key)
         );
-        let mut record = record?.map(|(r, _)| r);
+        let mut record = self.known.remember(record?);
         if let Some(r) = record.take_if(|r| !r.never_started()) {
             return Ok(Admission::Run(Box::new(r)));
         }
@@ -895,6 +904,7 @@ impl Delivery {
                 "Job lost its key's claim to another job (a concurrent submission of the same key); dropped"
             );
             if record.is_some() {
+                self.known.forget();
                 self.app.records.forget(job_id).await?;
             }
             return Ok(Admission::Lost);
@@ -902,7 +912,7 @@ impl Delivery {
         if record.is_none() {
             // Ingest sends the record just before the job, to another stream: give it a moment.
             tokio::time::sleep(Duration::from_millis(50)).await;
-            record = self.app.records.get(job_id).await?.map(|(r, _)| r);
+            record = self.known.remember(self.app.records.get(job_id).await?);
         }
         if let Some(record) = record {
             return Ok(Admission::Run(Box::new(record)));
@@ -917,11 +927,9 @@ impl Delivery {
         if self.app.records.create(&record).await? {
             self.app.records.announce(&record).await;
         }
-        self.app
-            .records
-            .get(job_id)
-            .await?
-            .map(|(r, _)| Admission::Run(Box::new(r)))
+        self.known
+            .remember(self.app.records.get(job_id).await?)
+            .map(|r| Admission::Run(Box::new(r)))
             .ok_or_else(|| RecordError::NotFound(job_id.to_string()))
     }
 }
@@ -1204,21 +1212,24 @@ const PROGRESS_FLUSH: Duration = Duration::from_secs(10);
 struct RecordProgress {
     app: Arc<App>,
     job_id: String,
+    /// Shared with the delivery's own record writes.
+    known: KnownRecord,
     lines: Mutex<Option<tokio::sync::mpsc::Sender<ProgressLine>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl RecordProgress {
-    fn start(app: Arc<App>, job_id: String) -> Arc<Self> {
+    fn start(app: Arc<App>, job_id: String, known: KnownRecord) -> Arc<Self> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(PROGRESS_BACKLOG);
         let writer = {
             let app = app.clone();
             let job_id = job_id.clone();
+            let known = known.clone();
             tokio::spawn(
                 async move {
                     let mut batch = Vec::new();
                     while rx.recv_many(&mut batch, PROGRESS_BACKLOG).await > 0 {
-                        if let Err(e) = app.records.progress(&job_id, &batch).await {
+                        if let Err(e) = app.records.progress(&job_id, &known, &batch).await {
                             tracing::warn!(error = %e, lines = batch.len(), "Progress not recorded");
                         }
                         batch.clear();
@@ -1230,6 +1241,7 @@ impl RecordProgress {
         Arc::new(Self {
             app,
             job_id,
+            known,
             lines: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
         })
@@ -1270,7 +1282,7 @@ impl Progress for RecordProgress {
         let value = redact_value(self.app.secrets.redactor(), value);
         self.app
             .records
-            .transition(&self.job_id, |r| {
+            .transition_from(&self.job_id, &self.known, |r| {
                 if r.state.is_terminal() {
                     Change::Keep
                 } else {
@@ -1287,7 +1299,7 @@ impl Progress for RecordProgress {
         let result = self
             .app
             .records
-            .transition(&self.job_id, |r| {
+            .transition_from(&self.job_id, &self.known, |r| {
                 if r.commit.as_deref() == Some(sha) {
                     Change::Keep
                 } else {

@@ -334,14 +334,20 @@ pub async fn webhook_load(
     unique: bool,
     start: u64,
 ) -> Load {
-    load(url, connections, duration, unique, start, None).await
+    load(url, connections, duration, unique, start, None, false).await
 }
 
 /// Signed pushes offered at `rate` a second over `connections`, whatever the answers take (an
 /// open loop, as GitHub sends): each latency counts from the moment its request was due, so
 /// a stall is not hidden by the requests it delayed.
 pub async fn webhook_load_at(url: &str, rate: f64, duration: Duration, start: u64) -> Load {
-    load(url, 16, duration, true, start, Some(rate)).await
+    load(url, 16, duration, true, start, Some(rate), false).await
+}
+
+/// The HTTP floor beside [`webhook_load_at`]: the same senders and pacing, asking `GET url`
+/// (the agent's `/healthz`, which touches nothing else).
+pub async fn probe_load_at(url: &str, rate: f64, duration: Duration) -> Load {
+    load(url, 16, duration, false, 0, Some(rate), true).await
 }
 
 async fn load(
@@ -351,6 +357,7 @@ async fn load(
     unique: bool,
     start: u64,
     rate: Option<f64>,
+    probe: bool,
 ) -> Load {
     let template = Arc::new(PushTemplate::new());
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(start));
@@ -375,29 +382,29 @@ async fn load(
                     started + Duration::from_secs_f64(slot as f64 / rate)
                 });
                 sent_here += 1;
-                if let Some(due) = due {
-                    if due >= deadline {
-                        break;
-                    }
-                    tokio::time::sleep_until(due.into()).await;
-                }
+                let t = match due {
+                    Some(due) if due >= deadline => break,
+                    Some(due) => paced_start(due).await,
+                    None => Instant::now(),
+                };
                 let n = if unique {
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 } else {
                     0
                 };
-                let body = template.body(n);
-                let signature = sign(WEBHOOK_SECRET, &body);
-                let t = due.unwrap_or_else(Instant::now);
-                let sent = client
-                    .post(&url)
-                    .header("Content-Type", "application/json")
-                    .header("X-GitHub-Event", "push")
-                    .header("X-GitHub-Delivery", format!("bench-{n}"))
-                    .header("X-Hub-Signature-256", signature)
-                    .body(body)
-                    .send()
-                    .await;
+                let request = if probe {
+                    client.get(&url)
+                } else {
+                    let body = template.body(n);
+                    client
+                        .post(&url)
+                        .header("Content-Type", "application/json")
+                        .header("X-GitHub-Event", "push")
+                        .header("X-GitHub-Delivery", format!("bench-{n}"))
+                        .header("X-Hub-Signature-256", sign(WEBHOOK_SECRET, &body))
+                        .body(body)
+                };
+                let sent = request.send().await;
                 match sent {
                     Ok(r) if r.status().is_success() => {
                         let _ = r.bytes().await;
@@ -469,7 +476,7 @@ pub async fn store_floor_at(nats: &impl NatsPeer, rate: f64, duration: Duration)
                 if due >= deadline {
                     break;
                 }
-                tokio::time::sleep_until(due.into()).await;
+                let sent = paced_start(due).await;
                 let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let key = format!("{run}-{n}");
                 let create = |bucket: &str, value: bytes::Bytes| {
@@ -494,7 +501,7 @@ pub async fn store_floor_at(nats: &impl NatsPeer, rate: f64, duration: Duration)
                 };
                 match acks.await {
                     Ok(()) => {
-                        lat.push(due.elapsed());
+                        lat.push(sent.elapsed());
                         ok += 1;
                     }
                     Err(_) => errors += 1,
@@ -506,6 +513,20 @@ pub async fn store_floor_at(nats: &impl NatsPeer, rate: f64, duration: Duration)
     let mut load = gather(tasks).await;
     load.seconds = duration.as_secs_f64();
     load
+}
+
+/// Waits for a paced request's due moment; returns the moment its latency counts from. A
+/// sender still waiting for its last answer at `due` is late because of the system: the
+/// latency counts from `due` (a stall is not hidden by the requests it delayed). One that
+/// slept counts from its waking: how late the generator's own timer woke (tokio's is
+/// millisecond-grained) is not the system's.
+async fn paced_start(due: Instant) -> Instant {
+    if due > Instant::now() {
+        tokio::time::sleep_until(due.into()).await;
+        Instant::now()
+    } else {
+        due
+    }
 }
 
 /// One load from its senders' counts (answered, failed) and latencies; the caller sets its
@@ -594,6 +615,28 @@ pub async fn bench_ingest(
     webhook_load(&tool.url, connections, Duration::from_secs(1), false, 0).await;
     let theirs = webhook_load(&tool.url, connections, duration, false, 0).await;
     (ours, theirs, peak)
+}
+
+/// Waits until the agents' job queue holds no message, run or not (at most
+/// `limit`); returns how long that took. A paced load measured behind a backlog measures the
+/// runner draining it, not ingest beside jobs that run at the offered rate.
+pub async fn queue_drained(nats: &impl NatsPeer, limit: Duration) -> Duration {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let names = infraflux_agent::store::Names::new("infraflux");
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        let pending = async {
+            // A work queue: a job's message stays until its run acknowledges it.
+            let mut stream = js.get_stream(&names.jobs_stream).await.ok()?;
+            Some(stream.info().await.ok()?.state.messages)
+        }
+        .await;
+        if pending == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    started.elapsed()
 }
 
 /// Webhook ingest offered at `rate` a second to a fresh agent, after a second's warm-up.

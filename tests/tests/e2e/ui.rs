@@ -105,7 +105,8 @@ async fn push(lab: &Lab, delivery: &str, sha_digit: char, message: &str) -> Stri
     reply["jobs"][0].as_str().expect("job id").to_string()
 }
 
-async fn records(client: &async_nats::Client) -> Records {
+/// The agents' job records, as the agent reads and writes them.
+pub(crate) async fn records(client: &async_nats::Client) -> Records {
     let js = async_nats::jetstream::new(client.clone());
     let names = Names::new("infraflux");
     let kv = js
