@@ -180,9 +180,9 @@ impl LockManager {
         line_up: bool,
     ) -> Result<Acquire, LockError> {
         let key = resource_key(&request.resource)?;
-        // First as if the key had never been written (a job's lease always, a free lock
-        // mostly: a released one is purged): a create, no read. If it exists, the create is
-        // refused and the entry read.
+        // First as if the key had never been written, as a job's lease never was: a create,
+        // no read. A key that exists (held, or a released lock's purge marker) refuses it and
+        // is read, as always: one round trip more for a lock released within the bucket's age.
         let mut unread = Some((LockEntry::default(), 0));
         loop {
             let (mut entry, revision) = match unread.take() {
