@@ -37,6 +37,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult) as u64)
 }
 
+/// The offered rates of `ingest --paced`, for the agent and for the store's floor alike.
+const PACED_RATES: [f64; 4] = [100.0, 500.0, 1000.0, 2000.0];
+
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -123,11 +126,12 @@ fn main() {
                     // Paced first: a rate is measured with an empty queue, not behind the
                     // closed loop's tens of thousands of jobs; after a warm-up, not on a cold
                     // agent (its first store writes, its connections).
-                    if paced {
+                    let rates: &[f64] = if paced { &PACED_RATES } else { &[] };
+                    if !rates.is_empty() {
                         bench::webhook_load_at(&url, 100.0, Duration::from_secs(2), next).await;
                         next += 1_000_000_000;
                     }
-                    for rate in if paced { &[100.0, 500.0, 1000.0, 2000.0][..] } else { &[] } {
+                    for rate in rates {
                         if !busy {
                             // The runner first works off what the load before left queued.
                             let took = bench::queue_drained(&nats, Duration::from_secs(600)).await;
@@ -154,7 +158,7 @@ fn main() {
                     );
                 }
                 if paced {
-                    for rate in [100.0, 500.0, 1000.0, 2000.0] {
+                    for rate in PACED_RATES {
                         let load = bench::store_floor_at(&nats, rate, duration).await;
                         line(
                             &format!("store floor (claim, record, job in one round trip, no agent) at {rate:.0} req/s"),
