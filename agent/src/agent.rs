@@ -5,6 +5,10 @@
 //! serve commands, GitHub events, schedules and the runner. READY is signalled once NATS and
 //! the HTTP listener are up.
 //!
+//! HTTP and ingest's own NATS connection run on a runtime of their own (`IngestRuntime`): a
+//! delivery is accepted without waiting for a worker busy with running jobs, or behind their
+//! store traffic on one connection.
+//!
 //! Stop (SIGTERM): stop pulling jobs and firing schedules, stop taking commands, let running
 //! jobs finish within `agent.shutdown_timeout`, leave the rest unacknowledged for redelivery,
 //! then drop presence, flush NATS and close HTTP.
@@ -48,6 +52,8 @@ pub enum AgentError {
     },
     #[error("ui.auth_token is configured but its secret was not loaded")]
     UiTokenMissing,
+    #[error("cannot start the HTTP and ingest runtime: {0}")]
+    IngestRuntime(std::io::Error),
     #[error(transparent)]
     Store(#[from] store::StoreError),
 }
@@ -118,13 +124,17 @@ pub async fn start_with_clock(
     {
         return Err(AgentError::UiTokenMissing);
     }
-    let (listener, http_addr) =
-        http::bind(&config.http.listen)
-            .await
-            .map_err(|source| AgentError::Listen {
-                listen: config.http.listen.clone(),
-                source,
-            })?;
+    let ingest = IngestRuntime::start().map_err(AgentError::IngestRuntime)?;
+    // Bound on the ingest runtime, which then drives the listener and its connections.
+    let listen = config.http.listen.clone();
+    let bound = ingest
+        .run(async move { http::bind(&listen).await })
+        .await
+        .map_err(AgentError::IngestRuntime)?;
+    let (listener, http_addr) = bound.map_err(|source| AgentError::Listen {
+        listen: config.http.listen.clone(),
+        source,
+    })?;
     let ui = if config.ui.enabled() {
         let (listener, addr) =
             ui::bind(&config.ui.listen)
@@ -148,6 +158,7 @@ pub async fn start_with_clock(
         registry,
         Listeners {
             http: listener,
+            ingest,
             ui: ui.map(|(listener, _)| listener),
         },
         shutdown.clone(),
@@ -166,8 +177,72 @@ pub async fn start_with_clock(
 
 /// The sockets bound before the agent starts, so a port in use fails the start at once.
 struct Listeners {
+    /// Bound on `ingest`, which serves it.
     http: tokio::net::TcpListener,
+    ingest: IngestRuntime,
     ui: Option<tokio::net::TcpListener>,
+}
+
+/// A runtime of its own for HTTP (webhooks, probes, metrics) and ingest's NATS connection.
+/// On the main runtime a webhook's answer waited for a worker free of running jobs' tasks;
+/// here the kernel schedules its threads as the mostly idle threads they are. Two workers, not
+/// one: a burst of deliveries is not handled one at a time (a delivery's `queued` event then
+/// came after the runner's first event of its job).
+struct IngestRuntime {
+    handle: tokio::runtime::Handle,
+    stop: CancellationToken,
+    /// Owns the runtime and drops it (waiting for its workers) once `stop` fires.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IngestRuntime {
+    const WORKERS: usize = 2;
+
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(Self::WORKERS)
+            .thread_name("infraflux-ingest")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("infraflux-ingest".into())
+            .spawn(move || runtime.block_on(stopped.cancelled()))?;
+        Ok(Self {
+            handle,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `task` on the runtime (what it spawns, connects or binds stays there).
+    async fn run<F>(&self, task: F) -> std::io::Result<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle
+            .spawn(task)
+            .await
+            .map_err(|e| std::io::Error::other(format!("ingest runtime task failed: {e}")))
+    }
+
+    /// Ends the runtime, dropping what still runs there, and waits for its threads.
+    async fn finish(mut self) {
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for IngestRuntime {
+    /// An agent task aborted (a crash, in tests) stops answering HTTP too.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 async fn run(
@@ -180,6 +255,7 @@ async fn run(
     clock: Arc<dyn Clock>,
 ) -> Result<(), AgentError> {
     let agent_id = config.agent_id();
+    let ingest = listeners.ingest;
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
     let app_cell = Arc::new(std::sync::OnceLock::new());
@@ -195,7 +271,9 @@ async fn run(
     };
     // HTTP outlives everything else so health checks answer during shutdown.
     let http_stop = CancellationToken::new();
-    let http_task = tokio::spawn(http::serve(listeners.http, http_state, http_stop.clone()));
+    let http_task = ingest
+        .handle
+        .spawn(http::serve(listeners.http, http_state, http_stop.clone()));
     // The status page stops with HTTP; its live timelines end at the start of shutdown.
     let ui_token = secrets.get(UI_AUTH_TOKEN_KEY).cloned();
     let ui_task = listeners.ui.map(|listener| {
@@ -214,6 +292,15 @@ async fn run(
     )
     .await?;
     let _ = readiness.client.set(client.clone());
+    let ingest_client = {
+        let (nats, secrets) = (config.nats.clone(), secrets.clone());
+        let name = format!("infraflux-agent {agent_id} ingest");
+        ingest
+            .run(async move { store::connect(&nats, &secrets, &name).await })
+            .await
+            .map_err(AgentError::IngestRuntime)??
+    };
+    let _ = readiness.ingest_client.set(ingest_client.clone());
 
     let mut backoff = Duration::from_millis(250);
     let store = loop {
@@ -228,6 +315,7 @@ async fn run(
                         if let Some(task) = ui_task {
                             let _ = task.await;
                         }
+                        ingest.finish().await;
                         return Ok(());
                     }
                     () = tokio::time::sleep(backoff) => {}
@@ -238,7 +326,14 @@ async fn run(
     };
     readiness.jetstream_ok.store(true, Ordering::Relaxed);
 
-    let app = Arc::new(App::new(config, services, registry, store, metrics));
+    let app = Arc::new(App::new(
+        config,
+        services,
+        registry,
+        store,
+        metrics,
+        ingest_client.clone(),
+    ));
     let _ = app_cell.set(app.clone());
 
     // Everything but the runner stops as soon as shutdown starts.
@@ -326,6 +421,9 @@ async fn run(
     if let Some(task) = ui_task {
         let _ = task.await;
     }
+    // The last `queued` events ingest sent, out of its client's buffer.
+    let _ = tokio::time::timeout(BACKGROUND_GRACE, ingest_client.flush()).await;
+    ingest.finish().await;
     tracing::info!(agent = %app.agent_id, "Agent stopped");
     Ok(())
 }

@@ -90,6 +90,7 @@ impl App {
         registry: Registry,
         store: Store,
         metrics: Arc<Metrics>,
+        ingest_client: async_nats::Client,
     ) -> Self {
         let secrets = services.secrets.clone();
         let agent_id = config.agent_id();
@@ -105,7 +106,7 @@ impl App {
             config.agent.lease_ttl.get(),
         );
         let status = crate::status::StatusCache::default();
-        let ingest = Ingestor::new(store.clone(), records.clone(), status.clone());
+        let ingest = Ingestor::new(store.clone(), &records, status.clone(), ingest_client);
         Self {
             config,
             agent_id,

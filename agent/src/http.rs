@@ -36,6 +36,8 @@ pub const MAX_WEBHOOK_BYTES: usize = 25 * 1024 * 1024;
 #[derive(Default)]
 pub struct Readiness {
     pub client: OnceLock<async_nats::Client>,
+    /// Ingest's own connection, which webhooks are stored through.
+    pub ingest_client: OnceLock<async_nats::Client>,
     pub jetstream_ok: AtomicBool,
     pub jetstream_error: Mutex<String>,
 }
@@ -46,7 +48,10 @@ impl Readiness {
         let Some(client) = self.client.get() else {
             return Err("connecting to NATS".into());
         };
-        if client.connection_state() != async_nats::connection::State::Connected {
+        let connected = |c: &async_nats::Client| {
+            c.connection_state() == async_nats::connection::State::Connected
+        };
+        if !connected(client) || !self.ingest_client.get().is_some_and(connected) {
             return Err("disconnected from NATS; reconnecting".into());
         }
         if !app_ready {

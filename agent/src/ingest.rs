@@ -110,6 +110,9 @@ struct Sent {
     /// `Ok(false)`: a record existed under the job id.
     recorded: Result<bool, String>,
     job: Result<PublishAck, String>,
+    /// Held from before the job was sent until its `queued` event is answered (or will not be
+    /// sent).
+    announcement: Option<crate::records::Announcement>,
 }
 
 /// What the dedup bucket holds per idempotency key. Claims written by older agents also
@@ -136,17 +139,33 @@ pub enum Claimant {
 #[derive(Clone)]
 pub struct Ingestor {
     store: Store,
+    /// Records written through `js`; read through the store's connection.
     records: Records,
     /// Which agents are alive and what they can do.
     fleet: StatusCache,
+    /// Ingest's own connection: its writes and their answers do not queue behind the store
+    /// traffic of running jobs in one socket and one client task.
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
 }
 
 impl Ingestor {
-    pub fn new(store: Store, records: Records, fleet: StatusCache) -> Self {
+    /// Ingest over `client`, a connection of its own; reads (a claim, a record) and the rare
+    /// clean-ups go through `store`'s. A read after an acknowledged write sees it whichever
+    /// connection asks.
+    pub fn new(
+        store: Store,
+        records: &Records,
+        fleet: StatusCache,
+        client: async_nats::Client,
+    ) -> Self {
+        let js = crate::store::jetstream_of(client.clone());
         Self {
             store,
-            records,
+            records: records.through(js.clone()),
             fleet,
+            client,
+            js,
         }
     }
 
@@ -286,7 +305,7 @@ impl Ingestor {
     /// Fails fast while disconnected: a request to a dead server would take its whole timeout,
     /// and the sender is better served by an immediate "unavailable" it can retry.
     pub fn ensure_connected(&self) -> Result<(), IngestError> {
-        if self.store.client.connection_state() == async_nats::connection::State::Connected {
+        if self.client.connection_state() == async_nats::connection::State::Connected {
             Ok(())
         } else {
             Err(IngestError::Unavailable("not connected to NATS".into()))
@@ -323,6 +342,7 @@ impl Ingestor {
             .and_then(telemetry::trace_id_of)
             .unwrap_or_default();
         let record = JobRecord::new(&envelope, &trace_id);
+        let announcement = self.records.announcing(&envelope.job_id);
         // All go out back to back and their acks are awaited together: one round trip. The
         // claim goes first, the record before the job, so both are almost always stored
         // before an agent sees the job (the runner claims, or writes the record from the
@@ -334,7 +354,7 @@ impl Ingestor {
                     at: Utc::now(),
                 };
                 let dedup = &self.store.dedup;
-                Some(start_kv_create(&self.store.js, dedup, key, encode(&claim)).await)
+                Some(start_kv_create(&self.js, dedup, key, encode(&claim)).await)
             }
             None => None,
         };
@@ -369,12 +389,13 @@ impl Ingestor {
             claim,
             recorded,
             job,
+            announcement: Some(announcement),
         })
     }
 
     /// The answer for what `send` stored under a job id that is the job's to run; its
     /// `queued` event is sent now, not awaited (see the module docs).
-    async fn conclude(&self, sent: Sent) -> Result<Submitted, IngestError> {
+    async fn conclude(&self, mut sent: Sent) -> Result<Submitted, IngestError> {
         let job_id = &sent.envelope.job_id;
         if let Err(e) = &sent.job {
             // The job may be stored although its ack is missing: the claim stays, and the
@@ -382,7 +403,11 @@ impl Ingestor {
             return Err(IngestError::Unavailable(e.clone()));
         }
         match &sent.recorded {
-            Ok(_) => self.records.announce(&sent.record).await,
+            Ok(_) => {
+                self.records
+                    .announce(&sent.record, sent.announcement.take())
+                    .await
+            }
             // The job is durable; the runner writes its record from the envelope.
             Err(e) => tracing::warn!(%job_id, error = %e, "Job queued without its record"),
         }
@@ -436,8 +461,7 @@ impl Ingestor {
             headers.insert("traceparent", tp.as_str());
         }
         let subject = self.store.names.job_subject(envelope.kind);
-        self.store
-            .js
+        self.js
             .publish_with_headers(subject, headers, Bytes::from(payload))
             .await
             .map_err(|e| IngestError::Unavailable(e.to_string()))

@@ -318,6 +318,37 @@ pub struct Records {
     names: Names,
     /// Where the last result per kind is kept, for `status`.
     state: kv::Store,
+    announcing: Announcing,
+}
+
+/// How long a runner's first event of a job waits for this process's `queued` event of it.
+const ANNOUNCE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Jobs whose `queued` event this process is sending, until the store answers it: by then the
+/// server has passed the event to its subscribers. Ingest and the runner use connections of
+/// their own, so without this a runner quick to start a job it was just handed could be heard
+/// `running` before ingest's `queued`.
+#[derive(Clone, Default)]
+struct Announcing(Arc<Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<()>>>>);
+
+/// A `queued` event on its way; dropping it tells a waiting runner to go on.
+pub struct Announcement {
+    job_id: String,
+    announcing: Announcing,
+    receiver: tokio::sync::watch::Receiver<()>,
+    _sender: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for Announcement {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.announcing.0.lock()
+            && pending
+                .get(&self.job_id)
+                .is_some_and(|r| r.same_channel(&self.receiver))
+        {
+            pending.remove(&self.job_id);
+        }
+    }
 }
 
 /// Records scanned at most per `jobs` listing (newest first), so a filter that matches little
@@ -331,7 +362,43 @@ impl Records {
             js,
             names,
             state,
+            announcing: Announcing::default(),
         }
+    }
+
+    /// Marks `job_id`'s `queued` event as on its way, before its job is sent; see
+    /// [`Records::announced`].
+    pub fn announcing(&self, job_id: &str) -> Announcement {
+        let (sender, receiver) = tokio::sync::watch::channel(());
+        if let Ok(mut pending) = self.announcing.0.lock() {
+            pending.insert(job_id.to_string(), receiver.clone());
+        }
+        Announcement {
+            job_id: job_id.to_string(),
+            announcing: self.announcing.clone(),
+            receiver,
+            _sender: sender,
+        }
+    }
+
+    /// Returns once this process's `queued` event of `job_id` is answered (at once when none
+    /// is on its way), or after [`ANNOUNCE_PATIENCE`].
+    pub async fn announced(&self, job_id: &str) {
+        let pending = self
+            .announcing
+            .0
+            .lock()
+            .ok()
+            .and_then(|p| p.get(job_id).cloned());
+        if let Some(mut pending) = pending {
+            // Nothing is ever sent: it ends when the announcement is dropped.
+            let _ = tokio::time::timeout(ANNOUNCE_PATIENCE, pending.changed()).await;
+        }
+    }
+
+    /// The same records, written through `js` (ingest's own connection).
+    pub fn through(&self, js: jetstream::Context) -> Self {
+        Self { js, ..self.clone() }
     }
 
     /// Records a job's end for `status` (the newest result per kind) and for each of its
@@ -492,7 +559,7 @@ impl Records {
     /// subject") keeps the stored events in order whoever sends it and when: ingest sends it
     /// once the job's claim is known to be its own, after the job (a job that loses its claim
     /// is never announced), and the runner when it writes a record ingest could not.
-    pub async fn announce(&self, record: &JobRecord) {
+    pub async fn announce(&self, record: &JobRecord, announcement: Option<Announcement>) {
         let payload = match serde_json::to_vec(&JobEvent::from(record)) {
             Ok(p) => Bytes::from(p),
             Err(e) => {
@@ -505,7 +572,9 @@ impl Records {
             Ok(ack) => {
                 let job_id = record.job_id.clone();
                 tokio::spawn(async move {
-                    match ack.await {
+                    let answered = ack.await;
+                    drop(announcement);
+                    match answered {
                         Ok(_) => {}
                         Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
                         Err(e) => {

@@ -839,6 +839,8 @@ impl Delivery {
     where
         F: FnMut(&mut JobRecord),
     {
+        // A job this agent just ingested: its `queued` event is heard first.
+        self.app.records.announced(self.job_id()).await;
         self.app
             .records
             .transition_from(self.job_id(), &self.known, |r| {
@@ -925,7 +927,7 @@ impl Delivery {
             .unwrap_or_default();
         let record = JobRecord::new(&self.envelope, &trace_id);
         if self.app.records.create(&record).await? {
-            self.app.records.announce(&record).await;
+            self.app.records.announce(&record, None).await;
         }
         self.known
             .remember(self.app.records.get(job_id).await?)

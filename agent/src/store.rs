@@ -182,6 +182,13 @@ pub async fn connect(
         .map_err(|e| err(e.to_string()))
 }
 
+/// JetStream through `client`, with the agent's request timeout.
+pub fn jetstream_of(client: Client) -> jetstream::Context {
+    let mut js = jetstream::new(client);
+    js.set_timeout(JETSTREAM_TIMEOUT);
+    js
+}
+
 /// No wait before the first attempt (the client counts it as attempt 1), then exponential
 /// backoff from 100 ms to 5 s.
 fn reconnect_delay(attempts: usize) -> Duration {
@@ -206,8 +213,7 @@ const SETUP_PATIENCE: Duration = Duration::from_secs(30);
 /// starting together would otherwise keep proposing. Steps run concurrently and each retries
 /// on its own, so a lost request costs one short timeout, not a restart of the whole setup.
 pub async fn bootstrap(client: Client, config: &Config) -> Result<Store, StoreError> {
-    let mut js = jetstream::new(client.clone());
-    js.set_timeout(JETSTREAM_TIMEOUT);
+    let js = jetstream_of(client.clone());
     let mut setup_js = jetstream::new(client.clone());
     setup_js.set_timeout(SETUP_REQUEST_TIMEOUT);
     let names = Names::new(&config.nats.subject_prefix);

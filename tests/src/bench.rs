@@ -1204,8 +1204,9 @@ pub async fn bench_growth(
     // No agent is seen by this status cache: claims are written before the jobs.
     let ingest = infraflux_agent::ingest::Ingestor::new(
         store.clone(),
-        records,
+        &records,
         infraflux_agent::StatusCache::default(),
+        client.clone(),
     );
     futures::stream::iter(0..jobs)
         .for_each_concurrent(64, |i| {

@@ -725,3 +725,94 @@ async fn with_an_older_agent_alive_a_losing_delivery_stores_no_job() {
     assert_eq!(log.runs().len(), 2, "{:?}", log.runs());
     agent.stop().await;
 }
+
+/// Accepting a delivery does not wait for the agent's main runtime: with every one of its
+/// workers held (as jobs' tasks can hold them), a signed push is still stored and answered
+/// `202`, over HTTP and ingest's own NATS connection; its job runs once the workers are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_is_stored_and_answered_while_every_main_worker_is_held() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let agent = start_agent(
+        &nats,
+        "a1",
+        "",
+        TestHandler::new(
+            JobKind::RECONCILE,
+            Behaviour::Sleep(Duration::from_millis(10)),
+            log.clone(),
+        )
+        .install(),
+    )
+    .await;
+    let client = nats.client().await;
+    // Until the agent sees itself alive, a claim goes first, through the store's connection.
+    wait_for(Duration::from_secs(10), "the agent in status", || async {
+        let status = command(&client, "status").await;
+        (status["status"]["agents"][0]["agent"] == "a1").then_some(())
+    })
+    .await;
+    let body = fixture("github/push/push.json");
+
+    // The test body runs on its own thread, not on a worker: it holds both and sends the
+    // request with blocking I/O.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let (started, all_started) = std::sync::mpsc::channel::<()>();
+    let release = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    for _ in 0..workers {
+        let (started, release) = (started.clone(), release.clone());
+        tokio::spawn(async move {
+            let _ = started.send(());
+            let (released, wake) = &*release;
+            let guard = released.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = wake.wait_timeout_while(guard, Duration::from_secs(60), |r| !*r);
+        });
+    }
+    let held = (0..workers).all(|_| all_started.recv_timeout(Duration::from_secs(10)).is_ok());
+    let answer = held.then(|| post_webhook_blocking(agent.handle.http_addr, "held-1", &body));
+    {
+        let (released, wake) = &*release;
+        *released.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_all();
+    }
+    assert!(
+        held,
+        "the main runtime's {workers} workers were not all held"
+    );
+    let answer = answer
+        .expect("held")
+        .expect("webhook answered while the main runtime's workers were held");
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let reply: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {answer}"));
+    let job_id = reply["jobs"][0].as_str().expect("job id").to_string();
+
+    let done = wait_settled(&client, &job_id, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(log.runs().len(), 1, "{:?}", log.runs());
+    agent.stop().await;
+}
+
+/// A signed push, sent and answered with blocking I/O (no runtime needed); the whole answer.
+fn post_webhook_blocking(
+    addr: std::net::SocketAddr,
+    delivery: &str,
+    body: &[u8],
+) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        stream,
+        "POST /webhooks/github HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         X-GitHub-Event: push\r\nX-GitHub-Delivery: {delivery}\r\nX-Hub-Signature-256: {}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        sign(WEBHOOK_SECRET, body),
+        body.len()
+    )?;
+    stream.write_all(body)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
