@@ -191,25 +191,43 @@ struct Listeners {
 struct IngestRuntime {
     handle: tokio::runtime::Handle,
     stop: CancellationToken,
-    /// Owns the runtime and drops it (waiting for its workers) once `stop` fires.
+    /// Owns the runtime and shuts it down once `stop` fires.
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl IngestRuntime {
     const WORKERS: usize = 2;
+    /// How long its blocking tasks (a reconnect's DNS lookup) may hold up the exit.
+    const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
     fn start() -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(Self::WORKERS)
-            .thread_name("infraflux-ingest")
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
         let stop = CancellationToken::new();
         let stopped = stop.clone();
+        let (started, handle) = std::sync::mpsc::channel();
+        // Built on its own thread and dropped there: a runtime may not be dropped in async
+        // code, where a failed thread start would otherwise drop it.
         let thread = std::thread::Builder::new()
             .name("infraflux-ingest".into())
-            .spawn(move || runtime.block_on(stopped.cancelled()))?;
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(Self::WORKERS)
+                    .thread_name("infraflux-ingest")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(runtime.handle().clone()));
+                runtime.block_on(stopped.cancelled());
+                runtime.shutdown_timeout(Self::SHUTDOWN_GRACE);
+            })?;
+        let handle = handle
+            .recv()
+            .map_err(|_| std::io::Error::other("the ingest runtime's thread ended at start"))??;
         Ok(Self {
             handle,
             stop,
@@ -303,9 +321,14 @@ async fn run(
     let _ = readiness.ingest_client.set(ingest_client.clone());
 
     let mut backoff = Duration::from_millis(250);
-    let store = loop {
-        match store::bootstrap(client.clone(), &config).await {
-            Ok(s) => break s,
+    let (store, ingest_store) = loop {
+        let set_up = async {
+            let store = store::bootstrap(client.clone(), &config).await?;
+            let ingest_store = store.through(ingest_client.clone()).await?;
+            Ok::<_, store::StoreError>((store, ingest_store))
+        };
+        match set_up.await {
+            Ok(stores) => break stores,
             Err(e) => {
                 tracing::warn!(error = %e, "JetStream not ready; retrying");
                 tokio::select! {
@@ -332,7 +355,7 @@ async fn run(
         registry,
         store,
         metrics,
-        ingest_client.clone(),
+        ingest_store,
     ));
     let _ = app_cell.set(app.clone());
 

@@ -90,7 +90,7 @@ impl App {
         registry: Registry,
         store: Store,
         metrics: Arc<Metrics>,
-        ingest_client: async_nats::Client,
+        ingest_store: Store,
     ) -> Self {
         let secrets = services.secrets.clone();
         let agent_id = config.agent_id();
@@ -106,7 +106,7 @@ impl App {
             config.agent.lease_ttl.get(),
         );
         let status = crate::status::StatusCache::default();
-        let ingest = Ingestor::new(store.clone(), &records, status.clone(), ingest_client);
+        let ingest = Ingestor::new(ingest_store, &records, status.clone());
         Self {
             config,
             agent_id,

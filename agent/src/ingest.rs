@@ -7,10 +7,11 @@
 //! "stored" only when both the claim and the job are acknowledged. The `queued` event follows,
 //! not awaited: it is published only for a job whose claim is its own (a subscriber never
 //! hears of a job that does not exist), and stored only if the job has no event yet, so the
-//! audit trail never has it after the runner's first event. The runner needs a few round
-//! trips (lease, record, locks) before that event and ingest sends `queued` as soon as its
-//! answers are in, so `queued` comes first in practice; if it did not, or if the agent died
-//! before sending it, the trail starts at the runner's first event (the record is complete).
+//! audit trail never has it after the runner's first event. Subscribers hear it first too: on
+//! the agent that ingested the job, the runner's first event waits until the store answered
+//! `queued` (`Records::announcing`); on another agent the runner's few round trips (lease,
+//! record, locks) before it make it come later in practice. If the agent died before sending
+//! it, the trail starts at the runner's first event (the record is complete).
 //!
 //! The claim goes with the job only where a sender waits (webhooks, ChatOps) and only while
 //! every live agent checks claims (an older agent would run a losing job); otherwise the
@@ -138,34 +139,22 @@ pub enum Claimant {
 
 #[derive(Clone)]
 pub struct Ingestor {
+    /// The store seen through ingest's own connection (`Store::through`): its reads, writes
+    /// and answers do not queue behind the store traffic of running jobs in one socket and
+    /// one client task.
     store: Store,
-    /// Records written through `js`; read through the store's connection.
+    /// `records`, read and written through that connection.
     records: Records,
     /// Which agents are alive and what they can do.
     fleet: StatusCache,
-    /// Ingest's own connection: its writes and their answers do not queue behind the store
-    /// traffic of running jobs in one socket and one client task.
-    client: async_nats::Client,
-    js: async_nats::jetstream::Context,
 }
 
 impl Ingestor {
-    /// Ingest over `client`, a connection of its own; reads (a claim, a record) and the rare
-    /// clean-ups go through `store`'s. A read after an acknowledged write sees it whichever
-    /// connection asks.
-    pub fn new(
-        store: Store,
-        records: &Records,
-        fleet: StatusCache,
-        client: async_nats::Client,
-    ) -> Self {
-        let js = crate::store::jetstream_of(client.clone());
+    pub fn new(store: Store, records: &Records, fleet: StatusCache) -> Self {
         Self {
+            records: records.through(&store),
             store,
-            records: records.through(js.clone()),
             fleet,
-            client,
-            js,
         }
     }
 
@@ -305,7 +294,7 @@ impl Ingestor {
     /// Fails fast while disconnected: a request to a dead server would take its whole timeout,
     /// and the sender is better served by an immediate "unavailable" it can retry.
     pub fn ensure_connected(&self) -> Result<(), IngestError> {
-        if self.client.connection_state() == async_nats::connection::State::Connected {
+        if self.store.client.connection_state() == async_nats::connection::State::Connected {
             Ok(())
         } else {
             Err(IngestError::Unavailable("not connected to NATS".into()))
@@ -354,7 +343,7 @@ impl Ingestor {
                     at: Utc::now(),
                 };
                 let dedup = &self.store.dedup;
-                Some(start_kv_create(&self.js, dedup, key, encode(&claim)).await)
+                Some(start_kv_create(&self.store.js, dedup, key, encode(&claim)).await)
             }
             None => None,
         };
@@ -461,7 +450,8 @@ impl Ingestor {
             headers.insert("traceparent", tp.as_str());
         }
         let subject = self.store.names.job_subject(envelope.kind);
-        self.js
+        self.store
+            .js
             .publish_with_headers(subject, headers, Bytes::from(payload))
             .await
             .map_err(|e| IngestError::Unavailable(e.to_string()))

@@ -396,9 +396,13 @@ impl Records {
         }
     }
 
-    /// The same records, written through `js` (ingest's own connection).
-    pub fn through(&self, js: jetstream::Context) -> Self {
-        Self { js, ..self.clone() }
+    /// The same records, read and written through `store`'s connection (ingest's own).
+    pub fn through(&self, store: &crate::store::Store) -> Self {
+        Self {
+            kv: store.records.clone(),
+            js: store.js.clone(),
+            ..self.clone()
+        }
     }
 
     /// Records a job's end for `status` (the newest result per kind) and for each of its

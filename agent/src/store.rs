@@ -326,6 +326,42 @@ pub async fn bootstrap(client: Client, config: &Config) -> Result<Store, StoreEr
     })
 }
 
+impl Store {
+    /// The same store seen through `client` (ingest's own connection): the handles ingest
+    /// reads and writes with (the records and dedup buckets, the jobs stream) are bound to it;
+    /// the others stay on this store's connection.
+    pub async fn through(&self, client: Client) -> Result<Store, StoreError> {
+        let js = jetstream_of(client.clone());
+        let jobs = patiently(&format!("stream {}", self.names.jobs_stream), || async {
+            js.get_stream(&self.names.jobs_stream)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await?;
+        let bucket = |name: String| {
+            let js = js.clone();
+            async move {
+                patiently(&format!("bucket {name}"), || async {
+                    js.get_key_value(&name).await.map_err(|e| e.to_string())
+                })
+                .await
+            }
+        };
+        let (records, dedup) = tokio::try_join!(
+            bucket(self.names.bucket_records.clone()),
+            bucket(self.names.bucket_dedup.clone()),
+        )?;
+        Ok(Store {
+            client,
+            js,
+            jobs,
+            records,
+            dedup,
+            ..self.clone()
+        })
+    }
+}
+
 /// The runner's durable consumer, created when absent and updated only when its `ack_wait`
 /// changed (nats-server 2.9 treats a create of an existing durable as an update of the
 /// fields it allows to change).

@@ -1206,7 +1206,6 @@ pub async fn bench_growth(
         store.clone(),
         &records,
         infraflux_agent::StatusCache::default(),
-        client.clone(),
     );
     futures::stream::iter(0..jobs)
         .for_each_concurrent(64, |i| {

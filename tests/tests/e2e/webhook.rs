@@ -727,8 +727,10 @@ async fn with_an_older_agent_alive_a_losing_delivery_stores_no_job() {
 }
 
 /// Accepting a delivery does not wait for the agent's main runtime: with every one of its
-/// workers held (as jobs' tasks can hold them), a signed push is still stored and answered
-/// `202`, over HTTP and ingest's own NATS connection; its job runs once the workers are free.
+/// workers held (as jobs' tasks can hold them), a new signed push is still stored and answered
+/// `202`, and a redelivery (the claim read, the loser taken back, the winner's record read) is
+/// answered as a duplicate, all over HTTP and ingest's own NATS connection; the job runs once
+/// the workers are free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_is_stored_and_answered_while_every_main_worker_is_held() {
     init();
@@ -747,16 +749,22 @@ async fn a_webhook_is_stored_and_answered_while_every_main_worker_is_held() {
     )
     .await;
     let client = nats.client().await;
-    // Until the agent sees itself alive, a claim goes first, through the store's connection.
+    // Until the agent sees itself alive, a claim goes first (the other path, also ingest's).
     wait_for(Duration::from_secs(10), "the agent in status", || async {
         let status = command(&client, "status").await;
         (status["status"]["agents"][0]["agent"] == "a1").then_some(())
     })
     .await;
-    let body = fixture("github/push/push.json");
+    let first = fixture("github/push/push.json");
+    let (status, reply) = post_webhook(&agent.http, "push", "before-held", &first).await;
+    assert_eq!(status, 202, "{reply}");
+    let first_job = reply["jobs"][0].as_str().expect("job id").to_string();
+    let mut payload: Value = serde_json::from_slice(&first).expect("json");
+    payload["after"] = "d".repeat(40).into();
+    let second = serde_json::to_vec(&payload).expect("json");
 
     // The test body runs on its own thread, not on a worker: it holds both and sends the
-    // request with blocking I/O.
+    // requests with blocking I/O.
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     let (started, all_started) = std::sync::mpsc::channel::<()>();
     let release = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
@@ -770,7 +778,13 @@ async fn a_webhook_is_stored_and_answered_while_every_main_worker_is_held() {
         });
     }
     let held = (0..workers).all(|_| all_started.recv_timeout(Duration::from_secs(10)).is_ok());
-    let answer = held.then(|| post_webhook_blocking(agent.handle.http_addr, "held-1", &body));
+    let answers = held.then(|| {
+        let addr = agent.handle.http_addr;
+        (
+            post_webhook_blocking(addr, "held-1", &second),
+            post_webhook_blocking(addr, "before-held", &first),
+        )
+    });
     {
         let (released, wake) = &*release;
         *released.lock().unwrap_or_else(|e| e.into_inner()) = true;
@@ -780,18 +794,30 @@ async fn a_webhook_is_stored_and_answered_while_every_main_worker_is_held() {
         held,
         "the main runtime's {workers} workers were not all held"
     );
-    let answer = answer
-        .expect("held")
-        .expect("webhook answered while the main runtime's workers were held");
-    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
-    let reply: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}: {answer}"));
-    let job_id = reply["jobs"][0].as_str().expect("job id").to_string();
+    let (new, redelivered) = answers.expect("held");
+    let new = new.expect("a new push answered while the main runtime's workers were held");
+    assert!(new.starts_with("HTTP/1.1 202"), "{new}");
+    let job_id = body_of(&new)["jobs"][0]
+        .as_str()
+        .expect("job id")
+        .to_string();
+    let redelivered =
+        redelivered.expect("a redelivery answered while the main runtime's workers were held");
+    assert!(redelivered.starts_with("HTTP/1.1 200"), "{redelivered}");
+    assert_eq!(body_of(&redelivered)["job"], first_job.as_str());
 
-    let done = wait_settled(&client, &job_id, Duration::from_secs(20)).await;
-    assert_eq!(done["state"], "succeeded", "{done}");
-    assert_eq!(log.runs().len(), 1, "{:?}", log.runs());
+    for job in [&first_job, &job_id] {
+        let done = wait_settled(&client, job, Duration::from_secs(20)).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+    assert_eq!(log.runs().len(), 2, "{:?}", log.runs());
     agent.stop().await;
+}
+
+/// The JSON body of a whole HTTP answer.
+fn body_of(answer: &str) -> Value {
+    serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {answer}"))
 }
 
 /// A signed push, sent and answered with blocking I/O (no runtime needed); the whole answer.
