@@ -278,27 +278,13 @@ pub async fn bootstrap(client: Client, config: &Config) -> Result<Store, StoreEr
     ensure_object_store(&setup_js, &names.bucket_artifacts, replicas).await?;
 
     // The handles keep the context they were made with: the agent's, with its own timeout.
-    let jobs = patiently(&format!("stream {}", names.jobs_stream), || async {
-        js.get_stream(&names.jobs_stream)
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await?;
-    let bucket = |name: String| {
-        let js = js.clone();
-        async move {
-            patiently(&format!("bucket {name}"), || async {
-                js.get_key_value(&name).await.map_err(|e| e.to_string())
-            })
-            .await
-        }
-    };
+    let jobs = open_stream(&js, &names.jobs_stream).await?;
     let (records, locks, dedup, agents, state) = tokio::try_join!(
-        bucket(names.bucket_records.clone()),
-        bucket(names.bucket_locks.clone()),
-        bucket(names.bucket_dedup.clone()),
-        bucket(names.bucket_agents.clone()),
-        bucket(names.bucket_state.clone()),
+        open_bucket(&js, &names.bucket_records),
+        open_bucket(&js, &names.bucket_locks),
+        open_bucket(&js, &names.bucket_dedup),
+        open_bucket(&js, &names.bucket_agents),
+        open_bucket(&js, &names.bucket_state),
     )?;
     let artifacts = patiently(
         &format!("object store {}", names.bucket_artifacts),
@@ -332,24 +318,10 @@ impl Store {
     /// the others stay on this store's connection.
     pub async fn through(&self, client: Client) -> Result<Store, StoreError> {
         let js = jetstream_of(client.clone());
-        let jobs = patiently(&format!("stream {}", self.names.jobs_stream), || async {
-            js.get_stream(&self.names.jobs_stream)
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await?;
-        let bucket = |name: String| {
-            let js = js.clone();
-            async move {
-                patiently(&format!("bucket {name}"), || async {
-                    js.get_key_value(&name).await.map_err(|e| e.to_string())
-                })
-                .await
-            }
-        };
-        let (records, dedup) = tokio::try_join!(
-            bucket(self.names.bucket_records.clone()),
-            bucket(self.names.bucket_dedup.clone()),
+        let (jobs, records, dedup) = tokio::try_join!(
+            open_stream(&js, &self.names.jobs_stream),
+            open_bucket(&js, &self.names.bucket_records),
+            open_bucket(&js, &self.names.bucket_dedup),
         )?;
         Ok(Store {
             client,
@@ -360,6 +332,22 @@ impl Store {
             ..self.clone()
         })
     }
+}
+
+/// A handle on stream `name`, bound to `js`'s connection.
+async fn open_stream(js: &jetstream::Context, name: &str) -> Result<stream::Stream, StoreError> {
+    patiently(&format!("stream {name}"), || async {
+        js.get_stream(name).await.map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// A handle on KV bucket `name`, bound to `js`'s connection.
+async fn open_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, StoreError> {
+    patiently(&format!("bucket {name}"), || async {
+        js.get_key_value(name).await.map_err(|e| e.to_string())
+    })
+    .await
 }
 
 /// The runner's durable consumer, created when absent and updated only when its `ack_wait`
