@@ -186,8 +186,8 @@ struct Listeners {
 /// A runtime of its own for HTTP (webhooks, probes, metrics) and ingest's NATS connection.
 /// On the main runtime a webhook's answer waited for a worker free of running jobs' tasks;
 /// here the kernel schedules its threads as the mostly idle threads they are. Two workers, not
-/// one: a burst of deliveries is not handled one at a time (a delivery's `queued` event then
-/// came after the runner's first event of its job).
+/// one: with one, a burst of deliveries was handled one at a time (the closed-loop benchmark
+/// fell from about 4,600 to 3,400 req/s).
 struct IngestRuntime {
     handle: tokio::runtime::Handle,
     stop: CancellationToken,
