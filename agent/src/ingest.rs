@@ -21,7 +21,8 @@
 //! (a redelivery, the poller seeing a pushed commit, two deliveries racing) has stored a job
 //! nobody may run. One rule keeps "nothing twice": **a job runs only if its key's claim names
 //! it.** The runner reads the claim beside the record before a job's first start (one more
-//! read, in parallel) and drops a job whose claim names another; a key nobody claimed (the
+//! read, in parallel; none for a job this agent's ingest stored and hands it, see
+//! `Records::take_fresh`) and drops a job whose claim names another; a key nobody claimed (the
 //! claim's write failed, the dedup entry expired) it claims itself. The losing submission also
 //! takes back its record and job message and answers as a duplicate of the winner.
 //!
@@ -108,8 +109,8 @@ struct Sent {
     envelope: JobEnvelope,
     record: JobRecord,
     claim: Option<Claimed>,
-    /// `Ok(false)`: a record existed under the job id.
-    recorded: Result<bool, String>,
+    /// The new record's revision; `Ok(None)`: a record existed under the job id.
+    recorded: Result<Option<u64>, String>,
     job: Result<PublishAck, String>,
     /// Held from before the job was sent until its `queued` event is answered (or will not be
     /// sent).
@@ -361,9 +362,9 @@ impl Ingestor {
         };
         let recorded = match record_ack {
             Ok(ack) => match ack.await {
-                Ok(_) => Ok(true),
+                Ok(ack) => Ok(Some(ack.sequence)),
                 // Already written: by the runner, or by a submission this one took over.
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
                 Err(e) => Err(e.to_string()),
             },
             Err(e) => Err(e.to_string()),
@@ -392,7 +393,11 @@ impl Ingestor {
             return Err(IngestError::Unavailable(e.clone()));
         }
         match &sent.recorded {
-            Ok(_) => {
+            Ok(created) => {
+                // Every caller's job is its key's claimant: the runner may start it as is.
+                if let Some(revision) = created {
+                    self.records.note_fresh(&sent.record, *revision);
+                }
                 self.records
                     .announce(&sent.record, sent.announcement.take())
                     .await
@@ -412,7 +417,7 @@ impl Ingestor {
     /// message is left for the runner, which drops both.
     async fn withdraw(&self, sent: &Sent) {
         let job_id = &sent.envelope.job_id;
-        if !matches!(sent.recorded, Ok(true)) {
+        if !matches!(sent.recorded, Ok(Some(_))) {
             return;
         }
         if let Err(e) = self.records.forget(job_id).await {

@@ -17,7 +17,7 @@ pub mod github;
 pub(crate) mod http;
 pub mod ingest;
 mod job_book;
-pub(crate) mod locks;
+pub mod locks;
 pub(crate) mod metrics;
 pub(crate) mod poller;
 pub mod preflight;

@@ -11,6 +11,8 @@
 //!
 //! Expiry compares wall clocks of the agents; keep them in NTP sync (see docs/architecture.md).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -120,11 +122,36 @@ pub struct LockManager {
     kv: kv::Store,
     agent_id: String,
     ttl: Duration,
+    /// The entry this manager last wrote to each key it holds, with the revision the write got:
+    /// a renewal or a release starts from it instead of reading the key first. Its
+    /// compare-and-set is refused if anyone wrote since, and the key is then read.
+    written: Arc<Mutex<HashMap<String, (LockEntry, u64)>>>,
 }
 
 impl LockManager {
     pub fn new(kv: kv::Store, agent_id: String, ttl: Duration) -> Self {
-        Self { kv, agent_id, ttl }
+        Self {
+            kv,
+            agent_id,
+            ttl,
+            written: Arc::default(),
+        }
+    }
+
+    fn remember(&self, key: &str, entry: LockEntry, revision: u64) {
+        if let Ok(mut written) = self.written.lock() {
+            written.insert(key.to_string(), (entry, revision));
+        }
+    }
+
+    /// What this manager last wrote to `key`, if anything; `forget` drops it.
+    fn recall(&self, key: &str, forget: bool) -> Option<(LockEntry, u64)> {
+        let mut written = self.written.lock().ok()?;
+        if forget {
+            written.remove(key)
+        } else {
+            written.get(key).cloned()
+        }
     }
 
     pub fn ttl(&self) -> Duration {
@@ -207,8 +234,9 @@ impl LockManager {
                     // Take (or keep) a place in the line, so that no new reader comes in.
                     entry.waiting.retain(|h| h.owner != owner.token);
                     entry.waiting.push(me);
-                    if !self.write(&key, &entry, revision).await? {
-                        continue;
+                    match self.write(&key, &entry, revision).await? {
+                        Some(revision) => self.remember(&key, entry, revision),
+                        None => continue,
                     }
                 }
                 return Ok(Acquire::Busy {
@@ -219,7 +247,8 @@ impl LockManager {
             entry.holders.retain(|h| h.owner != owner.token);
             entry.waiting.retain(|h| h.owner != owner.token);
             entry.holders.push(me);
-            if self.write(&key, &entry, revision).await? {
+            if let Some(revision) = self.write(&key, &entry, revision).await? {
+                self.remember(&key, entry, revision);
                 return Ok(Acquire::Acquired);
             }
         }
@@ -233,22 +262,30 @@ impl LockManager {
     ) -> Result<(), LockError> {
         for request in requests {
             let key = resource_key(&request.resource)?;
+            let mut recalled = self.recall(&key, false);
             loop {
-                let (mut entry, revision) = self.read(&key).await?;
+                let from_memory = recalled.is_some();
+                let (mut entry, revision) = match recalled.take() {
+                    Some(written) => written,
+                    None => self.read(&key).await?,
+                };
                 let now = Utc::now();
                 let others_hold = entry.holders.iter().any(|h| {
                     h.owner != owner.token
                         && h.expires_at > now
                         && (request.mode == LockMode::Write || h.mode == LockMode::Write)
                 });
-                let Some(mine) = entry.holders.iter_mut().find(|h| h.owner == owner.token) else {
+                let mine = entry.holders.iter_mut().find(|h| h.owner == owner.token);
+                let Some(mine) = mine.filter(|_| !others_hold) else {
+                    // Lost is judged on the store's entry, never on a remembered one.
+                    if from_memory {
+                        continue;
+                    }
                     return Err(LockError::Lost(request.resource.clone()));
                 };
-                if others_hold {
-                    return Err(LockError::Lost(request.resource.clone()));
-                }
                 mine.expires_at = now + chrono::Duration::from_std(self.ttl).unwrap_or_default();
-                if self.write(&key, &entry, revision).await? {
+                if let Some(revision) = self.write(&key, &entry, revision).await? {
+                    self.remember(&key, entry, revision);
                     break;
                 }
             }
@@ -267,13 +304,16 @@ impl LockManager {
 
     async fn release(&self, resource: &str, owner_token: &str) -> Result<(), LockError> {
         let key = resource_key(resource)?;
+        // A job's lease was last written by its own renewal: released without a read.
+        let mut recalled = self.recall(&key, true);
         let mut lost_races = 0;
         loop {
-            let (mut entry, revision) = self.read(&key).await?;
+            let from_memory = recalled.is_some();
+            let (mut entry, revision) = match recalled.take() {
+                Some(written) => written,
+                None => self.read(&key).await?,
+            };
             let before = entry.holders.len() + entry.waiting.len();
-            if before == 0 {
-                return Ok(());
-            }
             let now = Utc::now();
             entry
                 .holders
@@ -281,12 +321,22 @@ impl LockManager {
             entry
                 .waiting
                 .retain(|h| h.owner != owner_token && h.expires_at > now);
+            let unchanged = before == 0 || entry.holders.len() + entry.waiting.len() == before;
+            if unchanged && from_memory {
+                // Nothing to do is judged on the store's entry, never on a remembered one.
+                continue;
+            }
+            if before == 0 {
+                return Ok(());
+            }
             if entry.holders.is_empty() && entry.waiting.is_empty() {
                 // Nobody holds it any more: remove the key, so finished jobs leave no entry
                 // behind for every agent's status cache to replay. Compare-and-set, like a
                 // write: a holder that came in meanwhile keeps its entry.
                 match self.kv.purge_expect_revision(&key, Some(revision)).await {
                     Ok(()) => return Ok(()),
+                    // Someone wrote since this manager did: read it.
+                    Err(_) if from_memory => continue,
                     Err(e) => {
                         // The purge error does not say whether the revision moved; read again,
                         // a bounded number of times.
@@ -298,10 +348,10 @@ impl LockManager {
                     }
                 }
             }
-            if entry.holders.len() + entry.waiting.len() == before {
+            if unchanged {
                 return Ok(());
             }
-            if self.write(&key, &entry, revision).await? {
+            if self.write(&key, &entry, revision).await?.is_some() {
                 return Ok(());
             }
         }
@@ -351,12 +401,17 @@ impl LockManager {
         }
     }
 
-    /// Compare-and-set; `false` when someone else wrote first.
-    async fn write(&self, key: &str, entry: &LockEntry, revision: u64) -> Result<bool, LockError> {
+    /// Compare-and-set; the new revision, or `None` when someone else wrote first.
+    async fn write(
+        &self,
+        key: &str,
+        entry: &LockEntry,
+        revision: u64,
+    ) -> Result<Option<u64>, LockError> {
         let value = Bytes::from(serde_json::to_vec(entry).unwrap_or_default());
         match self.kv.update(key, value, revision).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => Err(LockError::Unavailable(e.to_string())),
         }
     }

@@ -319,6 +319,7 @@ pub struct Records {
     /// Where the last result per kind is kept, for `status`.
     state: kv::Store,
     announcing: Announcing,
+    fresh: Fresh,
 }
 
 /// How long a runner's first event of a job waits for this process's `queued` event of it.
@@ -330,6 +331,25 @@ const ANNOUNCE_PATIENCE: Duration = Duration::from_secs(2);
 /// `running` before ingest's `queued`.
 #[derive(Clone, Default)]
 struct Announcing(Arc<Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<()>>>>);
+
+/// How long a record this process's ingest created stays known to its runner (see
+/// [`Records::take_fresh`]): long enough for a job run at once, far shorter than a claim lives.
+const FRESH_FOR: Duration = Duration::from_secs(10);
+/// At most this many are known at once; a backlog beyond is read from the store.
+const FRESH_MAX: usize = 1024;
+
+/// Records this process's ingest created moments ago, with their revisions, until the runner
+/// starts their jobs: a job ingested and run by the same agent starts without reading its
+/// record and its key's claim back from the store.
+#[derive(Clone, Default)]
+struct Fresh(Arc<Mutex<FreshRecords>>);
+
+#[derive(Default)]
+struct FreshRecords {
+    by_job: std::collections::HashMap<String, (JobRecord, u64, tokio::time::Instant)>,
+    /// Oldest first, for expiry.
+    order: std::collections::VecDeque<(tokio::time::Instant, String)>,
+}
 
 /// A `queued` event on its way; dropping it tells a waiting runner to go on.
 pub struct Announcement {
@@ -363,6 +383,7 @@ impl Records {
             names,
             state,
             announcing: Announcing::default(),
+            fresh: Fresh::default(),
         }
     }
 
@@ -394,6 +415,41 @@ impl Records {
             // Nothing is ever sent: it ends when the announcement is dropped.
             let _ = tokio::time::timeout(ANNOUNCE_PATIENCE, pending.changed()).await;
         }
+    }
+
+    /// Notes a record ingest has just created, as revision `revision`, whose job's key's claim
+    /// names it: see [`Records::take_fresh`].
+    pub fn note_fresh(&self, record: &JobRecord, revision: u64) {
+        let Ok(mut fresh) = self.fresh.0.lock() else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        while let Some((at, job_id)) = fresh.order.front().cloned() {
+            if now.duration_since(at) < FRESH_FOR && fresh.order.len() < FRESH_MAX {
+                break;
+            }
+            fresh.order.pop_front();
+            if fresh
+                .by_job
+                .get(&job_id)
+                .is_some_and(|(_, _, noted)| *noted == at)
+            {
+                fresh.by_job.remove(&job_id);
+            }
+        }
+        fresh
+            .by_job
+            .insert(record.job_id.clone(), (record.clone(), revision, now));
+        fresh.order.push_back((now, record.job_id.clone()));
+    }
+
+    /// The record of `job_id` and its revision as this process's ingest created it, if that
+    /// was within [`FRESH_FOR`]. Its key's claim names the job, and (on a job's first
+    /// delivery) only a cancel can have changed it since: it ends the job, and the runner's
+    /// first write, a compare-and-set on this revision, then reads it.
+    pub fn take_fresh(&self, job_id: &str) -> Option<(JobRecord, u64)> {
+        let (record, revision, noted) = self.fresh.0.lock().ok()?.by_job.remove(job_id)?;
+        (noted.elapsed() < FRESH_FOR).then_some((record, revision))
     }
 
     /// The same records, read and written through `store`'s connection (ingest's own).

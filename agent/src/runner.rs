@@ -858,6 +858,16 @@ impl Delivery {
     /// job is not to run: its key's claim names another job (see `ingest`).
     async fn load_record(&self) -> Result<Admission, RecordError> {
         let job_id = self.job_id();
+        // A job this agent just ingested, on its first delivery (no agent ran it before):
+        // nothing to read back. Its ingest is through once its `queued` event is answered.
+        if self.message.info().is_ok_and(|i| i.delivered == 1) {
+            self.app.records.announced(job_id).await;
+            if let Some(fresh) = self.app.records.take_fresh(job_id)
+                && let Some(record) = self.known.remember(Some(fresh))
+            {
+                return Ok(Admission::Run(Box::new(record)));
+            }
+        }
         // The claim is read beside the record: a job's first start waits for one read only.
         let (record, claimant) = tokio::join!(
             self.app.records.get(job_id),

@@ -361,17 +361,30 @@ async fn load(
 ) -> Load {
     let template = Arc::new(PushTemplate::new());
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(start));
-    let deadline = Instant::now() + duration;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..connections {
-        let (url, template, counter) = (url.to_string(), template.clone(), counter.clone());
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder()
+    // `IFX_BENCH_SLOW_MS=N` prints each answer slower than N ms and when it was sent, to line
+    // a tail up with what else happened then.
+    let slow_log = std::env::var("IFX_BENCH_SLOW_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis);
+    // Built before the clock starts: a client's set-up (its TLS roots) is the load
+    // generator's, and counted from the first requests' due moments it added 15–40 ms to
+    // each run's first ~50 answers.
+    let clients: Vec<reqwest::Client> = (0..connections)
+        .map(|_| {
+            reqwest::Client::builder()
                 .pool_max_idle_per_host(1)
                 .http1_only()
                 .build()
-                .expect("client");
+                .expect("client")
+        })
+        .collect();
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (worker, client) in clients.into_iter().enumerate() {
+        let (url, template, counter) = (url.to_string(), template.clone(), counter.clone());
+        tasks.push(tokio::spawn(async move {
             let mut lat = Latencies::default();
             let (mut ok, mut errors) = (0u64, 0u64);
             let mut sent_here = 0u64;
@@ -408,7 +421,16 @@ async fn load(
                 match sent {
                     Ok(r) if r.status().is_success() => {
                         let _ = r.bytes().await;
-                        lat.push(t.elapsed());
+                        let took = t.elapsed();
+                        if slow_log.is_some_and(|limit| took >= limit) {
+                            eprintln!(
+                                "slow: {} ms, sent {}",
+                                took.as_millis(),
+                                chrono::Utc::now()
+                                    - chrono::Duration::from_std(took).unwrap_or_default()
+                            );
+                        }
+                        lat.push(took);
                         ok += 1;
                     }
                     _ => errors += 1,

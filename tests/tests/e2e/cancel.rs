@@ -202,3 +202,55 @@ async fn a_hung_child_that_ignores_sigint_is_killed_after_the_grace_and_its_lock
     assert_eq!(next["state"], "succeeded", "{next}");
     agent.stop().await;
 }
+
+/// A job its own agent ingested is started from the record ingest handed over, not read
+/// back; a cancel while it was queued still ends it without running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_while_queued_never_runs_when_its_own_agent_picks_it_up() {
+    init();
+    let nats = Nats::start();
+    let log = RunLog::default();
+    let l = log.clone();
+    let agent = start_agent(&nats, "cancel-queued", "[acceptance]\n", move |r| {
+        r.register(Arc::new(TestHandler::new(
+            JobKind::ACCEPTANCE,
+            Behaviour::Sleep(Duration::from_secs(3)),
+            l,
+        )))
+    })
+    .await;
+    let client = nats.client().await;
+    // The agent's four slots (`concurrency = 4`) are busy: the fifth job stays queued.
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        busy.push(submit(&client, "acceptance").await);
+    }
+    for job in &busy {
+        wait_state(&client, job, "running").await;
+    }
+    let queued = submit(&client, "acceptance").await;
+    let reply = command_as(&client, &format!("cancel {queued}"), "bob").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    for job in &busy {
+        let done = wait_settled(&client, job, Duration::from_secs(20)).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+    // Its message is delivered once the slots free up (within seconds of its ingest), and
+    // acknowledged without a run.
+    let js = async_nats::jetstream::new(client.clone());
+    wait_for(
+        Duration::from_secs(15),
+        "the job queue to empty",
+        || async {
+            let mut stream = js.get_stream("INFRAFLUX_JOBS").await.ok()?;
+            (stream.info().await.ok()?.state.messages == 0).then_some(())
+        },
+    )
+    .await;
+    let done = record(&client, &queued).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert_eq!(done["message"], "cancelled by bob", "{done}");
+    assert_eq!(done["attempts"], 0, "{done}");
+    assert!(log.runs_of(&queued).is_empty(), "the cancelled job ran");
+    agent.stop().await;
+}

@@ -217,3 +217,84 @@ async fn a_waiting_writer_is_not_starved_by_readers_that_keep_coming() {
     assert!(w.started >= first.ended.expect("first reader ended"));
     agent.stop().await;
 }
+
+/// A lock manager renews and releases from what it last wrote, without reading first; what
+/// another agent wrote since is never lost by it: the compare-and-set is refused and the
+/// entry read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_or_releasing_from_memory_never_loses_what_another_agent_wrote_since() {
+    use infraflux_agent::locks::{Acquire, LockError, LockManager, Owner};
+    init();
+    let nats = Nats::start();
+    // An agent creates the locks bucket as in production; its own jobs touch no lock here.
+    let agent = start_agent(&nats, "lock-memory", "", |_| {}).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let kv = js.get_key_value("infraflux-locks").await.expect("bucket");
+    let holders = |kv: async_nats::jetstream::kv::Store, key: &'static str| async move {
+        match kv.entry(key).await.expect("entry") {
+            Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+                let v: serde_json::Value = serde_json::from_slice(&e.value).expect("json");
+                let mut owners: Vec<String> = v["holders"]
+                    .as_array()
+                    .expect("holders")
+                    .iter()
+                    .map(|h| h["job_id"].as_str().expect("job id").to_string())
+                    .collect();
+                owners.sort();
+                owners
+            }
+            _ => vec![],
+        }
+    };
+    let a = LockManager::new(kv.clone(), "agent-a".into(), Duration::from_secs(30));
+    let b = LockManager::new(kv.clone(), "agent-b".into(), Duration::from_secs(30));
+
+    // A reader on each agent; a leaves after b came in: b keeps its place.
+    let shared = [LockRequest::read("cluster:lab")];
+    let (reader_a, reader_b) = (
+        Owner::new("job-a", "agent-a"),
+        Owner::new("job-b", "agent-b"),
+    );
+    assert_eq!(
+        a.try_acquire_all(&shared, &reader_a).await.expect("a"),
+        Acquire::Acquired
+    );
+    assert_eq!(
+        b.try_acquire_all(&shared, &reader_b).await.expect("b"),
+        Acquire::Acquired
+    );
+    a.renew_all(&shared, &reader_a)
+        .await
+        .expect("a renews beside b");
+    assert_eq!(holders(kv.clone(), "cluster.lab").await, ["job-a", "job-b"]);
+    a.release_all(&shared, &reader_a).await;
+    assert_eq!(holders(kv.clone(), "cluster.lab").await, ["job-b"]);
+    b.release_all(&shared, &reader_b).await;
+    assert!(holders(kv.clone(), "cluster.lab").await.is_empty());
+
+    // A lease that expired and was taken over: its first holder's renewal is refused as lost,
+    // and its release leaves the new holder's lease alone.
+    let short = LockManager::new(kv.clone(), "agent-a".into(), Duration::from_millis(300));
+    let lease = [LockRequest::write("job:lease-1")];
+    let (first, second) = (
+        Owner::new("first", "agent-a"),
+        Owner::new("second", "agent-b"),
+    );
+    assert_eq!(
+        short.try_lease(&lease[0], &first).await.expect("lease"),
+        Acquire::Acquired
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        b.try_lease(&lease[0], &second).await.expect("take over"),
+        Acquire::Acquired
+    );
+    let renewed = short.renew_all(&lease, &first).await;
+    assert!(matches!(renewed, Err(LockError::Lost(_))), "{renewed:?}");
+    short.release_all(&lease, &first).await;
+    assert_eq!(holders(kv.clone(), "job.lease-1").await, ["second"]);
+    b.release_all(&lease, &second).await;
+    assert!(holders(kv, "job.lease-1").await.is_empty());
+    agent.stop().await;
+}
