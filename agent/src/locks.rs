@@ -304,7 +304,7 @@ impl LockManager {
 
     async fn release(&self, resource: &str, owner_token: &str) -> Result<(), LockError> {
         let key = resource_key(resource)?;
-        // A job's lease was last written by its own renewal: released without a read.
+        // A lock is released from what its taking or its last renewal wrote, without a read.
         let mut recalled = self.recall(&key, true);
         let mut lost_races = 0;
         loop {
