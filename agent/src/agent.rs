@@ -490,6 +490,8 @@ async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
                 () = stop.cancelled() => return,
                 () = refresh_shared_metrics(&app) => {}
             }
+            // What a burst of jobs or deliveries used, back to the host it shares.
+            crate::allocator::give_back_freed();
         }
         beats += 1;
         tokio::select! {

@@ -74,7 +74,7 @@ enum Command {
 pub fn main_with(customize: fn(&mut Registry)) -> ExitCode {
     // Two rustls crypto providers are linked in (ring and aws-lc-rs); pick one explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tune_allocator();
+    crate::allocator::tune();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -95,31 +95,6 @@ pub fn main_with(customize: fn(&mut Registry)) -> ExitCode {
             Command::Schedules { config, next } => schedules(config, next),
         }
     })
-}
-
-/// The agent shares its host with a CI runner, so memory it no longer uses goes back: glibc
-/// otherwise gives each thread its own arena and, after one large buffer is freed, raises its
-/// mmap threshold, so later snapshot parts (8 MiB) come from the heap and stay resident.
-/// Explicit `MALLOC_*` variables in the environment still win (glibc reads them first).
-#[allow(unsafe_code)]
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    for (option, value, variable) in [
-        (libc::M_ARENA_MAX, 2, "MALLOC_ARENA_MAX"),
-        (
-            libc::M_MMAP_THRESHOLD,
-            1024 * 1024,
-            "MALLOC_MMAP_THRESHOLD_",
-        ),
-    ] {
-        if std::env::var_os(variable).is_none() {
-            // SAFETY: mallopt only changes allocator settings and is called before the
-            // runtime starts any thread.
-            unsafe {
-                libc::mallopt(option, value);
-            }
-        }
-    }
 }
 
 fn process_env() -> HashMap<String, String> {

@@ -6,6 +6,7 @@
 //! guarantees.
 
 pub(crate) mod agent;
+mod allocator;
 pub(crate) mod app;
 pub(crate) mod approval;
 pub(crate) mod chatops;

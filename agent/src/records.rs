@@ -306,6 +306,26 @@ pub fn deferred_key(job_id: &str) -> String {
     format!("deferred.{job_id}")
 }
 
+/// What a last-result entry becomes when `ours` is written over `stored`: the newer result,
+/// and the newer last success of the two. A retried write (ours already stored) changes nothing.
+fn merge_last(stored: Option<LastResult>, ours: LastResult) -> LastResult {
+    let Some(stored) = stored else {
+        return ours;
+    };
+    let (mut newer, older) = if stored.at > ours.at {
+        (stored, ours)
+    } else {
+        (ours, stored)
+    };
+    if older.last_success_at > newer.last_success_at {
+        newer.last_success_at = older.last_success_at;
+        newer.last_success_size_bytes = older.last_success_size_bytes;
+        newer.last_success_items = older.last_success_items;
+        newer.last_success_figures = older.last_success_figures;
+    }
+    newer
+}
+
 /// `last.<kind>.<target>`: the target's own last result.
 pub fn last_target_key(kind: JobKind, target: &str) -> String {
     format!("last.{}.{}", kind.as_str(), TargetResult::state_key(target))
@@ -320,6 +340,7 @@ pub struct Records {
     state: kv::Store,
     announcing: Announcing,
     fresh: Fresh,
+    last_written: LastWritten,
 }
 
 /// How long a runner's first event of a job waits for this process's `queued` event of it.
@@ -349,6 +370,32 @@ struct FreshRecords {
     by_job: std::collections::HashMap<String, (JobRecord, u64, tokio::time::Instant)>,
     /// Oldest first, for expiry.
     order: std::collections::VecDeque<(tokio::time::Instant, String)>,
+}
+
+/// The last-result entries this process wrote, with the revisions they got: the next job of
+/// that kind or target writes with a compare-and-set on it instead of reading the entry first.
+/// Another agent's write since makes it refused, and the entry is then read.
+#[derive(Clone, Default)]
+struct LastWritten(Arc<Mutex<std::collections::HashMap<String, (LastResult, u64)>>>);
+
+/// Entries remembered at most; a kind's and its targets' are a handful in a lab.
+const LAST_WRITTEN_MAX: usize = 1024;
+/// Compare-and-set attempts on one last-result entry before it is left as it is (logged).
+const LAST_ATTEMPTS: usize = 4;
+
+impl LastWritten {
+    fn remember(&self, key: &str, last: LastResult, revision: u64) {
+        if let Ok(mut written) = self.0.lock() {
+            if written.len() >= LAST_WRITTEN_MAX && !written.contains_key(key) {
+                written.clear();
+            }
+            written.insert(key.to_string(), (last, revision));
+        }
+    }
+
+    fn take(&self, key: &str) -> Option<(LastResult, u64)> {
+        self.0.lock().ok()?.remove(key)
+    }
 }
 
 /// A `queued` event on its way; dropping it tells a waiting runner to go on.
@@ -384,6 +431,7 @@ impl Records {
             state,
             announcing: Announcing::default(),
             fresh: Fresh::default(),
+            last_written: LastWritten::default(),
         }
     }
 
@@ -494,8 +542,8 @@ impl Records {
         }
     }
 
-    /// Writes one last-result entry; what the last success was is carried over from the
-    /// previous entry unless this job is one.
+    /// Writes one last-result entry, merged with the one stored (see [`merge_last`]) by a
+    /// compare-and-set: two agents ending jobs of one kind at once never lose a success.
     async fn put_last(
         &self,
         key: &str,
@@ -504,27 +552,7 @@ impl Records {
         duration_seconds: Option<f64>,
         success: Option<TargetFigures>,
     ) {
-        // A success is its own last success: nothing to carry over, nothing to read.
-        let previous: Option<LastResult> = match success {
-            Some(_) => None,
-            None => self
-                .state
-                .get(key)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|b| serde_json::from_slice(&b).ok()),
-        };
-        let success = success.or_else(|| {
-            previous.map(|p| TargetFigures {
-                target: String::new(),
-                last_success_at: p.last_success_at,
-                last_success_size_bytes: p.last_success_size_bytes,
-                last_success_items: p.last_success_items,
-                figures: p.last_success_figures,
-            })
-        });
-        let last = LastResult {
+        let ours = LastResult {
             target,
             job_id: record.job_id.clone(),
             state: record.state,
@@ -536,11 +564,38 @@ impl Records {
             last_success_items: success.as_ref().and_then(|s| s.last_success_items),
             last_success_figures: success.map(|s| s.figures).unwrap_or_default(),
         };
-        if let Ok(bytes) = serde_json::to_vec(&last)
-            && let Err(e) = self.state.put(key, Bytes::from(bytes)).await
-        {
-            tracing::warn!(error = %e, "Last result not stored");
+        let mut known = self.last_written.take(key);
+        for _ in 0..LAST_ATTEMPTS {
+            let (stored, revision) = match known.take() {
+                Some((last, revision)) => (Some(last), revision),
+                None => match self.state.entry(key).await {
+                    Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                        (serde_json::from_slice(&e.value).ok(), e.revision)
+                    }
+                    Ok(Some(e)) => (None, e.revision),
+                    // Revision 0: only if nothing was ever written under the key.
+                    Ok(None) => (None, 0),
+                    Err(e) => {
+                        tracing::warn!(error = %e, key, "Last result not stored");
+                        return;
+                    }
+                },
+            };
+            let last = merge_last(stored, ours.clone());
+            let Ok(bytes) = serde_json::to_vec(&last) else {
+                return;
+            };
+            match self.state.update(key, Bytes::from(bytes), revision).await {
+                Ok(revision) => {
+                    self.last_written.remember(key, last, revision);
+                    return;
+                }
+                // Written since (or the write's answer was lost): read it, merge again.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => tracing::debug!(error = %e, key, "Last result write retried"),
+            }
         }
+        tracing::warn!(key, "Last result not stored: the entry kept changing");
     }
 
     /// The newest result of every target of every kind (what metrics export).
@@ -1013,4 +1068,70 @@ impl KnownRecord {
 fn encode(record: &JobRecord) -> Bytes {
     // A record is plain data; serializing it cannot fail.
     Bytes::from(serde_json::to_vec(record).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last(job: &str, state: JobState, at: i64, success_at: Option<i64>) -> LastResult {
+        let t = |s: i64| DateTime::<Utc>::from_timestamp(1_700_000_000 + s, 0).unwrap_or_default();
+        LastResult {
+            target: None,
+            job_id: job.into(),
+            state,
+            at: t(at),
+            message: String::new(),
+            duration_seconds: None,
+            last_success_at: success_at.map(t),
+            last_success_size_bytes: success_at.map(|s| s as u64),
+            last_success_items: None,
+            last_success_figures: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_newer_failure_keeps_the_stored_success() {
+        let merged = merge_last(
+            Some(last("a", JobState::Succeeded, 1, Some(1))),
+            last("b", JobState::Failed, 2, None),
+        );
+        assert_eq!(merged.job_id, "b");
+        assert_eq!(
+            merged.last_success_at,
+            last("", JobState::Failed, 0, Some(1)).last_success_at
+        );
+        assert_eq!(merged.last_success_size_bytes, Some(1));
+    }
+
+    #[test]
+    fn an_older_result_never_replaces_a_newer_one_but_its_newer_success_is_taken() {
+        let merged = merge_last(
+            Some(last("b", JobState::Failed, 5, Some(1))),
+            last("a", JobState::Succeeded, 3, Some(3)),
+        );
+        assert_eq!(merged.job_id, "b");
+        assert_eq!(merged.state, JobState::Failed);
+        assert_eq!(merged.last_success_size_bytes, Some(3));
+        let kept = merge_last(
+            Some(last("b", JobState::Succeeded, 5, Some(5))),
+            last("a", JobState::Succeeded, 3, Some(3)),
+        );
+        assert_eq!(kept.job_id, "b");
+        assert_eq!(kept.last_success_size_bytes, Some(5));
+    }
+
+    #[test]
+    fn writing_the_same_result_again_changes_nothing() {
+        let ours = last("a", JobState::Failed, 2, None);
+        let first = merge_last(
+            Some(last("z", JobState::Succeeded, 1, Some(1))),
+            ours.clone(),
+        );
+        let again = merge_last(Some(first.clone()), ours);
+        assert_eq!(
+            serde_json::to_value(&again).ok(),
+            serde_json::to_value(&first).ok()
+        );
+    }
 }

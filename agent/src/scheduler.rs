@@ -63,6 +63,8 @@ pub async fn run(app: Arc<App>, clock: Arc<dyn Clock>, shutdown: CancellationTok
             section: Arc::new(section),
         });
     }
+    // The config's parse and the cursors' loads are the start's largest temporaries.
+    crate::allocator::give_back_freed();
     let mut fires = tokio::task::JoinSet::new();
     let mut last_now = clock.now();
     let mut next_full_look = last_now;

@@ -140,3 +140,86 @@ command = "acceptance"
     let distinct: HashSet<&str> = runs.iter().map(|r| r.job_id.as_str()).collect();
     assert_eq!(distinct.len(), runs.len(), "each scheduled job ran once");
 }
+
+/// Each agent writes a kind's last result from the entry it last wrote, without reading it
+/// first. A success another agent wrote since is never lost by it: the compare-and-set is
+/// refused, the entry read and merged. A result older than the stored one never replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_success_written_by_another_agent_is_kept_by_a_failure_written_from_memory() {
+    use infraflux_agent::records::{JobRecord, JobState, Records};
+    use infraflux_agent::store::Names;
+    use infraflux_handlers::{JobEnvelope, Source};
+    init();
+    let nats = Nats::start();
+    // An agent creates the buckets as in production; it runs no job here.
+    let _agent = start_agent(&nats, "last-memory", "", |_| {}).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let names = Names::new("infraflux");
+    let records_kv = js.get_key_value(&names.bucket_records).await.expect("jobs");
+    let state = js.get_key_value(&names.bucket_state).await.expect("state");
+    let agent = || Records::new(records_kv.clone(), js.clone(), names.clone(), state.clone());
+    let (a, b) = (agent(), agent());
+    let t0 = chrono::Utc::now();
+    let ended = |id: &str, state: JobState, seconds: i64| {
+        let mut r = JobRecord::new(
+            &JobEnvelope {
+                job_id: id.to_string(),
+                kind: JobKind::BACKUP,
+                params: Default::default(),
+                source: Source::Chatops,
+                requested_by: "test".into(),
+                idempotency_key: id.to_string(),
+                traceparent: None,
+                commit: None,
+                created_at: t0,
+            },
+            "trace",
+        );
+        r.state = state;
+        r.updated_at = t0 + chrono::Duration::seconds(seconds);
+        r
+    };
+    let stored = || async {
+        let v = state
+            .get("last.backup")
+            .await
+            .expect("get")
+            .expect("last.backup");
+        serde_json::from_slice::<serde_json::Value>(&v).expect("json")
+    };
+    let success_at = |last: &serde_json::Value| {
+        let at: chrono::DateTime<chrono::Utc> = last["last_success_at"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no last success: {last}"));
+        (at - t0).num_seconds()
+    };
+
+    a.record_last_result(&ended("job-1", JobState::Succeeded, 1), None)
+        .await;
+    b.record_last_result(&ended("job-2", JobState::Succeeded, 2), None)
+        .await;
+    // a remembers job-1's entry; b wrote since.
+    a.record_last_result(&ended("job-3", JobState::Failed, 3), None)
+        .await;
+    let last = stored().await;
+    assert_eq!(last["job_id"], "job-3", "{last}");
+    assert_eq!(last["state"], "failed", "{last}");
+    assert_eq!(success_at(&last), 2, "b's success carried: {last}");
+
+    // From memory, with nobody writing in between: still carried.
+    a.record_last_result(&ended("job-4", JobState::Failed, 4), None)
+        .await;
+    let last = stored().await;
+    assert_eq!(last["job_id"], "job-4", "{last}");
+    assert_eq!(success_at(&last), 2, "{last}");
+
+    // A job that ended before the stored one (a slow agent): the newer result stays, and its
+    // success, newer than the stored one's, is taken.
+    b.record_last_result(&ended("job-0", JobState::Succeeded, 3), None)
+        .await;
+    let last = stored().await;
+    assert_eq!(last["job_id"], "job-4", "the newer result stays: {last}");
+    assert_eq!(success_at(&last), 3, "{last}");
+}
