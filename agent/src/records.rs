@@ -374,27 +374,28 @@ struct FreshRecords {
 
 /// The last-result entries this process wrote, with the revisions they got: the next job of
 /// that kind or target writes with a compare-and-set on it instead of reading the entry first.
-/// Another agent's write since makes it refused, and the entry is then read.
+/// Another agent's write since makes it refused, and the entry is then read. This process's
+/// own writes to one key take turns, so they never refuse each other.
 #[derive(Clone, Default)]
-struct LastWritten(Arc<Mutex<std::collections::HashMap<String, (LastResult, u64)>>>);
+struct LastWritten(Arc<Mutex<std::collections::HashMap<String, LastSlot>>>);
 
-/// Entries remembered at most; a kind's and its targets' are a handful in a lab.
+type LastSlot = Arc<tokio::sync::Mutex<Option<(LastResult, u64)>>>;
+
+/// Keys remembered at most; a kind's and its targets' are a handful in a lab.
 const LAST_WRITTEN_MAX: usize = 1024;
 /// Compare-and-set attempts on one last-result entry before it is left as it is (logged).
 const LAST_ATTEMPTS: usize = 4;
 
 impl LastWritten {
-    fn remember(&self, key: &str, last: LastResult, revision: u64) {
-        if let Ok(mut written) = self.0.lock() {
-            if written.len() >= LAST_WRITTEN_MAX && !written.contains_key(key) {
-                written.clear();
-            }
-            written.insert(key.to_string(), (last, revision));
+    fn slot(&self, key: &str) -> LastSlot {
+        let Ok(mut slots) = self.0.lock() else {
+            return LastSlot::default();
+        };
+        if slots.len() >= LAST_WRITTEN_MAX && !slots.contains_key(key) {
+            // A slot still in use stays with its writer; the compare-and-set keeps it right.
+            slots.clear();
         }
-    }
-
-    fn take(&self, key: &str) -> Option<(LastResult, u64)> {
-        self.0.lock().ok()?.remove(key)
+        slots.entry(key.to_string()).or_default().clone()
     }
 }
 
@@ -564,7 +565,8 @@ impl Records {
             last_success_items: success.as_ref().and_then(|s| s.last_success_items),
             last_success_figures: success.map(|s| s.figures).unwrap_or_default(),
         };
-        let mut known = self.last_written.take(key);
+        let slot = self.last_written.slot(key);
+        let mut known = slot.lock().await;
         for _ in 0..LAST_ATTEMPTS {
             let (stored, revision) = match known.take() {
                 Some((last, revision)) => (Some(last), revision),
@@ -587,7 +589,7 @@ impl Records {
             };
             match self.state.update(key, Bytes::from(bytes), revision).await {
                 Ok(revision) => {
-                    self.last_written.remember(key, last, revision);
+                    *known = Some((last, revision));
                     return;
                 }
                 // Written since (or the write's answer was lost): read it, merge again.
