@@ -15,6 +15,13 @@ echo "built $deb"
 trap '"${sudo_cmd[@]}" dpkg --purge infraflux-agent >/dev/null' EXIT
 
 infraflux-agent --version
+# Packed relocations need glibc 2.36; dpkg-shlibdeps does not derive that from the binary.
+if objdump -p /usr/bin/infraflux-agent | grep -q GLIBC_ABI_DT_RELR; then
+  depends=$(dpkg-deb -f "$deb" Depends)
+  echo "$depends" | grep -Eq 'libc6 \(>= 2\.(3[6-9]|[4-9][0-9])\)' || {
+    echo "the binary needs glibc 2.36 (GLIBC_ABI_DT_RELR); the package depends on: $depends" >&2
+    exit 1; }
+fi
 for f in nats-1.conf nats-2.conf nats-3.conf nats-authorization.conf README.md; do
   [ -f "/usr/share/doc/infraflux-agent/examples/nats-cluster/$f" ] || {
     echo "the package lacks examples/nats-cluster/$f" >&2; exit 1; }
