@@ -642,10 +642,19 @@ impl Config {
                     ),
                 ),
                 Ok(addr) if self.http.listen.parse::<SocketAddr>() == Ok(addr) && addr.port() != 0 => {
-                    problems.push(
-                        "ui.listen",
-                        format!("{addr} is http.listen too; the page needs a listener of its own"),
-                    )
+                    // Name the key the operator wrote: a page left at its default port is
+                    // http.listen's problem (found by the config fuzz target).
+                    if self.ui.listen == default_ui_listen() {
+                        problems.push(
+                            "http.listen",
+                            format!("{addr} is also the status page's default (ui.listen); give one of them another port, or turn the page off with ui.listen = \"\""),
+                        )
+                    } else {
+                        problems.push(
+                            "ui.listen",
+                            format!("{addr} is http.listen too; the page needs a listener of its own"),
+                        )
+                    }
                 }
                 Ok(addr) if !addr.ip().is_loopback() && self.ui.auth_token.is_none() => warnings
                     .push(
@@ -1272,6 +1281,30 @@ a = 1
         assert!(loaded.sections.is_empty());
         let valid = Config::load_str(MINIMAL, "agent.toml", std::iter::empty()).expect("valid");
         assert_eq!(valid.config.agent_id(), "runner-1");
+    }
+
+    #[test]
+    fn a_listener_shared_with_the_page_names_the_key_the_config_set() {
+        // The config fuzz target's crash, shortened: http.listen moved onto the page's default
+        // port, no [ui] section, and the problem named ui.listen, a key the file does not have.
+        let http = format!("{MINIMAL}[http]\nlisten = \"127.0.0.1:8081\"\n");
+        let problems = load(&http, &[]).expect_err("shared port");
+        assert!(
+            problems.0.iter().any(|p| p.key == "http.listen"
+                && p.message.contains("127.0.0.1:8081")
+                && p.message.contains("ui.listen")),
+            "{problems}"
+        );
+        assert!(
+            !problems.0.iter().any(|p| p.key == "ui.listen"),
+            "{problems}"
+        );
+        let ui = format!("{MINIMAL}[ui]\nlisten = \"127.0.0.1:8080\"\n");
+        let problems = load(&ui, &[]).expect_err("shared port");
+        assert!(
+            problems.0.iter().any(|p| p.key == "ui.listen"),
+            "{problems}"
+        );
     }
 
     #[test]
