@@ -1094,15 +1094,10 @@ mod tests {
 
     #[test]
     fn a_newer_failure_keeps_the_stored_success() {
-        let merged = merge_last(
-            Some(last("a", JobState::Succeeded, 1, Some(1))),
-            last("b", JobState::Failed, 2, None),
-        );
+        let stored = last("a", JobState::Succeeded, 1, Some(1));
+        let merged = merge_last(Some(stored.clone()), last("b", JobState::Failed, 2, None));
         assert_eq!(merged.job_id, "b");
-        assert_eq!(
-            merged.last_success_at,
-            last("", JobState::Failed, 0, Some(1)).last_success_at
-        );
+        assert_eq!(merged.last_success_at, stored.last_success_at);
         assert_eq!(merged.last_success_size_bytes, Some(1));
     }
 
