@@ -183,13 +183,25 @@ fn read_payload(body: &[u8], wanted: bool) -> Result<EventView, BadPayload> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
     let view = if object && wanted {
-        serde_path_to_error::deserialize::<_, EventView>(&mut de).map_err(|e| {
-            if e.inner().is_data() {
-                BadPayload(format!("payload field {}: {}", e.path(), e.inner()))
-            } else {
-                malformed(e.into_inner())
+        // Read untracked: tracking the path costs a string per key of a push's several KiB,
+        // and is only wanted for an error, so a payload with a wrong field is read again.
+        match EventView::deserialize(&mut de) {
+            Ok(view) => view,
+            Err(e) if e.is_data() => {
+                let mut again = serde_json::Deserializer::from_slice(body);
+                return Err(
+                    match serde_path_to_error::deserialize::<_, EventView>(&mut again) {
+                        Err(tracked) if tracked.inner().is_data() => BadPayload(format!(
+                            "payload field {}: {}",
+                            tracked.path(),
+                            tracked.inner()
+                        )),
+                        _ => BadPayload(format!("payload field: {e}")),
+                    },
+                );
             }
-        })?
+            Err(e) => return Err(malformed(e)),
+        }
     } else {
         serde::de::IgnoredAny::deserialize(&mut de).map_err(malformed)?;
         EventView::default()
@@ -683,5 +695,32 @@ mod tests {
             panic!("an odd head_commit refused the push");
         };
         assert!(params.get("commit_title").is_none());
+    }
+
+    #[test]
+    fn a_payload_error_names_the_field_that_was_wrong() {
+        let github = GithubSection {
+            repo: "owner/infra".into(),
+            default_branch: "main".into(),
+            api_url: "https://api.github.com".into(),
+            token: None,
+            webhook_secret: infraflux_handlers::secret::SecretRefs(vec![]),
+            webhook_id: None,
+            redeliver: false,
+        };
+        let map = |body: &str| map_event("push", body.as_bytes(), &github, Default::default());
+        let wrong =
+            r#"{"ref": "refs/heads/main", "repository": {"name": "infra", "full_name": 5}}"#;
+        let Err(BadPayload(message)) = map(wrong) else {
+            panic!("a wrong field was mapped");
+        };
+        assert!(
+            message.starts_with("payload field repository.full_name: invalid type: integer `5`"),
+            "{message}"
+        );
+        let Err(BadPayload(message)) = map(r#"{"ref": "refs/heads/main", "after": "#) else {
+            panic!("malformed JSON was mapped");
+        };
+        assert!(message.starts_with("malformed JSON: "), "{message}");
     }
 }
