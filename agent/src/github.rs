@@ -652,9 +652,8 @@ pub fn valid_event_name(event: &str) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_push_keeps_its_commit_title_and_author_for_the_status_page() {
-        let github = GithubSection {
+    fn github_section() -> GithubSection {
+        GithubSection {
             repo: "owner/infra".into(),
             default_branch: "main".into(),
             api_url: "https://api.github.com".into(),
@@ -662,7 +661,12 @@ mod tests {
             webhook_secret: infraflux_handlers::secret::SecretRefs(vec![]),
             webhook_id: None,
             redeliver: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_push_keeps_its_commit_title_and_author_for_the_status_page() {
+        let github = github_section();
         let body = json!({
             "ref": "refs/heads/main",
             "after": "a".repeat(40),
@@ -699,15 +703,7 @@ mod tests {
 
     #[test]
     fn a_payload_error_names_the_field_that_was_wrong() {
-        let github = GithubSection {
-            repo: "owner/infra".into(),
-            default_branch: "main".into(),
-            api_url: "https://api.github.com".into(),
-            token: None,
-            webhook_secret: infraflux_handlers::secret::SecretRefs(vec![]),
-            webhook_id: None,
-            redeliver: false,
-        };
+        let github = github_section();
         let map = |body: &str| map_event("push", body.as_bytes(), &github, Default::default());
         let wrong =
             r#"{"ref": "refs/heads/main", "repository": {"name": "infra", "full_name": 5}}"#;
