@@ -283,7 +283,7 @@ async fn run(
         app: app_cell.clone(),
         readiness: readiness.clone(),
         metrics: metrics.clone(),
-        github: config.github.clone(),
+        github: config.github.clone().map(Arc::new),
         webhook_secrets: Arc::new(webhook_secrets),
         limits: http::Limits::new(&config.http),
     };

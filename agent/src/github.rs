@@ -6,7 +6,11 @@
 use chrono::Utc;
 use infraflux_handlers::reconcile::{self, MAX_TITLE_CHARS, PrPlans, PullRequestAuthor};
 use infraflux_handlers::{JobEnvelope, JobKind, Source, new_job_id};
+use std::fmt;
+use std::marker::PhantomData;
+
 use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value, json};
 
 use crate::config::GithubSection;
@@ -97,7 +101,7 @@ struct EventView {
     sender: Option<LoginView>,
     /// `null` when the push deleted the branch. Read loosely: what it says is only shown, so
     /// an odd field in it must not refuse the push.
-    head_commit: Option<Value>,
+    head_commit: Loose<HeadCommitView>,
     pull_request: Option<PullRequestView>,
     comment: Option<CommentView>,
     issue: Option<IssueView>,
@@ -157,7 +161,7 @@ struct PullRequestView {
     base: Option<HeadView>,
     author_association: Option<String>,
     /// Only shown (the status page), so read loosely.
-    title: Option<Value>,
+    title: Loose<Option<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +172,161 @@ struct HeadView {
     git_ref: Option<String>,
     /// `null` when the head's fork was deleted.
     repo: Option<RepositoryView>,
+}
+
+/// A value that is only shown (a commit's title and author, a pull request's title), read
+/// loosely: one of another JSON type, or an object that is not as expected, is skipped, never
+/// a reason to refuse the event. Read as it streams by, without building a JSON tree of it (a
+/// push's head commit is several hundred bytes of every webhook).
+#[derive(Debug, Default)]
+struct Loose<T>(T);
+
+/// What a [`Loose`] value takes from a string or an object; any other JSON value leaves it at
+/// its default.
+trait LooseRead: Default {
+    fn from_text(_text: &str) -> Self {
+        Self::default()
+    }
+
+    fn from_object<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        IgnoredAny.visit_map(map).map(|_| Self::default())
+    }
+}
+
+impl<'de, T: LooseRead> Deserialize<'de> for Loose<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AnyValue<T>(PhantomData<T>);
+        impl<'de, T: LooseRead> Visitor<'de> for AnyValue<T> {
+            type Value = Loose<T>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Loose::default())
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Loose::default())
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Loose::default())
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Loose::default())
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Loose::default())
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Loose::default())
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(Loose(T::from_text(text)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Loose::default())
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::from_object(map).map(Loose)
+            }
+        }
+        deserializer.deserialize_any(AnyValue(PhantomData))
+    }
+}
+
+impl LooseRead for Option<String> {
+    fn from_text(text: &str) -> Self {
+        Some(text.to_owned())
+    }
+}
+
+/// A key of an object read loosely: the index of one of the names, or `None` for another.
+struct KeyAmong(&'static [&'static str]);
+
+impl<'de> DeserializeSeed<'de> for KeyAmong {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_identifier(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyAmong {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|name| *name == key))
+    }
+}
+
+/// The fields of an object read loosely, the last of a repeated key winning (as in a JSON
+/// value); `read` gets each wanted field's index and reads its value.
+fn loose_fields<'de, A: MapAccess<'de>>(
+    mut map: A,
+    names: &'static [&'static str],
+    mut read: impl FnMut(usize, &mut A) -> Result<(), A::Error>,
+) -> Result<(), A::Error> {
+    while let Some(key) = map.next_key_seed(KeyAmong(names))? {
+        match key {
+            Some(index) => read(index, &mut map)?,
+            None => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the status page shows of a push's head commit.
+#[derive(Debug, Default)]
+struct HeadCommitView {
+    message: Option<String>,
+    /// The author's GitHub login, else their name.
+    author: Option<String>,
+}
+
+impl LooseRead for HeadCommitView {
+    fn from_object<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        let mut view = Self::default();
+        loose_fields(map, &["message", "author"], |index, map| {
+            if index == 0 {
+                view.message = map.next_value::<Loose<Option<String>>>()?.0;
+            } else {
+                let author = map.next_value::<Loose<AuthorView>>()?.0;
+                view.author = author.username.or(author.name);
+            }
+            Ok(())
+        })?;
+        Ok(view)
+    }
+}
+
+#[derive(Debug, Default)]
+struct AuthorView {
+    username: Option<String>,
+    name: Option<String>,
+}
+
+impl LooseRead for AuthorView {
+    fn from_object<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        let mut view = Self::default();
+        loose_fields(map, &["username", "name"], |index, map| {
+            let text = map.next_value::<Loose<Option<String>>>()?.0;
+            if index == 0 {
+                view.username = text;
+            } else {
+                view.name = text;
+            }
+            Ok(())
+        })?;
+        Ok(view)
+    }
 }
 
 fn need<'a>(value: Option<&'a String>, path: &str, event: &str) -> Result<&'a str, BadPayload> {
@@ -400,18 +559,12 @@ fn map_push(payload: &EventView, github: &GithubSection) -> Result<Mapping, BadP
         params.insert("forced".into(), json!(true));
     }
     // Shown by the status page: which change this is, in the author's words.
-    if let Some(head_commit) = &payload.head_commit {
-        if let Some(message) = head_commit.get("message").and_then(Value::as_str) {
-            params.insert("commit_title".into(), json!(first_line(message)));
-        }
-        let author = head_commit.get("author").and_then(|a| {
-            a.get("username")
-                .and_then(Value::as_str)
-                .or_else(|| a.get("name").and_then(Value::as_str))
-        });
-        if let Some(author) = author {
-            params.insert("commit_author".into(), json!(first_line(author)));
-        }
+    let head_commit = &payload.head_commit.0;
+    if let Some(message) = &head_commit.message {
+        params.insert("commit_title".into(), json!(first_line(message)));
+    }
+    if let Some(author) = &head_commit.author {
+        params.insert("commit_author".into(), json!(first_line(author)));
     }
     Ok(Mapping::Job {
         kind: JobKind::RECONCILE,
@@ -489,10 +642,7 @@ fn map_pull_request(
     params.insert("ref".into(), json!(head_ref));
     params.insert("same_repository".into(), json!(same_repository));
     params.insert("author_association".into(), json!(association));
-    if let Some(title) = pull_request
-        .and_then(|p| p.title.as_ref())
-        .and_then(Value::as_str)
-    {
+    if let Some(title) = pull_request.and_then(|p| p.title.0.as_deref()) {
         params.insert("pull_request_title".into(), json!(first_line(title)));
     }
     Ok(Mapping::Job {
@@ -699,6 +849,57 @@ mod tests {
             panic!("an odd head_commit refused the push");
         };
         assert!(params.get("commit_title").is_none());
+    }
+
+    /// The loose reading takes from a head commit what a JSON value of it gave, whatever its
+    /// shape: the odd ones give nothing and refuse nothing, a repeated key's last value wins.
+    #[test]
+    fn a_head_commit_read_loosely_gives_what_its_json_value_gave() {
+        fn from_value(head_commit: &Value) -> (Option<String>, Option<String>) {
+            let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+            let author = head_commit.get("author");
+            let login = text(author.and_then(|a| a.get("username")));
+            let name = text(author.and_then(|a| a.get("name")));
+            (text(head_commit.get("message")), login.or(name))
+        }
+        let shapes = [
+            "null",
+            r#""a string""#,
+            "5",
+            "-1.5",
+            "true",
+            r#"[1, {"message": "m"}]"#,
+            "{}",
+            r#"{"message": "m", "author": {"name": "n", "username": "u"}}"#,
+            r#"{"message": "m", "author": {"name": "n"}}"#,
+            r#"{"message": "m", "author": {"name": "n", "username": null}}"#,
+            r#"{"message": 5, "author": "someone"}"#,
+            r#"{"message": ["m"], "author": {"username": 7, "name": {"x": [1]}}}"#,
+            r#"{"message": null, "author": null}"#,
+            r#"{"message": "first", "message": "second"}"#,
+            r#"{"message": "first", "message": 3}"#,
+            r#"{"author": {"username": "a"}, "author": {"name": "b"}}"#,
+            r#"{"id": "x", "message": "t\u00e9\n\nbody", "added": ["a"],
+                "author": {"email": "e", "name": "n"}, "committer": {"name": "c"}}"#,
+        ];
+        for shape in shapes {
+            let value: Value = serde_json::from_str(shape).expect("json");
+            let loose: Loose<HeadCommitView> = serde_json::from_str(shape).expect(shape);
+            assert_eq!(
+                (loose.0.message, loose.0.author),
+                from_value(&value),
+                "{shape}"
+            );
+        }
+        // A pull request's title likewise.
+        for (shape, title) in [
+            (r#""Fix it""#, Some("Fix it")),
+            ("null", None),
+            ("{}", None),
+        ] {
+            let loose: Loose<Option<String>> = serde_json::from_str(shape).expect(shape);
+            assert_eq!(loose.0.as_deref(), title, "{shape}");
+        }
     }
 
     #[test]

@@ -114,7 +114,8 @@ pub struct HttpState {
     pub app: Arc<OnceLock<Arc<App>>>,
     pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
-    pub github: Option<GithubSection>,
+    /// Shared, not copied: axum clones the state for every request.
+    pub github: Option<Arc<GithubSection>>,
     pub webhook_secrets: Arc<Vec<Secret>>,
     pub limits: Limits,
 }
@@ -362,7 +363,9 @@ async fn webhook_inner(
         );
     };
     let span = tracing::info_span!("webhook", event, delivery);
-    let accepted = github::accept(app, github, Source::Webhook, event, &body)
+    // On the heap: inline, this future (mapping, the claim, the store's round trip) made the
+    // handler's several KiB, copied whole each time axum and tokio moved the request's future.
+    let accepted = Box::pin(github::accept(app, github, Source::Webhook, event, &body))
         .instrument(span)
         .await;
     match accepted {

@@ -82,9 +82,11 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
         app.runner_beat();
         match pulled {
             Ok(Some(message)) => {
-                let app = app.clone();
+                // Boxed: a task's future is copied whole when spawned and when it ends, and a
+                // job's (its handler's steps inline) is several KiB.
+                let delivery = Box::pin(run_delivery(app.clone(), message));
                 tracker.spawn(async move {
-                    run_delivery(app, message).await;
+                    delivery.await;
                     drop(permit);
                 });
             }
