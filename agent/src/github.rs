@@ -265,22 +265,23 @@ impl<'de> Visitor<'de> for KeyAmong {
     }
 }
 
-/// The fields of an object read loosely, the last of a repeated key winning (as in a JSON
-/// value); `read` gets each wanted field's index and reads its value.
-fn loose_fields<'de, A: MapAccess<'de>>(
+/// Two fields of an object, each read loosely, the last of a repeated key winning (as in a
+/// JSON value); every other field is skipped.
+fn loose_pair<'de, A: MapAccess<'de>, X: LooseRead, Y: LooseRead>(
     mut map: A,
-    names: &'static [&'static str],
-    mut read: impl FnMut(usize, &mut A) -> Result<(), A::Error>,
-) -> Result<(), A::Error> {
+    names: &'static [&'static str; 2],
+) -> Result<(X, Y), A::Error> {
+    let (mut first, mut second) = (X::default(), Y::default());
     while let Some(key) = map.next_key_seed(KeyAmong(names))? {
         match key {
-            Some(index) => read(index, &mut map)?,
+            Some(0) => first = map.next_value::<Loose<X>>()?.0,
+            Some(_) => second = map.next_value::<Loose<Y>>()?.0,
             None => {
                 map.next_value::<IgnoredAny>()?;
             }
         }
     }
-    Ok(())
+    Ok((first, second))
 }
 
 /// What the status page shows of a push's head commit.
@@ -293,17 +294,11 @@ struct HeadCommitView {
 
 impl LooseRead for HeadCommitView {
     fn from_object<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
-        let mut view = Self::default();
-        loose_fields(map, &["message", "author"], |index, map| {
-            if index == 0 {
-                view.message = map.next_value::<Loose<Option<String>>>()?.0;
-            } else {
-                let author = map.next_value::<Loose<AuthorView>>()?.0;
-                view.author = author.username.or(author.name);
-            }
-            Ok(())
-        })?;
-        Ok(view)
+        let (message, author): (_, AuthorView) = loose_pair(map, &["message", "author"])?;
+        Ok(Self {
+            message,
+            author: author.username.or(author.name),
+        })
     }
 }
 
@@ -315,17 +310,8 @@ struct AuthorView {
 
 impl LooseRead for AuthorView {
     fn from_object<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
-        let mut view = Self::default();
-        loose_fields(map, &["username", "name"], |index, map| {
-            let text = map.next_value::<Loose<Option<String>>>()?.0;
-            if index == 0 {
-                view.username = text;
-            } else {
-                view.name = text;
-            }
-            Ok(())
-        })?;
-        Ok(view)
+        let (username, name) = loose_pair(map, &["username", "name"])?;
+        Ok(Self { username, name })
     }
 }
 
