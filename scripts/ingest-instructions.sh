@@ -8,7 +8,7 @@
 # Needs `valgrind` (Debian package) and a release build (`cargo build --release -p
 # infraflux-agent -p infraflux-tests`). Prints deliveries counted, instructions per delivery,
 # and the same without SHA-256: Valgrind hides the CPU's SHA extensions, so the HMAC check
-# runs the portable code there and would otherwise be most of the count.
+# runs the portable code there and would otherwise be half of the count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}/release"

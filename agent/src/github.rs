@@ -3,12 +3,12 @@
 //! Both paths end in [`accept`], so they dedup against each other: a push's idempotency key is
 //! its commit, whichever path sees it first.
 
-use chrono::Utc;
-use infraflux_handlers::reconcile::{self, MAX_TITLE_CHARS, PrPlans, PullRequestAuthor};
-use infraflux_handlers::{JobEnvelope, JobKind, Source, new_job_id};
 use std::fmt;
 use std::marker::PhantomData;
 
+use chrono::Utc;
+use infraflux_handlers::reconcile::{self, MAX_TITLE_CHARS, PrPlans, PullRequestAuthor};
+use infraflux_handlers::{JobEnvelope, JobKind, Source, new_job_id};
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value, json};
