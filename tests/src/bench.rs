@@ -359,89 +359,260 @@ async fn load(
     rate: Option<f64>,
     probe: bool,
 ) -> Load {
-    let template = Arc::new(PushTemplate::new());
-    let counter = Arc::new(std::sync::atomic::AtomicU64::new(start));
+    let target = SenderTarget::parse(url);
     // `IFX_BENCH_SLOW_MS=N` prints each answer slower than N ms and when it was sent, to line
     // a tail up with what else happened then.
     let slow_log = std::env::var("IFX_BENCH_SLOW_MS")
         .ok()
         .and_then(|ms| ms.parse().ok())
         .map(Duration::from_millis);
-    // Built before the clock starts: a client's set-up (its TLS roots) is the load
-    // generator's, and counted from the first requests' due moments it added 15–40 ms to
-    // each run's first ~50 answers.
-    let clients: Vec<reqwest::Client> = (0..connections)
-        .map(|_| {
-            reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .http1_only()
+    // The senders run on one thread of their own with a runtime of its own: the load generator
+    // shares the two cores with the agent and nats-server, and every thread it keeps runnable
+    // is one more in their CPU queue. Connected before the clock starts: a connection's set-up
+    // is the load generator's (counted from the first requests' due moments, a client's set-up
+    // added 15–40 ms to each run's first ~50 answers).
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-senders".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
                 .build()
-                .expect("client")
-        })
-        .collect();
-    let deadline = Instant::now() + duration;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for (worker, client) in clients.into_iter().enumerate() {
-        let (url, template, counter) = (url.to_string(), template.clone(), counter.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Latencies::default();
-            let (mut ok, mut errors) = (0u64, 0u64);
-            let mut sent_here = 0u64;
-            while Instant::now() < deadline {
-                // Paced: this worker's k-th request is due at (k·connections + worker) / rate.
-                let due = rate.map(|rate| {
-                    let slot = sent_here * connections as u64 + worker as u64;
-                    started + Duration::from_secs_f64(slot as f64 / rate)
-                });
-                sent_here += 1;
-                let t = match due {
-                    Some(due) if due >= deadline => break,
-                    Some(due) => paced_start(due).await,
-                    None => Instant::now(),
-                };
-                let n = if unique {
-                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                } else {
-                    0
-                };
-                let request = if probe {
-                    client.get(&url)
-                } else {
-                    let body = template.body(n);
-                    client
-                        .post(&url)
-                        .header("Content-Type", "application/json")
-                        .header("X-GitHub-Event", "push")
-                        .header("X-GitHub-Delivery", format!("bench-{n}"))
-                        .header("X-Hub-Signature-256", sign(WEBHOOK_SECRET, &body))
-                        .body(body)
-                };
-                let sent = request.send().await;
-                match sent {
-                    Ok(r) if r.status().is_success() => {
-                        let _ = r.bytes().await;
-                        let took = t.elapsed();
-                        if slow_log.is_some_and(|limit| took >= limit) {
-                            eprintln!(
-                                "slow: {} ms, sent {}",
-                                took.as_millis(),
-                                chrono::Utc::now()
-                                    - chrono::Duration::from_std(took).unwrap_or_default()
-                            );
-                        }
-                        lat.push(took);
-                        ok += 1;
-                    }
-                    _ => errors += 1,
+                .expect("sender runtime");
+            let load = runtime.block_on(async move {
+                let template = Arc::new(PushTemplate::new());
+                let mut senders = Vec::new();
+                for _ in 0..connections {
+                    senders.push(Sender::connect(&target).await);
                 }
-            }
-            (ok, errors, lat)
-        }));
+                let counter = Arc::new(std::sync::atomic::AtomicU64::new(start));
+                let deadline = Instant::now() + duration;
+                let started = Instant::now();
+                let mut tasks = Vec::new();
+                for (worker, mut sender) in senders.into_iter().enumerate() {
+                    let (template, counter) = (template.clone(), counter.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut lat = Latencies::default();
+                        let (mut ok, mut errors) = (0u64, 0u64);
+                        let mut sent_here = 0u64;
+                        while Instant::now() < deadline {
+                            // Paced: this worker's k-th request is due at
+                            // (k·connections + worker) / rate.
+                            let due = rate.map(|rate| {
+                                let slot = sent_here * connections as u64 + worker as u64;
+                                started + Duration::from_secs_f64(slot as f64 / rate)
+                            });
+                            sent_here += 1;
+                            let t = match due {
+                                Some(due) if due >= deadline => break,
+                                Some(due) => paced_start(due).await,
+                                None => Instant::now(),
+                            };
+                            let n = if unique {
+                                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                            } else {
+                                0
+                            };
+                            let answered = if probe {
+                                sender.get().await
+                            } else {
+                                sender.post_push(&template, n).await
+                            };
+                            match answered {
+                                Ok(status) if (200..300).contains(&status) => {
+                                    let took = t.elapsed();
+                                    if slow_log.is_some_and(|limit| took >= limit) {
+                                        eprintln!(
+                                            "slow: {:.2} ms, connection {worker}, sent {}",
+                                            took.as_secs_f64() * 1e3,
+                                            chrono::Utc::now()
+                                                - chrono::Duration::from_std(took)
+                                                    .unwrap_or_default()
+                                        );
+                                    }
+                                    lat.push(took);
+                                    ok += 1;
+                                }
+                                _ => errors += 1,
+                            }
+                        }
+                        (ok, errors, lat)
+                    }));
+                }
+                let mut load = gather(tasks).await;
+                load.seconds = started.elapsed().as_secs_f64();
+                load
+            });
+            let _ = done.send(load);
+        })
+        .expect("sender thread");
+    finished
+        .await
+        .expect("the senders' thread ended without a result")
+}
+
+/// Where the senders connect and what path they ask: `http://host:port/path`.
+#[derive(Clone)]
+struct SenderTarget {
+    address: String,
+    path: String,
+}
+
+impl SenderTarget {
+    fn parse(url: &str) -> SenderTarget {
+        let rest = url
+            .strip_prefix("http://")
+            .unwrap_or_else(|| panic!("the load generator speaks plain HTTP: {url}"));
+        let (address, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        SenderTarget {
+            address: address.to_string(),
+            path: if path.is_empty() {
+                "/".into()
+            } else {
+                path.into()
+            },
+        }
     }
-    let mut load = gather(tasks).await;
-    load.seconds = started.elapsed().as_secs_f64();
-    load
+}
+
+/// One keep-alive HTTP/1.1 connection that writes each request whole, in one write, and reads
+/// its answer to the end of its body: what GitHub's sender does, without a general client's
+/// per-request work (header maps, pool checkout, a task per connection) on the shared cores.
+/// A refused or closed connection is connected again at the next request.
+struct Sender {
+    target: SenderTarget,
+    stream: Option<tokio::net::TcpStream>,
+    request: Vec<u8>,
+    answer: Vec<u8>,
+}
+
+impl Sender {
+    async fn connect(target: &SenderTarget) -> Sender {
+        let mut sender = Sender {
+            target: target.clone(),
+            stream: None,
+            request: Vec::with_capacity(8192),
+            answer: Vec::with_capacity(4096),
+        };
+        let _ = sender.stream().await;
+        sender
+    }
+
+    async fn stream(&mut self) -> std::io::Result<&mut tokio::net::TcpStream> {
+        if self.stream.is_none() {
+            let stream = tokio::net::TcpStream::connect(&self.target.address).await?;
+            stream.set_nodelay(true)?;
+            self.stream = Some(stream);
+        }
+        Ok(self.stream.as_mut().expect("just connected"))
+    }
+
+    /// A signed push with commit and delivery `n`; returns the answer's status.
+    async fn post_push(&mut self, template: &PushTemplate, n: u64) -> std::io::Result<u16> {
+        use std::io::Write;
+        let body = template.body(n);
+        let signature = sign(WEBHOOK_SECRET, &body);
+        self.request.clear();
+        write!(
+            self.request,
+            "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
+             x-github-event: push\r\nx-github-delivery: bench-{n}\r\n\
+             x-hub-signature-256: {signature}\r\ncontent-length: {}\r\n\r\n",
+            self.target.path,
+            self.target.address,
+            body.len()
+        )?;
+        self.request.extend_from_slice(&body);
+        self.exchange().await
+    }
+
+    /// `GET` of the target's path; returns the answer's status.
+    async fn get(&mut self) -> std::io::Result<u16> {
+        use std::io::Write;
+        self.request.clear();
+        write!(
+            self.request,
+            "GET {} HTTP/1.1\r\nhost: {}\r\n\r\n",
+            self.target.path, self.target.address
+        )?;
+        self.exchange().await
+    }
+
+    async fn exchange(&mut self) -> std::io::Result<u16> {
+        let answered = self.exchange_once().await;
+        if answered.is_err() {
+            // Whatever the connection held is lost with it; the next request connects anew.
+            self.stream = None;
+        }
+        answered
+    }
+
+    async fn exchange_once(&mut self) -> std::io::Result<u16> {
+        use tokio::io::AsyncWriteExt;
+        let mut request = std::mem::take(&mut self.request);
+        let written = self.stream().await?.write_all(&request).await;
+        request.clear();
+        self.request = request;
+        written?;
+        self.answer.clear();
+        loop {
+            if let Some((status, head, body_length, keep_alive)) = parse_answer(&self.answer)? {
+                while self.answer.len() < head + body_length {
+                    self.read_some().await?;
+                }
+                if !keep_alive {
+                    self.stream = None;
+                }
+                return Ok(status);
+            }
+            self.read_some().await?;
+        }
+    }
+
+    async fn read_some(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let stream = self.stream().await?;
+        let mut chunk = [0u8; 4096];
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.answer.extend_from_slice(&chunk[..read]);
+        Ok(())
+    }
+}
+
+/// An answer's status, head length, body length and whether the connection stays open, once
+/// its head is complete. Both servers measured here (hyper, Go's net/http) give small answers a
+/// `Content-Length`; another framing is refused rather than misread.
+fn parse_answer(bytes: &[u8]) -> std::io::Result<Option<(u16, usize, usize, bool)>> {
+    let Some(head_end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&bytes[..head_end])
+        .map_err(|_| std::io::Error::other("an answer's head is not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    let (mut length, mut keep_alive) = (None, true);
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            length = value.parse().ok();
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(std::io::Error::other(format!("answer framed as {value}")));
+        } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
+            keep_alive = false;
+        }
+    }
+    let length = length.ok_or_else(|| std::io::Error::other("an answer without a length"))?;
+    Ok(Some((status, head_end + 4, length, keep_alive)))
 }
 
 /// The store's floor for one accepted delivery: what ingest writes, without the agent. A plain
@@ -449,6 +620,23 @@ async fn load(
 /// ingest's sizes back to back and awaits the three acks, offered at `rate` a second (open
 /// loop, 16 senders paced as `webhook_load_at`'s), on buckets and a stream of its own.
 pub async fn store_floor_at(nats: &impl NatsPeer, rate: f64, duration: Duration) -> Load {
+    store_floor(nats, Some(rate), duration).await
+}
+
+/// [`store_floor_at`] in a closed loop: 16 senders, each sending its next delivery's writes
+/// as soon as the last three are acknowledged; the store's own saturation rate and latency
+/// beside the agent's closed loop.
+pub async fn store_floor_closed(nats: &impl NatsPeer, duration: Duration) -> Load {
+    store_floor(nats, None, duration).await
+}
+
+/// The HTTP floor of a closed loop: `connections` senders asking `GET url` (the agent's
+/// `/healthz`) back to back, as [`webhook_load`] posts.
+pub async fn probe_load(url: &str, connections: usize, duration: Duration) -> Load {
+    load(url, connections, duration, false, 0, None, true).await
+}
+
+async fn store_floor(nats: &impl NatsPeer, rate: Option<f64>, duration: Duration) -> Load {
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client);
     let replicas = nats.replicas();
@@ -494,11 +682,18 @@ pub async fn store_floor_at(nats: &impl NatsPeer, rate: f64, duration: Duration)
             let mut lat = Latencies::default();
             let (mut ok, mut errors) = (0u64, 0u64);
             for k in 0u64.. {
-                let due = started + Duration::from_secs_f64((k * senders + sender) as f64 / rate);
-                if due >= deadline {
-                    break;
-                }
-                let sent = paced_start(due).await;
+                let sent = match rate {
+                    Some(rate) => {
+                        let due =
+                            started + Duration::from_secs_f64((k * senders + sender) as f64 / rate);
+                        if due >= deadline {
+                            break;
+                        }
+                        paced_start(due).await
+                    }
+                    None if Instant::now() >= deadline => break,
+                    None => Instant::now(),
+                };
                 let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let key = format!("{run}-{n}");
                 let create = |bucket: &str, value: bytes::Bytes| {
@@ -2020,4 +2215,82 @@ pub async fn run_all(quick: bool) -> Vec<Row> {
     eprintln!("bench: rolling upgrade of 5 fake nodes (2 s reboots)");
     rows.push(upgrade_row(&bench_upgrade(Duration::from_secs(2)).await));
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_read_once_its_head_is_whole_and_framed_by_its_length() {
+        let answer = b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{\"job\":\"x\"}";
+        assert_eq!(parse_answer(&answer[..40]).expect("a part"), None);
+        assert_eq!(
+            parse_answer(answer).expect("whole"),
+            Some((202, answer.len() - 11, 12, true))
+        );
+        let closing =
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        assert_eq!(
+            parse_answer(closing).expect("whole"),
+            Some((503, closing.len(), 0, false))
+        );
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(parse_answer(chunked).is_err());
+        let unframed = b"HTTP/1.1 200 OK\r\n\r\n";
+        assert!(parse_answer(unframed).is_err());
+    }
+
+    /// The sender's pushes are what a webhook receiver checks: signed over the exact body,
+    /// each a delivery and a commit of its own, each answer read to its end.
+    #[tokio::test]
+    async fn a_sender_posts_signed_pushes_on_one_connection_and_reads_each_answer() {
+        use axum::http::HeaderMap;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = seen.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let seen = kept.clone();
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    let push: Value = serde_json::from_slice(&body).expect("json");
+                    seen.lock().expect("seen").push((
+                        header("x-github-delivery"),
+                        header("x-hub-signature-256") == sign(WEBHOOK_SECRET, &body),
+                        push["after"].as_str().unwrap_or_default().to_string(),
+                    ));
+                    (axum::http::StatusCode::ACCEPTED, "{}")
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let target = SenderTarget::parse(&format!("http://{address}/hook"));
+        let template = PushTemplate::new();
+        let mut sender = Sender::connect(&target).await;
+        for n in 0..3 {
+            assert_eq!(sender.post_push(&template, n).await.expect("answered"), 202);
+        }
+        let seen = seen.lock().expect("seen").clone();
+        assert_eq!(
+            seen,
+            (0..3u64)
+                .map(|n| (format!("bench-{n}"), true, format!("{:040x}", n + 1)))
+                .collect::<Vec<_>>()
+        );
+        let mut unknown =
+            Sender::connect(&SenderTarget::parse(&format!("http://{address}/nope"))).await;
+        assert_eq!(unknown.get().await.expect("answered"), 404);
+    }
 }

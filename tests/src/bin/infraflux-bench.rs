@@ -90,6 +90,8 @@ fn main() {
             // not the instant the benchmark's failing jobs take), and the baseline.
             let seconds: u64 = flag("--seconds").map_or(10, |n| n.parse().expect("--seconds N"));
             let paced = std::env::args().any(|a| a == "--paced");
+            // `--floors`: the closed loop's HTTP and store floors too, measured first.
+            let floors = std::env::args().any(|a| a == "--floors");
             // A paced phase longer than two minutes takes in nats-server 2.9's periodic sync
             // of its stores (fixed at 2 minutes there): `--rates 500 --seconds 130` measures
             // a p99 over a whole sync cycle, with the closed loop kept short.
@@ -161,6 +163,21 @@ fn main() {
                         );
                     }
                     let closed = Duration::from_secs(closed_seconds);
+                    if floors && !busy {
+                        // Before the agent's closed loop, while its runner is idle: what HTTP
+                        // alone and the store alone give in a closed loop on these cores.
+                        let probe = format!("{}/healthz", agent.http);
+                        let http = bench::probe_load(&probe, 16, closed).await;
+                        line(
+                            "HTTP floor (GET /healthz of the same agent), 16 connections, closed loop",
+                            &http,
+                        );
+                        let store = bench::store_floor_closed(&nats, closed).await;
+                        line(
+                            "store floor (claim, record, job in one round trip, no agent), 16 senders, closed loop",
+                            &store,
+                        );
+                    }
                     let load = bench::webhook_load(&url, 16, closed, true, next).await;
                     next += 1_000_000_000;
                     line(
@@ -253,7 +270,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10] [--paced [--rates 100,500]] [--closed-seconds N] | cluster [--seconds 10] | burst [--deliveries 5000] | secret-scan [--files 5000] [--runs 5] | etcd-drill [--size 1GiB]"
+                "usage: infraflux-bench all [--quick] | snapshot [--size 1GiB] | footprint [--schedules 1000] | ingest [--seconds 10] [--paced [--rates 100,500]] [--closed-seconds N] [--floors] | cluster [--seconds 10] | burst [--deliveries 5000] | secret-scan [--files 5000] [--runs 5] | etcd-drill [--size 1GiB]"
             );
             std::process::exit(2);
         }
