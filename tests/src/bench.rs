@@ -2242,39 +2242,52 @@ mod tests {
     }
 
     /// The sender's pushes are what a webhook receiver checks: signed over the exact body,
-    /// each a delivery and a commit of its own, each answer read to its end.
+    /// each a delivery and a commit of its own, on one connection kept alive.
     #[tokio::test]
     async fn a_sender_posts_signed_pushes_on_one_connection_and_reads_each_answer() {
+        use axum::extract::ConnectInfo;
         use axum::http::HeaderMap;
+        use std::net::SocketAddr;
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let kept = seen.clone();
         let app = axum::Router::new().route(
             "/hook",
-            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-                let seen = kept.clone();
-                async move {
-                    let header = |name: &str| {
-                        headers
-                            .get(name)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default()
-                            .to_string()
-                    };
-                    let push: Value = serde_json::from_slice(&body).expect("json");
-                    seen.lock().expect("seen").push((
-                        header("x-github-delivery"),
-                        header("x-hub-signature-256") == sign(WEBHOOK_SECRET, &body),
-                        push["after"].as_str().unwrap_or_default().to_string(),
-                    ));
-                    (axum::http::StatusCode::ACCEPTED, "{}")
-                }
-            }),
+            axum::routing::post(
+                move |ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                      headers: HeaderMap,
+                      body: axum::body::Bytes| {
+                    let seen = kept.clone();
+                    async move {
+                        let header = |name: &str| {
+                            headers
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string()
+                        };
+                        let push: Value = serde_json::from_slice(&body).expect("json");
+                        seen.lock().expect("seen").push((
+                            peer,
+                            header("x-github-delivery"),
+                            header("x-hub-signature-256") == sign(WEBHOOK_SECRET, &body),
+                            push["after"].as_str().unwrap_or_default().to_string(),
+                        ));
+                        (axum::http::StatusCode::ACCEPTED, "{}")
+                    }
+                },
+            ),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+        });
 
         let target = SenderTarget::parse(&format!("http://{address}/hook"));
         let template = PushTemplate::new();
@@ -2283,8 +2296,14 @@ mod tests {
             assert_eq!(sender.post_push(&template, n).await.expect("answered"), 202);
         }
         let seen = seen.lock().expect("seen").clone();
+        assert!(
+            seen.iter().all(|(peer, ..)| *peer == seen[0].0),
+            "one connection: {seen:?}"
+        );
         assert_eq!(
-            seen,
+            seen.into_iter()
+                .map(|(_, delivery, signed, commit)| (delivery, signed, commit))
+                .collect::<Vec<_>>(),
             (0..3u64)
                 .map(|n| (format!("bench-{n}"), true, format!("{:040x}", n + 1)))
                 .collect::<Vec<_>>()
