@@ -494,17 +494,20 @@ impl Sender {
             request: Vec::with_capacity(8192),
             answer: Vec::with_capacity(4096),
         };
-        let _ = sender.stream().await;
+        // A refusal here shows as the first request's error, which connects again.
+        let _ = sender.connected().await;
         sender
     }
 
-    async fn stream(&mut self) -> std::io::Result<&mut tokio::net::TcpStream> {
+    async fn connected(&mut self) -> std::io::Result<&mut tokio::net::TcpStream> {
         if self.stream.is_none() {
             let stream = tokio::net::TcpStream::connect(&self.target.address).await?;
             stream.set_nodelay(true)?;
             self.stream = Some(stream);
         }
-        Ok(self.stream.as_mut().expect("just connected"))
+        self.stream
+            .as_mut()
+            .ok_or_else(|| std::io::ErrorKind::NotConnected.into())
     }
 
     /// A signed push with commit and delivery `n`; returns the answer's status.
@@ -548,37 +551,30 @@ impl Sender {
     }
 
     async fn exchange_once(&mut self) -> std::io::Result<u16> {
-        use tokio::io::AsyncWriteExt;
-        let mut request = std::mem::take(&mut self.request);
-        let written = self.stream().await?.write_all(&request).await;
-        request.clear();
-        self.request = request;
-        written?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.connected().await?;
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or(std::io::ErrorKind::NotConnected)?;
+        stream.write_all(&self.request).await?;
         self.answer.clear();
+        let mut read_some = async |answer: &mut Vec<u8>| match stream.read_buf(answer).await? {
+            0 => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            _ => Ok(()),
+        };
         loop {
             if let Some((status, head, body_length, keep_alive)) = parse_answer(&self.answer)? {
                 while self.answer.len() < head + body_length {
-                    self.read_some().await?;
+                    read_some(&mut self.answer).await?;
                 }
                 if !keep_alive {
                     self.stream = None;
                 }
                 return Ok(status);
             }
-            self.read_some().await?;
+            read_some(&mut self.answer).await?;
         }
-    }
-
-    async fn read_some(&mut self) -> std::io::Result<()> {
-        use tokio::io::AsyncReadExt;
-        let stream = self.stream().await?;
-        let mut chunk = [0u8; 4096];
-        let read = stream.read(&mut chunk).await?;
-        if read == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        self.answer.extend_from_slice(&chunk[..read]);
-        Ok(())
     }
 }
 
@@ -2223,11 +2219,11 @@ mod tests {
 
     #[test]
     fn an_answer_is_read_once_its_head_is_whole_and_framed_by_its_length() {
-        let answer = b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{\"job\":\"x\"}";
+        let answer = b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"job\":\"x\"}";
         assert_eq!(parse_answer(&answer[..40]).expect("a part"), None);
         assert_eq!(
             parse_answer(answer).expect("whole"),
-            Some((202, answer.len() - 11, 12, true))
+            Some((202, answer.len() - 11, 11, true))
         );
         let closing =
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
