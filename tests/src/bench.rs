@@ -166,6 +166,55 @@ pub fn rss_parts_kib(pid: u32) -> (u64, u64) {
     (anon, file)
 }
 
+/// The CPU time the processes sharing a closed loop's cores spend per delivery, each named:
+/// the cores' time divided by that sum is the most the loop can reach at that cost, whatever
+/// the latency, so a row's rate is read against it (a rate well under it means time spent
+/// waiting, not working).
+pub struct CpuMeter {
+    processes: Vec<(&'static str, u32, Duration)>,
+}
+
+impl CpuMeter {
+    /// Starts counting the CPU time of `processes` (name and pid) from now.
+    pub fn start(processes: &[(&'static str, u32)]) -> Self {
+        CpuMeter {
+            processes: processes
+                .iter()
+                .map(|&(name, pid)| (name, pid, cpu_time(pid)))
+                .collect(),
+        }
+    }
+
+    /// Each process's CPU time since `start` per delivery, in µs.
+    pub fn per_delivery(&self, deliveries: u64) -> Vec<(&'static str, f64)> {
+        self.processes
+            .iter()
+            .map(|&(name, pid, before)| {
+                let spent = cpu_time(pid).saturating_sub(before);
+                (name, spent.as_secs_f64() * 1e6 / deliveries.max(1) as f64)
+            })
+            .collect()
+    }
+
+    /// One line: each process's CPU per delivery, their sum, and the rate `cores` allow at
+    /// that cost beside the `rate` measured.
+    pub fn report(&self, deliveries: u64, rate: f64) -> String {
+        let shares = self.per_delivery(deliveries);
+        let sum: f64 = shares.iter().map(|(_, us)| us).sum();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let allowed = cores as f64 * 1e6 / sum.max(f64::MIN_POSITIVE);
+        let each: Vec<String> = shares
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.0} µs"))
+            .collect();
+        format!(
+            "CPU per delivery: {} (sum {sum:.0} µs); {cores} cores allow {allowed:.0} req/s at that cost, measured {rate:.0} ({:.0} %)",
+            each.join(", "),
+            100.0 * rate / allowed
+        )
+    }
+}
+
 /// CPU time used by a process so far (user + system), from `/proc/<pid>/stat`.
 pub fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -613,14 +662,16 @@ fn parse_answer(bytes: &[u8]) -> std::io::Result<Option<(u16, usize, usize, bool
 
 /// The store's floor for one accepted delivery: what ingest writes, without the agent. A plain
 /// client sends a claim (KV create), a record (KV create) and a job (work-queue stream) of
-/// ingest's sizes back to back and awaits the three acks, offered at `rate` a second (open
-/// loop, 16 senders paced as `webhook_load_at`'s), on buckets and a stream of its own.
+/// ingest's sizes back to back and awaits the three acks (the latency: the agent answers
+/// then), then the job's `queued` event (its subject's first message), as ingest does, and
+/// awaits its ack too; offered at `rate` a second (open loop, 16 senders paced as
+/// `webhook_load_at`'s), on buckets and streams of their own.
 pub async fn store_floor_at(nats: &impl NatsPeer, rate: f64, duration: Duration) -> Load {
     store_floor(nats, Some(rate), duration).await
 }
 
 /// [`store_floor_at`] in a closed loop: 16 senders, each sending its next delivery's writes
-/// as soon as the last three are acknowledged; the store's own saturation rate and latency
+/// as soon as the last four are acknowledged; the store's own saturation rate and latency
 /// beside the agent's closed loop.
 pub async fn store_floor_closed(nats: &impl NatsPeer, duration: Duration) -> Load {
     store_floor(nats, None, duration).await
@@ -636,10 +687,11 @@ async fn store_floor(nats: &impl NatsPeer, rate: Option<f64>, duration: Duration
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client);
     let replicas = nats.replicas();
-    // Streams as the agent's buckets are (one message per subject, file storage) and its work
-    // queue; the KV API's own create is not used, as nats-server 2.9 refuses its newer fields.
-    let stream =
-        |name: &str, subject: &str, work_queue: bool| async_nats::jetstream::stream::Config {
+    // Streams as the agent's buckets are (one message per subject, file storage), its work
+    // queue and its events; the KV API's own create is not used, as nats-server 2.9 refuses its
+    // newer fields.
+    let stream = |name: &str, subject: &str, work_queue: bool, one_per_subject: bool| {
+        async_nats::jetstream::stream::Config {
             name: name.to_string(),
             subjects: vec![format!("{subject}.>")],
             retention: if work_queue {
@@ -647,23 +699,26 @@ async fn store_floor(nats: &impl NatsPeer, rate: Option<f64>, duration: Duration
             } else {
                 async_nats::jetstream::stream::RetentionPolicy::Limits
             },
-            max_messages_per_subject: if work_queue { 0 } else { 1 },
+            max_messages_per_subject: if one_per_subject { 1 } else { 0 },
             storage: async_nats::jetstream::stream::StorageType::File,
             num_replicas: replicas,
             ..Default::default()
-        };
-    for (name, subject, work_queue) in [
-        ("FLOOR_DEDUP", "floor.dedup", false),
-        ("FLOOR_RECORDS", "floor.records", false),
-        ("FLOOR_JOBS", "floor.jobs", true),
+        }
+    };
+    for (name, subject, work_queue, one_per_subject) in [
+        ("FLOOR_DEDUP", "floor.dedup", false, true),
+        ("FLOOR_RECORDS", "floor.records", false, true),
+        ("FLOOR_JOBS", "floor.jobs", true, false),
+        ("FLOOR_EVENTS", "floor.events", false, false),
     ] {
-        js.get_or_create_stream(stream(name, subject, work_queue))
+        js.get_or_create_stream(stream(name, subject, work_queue, one_per_subject))
             .await
             .unwrap_or_else(|e| panic!("stream {name}: {e}"));
     }
     let claim = bytes::Bytes::from(vec![b'c'; 80]);
     let record = bytes::Bytes::from(vec![b'r'; 650]);
     let job = bytes::Bytes::from(vec![b'j'; 520]);
+    let event = bytes::Bytes::from(vec![b'e'; 290]);
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Keys of their own per run: a key created by an earlier run would fail its create.
     let run = rand::random::<u32>();
@@ -673,7 +728,8 @@ async fn store_floor(nats: &impl NatsPeer, rate: Option<f64>, duration: Duration
     let mut tasks = Vec::new();
     for sender in 0..senders {
         let (js, counter) = (js.clone(), counter.clone());
-        let (claim, record, job) = (claim.clone(), record.clone(), job.clone());
+        let (claim, record, job, event) =
+            (claim.clone(), record.clone(), job.clone(), event.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Latencies::default();
             let (mut ok, mut errors) = (0u64, 0u64);
@@ -710,11 +766,16 @@ async fn store_floor(nats: &impl NatsPeer, rate: Option<f64>, duration: Duration
                     a.await?;
                     b.await?;
                     c.await?;
-                    Ok::<(), async_nats::Error>(())
+                    let queued = create("events", event.clone()).await?;
+                    Ok::<_, async_nats::Error>((sent.elapsed(), queued))
                 };
-                match acks.await {
-                    Ok(()) => {
-                        lat.push(sent.elapsed());
+                let answered = match acks.await {
+                    Ok((took, queued)) => queued.await.map(|_| took).map_err(Into::into),
+                    Err(e) => Err(e),
+                };
+                match answered {
+                    Ok(took) => {
+                        lat.push(took);
                         ok += 1;
                     }
                     Err(_) => errors += 1,
@@ -2216,6 +2277,32 @@ pub async fn run_all(quick: bool) -> Vec<Row> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_meter_divides_what_each_process_spent_by_the_deliveries() {
+        let me = std::process::id();
+        let meter = CpuMeter::start(&[("this test", me)]);
+        // Busy until the kernel has counted at least 50 ms of this process's CPU time (its
+        // clock ticks every 10 ms), or give up after 10 s of wall time.
+        let started = Instant::now();
+        let before = cpu_time(me);
+        let mut spin = 0u64;
+        while cpu_time(me) < before + Duration::from_millis(50) {
+            spin = std::hint::black_box(spin.wrapping_add(1));
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no CPU time counted"
+            );
+        }
+        let shares = meter.per_delivery(10);
+        assert_eq!(shares.len(), 1);
+        assert_eq!(shares[0].0, "this test");
+        // At least 50 ms over 10 deliveries: 5,000 µs each.
+        assert!(shares[0].1 >= 5_000.0, "{shares:?}");
+        let line = meter.report(10, 1.0);
+        assert!(line.starts_with("CPU per delivery: this test "), "{line}");
+        assert!(line.contains("cores allow"), "{line}");
+    }
 
     #[test]
     fn an_answer_is_read_once_its_head_is_whole_and_framed_by_its_length() {

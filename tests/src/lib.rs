@@ -170,6 +170,11 @@ impl Nats {
         panic!("nats-server did not listen on {} within 5s", self.port);
     }
 
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().expect("lock").as_ref().map(Child::id)
+    }
+
     /// Stops the server (its JetStream store stays on disk).
     pub fn stop(&self) {
         if let Some(mut child) = self.child.lock().expect("lock").take() {

@@ -104,6 +104,7 @@ fn main() {
                 .map_or(seconds, |n| n.parse().expect("--closed-seconds N"));
             runtime.block_on(async {
                 let nats = Nats::start();
+                let nats_pid = nats.pid().expect("nats-server runs");
                 let duration = Duration::from_secs(seconds);
                 let line = |what: &str, load: &bench::Load| {
                     println!(
@@ -167,29 +168,45 @@ fn main() {
                         // Before the agent's closed loop, while its runner is idle: what HTTP
                         // alone and the store alone give in a closed loop on these cores.
                         let probe = format!("{}/healthz", agent.http);
+                        let meter = bench::CpuMeter::start(&[
+                            ("agent", agent.pid()),
+                            ("load generator", std::process::id()),
+                        ]);
                         let http = bench::probe_load(&probe, 16, closed).await;
                         line(
                             "HTTP floor (GET /healthz of the same agent), 16 connections, closed loop",
                             &http,
                         );
+                        println!("  {}", meter.report(http.requests, http.rate()));
+                        let meter = bench::CpuMeter::start(&[
+                            ("nats-server", nats_pid),
+                            ("load generator", std::process::id()),
+                        ]);
                         let store = bench::store_floor_closed(&nats, closed).await;
                         line(
-                            "store floor (claim, record, job in one round trip, no agent), 16 senders, closed loop",
+                            "store floor (claim, record, job in one round trip, then the queued event; no agent), 16 senders, closed loop",
                             &store,
                         );
+                        println!("  {}", meter.report(store.requests, store.rate()));
                     }
+                    let meter = bench::CpuMeter::start(&[
+                        ("agent", agent.pid()),
+                        ("nats-server", nats_pid),
+                        ("load generator", std::process::id()),
+                    ]);
                     let load = bench::webhook_load(&url, 16, closed, true, next).await;
                     next += 1_000_000_000;
                     line(
                         &format!("ingest, 16 connections, closed loop, {runner}"),
                         &load,
                     );
+                    println!("  {}", meter.report(load.requests, load.rate()));
                 }
                 if paced {
                     for &rate in &paced_rates {
                         let load = bench::store_floor_at(&nats, rate, duration).await;
                         line(
-                            &format!("store floor (claim, record, job in one round trip, no agent) at {rate:.0} req/s"),
+                            &format!("store floor (claim, record, job in one round trip, then the queued event; no agent) at {rate:.0} req/s"),
                             &load,
                         );
                     }
