@@ -196,8 +196,8 @@ impl CpuMeter {
             .collect()
     }
 
-    /// One line: each process's CPU per delivery, their sum, and the rate `cores` allow at
-    /// that cost beside the `rate` measured.
+    /// One line: each process's CPU per delivery, their sum, and the rate this machine's cores
+    /// allow at that cost beside the `rate` measured.
     pub fn report(&self, deliveries: u64, rate: f64) -> String {
         let shares = self.per_delivery(deliveries);
         let sum: f64 = shares.iter().map(|(_, us)| us).sum();
