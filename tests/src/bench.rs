@@ -766,14 +766,12 @@ async fn store_floor(nats: &impl NatsPeer, rate: Option<f64>, duration: Duration
                     a.await?;
                     b.await?;
                     c.await?;
-                    let queued = create("events", event.clone()).await?;
-                    Ok::<_, async_nats::Error>((sent.elapsed(), queued))
+                    // The agent answers here; its `queued` event follows.
+                    let took = sent.elapsed();
+                    create("events", event.clone()).await?.await?;
+                    Ok::<_, async_nats::Error>(took)
                 };
-                let answered = match acks.await {
-                    Ok((took, queued)) => queued.await.map(|_| took).map_err(Into::into),
-                    Err(e) => Err(e),
-                };
-                match answered {
+                match acks.await {
                     Ok(took) => {
                         lat.push(took);
                         ok += 1;
